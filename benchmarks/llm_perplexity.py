@@ -1,0 +1,112 @@
+"""Perplexity of the real SmolLM2-135M-Instruct under quant configs: calibrate on *Emma*, evaluate on *Pride and Prejudice*.
+
+Prints a table: config, perplexity, change vs fp32, quantize time, evaluation time. The fp32
+baseline is the dequantized GGUF Q4_1 model (see shared/DATA.md), so an asymmetric INT4 block-32
+weight grid would reproduce it; none of the configs here uses that grid.
+
+    python benchmarks/llm_perplexity.py [--windows 20] [--configs FP8,FP8+FP8_KV,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import quant_core as mtq
+from quant_llm import (
+    INT8_KV_CFG,
+    create_forward_loop,
+    get_calib_dataloader,
+    perplexity,
+    with_kv_cache,
+)
+from quant_llm.real_models import load_smollm2
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+CONFIGS = {
+    "fp32": None,
+    "FP8": mtq.FP8_DEFAULT_CFG,
+    "FP8+FP8_KV": with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_KV_CFG),
+    "FP8+INT8_KV": with_kv_cache(mtq.FP8_DEFAULT_CFG, INT8_KV_CFG),
+    "FP8+FP8_AFFINE_KV": with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_AFFINE_KV_CFG),
+    "FP8_PC_PT+FP8_KV": with_kv_cache(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG, mtq.FP8_KV_CFG),
+    "INT8_SMOOTHQUANT": mtq.INT8_SMOOTHQUANT_CFG,
+    "INT4_AWQ": mtq.INT4_AWQ_CFG,
+    "NVFP4": mtq.NVFP4_DEFAULT_CFG,
+    "NVFP4+NVFP4_KV": with_kv_cache(mtq.NVFP4_DEFAULT_CFG, mtq.NVFP4_KV_CFG),
+}
+DEFAULT_CONFIGS = "fp32,FP8,FP8+FP8_KV,FP8+INT8_KV,INT4_AWQ,NVFP4"
+
+
+def main() -> None:
+    """Quantize SmolLM2 with each config, measure perplexity on held-apart text and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--windows", type=int, default=20, help="evaluation windows of --seq-len tokens"
+    )
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument(
+        "--calib-samples", type=int, default=16, help="calibration windows of 512 tokens"
+    )
+    parser.add_argument(
+        "--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {', '.join(CONFIGS)}"
+    )
+    args = parser.parse_args()
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    _, tokenizer = load_smollm2()
+    calib = get_calib_dataloader(tokenizer, DATA / "austen_emma.txt", args.calib_samples, 512, 4)
+    eval_text = (DATA / "austen_prideprejudice.txt").read_text("utf-8")
+
+    rows = []
+    for name in names:
+        model, _ = load_smollm2()
+        start = time.perf_counter()
+        try:
+            if CONFIGS[name] is not None:
+                mtq.quantize(model, CONFIGS[name], create_forward_loop(model, calib))
+        except (ValueError, RuntimeError) as err:
+            rows.append((name, None, time.perf_counter() - start, 0.0))
+            print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
+            continue
+        quant_s = time.perf_counter() - start
+        start = time.perf_counter()
+        ppl = perplexity(
+            model, tokenizer, eval_text, seq_len=args.seq_len, num_windows=args.windows
+        )
+        eval_s = time.perf_counter() - start
+        rows.append((name, ppl, quant_s, eval_s))
+        print(
+            f"{name}: perplexity {ppl:.3f} (quantize {quant_s:.1f} s, eval {eval_s:.1f} s)",
+            flush=True,
+        )
+        del model
+
+    base = next((ppl for n, ppl, _q, _e in rows if n == "fp32" and ppl), None)
+    tokens = args.windows * (args.seq_len - 1)
+    print(
+        f"\nSmolLM2-135M-Instruct, calibrate: Emma ({args.calib_samples}x512 tokens), "
+        f"evaluate: Pride and Prejudice ({tokens} tokens); CPU, shared machine"
+    )
+    print(
+        f"| {'config':<16} | {'perplexity':>10} | {'vs fp32':>8} | {'quantize s':>10} | {'eval s':>7} |"
+    )
+    print(f"|{'-' * 18}|{'-' * 12}|{'-' * 10}|{'-' * 12}|{'-' * 9}|")
+    for name, ppl, quant_s, eval_s in rows:
+        if ppl is None:
+            print(f"| {name:<16} | {'failed':>10} | {'':>8} | {quant_s:>10.1f} | {'':>7} |")
+            continue
+        delta = f"{100 * (ppl / base - 1):+.2f}%" if base else "n/a"
+        print(f"| {name:<16} | {ppl:>10.3f} | {delta:>8} | {quant_s:>10.1f} | {eval_s:>7.1f} |")
+
+
+if __name__ == "__main__":
+    main()

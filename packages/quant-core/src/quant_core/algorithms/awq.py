@@ -1,0 +1,185 @@
+"""AWQ: activation-aware weight quantization (lite: scale search, clip: clipping search, full: both).
+
+All searches score a candidate by the layer's output error on the calibration inputs,
+``||X (W_q - W)^T||^2 = tr(ΔW H ΔW^T)`` with ``H = X^T X`` gathered once by a forward hook, so a
+candidate costs one quantization and one matrix product and no extra forward passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quant_core.algorithms.mse import (
+    BlockFormat,
+    kernel_format,
+    mse_amax,
+    set_weight_amax,
+    weight_layers,
+)
+from quant_core.algorithms.registry import register_algorithm
+from quant_core.algorithms.smoothquant import (
+    apply_input_scale,
+    calibrate_with_stats,
+    effective_input_stats,
+)
+
+__all__ = [
+    "awq",
+    "awq_clip",
+    "awq_clip_search",
+    "awq_full",
+    "awq_lite",
+    "awq_scale_search",
+    "awq_scales",
+    "output_error",
+    "relative_weight_mean",
+    "scaled_hessian",
+]
+
+
+def output_error(delta: Tensor, hessian: Tensor) -> Tensor:
+    """``tr(Δ H Δ^T)`` for a weight error ``delta`` (..., rows, cols): the summed squared output error."""
+    return ((delta @ hessian) * delta).sum((-2, -1))
+
+
+def awq_scales(act_mean: Tensor, alpha: Tensor, weight_mean: Tensor | None = None) -> Tensor:
+    """Per-input-channel scales ``mean|x|^α / mean|ŵ|^(1-α)`` normalized so that max·min = 1.
+
+    ``weight_mean`` is the mean per input channel of |w| relative to its block's max (ŵ); None
+    drops the weight term (AWQ's original ``mean|x|^α``). Shape (A, in) for A values of ``alpha``.
+    """
+    a = alpha.view(-1, 1)
+    s = act_mean.clamp(min=1e-6).unsqueeze(0).pow(a)
+    if weight_mean is not None:
+        s = (s / (weight_mean.unsqueeze(0).pow(1 - a) + 1e-4)).clamp(min=1e-4)
+    return s / (s.amax(-1, keepdim=True) * s.amin(-1, keepdim=True)).sqrt()
+
+
+def relative_weight_mean(weight: Tensor, fmt: BlockFormat) -> Tensor:
+    """Mean over output channels of |w| / (its block's max |w|), per input channel."""
+    return (fmt.blocks(weight).abs() / fmt.amax(weight).clamp(min=1e-12)).flatten(-2).mean(-2)
+
+
+def scaled_hessian(hessian: Tensor, scales: Tensor) -> Tensor:
+    """Gram matrix of the scaled inputs ``x / s`` given that of ``x``."""
+    inv = 1.0 / scales
+    return hessian * inv.unsqueeze(-1) * inv.unsqueeze(-2)
+
+
+def awq_scale_search(
+    weight: Tensor,
+    act_mean: Tensor,
+    hessian: Tensor,
+    fmt: BlockFormat,
+    alphas: Tensor | None = None,
+    chunk_elems: int = 1 << 23,
+) -> tuple[float, Tensor]:
+    """Search ``α`` so that quantizing ``W s`` and dividing the input by ``s`` minimizes output error.
+
+    ``act_mean`` is mean |x| per input channel, ``hessian`` is ``X^T X``; the candidates are
+    :func:`awq_scales` with the weight term, plus no scaling at all (reported as α = -1), so the
+    result is never worse than plain rounding on the calibration data. Returns ``(alpha, scales)``.
+    """
+    if alphas is None:
+        alphas = torch.linspace(0.0, 1.0, 11)
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    h = hessian.to(w)
+    a = alphas.to(w)
+    cands = torch.cat(
+        [
+            torch.ones(1, w.shape[-1], dtype=w.dtype, device=w.device),
+            awq_scales(act_mean.to(w), a, relative_weight_mean(w, fmt)),
+        ]
+    )
+    labels = torch.cat([torch.full((1,), -1.0, dtype=w.dtype), a.cpu()])
+    per_batch = max(1, chunk_elems // w.numel())
+    best_err, best = float("inf"), 0
+    for start in range(0, len(cands), per_batch):
+        s = cands[start : start + per_batch].unsqueeze(1)  # (A, 1, in)
+        err = output_error(fmt(w * s) / s - w, h)
+        i = int(err.argmin())
+        if float(err[i]) < best_err:
+            best_err, best = float(err[i]), start + i
+    return float(labels[best]), cands[best]
+
+
+def awq_clip_search(
+    weight: Tensor, hessian: Tensor, fmt: BlockFormat, ratios: Tensor | None = None
+) -> Tensor:
+    """Per-block clipping: amax ``r·max|w_b|`` minimizing each block's output error ``d^T H_bb d``."""
+    if ratios is None:
+        ratios = torch.linspace(1.0, 0.5, 21)
+    return mse_amax(
+        weight.to(torch.promote_types(weight.dtype, torch.float32)),
+        fmt,
+        ratios=ratios,
+        hessian=hessian,
+    )
+
+
+def awq(
+    model: nn.Module,
+    forward_loop: Callable | None,
+    *,
+    scale: bool,
+    clip: bool,
+    alpha_step: float = 0.1,
+    min_clip_ratio: float = 0.5,
+    shrink_step: float = 0.05,
+    desc: str = "awq",
+) -> None:
+    """AWQ on every quantized Linear weight: per-channel scale search and/or per-block clip search.
+
+    One calibration pass gathers mean |x| and ``X^T X`` per layer; each layer then searches
+    ``α`` in steps of ``alpha_step`` and clipping ratios from 1 down to ``min_clip_ratio`` in
+    steps of ``shrink_step``. Scales go to the input quantizer's ``pre_quant_scale`` (weight
+    multiplied by them); clipped amaxes to the weight quantizer.
+    """
+    if not 0 < alpha_step <= 1 or not 0 < shrink_step < 1 or not 0 < min_clip_ratio <= 1:
+        raise ValueError(
+            f"{desc}: need 0 < alpha_step <= 1, 0 < shrink_step < 1, 0 < min_clip_ratio <= 1; got "
+            f"{alpha_step}, {shrink_step}, {min_clip_ratio}"
+        )
+    layers = {
+        n: m
+        for n, m in weight_layers(model).items()
+        if kernel_format(m.weight_quantizer) is not None
+    }
+    stats = calibrate_with_stats(model, forward_loop, layers, gram=True)
+    alphas = torch.arange(0.0, 1.0 + 1e-6, alpha_step)
+    ratios = torch.arange(1.0, min_clip_ratio - 1e-6, -shrink_step)
+    for name, module in tqdm(layers.items(), desc=desc, leave=False):
+        st = effective_input_stats(module, stats[name])
+        fmt = kernel_format(module.weight_quantizer)
+        hessian = st.gram
+        with torch.no_grad():
+            if scale:
+                _, s = awq_scale_search(module.weight.detach(), st.abs_mean, hessian, fmt, alphas)
+                apply_input_scale(module, s, stats[name])
+                hessian = scaled_hessian(hessian, s)
+            if clip:
+                amax = awq_clip_search(module.weight.detach(), hessian, fmt, ratios)
+                set_weight_amax(module, amax, fmt)
+
+
+@register_algorithm("awq_lite")
+def awq_lite(model: nn.Module, forward_loop: Callable | None = None, **options: Any) -> None:
+    """The ``awq_lite`` algorithm: activation-aware per-channel scales (see :func:`awq`)."""
+    awq(model, forward_loop, scale=True, clip=False, desc="awq_lite", **options)
+
+
+@register_algorithm("awq_clip")
+def awq_clip(model: nn.Module, forward_loop: Callable | None = None, **options: Any) -> None:
+    """The ``awq_clip`` algorithm: per-block clipping ratios minimizing output error (see :func:`awq`)."""
+    awq(model, forward_loop, scale=False, clip=True, desc="awq_clip", **options)
+
+
+@register_algorithm("awq_full")
+def awq_full(model: nn.Module, forward_loop: Callable | None = None, **options: Any) -> None:
+    """The ``awq_full`` algorithm: scales, then clipping on the scaled weight (see :func:`awq`)."""
+    awq(model, forward_loop, scale=True, clip=True, desc="awq_full", **options)

@@ -1,0 +1,259 @@
+"""Block-wise weight formats as seen by the calibration algorithms, and the MSE amax search.
+
+Every weight algorithm (MSE, AWQ, GPTQ, SVDQuant) works on a 2-D weight ``(rows, cols)`` cut
+into blocks of ``block`` columns (one amax per row and block; a whole row when ``block`` is
+None). A :class:`BlockFormat` pairs that layout with an element-wise fake-quantizer
+``quant(x, amax)`` (the format's numerics, e.g. ``quant_kernels.fake_quantize``), so the
+algorithms run unchanged for INT4/INT8 block-wise, FP8, NVFP4 or MX weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import quant_kernels as qk
+from quant_core.algorithms.registry import register_algorithm
+from quant_core.nn.sequential import SequentialQuantizer
+from quant_core.nn.tensor_quantizer import TensorQuantizer
+
+__all__ = [
+    "BlockFormat",
+    "QuantFn",
+    "block_output_error",
+    "hessian_diag_blocks",
+    "kernel_format",
+    "mse_amax",
+    "mse_calibrate",
+    "recalibrate_weight",
+    "set_weight_amax",
+    "weight_layers",
+]
+
+QuantFn = Callable[[Tensor, Tensor], Tensor]
+"""``quant(x, amax) -> x_q``: fake-quantizes ``x`` element-wise with a broadcastable amax."""
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """A weight format for the algorithms: element quantizer plus block layout along columns."""
+
+    quant: QuantFn
+    block: int | None = None
+    per_tensor: bool = False
+
+    def block_size(self, cols: int) -> int:
+        """Columns per block for a weight with ``cols`` columns; refuses sizes that do not divide."""
+        size = cols if self.block is None else self.block
+        if cols % size:
+            raise ValueError(f"block size {size} does not divide the weight's {cols} columns")
+        return size
+
+    def blocks(self, w: Tensor) -> Tensor:
+        """View ``w`` (..., rows, cols) as (..., rows, n_blocks, block)."""
+        size = self.block_size(w.shape[-1])
+        return w.unflatten(-1, (w.shape[-1] // size, size))
+
+    def amax(self, w: Tensor) -> Tensor:
+        """Per-block max |w| of shape (..., rows, n_blocks, 1) (one value repeated if per tensor)."""
+        amax = self.blocks(w).abs().amax(-1, keepdim=True)
+        if self.per_tensor:
+            amax = amax.amax((-3, -2), keepdim=True).expand_as(amax)
+        return amax
+
+    def __call__(self, w: Tensor, amax: Tensor | None = None) -> Tensor:
+        """Fake-quantize ``w`` (..., rows, cols) with per-block ``amax`` (max |w| per block if None)."""
+        if amax is None:
+            amax = self.amax(w)
+        return self.quant(self.blocks(w), amax).flatten(-2)
+
+
+def block_output_error(delta: Tensor, hessian_blocks: Tensor | None) -> Tensor:
+    """Per-block output error ``d_b^T H_bb d_b`` of a weight error ``delta`` (..., rows, nb, bs).
+
+    ``hessian_blocks`` holds the diagonal blocks of the input Gram matrix ``X^T X`` with shape
+    (..., nb, bs, bs), batch dims broadcasting with ``delta``'s; None weighs every input
+    channel equally (plain squared error).
+    """
+    if hessian_blocks is None:
+        return delta.square().sum(-1)
+    d = delta.movedim(-3, -2)  # (..., nb, rows, bs): one matrix product per block
+    return ((d @ hessian_blocks) * d).sum(-1).movedim(-1, -2)
+
+
+def hessian_diag_blocks(hessian: Tensor, size: int) -> Tensor:
+    """The diagonal (size x size) blocks of square ``hessian`` (..., n, n): shape (..., n/size, size, size)."""
+    n = hessian.shape[-1] // size
+    split = hessian.unflatten(-1, (n, size)).unflatten(-3, (n, size))
+    return split.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def mse_amax(
+    w: Tensor,
+    fmt: BlockFormat,
+    ratios: Tensor | None = None,
+    hessian: Tensor | None = None,
+    chunk_elems: int = 1 << 24,
+) -> Tensor:
+    """Per-block amax ``r * max|w_b|`` minimizing the block's quantization error over ``ratios``.
+
+    The error is the plain squared error, or the layer-output error ``d^T H_bb d`` when the input
+    Gram matrix ``hessian`` (cols x cols) is given. Candidates are tried in batches of
+    ``chunk_elems`` elements. Returns amax of shape (..., rows, n_blocks, 1).
+    """
+    if ratios is None:
+        ratios = torch.linspace(1.0, 0.5, 41)
+    size = fmt.block_size(w.shape[-1])
+    h_blocks = None if hessian is None else hessian_diag_blocks(hessian.to(w.dtype), size)
+    blocks = fmt.blocks(w)
+    base = fmt.amax(w)
+    best_err = torch.full(base.shape[:-1], float("inf"), dtype=w.dtype, device=w.device)
+    best = base.clone()
+    per_batch = max(1, chunk_elems // max(1, w.numel()))
+    ratios = ratios.to(w.device, w.dtype)
+    for start in range(0, len(ratios), per_batch):
+        r = ratios[start : start + per_batch].view(-1, *([1] * base.dim()))
+        cand = base * r
+        err = block_output_error(fmt.quant(blocks, cand) - blocks, h_blocks)
+        if fmt.per_tensor:
+            err = err.sum((-2, -1), keepdim=True).expand_as(err)
+        err_min, idx = err.min(0)
+        better = err_min < best_err
+        best_err = torch.where(better, err_min, best_err)
+        chosen = cand.squeeze(-1).gather(0, idx.unsqueeze(0)).squeeze(0).unsqueeze(-1)
+        best = torch.where(better.unsqueeze(-1), chosen, best)
+    return best
+
+
+# ----- model side: formats of real quantizers, weight layers, writing results back ---------------
+def first_stage(quantizer: nn.Module) -> TensorQuantizer:
+    """The TensorQuantizer whose format the algorithms optimize (the first of a sequential chain)."""
+    return quantizer[0] if isinstance(quantizer, SequentialQuantizer) else quantizer
+
+
+def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> BlockFormat | None:
+    """The :class:`BlockFormat` of a Linear weight quantizer, or None when its layout is unsupported.
+
+    Supported: blocks along the input dim, per output channel (axis 0) and per tensor. Numerics
+    are ``quant_kernels.fake_quantize``; NVFP4's global amax is ``global_amax`` when given, else
+    the largest amax of each call (as a static quantizer does).
+    """
+    q = first_stage(quantizer)
+    if not q.is_enabled:
+        return None
+    axes = {k: v for k, v in (q.block_sizes or {}).items() if isinstance(k, int)}
+    if axes:
+        if len(axes) != 1 or next(iter(axes)) not in (-1, 1):
+            return None
+        block, per_tensor = next(iter(axes.values())), False
+    elif q.axis in (0, -2):
+        block, per_tensor = None, False
+    elif q.axis is None:
+        block, per_tensor = None, True
+    else:
+        return None
+    scale_bits = q.scale_bits
+    kwargs = {
+        "num_bits": q.num_bits,
+        "scale_bits": scale_bits,
+        "unsigned": q.unsigned,
+        "narrow_range": q.narrow_range,
+    }
+    if scale_bits == (4, 3) and global_amax is not None:
+        kwargs["global_amax"] = global_amax
+
+    def quant(x: Tensor, amax: Tensor) -> Tensor:
+        lead = torch.broadcast_shapes(x.shape[:-1], amax.shape[:-1])
+        x = x.expand(*lead, x.shape[-1])
+        if amax.shape[-1] == 1 and x.shape[-1] > 1:
+            amax = amax.expand(*lead, 1)
+            return qk.fake_quantize(x, amax=amax, block_sizes={-1: x.shape[-1]}, **kwargs)
+        amax = amax.expand_as(x)
+        if scale_bits is None:
+            return qk.fake_quantize(x, amax=amax, **kwargs)
+        y = qk.fake_quantize(
+            x.unsqueeze(-1), amax=amax.unsqueeze(-1), block_sizes={-1: 1}, **kwargs
+        )
+        return y.squeeze(-1)
+
+    return BlockFormat(quant, block, per_tensor)
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Quantized Linear layers whose weight quantizer is enabled, by name."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and hasattr(m, "weight_quantizer")
+        and m.weight_quantizer.is_enabled
+    }
+
+
+def recalibrate_weight(module: nn.Module) -> None:
+    """Max-calibrate every stage of ``module.weight_quantizer`` on the current weight."""
+    quantizer = module.weight_quantizer
+    stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
+    with torch.no_grad():
+        x = module.weight
+        for stage in stages:
+            if stage.is_enabled:
+                stage.reset_amax()
+                stage.collect(x)
+                stage.load_calib_amax()
+                x = stage(x)
+
+
+def set_weight_amax(module: nn.Module, amax: Tensor, fmt: BlockFormat) -> None:
+    """Store searched per-block ``amax`` (rows, n_blocks, 1) in the first weight-quantizer stage.
+
+    A dynamic block quantizer (NVFP4, MX) becomes static so that the searched amax is used; the
+    other stages of a sequential quantizer are max-calibrated on the first stage's output.
+    """
+    recalibrate_weight(module)
+    q = first_stage(module.weight_quantizer)
+    if q.is_dynamic and q.block_sizes:
+        q.block_sizes = {**q.block_sizes, "type": "static"}
+    value = amax.reshape(()) if fmt.per_tensor else amax.squeeze(-1)
+    q.amax = value.flatten()[0] if fmt.per_tensor else value
+    quantizer = module.weight_quantizer
+    if isinstance(quantizer, SequentialQuantizer):
+        with torch.no_grad():
+            x = q(module.weight)
+            for stage in list(quantizer)[1:]:
+                stage.reset_amax()
+                stage.collect(x)
+                stage.load_calib_amax()
+                x = stage(x)
+
+
+@register_algorithm("mse")
+def mse_calibrate(model: nn.Module, forward_loop: Callable | None = None, **options: Any) -> None:
+    """The ``mse`` algorithm: max-calibrate, then search each weight's per-block amax for least MSE.
+
+    Options: ``num_steps`` (41), ``start_multiplier`` (0.5, the smallest ratio of max |w| tried),
+    ``stop_multiplier`` (1.0).
+    """
+    from quant_core.algorithms.smoothquant import calibrate_with_stats
+
+    unknown = set(options) - {"num_steps", "start_multiplier", "stop_multiplier"}
+    if unknown:
+        raise ValueError(f"mse: unknown option(s) {sorted(unknown)}")
+    ratios = torch.linspace(
+        options.get("stop_multiplier", 1.0),
+        options.get("start_multiplier", 0.5),
+        options.get("num_steps", 41),
+    )
+    layers = weight_layers(model)
+    calibrate_with_stats(model, forward_loop, {})
+    for module in tqdm(layers.values(), desc="mse", leave=False):
+        fmt = kernel_format(module.weight_quantizer)
+        if fmt is None:
+            continue
+        with torch.no_grad():
+            set_weight_amax(module, mse_amax(module.weight.float(), fmt, ratios), fmt)

@@ -1,0 +1,302 @@
+"""SmoothQuant: migrate activation outliers into the weights with per-input-channel scales.
+
+For a linear layer ``y = x W^T`` the scale ``s_j = max|X_j|^α / max|W_:,j|^(1-α)`` gives the same
+float output as ``(x / s) (W s)^T`` while the scaled activations have a flatter range. ``α`` is
+given, or searched per layer to minimize that layer's output error with both operands quantized.
+This module also holds the forward-hook statistics collector the other algorithms share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import quant_kernels as qk
+from quant_core.algorithms.max import max_calibrate
+from quant_core.algorithms.mse import (
+    BlockFormat,
+    QuantFn,
+    first_stage,
+    kernel_format,
+    recalibrate_weight,
+    weight_layers,
+)
+from quant_core.algorithms.registry import register_algorithm
+
+__all__ = [
+    "InputStats",
+    "apply_input_scale",
+    "calibrate_with_stats",
+    "collect_input_stats",
+    "search_smoothing",
+    "smoothing_scales",
+    "smoothquant",
+]
+
+
+@dataclass
+class InputStats:
+    """Statistics of the inputs one module saw during calibration (per input channel)."""
+
+    amax: Tensor | None = None
+    abs_sum: Tensor | None = None
+    count: int = 0
+    gram: Tensor | None = None
+    samples: list[Tensor] = field(default_factory=list)
+    source: str | None = None
+    """Name of the module that received the very same input tensor on every batch, if any."""
+
+    @property
+    def abs_mean(self) -> Tensor:
+        """Mean |x| per input channel."""
+        return self.abs_sum / max(self.count, 1)
+
+    def sample_matrix(self, limit: int, seed: int = 0) -> Tensor:
+        """Up to ``limit`` stored input rows, chosen uniformly at random (fixed seed)."""
+        rows = torch.cat(self.samples)
+        if rows.shape[0] <= limit:
+            return rows
+        gen = torch.Generator().manual_seed(seed)
+        return rows[torch.randperm(rows.shape[0], generator=gen)[:limit]]
+
+
+def collect_input_stats(
+    modules: Mapping[str, nn.Module],
+    forward_loop: Callable[[], None],
+    *,
+    gram: bool = False,
+    samples: int = 0,
+) -> dict[str, InputStats]:
+    """Run ``forward_loop`` once with pre-hooks on ``modules`` and return their input statistics.
+
+    Always collects per-channel max |x| and mean |x|; ``gram`` adds ``X^T X`` (float32, summed
+    over tokens); ``samples`` keeps up to that many input rows per batch. Modules fed the very
+    same tensor (q/k/v projections) share one computation of the per-batch statistics.
+    """
+    stats = {name: InputStats() for name in modules}
+    sources: dict[str, set] = {name: set() for name in modules}
+    last: dict[str, Any] = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if last.get("input") is x:
+                inc = last["inc"]
+                sources[name].add(last["owner"])
+            else:
+                sources[name].add(None)
+                flat = x.detach().flatten(0, -2).float()
+                inc = {"amax": flat.abs().amax(0), "abs_sum": flat.abs().sum(0), "n": flat.shape[0]}
+                if gram:
+                    inc["gram"] = flat.T @ flat
+                if samples:
+                    keep = torch.randperm(flat.shape[0])[:samples]
+                    inc["rows"] = flat[keep].clone()
+                last.update(input=x, inc=inc, owner=name)
+            st = stats[name]
+            if st.amax is None:
+                st.amax, st.abs_sum = inc["amax"].clone(), inc["abs_sum"].clone()
+                st.gram = inc["gram"].clone() if gram else None
+            else:
+                torch.maximum(st.amax, inc["amax"], out=st.amax)
+                st.abs_sum += inc["abs_sum"]
+                if gram:
+                    st.gram += inc["gram"]
+            st.count += inc["n"]
+            if samples:
+                st.samples.append(inc["rows"])
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        forward_loop()
+    finally:
+        for handle in handles:
+            handle.remove()
+        last.clear()
+    missing = [name for name, st in stats.items() if st.count == 0]
+    if missing:
+        raise RuntimeError(
+            f"forward_loop never ran these modules, cannot calibrate them: {missing}"
+        )
+    for name, seen in sources.items():
+        if len(seen) == 1 and None not in seen:
+            stats[name].source = next(iter(seen))
+    return stats
+
+
+def smoothing_scales(
+    act_amax: Tensor, weight_amax: Tensor, alpha: float | Tensor, floor: float = 1e-5
+) -> Tensor:
+    """SmoothQuant scales ``max|X_j|^α / max|W_:,j|^(1-α)``; channels with no signal get 1.
+
+    ``alpha`` may be a tensor of several values (shape (A,)), giving scales of shape (A, in).
+    """
+    alpha = torch.as_tensor(alpha, dtype=act_amax.dtype, device=act_amax.device)
+    a = act_amax.clamp(min=floor)
+    w = weight_amax.clamp(min=floor)
+    if alpha.dim():
+        alpha = alpha.unsqueeze(-1)
+    s = a.pow(alpha) / w.pow(1 - alpha)
+    dead = (act_amax <= floor) | (weight_amax <= floor)
+    return torch.where(dead, torch.ones_like(s), s)
+
+
+def search_smoothing(
+    weight: Tensor,
+    x: Tensor,
+    act_amax: Tensor,
+    wfmt: BlockFormat,
+    xquant: QuantFn | None,
+    alphas: Tensor | None = None,
+    chunk: int = 4,
+) -> tuple[float, Tensor]:
+    """Pick α (and the scales) minimizing ``||X W^T - Q(X/s) Q(W s)^T||^2`` on the rows ``x``.
+
+    ``wfmt`` quantizes the scaled weight; ``xquant(x, amax)`` quantizes the scaled activations
+    with the static per-tensor amax they would calibrate to (``max_j act_amax_j / s_j``); None
+    leaves activations in float. Returns ``(alpha, scales)``.
+    """
+    if alphas is None:
+        alphas = torch.linspace(0.0, 1.0, 11)
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    x = x.to(w)
+    ref = x @ w.T
+    w_amax = w.abs().amax(0)
+    best = (math.inf, 0.0, None)
+    for start in range(0, len(alphas), chunk):
+        a = alphas[start : start + chunk].to(w)
+        s = smoothing_scales(act_amax.to(w), w_amax, a)  # (A, in)
+        wq = wfmt(w.unsqueeze(0) * s.unsqueeze(1))
+        xs = x.unsqueeze(0) / s.unsqueeze(1)
+        if xquant is not None:
+            x_amax = (act_amax.to(w) / s).amax(-1).view(-1, 1, 1)
+            xs = xquant(xs, x_amax)
+        err = (torch.bmm(xs, wq.transpose(1, 2)) - ref).square().sum((1, 2))
+        i = int(err.argmin())
+        if float(err[i]) < best[0]:
+            best = (float(err[i]), float(a[i]), s[i])
+    return best[1], best[2]
+
+
+def calibrate_with_stats(
+    model: nn.Module,
+    forward_loop: Callable | None,
+    modules: Mapping[str, nn.Module],
+    **stat_options: Any,
+) -> dict[str, InputStats]:
+    """``max`` calibration of the whole model, in whose forward pass ``modules`` also record their
+    input statistics (see :func:`collect_input_stats`).
+
+    ``forward_loop(model)`` runs the calibration data; None is allowed only when no statistics
+    are needed (weights are then calibrated from themselves).
+    """
+    if forward_loop is None:
+        if modules:
+            raise ValueError("this algorithm needs a forward_loop to see calibration data")
+        max_calibrate(model, None)
+        return {}
+    return collect_input_stats(modules, lambda: max_calibrate(model, forward_loop), **stat_options)
+
+
+def input_format(module: nn.Module) -> QuantFn | None:
+    """``xquant(x, amax)`` for a layer's input quantizer: static per-tensor uses the given amax,
+    dynamic ones compute their own; None when the input is not quantized."""
+    q = first_stage(module.input_quantizer)
+    if not q.is_enabled:
+        return None
+    kwargs = {"num_bits": q.num_bits, "unsigned": q.unsigned, "narrow_range": q.narrow_range}
+    if q.is_dynamic or q.block_sizes or q.axis is not None:
+        blocks = {k: v for k, v in (q.block_sizes or {}).items() if isinstance(k, int)} or None
+        scale_bits = q.scale_bits
+
+        def dynamic(x: Tensor, _amax: Tensor) -> Tensor:
+            return qk.fake_quantize(
+                x, block_sizes=blocks or {-1: None}, scale_bits=scale_bits, **kwargs
+            )
+
+        return dynamic
+    return lambda x, amax: qk.fake_quantize(x, amax=amax, **kwargs)
+
+
+def apply_input_scale(module: nn.Module, scales: Tensor, stats: InputStats) -> None:
+    """Divide the layer's input by ``scales`` (a pre-quant scale) and multiply its weight by them.
+
+    The float output is unchanged. A static per-tensor input quantizer gets the amax the scaled
+    input has on the calibration data; the weight quantizer is max-calibrated on the new weight.
+    """
+    with torch.no_grad():
+        scales = scales.to(module.weight.device, torch.float32)
+        module.weight.mul_(scales.to(module.weight.dtype))
+        iq = module.input_quantizer
+        old = iq.pre_quant_scale
+        iq.pre_quant_scale = (old.float() if old is not None else 1.0) / scales
+        stage = first_stage(iq)
+        if (
+            stage.is_enabled
+            and not stage.is_dynamic
+            and not stage.block_sizes
+            and stage.axis is None
+        ):
+            stage.amax = (stats.amax.to(scales) * iq.pre_quant_scale).amax()
+    recalibrate_weight(module)
+
+
+def effective_input_stats(module: nn.Module, stats: InputStats) -> InputStats:
+    """Statistics of what the layer's weight multiplies: the input times any existing pre-quant scale."""
+    pqs = module.input_quantizer.pre_quant_scale
+    if pqs is None:
+        return stats
+    p = pqs.float().to(stats.amax.device)
+    return InputStats(
+        amax=stats.amax * p,
+        abs_sum=stats.abs_sum * p,
+        count=stats.count,
+        gram=None if stats.gram is None else stats.gram * p.unsqueeze(0) * p.unsqueeze(1),
+        samples=[s * p for s in stats.samples],
+    )
+
+
+@register_algorithm("smoothquant")
+def smoothquant(
+    model: nn.Module,
+    forward_loop: Callable | None = None,
+    alpha: float | None = None,
+    alphas: int = 11,
+    max_samples: int = 1024,
+) -> None:
+    """The ``smoothquant`` algorithm on every Linear with quantized input and weight.
+
+    ``alpha`` fixes the migration strength; None (default) searches ``alphas`` values in [0, 1]
+    per layer for the least output error on up to ``max_samples`` calibration tokens.
+    """
+    layers = {
+        n: m for n, m in weight_layers(model).items() if first_stage(m.input_quantizer).is_enabled
+    }
+    all_stats = calibrate_with_stats(
+        model, forward_loop, layers, samples=max_samples if alpha is None else 0
+    )
+    grid = torch.linspace(0.0, 1.0, alphas)
+    for name, module in tqdm(layers.items(), desc="smoothquant", leave=False):
+        stats = effective_input_stats(module, all_stats[name])
+        wfmt = kernel_format(module.weight_quantizer)
+        if alpha is None and wfmt is not None:
+            _, s = search_smoothing(
+                module.weight.detach(),
+                stats.sample_matrix(max_samples),
+                stats.amax,
+                wfmt,
+                input_format(module),
+                grid,
+            )
+        else:
+            w_amax = module.weight.detach().float().abs().amax(0)
+            s = smoothing_scales(stats.amax, w_amax, 0.5 if alpha is None else alpha)
+        apply_input_scale(module, s, all_stats[name])

@@ -1,0 +1,350 @@
+"""The config schema: validated quantizer attributes and the two accepted shapes of ``quant_cfg``.
+
+A config is ``{"quant_cfg": ..., "algorithm": ...}``. ``quant_cfg`` is either a dict
+``{pattern: attributes}`` (ModelOpt's classic shape; ``"default"`` means ``"*"`` and
+``"nn.Class": {pattern: attributes}`` scopes patterns to a parent class) or ModelOpt's newer
+ordered list of ``{"quantizer_name", "parent_class", "cfg", "enable"}`` entries. Both normalize
+to a list of :class:`QuantCfgEntry`; later entries win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+FP_FORMATS = {(4, 3): "E4M3", (5, 2): "E5M2", (3, 2): "E3M2", (2, 3): "E2M3", (2, 1): "E2M1"}
+SCALE_FORMATS = {(4, 3): "E4M3", (8, 0): "E8M0"}
+BLOCK_KEYS = ("type", "scale_bits")
+
+
+class QuantizerAttributeConfig(BaseModel):
+    """Attributes of one TensorQuantizer (ModelOpt names); unknown keys are rejected by name."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    enable: bool = True
+    num_bits: int | tuple[int, int] = 8
+    axis: int | tuple[int, ...] | None = None
+    fake_quant: bool = True
+    unsigned: bool = False
+    narrow_range: bool = False
+    learn_amax: bool = False
+    type: Literal["static", "dynamic"] = "static"
+    block_sizes: dict[int | str, Any] | None = None
+    bias: dict[int | str, Any] | None = None
+    calibrator: Literal["max", "histogram", "percentile", "mse", "entropy"] = "max"
+    trt_high_precision_dtype: Literal["Float", "Half", "BFloat16"] = "Float"
+
+    @field_validator("num_bits", mode="before")
+    @classmethod
+    def _num_bits(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"num_bits must be an int or an (exponent, mantissa) pair, got {v!r}")
+        if isinstance(v, list):
+            v = tuple(v)
+        if isinstance(v, int) and not 2 <= v <= 8:
+            raise ValueError(f"integer num_bits must be in 2..8, got {v}")
+        if isinstance(v, tuple) and tuple(v) not in FP_FORMATS:
+            raise ValueError(
+                f"num_bits {v!r} is not a supported floating-point format; "
+                f"supported (exponent, mantissa) pairs: {sorted(FP_FORMATS)}"
+            )
+        return v
+
+    @field_validator("axis", mode="before")
+    @classmethod
+    def _axis(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("block_sizes", mode="before")
+    @classmethod
+    def _block_sizes(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if not isinstance(v, Mapping):
+            raise ValueError(f"block_sizes must be a dict like {{-1: 128}}, got {v!r}")
+        out: dict[int | str, Any] = {}
+        for key, val in v.items():
+            if isinstance(key, str) and key.lstrip("-").isdigit():
+                key = int(key)  # JSON turns int keys into strings
+            if isinstance(key, int):
+                if val is not None and (
+                    isinstance(val, bool) or not isinstance(val, int) or val <= 0
+                ):
+                    raise ValueError(
+                        f"block size for axis {key} must be a positive int or None, got {val!r}"
+                    )
+                out[key] = val
+            elif key == "type":
+                if val not in ("static", "dynamic"):
+                    raise ValueError(
+                        f"block_sizes['type'] must be 'static' or 'dynamic', got {val!r}"
+                    )
+                out[key] = val
+            elif key == "scale_bits":
+                val = tuple(val) if isinstance(val, list) else val
+                if val not in SCALE_FORMATS:
+                    raise ValueError(
+                        f"block_sizes['scale_bits'] must be one of {sorted(SCALE_FORMATS)}, got {val!r}"
+                    )
+                out[key] = val
+            else:
+                raise ValueError(
+                    f"unknown block_sizes key {key!r}; allowed: int axes, 'type', 'scale_bits'"
+                )
+        if not any(isinstance(k, int) for k in out):
+            raise ValueError(f"block_sizes {v!r} names no axis")
+        if out.get("type") == "dynamic" and sum(isinstance(k, int) for k in out) != 1:
+            raise ValueError(
+                f"dynamic block quantization takes exactly one axis, got block_sizes={v!r}"
+            )
+        return out
+
+    @field_validator("bias", mode="before")
+    @classmethod
+    def _bias(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        out: dict[int | str, Any] = {}
+        for key, val in dict(v).items():
+            if isinstance(key, str) and key.lstrip("-").isdigit():
+                key = int(key)
+            if isinstance(key, int):
+                out[key] = None
+            elif (key == "type" and val in ("static", "dynamic")) or (
+                key == "method" and val in ("mean", "max_min")
+            ):
+                out[key] = val
+            else:
+                raise ValueError(
+                    f"bad bias entry {key!r}: {val!r} (int axes, type static/dynamic, method mean/max_min)"
+                )
+        if not any(isinstance(k, int) for k in out):
+            raise ValueError(f"bias {v!r} names no axis to reduce over")
+        return out
+
+    @field_validator("fake_quant")
+    @classmethod
+    def _fake_quant(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError(
+                "fake_quant=False (real low-precision storage) is not done by quant-core; "
+                "quant-export writes real quantized weights"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantizerAttributeConfig:
+        if self.block_sizes is not None and self.axis is not None:
+            raise ValueError(
+                f"axis={self.axis!r} cannot be combined with block_sizes={self.block_sizes!r}"
+            )
+        if self.learn_amax and (self.is_dynamic or self.block_sizes is not None):
+            raise ValueError(
+                "learn_amax needs a static per-tensor or per-channel amax (no dynamic or block quantization)"
+            )
+        if self.calibrator != "max" and (self.axis is not None or self.block_sizes is not None):
+            raise ValueError(
+                f"calibrator {self.calibrator!r} is per-tensor only; got axis/block_sizes"
+            )
+        return self
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True when amax is computed from each input instead of calibrated."""
+        return self.type == "dynamic" or (self.block_sizes or {}).get("type") == "dynamic"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """All attributes as JSON-safe values (tuples become lists, int keys become strings)."""
+        return self.model_dump(mode="json")
+
+
+def parse_attributes(attrs: Any, where: str = "") -> QuantizerAttributeConfig:
+    """Validate an attribute dict (or config) and name the pattern in the error."""
+    if isinstance(attrs, QuantizerAttributeConfig):
+        return attrs
+    if not isinstance(attrs, Mapping):
+        raise ValueError(
+            f"quantizer attributes{where} must be a dict, got {type(attrs).__name__}: {attrs!r}"
+        )
+    try:
+        return QuantizerAttributeConfig(**attrs)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(attributes)"
+            if e["type"] == "extra_forbidden":
+                allowed = ", ".join(QuantizerAttributeConfig.model_fields)
+                problems.append(
+                    f"unknown key {loc!r} (value {e['input']!r}); allowed keys: {allowed}"
+                )
+            else:
+                problems.append(f"{loc}={e.get('input')!r}: {e['msg']}")
+        raise ValueError(f"invalid quantizer attributes{where}: " + "; ".join(problems)) from None
+
+
+@dataclass(frozen=True)
+class QuantCfgEntry:
+    """One normalized ``quant_cfg`` instruction: which quantizers, and what to set on them."""
+
+    quantizer_name: str | Callable[[str], bool]
+    parent_class: str | None = None
+    cfg: QuantizerAttributeConfig | tuple[QuantizerAttributeConfig, ...] | None = None
+    enable: bool | None = None
+
+    def matches(self, name: str, parent_keys: set[str]) -> bool:
+        """True when the quantizer ``name`` (with parent class keys) is selected by this entry."""
+        from fnmatch import fnmatchcase
+
+        if self.parent_class is not None and self.parent_class not in parent_keys:
+            return False
+        if callable(self.quantizer_name):
+            return bool(self.quantizer_name(name))
+        return fnmatchcase(name, self.quantizer_name)
+
+
+_ENTRY_KEYS = {"quantizer_name", "parent_class", "cfg", "enable"}
+
+
+def _entry(name: Any, value: Any, parent_class: str | None = None) -> QuantCfgEntry:
+    where = f" for pattern {name!r}"
+    if name == "default":
+        name = "*"
+    if not (isinstance(name, str) or callable(name)):
+        raise ValueError(f"quant_cfg pattern must be a wildcard string or a callable, got {name!r}")
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"empty attribute list{where}")
+        cfgs = tuple(parse_attributes(v, where) for v in value)
+        return QuantCfgEntry(name, parent_class, cfgs, None)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"quant_cfg value{where} must be a dict or a list of dicts, got {value!r}")
+    value = dict(value)
+    enable = value.pop("enable", None)
+    if enable is not None and not isinstance(enable, bool):
+        raise ValueError(f"'enable'{where} must be True or False, got {enable!r}")
+    cfg = (
+        parse_attributes({**value, "enable": enable if enable is not None else True}, where)
+        if value
+        else None
+    )
+    return QuantCfgEntry(name, parent_class, cfg, enable)
+
+
+def normalize_quant_cfg(quant_cfg: Any) -> list[QuantCfgEntry]:
+    """Turn either accepted ``quant_cfg`` shape into an ordered list of validated entries."""
+    entries: list[QuantCfgEntry] = []
+    if isinstance(quant_cfg, Mapping):
+        # "default" is the fallback for every quantizer, so it applies first wherever it is written.
+        items = sorted(quant_cfg.items(), key=lambda kv: kv[0] != "default")
+        for key, value in items:
+            if (
+                isinstance(key, str)
+                and key.startswith("nn.")
+                and isinstance(value, Mapping)
+                and all(isinstance(v, Mapping) for v in value.values())
+                and not (set(value) & set(QuantizerAttributeConfig.model_fields))
+            ):
+                entries += [_entry(sub, attrs, parent_class=key) for sub, attrs in value.items()]
+            else:
+                entries.append(_entry(key, value))
+        return entries
+    if isinstance(quant_cfg, (list, tuple)):
+        for i, raw in enumerate(quant_cfg):
+            if not isinstance(raw, Mapping):
+                raise ValueError(f"quant_cfg[{i}] must be a dict, got {raw!r}")
+            if "quantizer_name" not in raw:
+                if len(raw) == 1:  # legacy single-pattern entry
+                    entries.extend(normalize_quant_cfg(dict(raw)))
+                    continue
+                raise ValueError(f"quant_cfg[{i}] needs 'quantizer_name': {dict(raw)!r}")
+            unknown = set(raw) - _ENTRY_KEYS
+            if unknown:
+                raise ValueError(
+                    f"quant_cfg[{i}] has unknown key(s) {sorted(unknown)}; allowed: {sorted(_ENTRY_KEYS)}"
+                )
+            if "cfg" not in raw and "enable" not in raw:
+                raise ValueError(
+                    f"quant_cfg[{i}] ({raw['quantizer_name']!r}) sets neither 'cfg' nor 'enable'"
+                )
+            where = f" in quant_cfg[{i}] ({raw['quantizer_name']!r})"
+            enable = raw.get("enable")
+            if enable is not None and not isinstance(enable, bool):
+                raise ValueError(f"'enable'{where} must be True or False, got {enable!r}")
+            cfg = raw.get("cfg")
+            if isinstance(cfg, (list, tuple)):
+                cfg = tuple(parse_attributes(c, where) for c in cfg) or None
+            elif cfg:
+                cfg = parse_attributes(cfg, where)
+            else:
+                cfg = None
+            entries.append(
+                QuantCfgEntry(raw["quantizer_name"], raw.get("parent_class"), cfg, enable)
+            )
+        return entries
+    raise ValueError(
+        f"quant_cfg must be a dict or a list of entries, got {type(quant_cfg).__name__}: {quant_cfg!r}"
+    )
+
+
+AlgorithmSpec = str | dict[str, Any] | None | list[Any]
+
+
+class QuantizeConfig(BaseModel):
+    """A whole config: ``quant_cfg`` (either shape) and the calibration ``algorithm``."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    quant_cfg: Any = {"*": {"num_bits": 8, "axis": None}}
+    algorithm: AlgorithmSpec = "max"
+
+    @field_validator("quant_cfg")
+    @classmethod
+    def _check_quant_cfg(cls, v: Any) -> Any:
+        normalize_quant_cfg(v)
+        return v
+
+    @field_validator("algorithm")
+    @classmethod
+    def _check_algorithm(cls, v: Any) -> Any:
+        for spec in v if isinstance(v, list) else [v]:
+            if spec is None or isinstance(spec, str):
+                continue
+            if (
+                not isinstance(spec, Mapping)
+                or "method" not in spec
+                or not isinstance(spec["method"], (str, type(None)))
+            ):
+                raise ValueError(
+                    f"algorithm must be a name or a dict with a 'method' key, got {spec!r}"
+                )
+        return v
+
+    @property
+    def entries(self) -> list[QuantCfgEntry]:
+        """The normalized ``quant_cfg`` entries, in order."""
+        return normalize_quant_cfg(self.quant_cfg)
+
+
+def validate_config(config: Any) -> QuantizeConfig:
+    """Validate a user config dict (or QuantizeConfig); errors name the offending key and value."""
+    if isinstance(config, QuantizeConfig):
+        return config
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            f"config must be a dict with 'quant_cfg' and 'algorithm', got {type(config).__name__}"
+        )
+    try:
+        return QuantizeConfig(**config)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                problems.append(f"unknown config key {loc!r}; allowed: 'quant_cfg', 'algorithm'")
+            else:
+                problems.append(f"{loc}: {e['msg']}")
+        raise ValueError("invalid quantization config: " + "; ".join(problems)) from None

@@ -1,0 +1,183 @@
+"""The user-facing entry points: quantize, calibrate, fold_weight, postprocess_amax."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quant_core.algorithms import get_algorithm
+from quant_core.config.schema import validate_config
+from quant_core.conversion import (
+    QuantCfgEntry,
+    iter_quantizers,
+    iter_tensor_quantizers,
+    replace_quant_modules,
+    set_quantizer_by_cfg,
+)
+from quant_core.nn.registry import QuantModuleRegistry
+from quant_core.plugins import load_plugins
+
+ForwardLoop = Callable[[nn.Module], Any]
+
+
+class CalibrationError(RuntimeError):
+    """The user's forward_loop failed (or never ran the model) during calibration."""
+
+
+def quantize(
+    model: nn.Module, config: dict[str, Any], forward_loop: ForwardLoop | None = None
+) -> nn.Module:
+    """Convert ``model``'s registered modules in place, apply ``config``'s ``quant_cfg`` and calibrate.
+
+    ``forward_loop(model)`` runs the calibration batches through the model; it may be None for
+    configs that need no activation statistics (weight-only or dynamic formats).
+    """
+    load_plugins()
+    cfg = validate_config(config)
+    replace_quant_modules(model)
+    if next(iter_quantizers(model), None) is None:
+        registered = ", ".join(
+            sorted(QuantModuleRegistry.get_key(c) for c in QuantModuleRegistry.originals())
+        )
+        raise ValueError(
+            f"no quantizable module in {type(model).__name__}: none of its modules is of a registered "
+            f"class ({registered}). Register one with mtq.register(original_cls=..., quantized_cls=...)."
+        )
+    set_quantizer_by_cfg(model, cfg.entries)
+    if not any(q.is_enabled for _n, q, _p in iter_quantizers(model)):
+        warnings.warn(
+            f"config enabled no quantizer in {type(model).__name__}", RuntimeWarning, stacklevel=2
+        )
+    calibrate(model, cfg.algorithm, forward_loop)
+    return model
+
+
+def _algorithm_specs(algorithm: Any) -> list[tuple[str, dict[str, Any]]]:
+    specs = algorithm if isinstance(algorithm, list) else [algorithm]
+    out = []
+    for spec in specs:
+        if spec is None:
+            continue
+        if isinstance(spec, str):
+            out.append((spec, {}))
+        elif isinstance(spec, dict) and isinstance(spec.get("method"), str):
+            options = {k: v for k, v in spec.items() if k != "method"}
+            out.append((spec["method"], options))
+        elif isinstance(spec, dict) and spec.get("method") is None:
+            continue
+        else:
+            raise ValueError(
+                f"algorithm must be a name, {{'method': name, ...}}, None or a list of those; got {spec!r}"
+            )
+    return out
+
+
+class _LoopGuard:
+    """Wraps forward_loop: counts batches (tqdm), checks the model ran, and names failures."""
+
+    def __init__(self, model: nn.Module, forward_loop: ForwardLoop, method: str):
+        self.model, self.forward_loop, self.method = model, forward_loop, method
+        self.seen = 0
+
+    def __call__(self, model: nn.Module) -> Any:
+        quant_modules = list({id(p): p for _n, _q, p in iter_quantizers(model)}.values())
+        bar = tqdm(desc=f"calibrating ({self.method})", unit="batch", leave=False)
+
+        def on_module(_module: nn.Module, _args: Any) -> None:
+            self.seen += 1
+
+        def on_batch(_module: nn.Module, _args: Any) -> None:
+            bar.update(1)  # a pre-hook must return None, or it replaces the inputs
+
+        handles = [m.register_forward_pre_hook(on_module) for m in quant_modules]
+        handles.append(model.register_forward_pre_hook(on_batch))
+        before = self.seen
+        try:
+            result = self.forward_loop(model)
+        except Exception as err:
+            raise CalibrationError(
+                f"forward_loop raised {type(err).__name__} during '{self.method}' calibration: {err}. "
+                "No statistics from this run were kept; the model is quantized but uncalibrated."
+            ) from err
+        finally:
+            for h in handles:
+                h.remove()
+            bar.close()
+        if self.seen == before:
+            raise CalibrationError(
+                "forward_loop(model) returned without running the model: no quantized module saw any "
+                "data. It must call model(batch) on the calibration batches, e.g. "
+                "`def forward_loop(m):\n    for batch in loader:\n        m(batch)`"
+            )
+        return result
+
+
+def _reset_calibration_state(model: nn.Module) -> None:
+    for _name, q in iter_tensor_quantizers(model):
+        q.disable_calib()
+        q.enable_quant()
+        q._calibrator.reset()
+        if q._global_calibrator is not None:
+            q._global_calibrator.reset()
+
+
+def calibrate(
+    model: nn.Module, algorithm: Any = "max", forward_loop: ForwardLoop | None = None
+) -> nn.Module:
+    """Run calibration ``algorithm`` (a name, ``{"method": name, **options}``, None, or a list) on ``model``."""
+    for method, options in _algorithm_specs(algorithm):
+        fn = get_algorithm(method)
+        loop = _LoopGuard(model, forward_loop, method) if forward_loop is not None else None
+        try:
+            with torch.no_grad():
+                fn(model, loop, **options)
+        except TypeError as err:
+            _reset_calibration_state(model)
+            if "unexpected keyword argument" in str(err):
+                raise ValueError(
+                    f"algorithm {method!r} does not take option(s) {sorted(options)}: {err}"
+                ) from err
+            raise
+        except BaseException:
+            _reset_calibration_state(model)
+            raise
+    return model
+
+
+def fold_weight(model: nn.Module) -> None:
+    """Write fake-quantized weights into the parameters and turn the weight quantizers off.
+
+    Outputs are unchanged and forward passes get faster; the folded model can no longer be
+    calibrated again or trained with QAT on its original weights.
+    """
+    for module in model.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        weight = getattr(module, "weight", None)
+        if quantizer is None or not isinstance(weight, torch.Tensor):
+            continue
+        if hasattr(module, "fold_weight"):
+            module.fold_weight()
+            continue
+        if quantizer.is_enabled or quantizer.pre_quant_scale is not None:
+            with torch.no_grad():
+                weight.data.copy_(quantizer(weight))
+            quantizer.disable()
+            quantizer.pre_quant_scale = None
+
+
+def postprocess_amax(
+    model: nn.Module,
+    key: str | Callable[[str], bool],
+    post_process_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> nn.Module:
+    """Replace the amax of every TensorQuantizer whose name matches ``key`` by ``post_process_fn(amax)``."""
+    entry = QuantCfgEntry(key)
+    for name, quantizer in iter_tensor_quantizers(model):
+        if entry.matches(name, set()) and quantizer.amax is not None:
+            quantizer.amax = post_process_fn(quantizer.amax.detach().clone())
+    return model

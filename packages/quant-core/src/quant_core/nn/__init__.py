@@ -1,0 +1,37 @@
+"""Quantized modules, TensorQuantizer and the module registry."""
+
+from quant_core.nn.modules import (
+    BMM,
+    MatMul,
+    QuantBMM,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
+    QuantConvTranspose3d,
+    QuantLinear,
+)
+from quant_core.nn.quant_module import QuantInputBase, QuantLinearConvBase, QuantModule
+from quant_core.nn.registry import QuantModuleRegistry
+from quant_core.nn.sequential import SequentialQuantizer
+from quant_core.nn.tensor_quantizer import TensorQuantizer
+
+__all__ = [
+    "BMM",
+    "MatMul",
+    "QuantBMM",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantConv3d",
+    "QuantConvTranspose1d",
+    "QuantConvTranspose2d",
+    "QuantConvTranspose3d",
+    "QuantInputBase",
+    "QuantLinear",
+    "QuantLinearConvBase",
+    "QuantModule",
+    "QuantModuleRegistry",
+    "SequentialQuantizer",
+    "TensorQuantizer",
+]

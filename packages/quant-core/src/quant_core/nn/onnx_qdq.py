@@ -1,0 +1,108 @@
+"""ONNX export of INT8 and FP8 quantizers as standard QuantizeLinear/DequantizeLinear pairs.
+
+Under ``torch.onnx.export`` (dynamo or legacy exporter) a static quantizer with a Q/DQ form
+emits an op the exporter maps to QuantizeLinear + DequantizeLinear:
+
+* INT8 (signed full range, or unsigned) per tensor or per channel: torch's
+  ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``, which both
+  exporters translate to Q/DQ.
+* FP8 E4M3 per tensor: the custom op ``quant_core::fp8_qdq``, with an ONNX translation
+  registered in onnxscript's torchlib registry (dynamo exporter) and an autograd ``symbolic``
+  (legacy exporter). The translation is registered when an FP8 quantizer is configured and
+  onnxscript is installed; quant-core itself never needs onnx.
+
+Other formats export as the arithmetic of their reference op.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+import quant_kernels as qk
+
+_FP8_MAX = 448.0
+
+
+@torch.library.custom_op("quant_core::fp8_qdq", mutates_args=())
+def fp8_qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 quantize-dequantize of x with a per-tensor scale (amax = 448 * scale)."""
+    return qk.fake_quantize(x, num_bits=(4, 3), amax=(scale * _FP8_MAX).to(x.device))
+
+
+@fp8_qdq.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_registered = False
+
+
+def register_onnx_translation() -> None:
+    """Teach the dynamo ONNX exporter (via onnxscript's torchlib registry) to emit FP8 Q/DQ."""
+    global _registered
+    if _registered or importlib.util.find_spec("onnxscript") is None:
+        return
+    _registered = True
+    from onnxscript import ir
+    from onnxscript.function_libs.torch_lib.registration import torch_op
+    from onnxscript.onnx_opset import opset19 as op
+
+    @torch_op("quant_core::fp8_qdq", trace_only=True)
+    def quant_core_fp8_qdq(x: Any, scale: Any) -> Any:
+        zero_point = op.Constant(value=ir.tensor(0.0, dtype=ir.DataType.FLOAT8E4M3FN))
+        scale = op.CastLike(scale, x)
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+
+
+class _LegacyFP8QDQ(torch.autograd.Function):
+    """FP8 Q/DQ for the legacy TorchScript exporter (needs opset_version >= 19)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        # torch's float8 cast rounds to nearest even; the clamp saturates (as QuantizeLinear does).
+        q = (x / scale).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+        return (q.to(x.dtype) * scale).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: Any) -> Any:
+        zero_point = g.op("Constant", value_t=torch.zeros((), dtype=torch.float8_e4m3fn))
+        q = g.op("QuantizeLinear", x, scale, zero_point)
+        return g.op("DequantizeLinear", q, scale, zero_point)
+
+
+def wants_qdq(quantizer: Any) -> bool:
+    """True while exporting to ONNX and this quantizer has a standard Q/DQ form."""
+    if not torch.onnx.is_in_onnx_export():
+        return False
+    attrs = quantizer.attribute_config
+    if attrs.block_sizes or attrs.learn_amax or attrs.bias is not None:
+        return False
+    if attrs.num_bits == 8 and not (attrs.narrow_range and not attrs.unsigned):
+        return attrs.axis is None or isinstance(attrs.axis, int)
+    return attrs.num_bits == (4, 3) and attrs.axis is None
+
+
+def qdq(x: torch.Tensor, amax: torch.Tensor, quantizer: Any) -> torch.Tensor:
+    """Quantize-dequantize x with ops that export as QuantizeLinear/DequantizeLinear."""
+    attrs = quantizer.attribute_config
+    amax = amax.detach().float().to(x.device)
+    if attrs.num_bits == (4, 3):
+        scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax)).reshape(())
+        if torch.compiler.is_exporting():
+            return fp8_qdq(x, scale)
+        return _LegacyFP8QDQ.apply(x, scale)
+    qmin, qmax = (0, 255) if attrs.unsigned else (-128, 127)
+    scale = torch.where(
+        amax > 0, amax / (255.0 if attrs.unsigned else 127.0), torch.ones_like(amax)
+    )
+    if attrs.axis is None:
+        zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point, qmin, qmax)
+    scale = scale.reshape(-1)
+    zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+    return torch.fake_quantize_per_channel_affine(
+        x, scale, zero_point, attrs.axis % x.dim(), qmin, qmax
+    )

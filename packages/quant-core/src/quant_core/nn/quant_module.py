@@ -1,0 +1,62 @@
+"""Quantized module bases: quantizers around an original module's forward, created by ``_setup``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from quant_core.config.schema import QuantizerAttributeConfig
+from quant_core.nn.tensor_quantizer import TensorQuantizer
+
+INPUT_DEFAULT = QuantizerAttributeConfig(num_bits=8, axis=None)
+WEIGHT_DEFAULT = QuantizerAttributeConfig(num_bits=8, axis=0)
+
+
+class QuantModule(nn.Module):
+    """Base of the quantized modules; ``_setup`` creates the quantizers after in-place conversion."""
+
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+
+class QuantInputBase(QuantModule):
+    """Quantizes the first input and the output (the output quantizer starts disabled)."""
+
+    def _setup(self) -> None:
+        self.input_quantizer = TensorQuantizer(INPUT_DEFAULT)
+        self.output_quantizer = TensorQuantizer(INPUT_DEFAULT)
+        self.output_quantizer.disable()
+
+    def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = super().forward(self.input_quantizer(input), *args, **kwargs)
+        return self.output_quantizer(out)
+
+
+class QuantLinearConvBase(QuantInputBase):
+    """Quantizes input, weight and output of a layer whose forward uses ``self.weight``."""
+
+    def _setup(self) -> None:
+        super()._setup()
+        self.weight_quantizer = TensorQuantizer(WEIGHT_DEFAULT)
+
+    def _forward_with_weight(
+        self, input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        raise NotImplementedError
+
+    def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        x = self.input_quantizer(input)
+        w = self.weight_quantizer(self.weight)
+        return self.output_quantizer(self._forward_with_weight(x, w, *args, **kwargs))
+
+    def fold_weight(self) -> None:
+        """Write the fake-quantized weight into the parameter and turn the weight quantizer off."""
+        quantizer = self.weight_quantizer
+        if not quantizer.is_enabled and quantizer.pre_quant_scale is None:
+            return
+        with torch.no_grad():
+            self.weight.data.copy_(quantizer(self.weight))
+        quantizer.disable()
+        quantizer.pre_quant_scale = None

@@ -1,0 +1,346 @@
+"""TensorQuantizer: an ``nn.Module`` mapping a tensor to its quantized-dequantized value.
+
+Its attributes follow ModelOpt's ``QuantizerAttributeConfig``; its state is the buffers ``_amax``
+and ``_pre_quant_scale`` (``_amax`` becomes a parameter with ``learn_amax``), so it travels with
+``state_dict``. All numerics go through ``quant_kernels.fake_quantize``; gradients pass straight
+through (zero outside the clipping range). A static quantizer that was never calibrated warns
+once, naming its module, and falls back to the amax of the tensor it sees.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+import quant_kernels as qk
+from quant_core.calib import Calibrator, MaxCalibrator, make_calibrator, reduce_amax
+from quant_core.config.schema import QuantizerAttributeConfig, parse_attributes
+from quant_core.nn import onnx_qdq
+
+
+def _check_amax(value: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(value).all() or (value < 0).any():
+        raise ValueError(
+            f"amax of quantizer {name or '(unnamed)'} must be finite and >= 0, got {value}"
+        )
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes tensors with the format in its attributes (ModelOpt's TensorQuantizer API)."""
+
+    def __init__(
+        self,
+        quant_attribute_cfg: QuantizerAttributeConfig | dict[str, Any] | None = None,
+        if_quant: bool = True,
+        if_calib: bool = False,
+        amax: torch.Tensor | float | None = None,
+    ):
+        super().__init__()
+        self._name = ""
+        self._if_quant = if_quant
+        self._if_calib = if_calib
+        self._warned_uncalibrated = False
+        self._attrs = QuantizerAttributeConfig()
+        self._calibrator: Calibrator = MaxCalibrator()
+        self._global_calibrator: MaxCalibrator | None = None
+        self._disabled = False
+        self.set_from_attribute_config(quant_attribute_cfg or QuantizerAttributeConfig())
+        if amax is not None:
+            self.amax = amax
+
+    # ----- attributes -------------------------------------------------------------------
+    def set_from_attribute_config(self, cfg: QuantizerAttributeConfig | dict[str, Any]) -> None:
+        """Set attributes from a config; a dict updates only the keys it names."""
+        if isinstance(cfg, dict):
+            cfg = parse_attributes(
+                {**self._attrs.model_dump(), **cfg}, f" for {self._name or 'quantizer'}"
+            )
+        old = self._attrs
+        if (old.num_bits, old.axis, old.block_sizes, old.type) != (
+            cfg.num_bits,
+            cfg.axis,
+            cfg.block_sizes,
+            cfg.type,
+        ):
+            self.amax = None  # a calibrated amax belongs to the old format and granularity
+        self._attrs = cfg
+        self._disabled = not cfg.enable
+        self._calibrator = make_calibrator(cfg, self._block_axes)
+        needs_global = cfg.is_dynamic and self.scale_bits == (4, 3)
+        self._global_calibrator = MaxCalibrator() if needs_global else None
+        if cfg.num_bits == (4, 3) and not cfg.is_dynamic:
+            onnx_qdq.register_onnx_translation()
+        self._apply_learn_amax()
+
+    @property
+    def attribute_config(self) -> QuantizerAttributeConfig:
+        """The validated attributes of this quantizer."""
+        return self._attrs
+
+    def _set_attr(self, **update: Any) -> None:
+        self.set_from_attribute_config(update)
+
+    num_bits = property(
+        lambda self: self._attrs.num_bits, lambda self, v: self._set_attr(num_bits=v)
+    )
+    axis = property(lambda self: self._attrs.axis, lambda self, v: self._set_attr(axis=v))
+    block_sizes = property(
+        lambda self: self._attrs.block_sizes, lambda self, v: self._set_attr(block_sizes=v)
+    )
+    unsigned = property(
+        lambda self: self._attrs.unsigned, lambda self, v: self._set_attr(unsigned=v)
+    )
+    narrow_range = property(
+        lambda self: self._attrs.narrow_range, lambda self, v: self._set_attr(narrow_range=v)
+    )
+    fake_quant = property(
+        lambda self: self._attrs.fake_quant, lambda self, v: self._set_attr(fake_quant=v)
+    )
+    learn_amax = property(
+        lambda self: self._attrs.learn_amax, lambda self, v: self._set_attr(learn_amax=v)
+    )
+    trt_high_precision_dtype = property(
+        lambda self: self._attrs.trt_high_precision_dtype,
+        lambda self, v: self._set_attr(trt_high_precision_dtype=v),
+    )
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True when amax comes from each input (no calibration needed)."""
+        return self._attrs.is_dynamic
+
+    @property
+    def scale_bits(self) -> tuple[int, int] | None:
+        """Format of the block scales: (4, 3) for NVFP4, (8, 0) for MX, None for fp32."""
+        return (self._attrs.block_sizes or {}).get("scale_bits")
+
+    @property
+    def _block_axes(self) -> dict[int, int | None] | None:
+        bs = self._attrs.block_sizes
+        return {k: v for k, v in bs.items() if isinstance(k, int)} if bs else None
+
+    @property
+    def calibrator(self) -> Calibrator:
+        """The calibrator collecting statistics for this quantizer."""
+        return self._calibrator
+
+    @property
+    def maxbound(self) -> float:
+        """Largest representable magnitude of the element format (qmax for INT)."""
+        nb = self.num_bits
+        if isinstance(nb, tuple):
+            return {(4, 3): 448.0, (5, 2): 57344.0, (3, 2): 28.0, (2, 3): 7.5, (2, 1): 6.0}[nb]
+        return float(2**nb - 1 if self.unsigned else 2 ** (nb - 1) - 1)
+
+    # ----- enable / calibration switches --------------------------------------------------
+    @property
+    def is_enabled(self) -> bool:
+        """Whether the quantizer acts on its input."""
+        return not self._disabled
+
+    def enable(self) -> None:
+        """Turn the quantizer on."""
+        self._disabled = False
+        self._attrs = self._attrs.model_copy(update={"enable": True})
+
+    def disable(self) -> None:
+        """Turn the quantizer off (inputs pass through, except the pre-quant scale)."""
+        self._disabled = True
+        self._attrs = self._attrs.model_copy(update={"enable": False})
+
+    def enable_quant(self) -> None:
+        """Quantize in forward."""
+        self._if_quant = True
+
+    def disable_quant(self) -> None:
+        """Pass inputs through unquantized in forward (used while collecting statistics)."""
+        self._if_quant = False
+
+    def enable_calib(self) -> None:
+        """Collect calibration statistics in forward."""
+        self._if_calib = True
+
+    def disable_calib(self) -> None:
+        """Stop collecting calibration statistics."""
+        self._if_calib = False
+
+    # ----- state: amax, pre-quant scale ----------------------------------------------------
+    @property
+    def amax(self) -> torch.Tensor | None:
+        """The calibrated amax (per tensor, channel or block), or None when not set."""
+        return self._parameters.get("_amax", self._buffers.get("_amax"))
+
+    @amax.setter
+    def amax(self, value: torch.Tensor | float | None) -> None:
+        if value is None:
+            self._buffers.pop("_amax", None)
+            self._parameters.pop("_amax", None)
+            return
+        value = torch.as_tensor(value).detach().float().clone()
+        _check_amax(value, self._name)
+        current = self.amax
+        if current is not None and current.shape == value.shape:
+            with torch.no_grad():
+                current.copy_(value.to(current.device))
+            return
+        self._buffers.pop("_amax", None)
+        self._parameters.pop("_amax", None)
+        self.register_buffer("_amax", value)
+        self._apply_learn_amax()
+
+    def reset_amax(self) -> None:
+        """Drop amax and any statistics collected."""
+        self.amax = None
+        self._calibrator.reset()
+        if self._global_calibrator is not None:
+            self._global_calibrator.reset()
+
+    def _apply_learn_amax(self) -> None:
+        amax = self.amax
+        if amax is None:
+            return
+        if self._attrs.learn_amax and "_amax" in self._buffers:
+            del self._buffers["_amax"]
+            self.register_parameter("_amax", nn.Parameter(amax.clone()))
+        elif not self._attrs.learn_amax and "_amax" in self._parameters:
+            del self._parameters["_amax"]
+            self.register_buffer("_amax", amax.detach().clone())
+
+    @property
+    def pre_quant_scale(self) -> torch.Tensor | None:
+        """Per-channel scale multiplied into the input before quantization (SmoothQuant, AWQ)."""
+        return self._buffers.get("_pre_quant_scale")
+
+    @pre_quant_scale.setter
+    def pre_quant_scale(self, value: torch.Tensor | None) -> None:
+        if value is None:
+            self._buffers.pop("_pre_quant_scale", None)
+            return
+        value = torch.as_tensor(value).detach().float().clone()
+        if not torch.isfinite(value).all():
+            raise ValueError(f"pre_quant_scale of {self._name or 'quantizer'} must be finite")
+        self._buffers.pop("_pre_quant_scale", None)
+        self.register_buffer("_pre_quant_scale", value)
+
+    # ----- calibration ----------------------------------------------------------------------
+    def collect(self, x: torch.Tensor) -> None:
+        """Feed one tensor to this quantizer's calibrator(s)."""
+        if self._global_calibrator is not None:
+            self._global_calibrator.collect(x)
+        if not self.is_dynamic:
+            self._calibrator.collect(x)
+
+    def load_calib_amax(self) -> None:
+        """Set amax from the statistics collected (no-op when nothing was collected)."""
+        source = self._global_calibrator if self.is_dynamic else self._calibrator
+        if source is None:
+            return
+        amax = source.compute_amax()
+        if amax is not None:
+            self.amax = amax.to(self.amax.device) if self.amax is not None else amax
+        source.reset()
+
+    # ----- forward ----------------------------------------------------------------------------
+    def _warn_uncalibrated(self) -> None:
+        if not self._warned_uncalibrated:
+            self._warned_uncalibrated = True
+            warnings.warn(
+                f"quantizer {self._name or f'(unnamed, id {id(self):#x})'} is static but was never calibrated; it uses "
+                "the amax of each input it sees (dynamic) until it is calibrated",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        attrs = self._attrs
+        amax = self.amax
+        if not self.is_dynamic and amax is not None and onnx_qdq.wants_qdq(self):
+            return onnx_qdq.qdq(x, amax, self)
+        x_in = x
+        blocks = self._block_axes
+        global_amax = None
+        if self.is_dynamic:
+            amax_arg = None if blocks else reduce_amax(x_in, axis=attrs.axis)
+            if self.scale_bits == (4, 3):
+                global_amax = amax if amax is not None else x_in.detach().abs().amax().float()
+        else:
+            if amax is None:
+                self._warn_uncalibrated()
+                amax = reduce_amax(x_in, axis=attrs.axis, block_sizes=blocks)
+            amax_arg = amax.to(x.device)
+            if self.scale_bits == (4, 3):
+                global_amax = amax_arg.max()
+        if attrs.learn_amax and amax_arg is not None and amax_arg.requires_grad:
+            # LSQ-style: fq(x; amax) = amax * fq(x / amax; 1), so amax gets the gradient of its scale.
+            bound = amax_arg.to(x_in.dtype)
+            unit = qk.fake_quantize(
+                x_in / bound,
+                num_bits=attrs.num_bits,
+                amax=torch.ones_like(bound.detach()),
+                unsigned=attrs.unsigned,
+                narrow_range=attrs.narrow_range,
+            )
+            return unit * bound
+        y = qk.fake_quantize(
+            x_in,
+            num_bits=attrs.num_bits,
+            amax=amax_arg.detach() if amax_arg is not None else None,
+            block_sizes=blocks,
+            scale_bits=self.scale_bits,
+            global_amax=global_amax.detach() if global_amax is not None else None,
+            unsigned=attrs.unsigned,
+            narrow_range=attrs.narrow_range,
+        )
+        return y
+
+    def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
+        cfg = self._attrs.bias
+        if cfg is None:
+            return None
+        axes = [a % x.dim() for a in cfg if isinstance(a, int)]
+        stored = self._buffers.get("_bias_value")
+        if cfg.get("type", "static") == "static" and stored is not None and not self._if_calib:
+            return stored.to(x.dtype)
+        if cfg.get("method", "mean") == "max_min":
+            bias = (
+                x.detach().amax(dim=axes, keepdim=True) + x.detach().amin(dim=axes, keepdim=True)
+            ) / 2
+        else:
+            bias = x.detach().mean(dim=axes, keepdim=True)
+        if cfg.get("type", "static") == "static" and self._if_calib:
+            # Static bias: the mean over the calibration batches of each batch's bias.
+            count = self._buffers.get("_bias_count")
+            if stored is None or count is None or stored.shape != bias.shape:
+                self.register_buffer("_bias_value", bias.float().clone())
+                self.register_buffer("_bias_count", torch.ones((), device=x.device))
+            else:
+                stored.mul_(count / (count + 1)).add_(bias.float() / (count + 1))
+                count.add_(1)
+        return bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the pre-quant scale, collect statistics when calibrating, and fake-quantize."""
+        pqs = self.pre_quant_scale
+        if pqs is not None:
+            x = x * pqs.to(x.dtype)
+        if self._disabled:
+            return x
+        bias = self._bias(x)
+        if bias is not None:
+            x = x - bias
+        if self._if_calib:
+            self.collect(x)
+        if self._if_quant:
+            x = self._quantize(x)
+        return x + bias if bias is not None else x
+
+    def extra_repr(self) -> str:
+        if self._disabled:
+            return "disabled"
+        from quant_core.summary import describe
+
+        fmt, gran, amax = describe(self)
+        return f"{fmt}, {gran}, amax={amax}"

@@ -1,0 +1,185 @@
+"""The ``quant-export`` command line: ``onnx`` (a quantized PyTorch model to ONNX) and ``engine`` (ONNX to TensorRT).
+
+Models are named as ``package.module:function`` and imported; no text is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+ONNX_HELP = """\
+Export a model quantized with quant-core to ONNX: weights stored quantized (INT8/FP8/INT4 codes
+with DequantizeLinear), activations as QuantizeLinear/DequantizeLinear, dynamic batch axis.
+
+The model comes from a factory, given as MODULE:FUNCTION (imported, never evaluated). The factory
+takes no arguments and returns either a quantized nn.Module or a pair (module, sample_inputs),
+where sample_inputs is a tensor, a tuple of tensors or a dict of keyword tensors. Without a pair,
+--input-shape makes a random float sample. --checkpoint restores quantizer state saved with
+quant_core.save() into the factory's (unquantized) model first.
+
+example:
+  quant-export onnx --model my_project.models:quantized_resnet --output resnet_int8.onnx --verify
+"""
+
+ENGINE_HELP = """\
+Build a TensorRT engine from an exported ONNX file (needs `pip install quant-export[tensorrt]` and
+an NVIDIA GPU). Explicit Q/DQ graphs build strongly typed by default (precisions come from the
+graph); --weakly-typed with --precision fp16/int8/... lets TensorRT choose. Give one --profile per
+dynamic input: NAME:MIN:OPT:MAX with shapes like 1x3x224x224.
+
+example:
+  quant-export engine resnet_int8.onnx resnet_int8.engine --profile input_0:1x3x224x224:8x3x224x224:32x3x224x224
+"""
+
+
+def load_factory(spec: str) -> Any:
+    """Import ``module:function`` and return the function (no eval; attribute lookup only)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr.isidentifier():
+        raise SystemExit(f"--model must look like package.module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise SystemExit(f"cannot import {module_name!r} for --model: {err}") from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise SystemExit(f"{spec!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.lower().split("x"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"shape must look like 1x3x224x224, got {text!r}") from err
+
+
+def _profile(text: str) -> tuple[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    name, *shapes = text.rsplit(":", 3)
+    if len(shapes) != 3 or not name:
+        raise argparse.ArgumentTypeError(f"profile must look like NAME:MIN:OPT:MAX, got {text!r}")
+    low, opt, high = (_shape(s) for s in shapes)
+    return name, (low, opt, high)
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    from quant_export.onnx_export import check_writable, export_onnx
+    from quant_export.verify import verify_onnx
+
+    check_writable(args.output)
+    made = load_factory(args.model)()
+    model, sample = made if isinstance(made, tuple) else (made, None)
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"{args.model} returned {type(model).__name__}, not an nn.Module")
+    if args.checkpoint:
+        import quant_core as mtq
+
+        mtq.restore(model, args.checkpoint)
+    if sample is None:
+        if not args.input_shape:
+            raise SystemExit(
+                "the factory returned no sample inputs; give --input-shape (e.g. 1x3x32x32)"
+            )
+        sample = tuple(torch.randn(s) for s in args.input_shape)
+    path = export_onnx(model, sample, args.output, target=args.target)
+    print(f"wrote {path}")
+    if args.verify:
+        print(f"onnxruntime vs PyTorch: {verify_onnx(path, model, sample)}")
+    return 0
+
+
+def _run_engine(args: argparse.Namespace) -> int:
+    from quant_export.tensorrt_engine import build_engine
+
+    profiles = [dict(args.profile)] if args.profile else []
+    path = build_engine(
+        args.onnx,
+        args.engine,
+        precisions=args.precision,
+        strongly_typed=not args.weakly_typed,
+        profiles=profiles,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``quant-export``."""
+    parser = argparse.ArgumentParser(prog="quant-export", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    onnx_cmd = sub.add_parser(
+        "onnx",
+        help="export a quantized PyTorch model to ONNX Q/DQ",
+        description=ONNX_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    onnx_cmd.add_argument("--model", required=True, help="factory as package.module:function")
+    onnx_cmd.add_argument("--output", required=True, help="ONNX file to write (atomically)")
+    onnx_cmd.add_argument("--checkpoint", help="quantizer state saved with quant_core.save()")
+    onnx_cmd.add_argument(
+        "--input-shape",
+        type=_shape,
+        action="append",
+        help="shape of a random float input, e.g. 1x3x32x32 (repeat for several inputs)",
+    )
+    onnx_cmd.add_argument(
+        "--target",
+        choices=("onnxruntime", "tensorrt"),
+        default="onnxruntime",
+        help="onnxruntime: standard ops only; tensorrt: also TensorRT's FP4/MXFP8 ops",
+    )
+    onnx_cmd.add_argument(
+        "--verify", action="store_true", help="compare onnxruntime with PyTorch afterwards"
+    )
+    onnx_cmd.set_defaults(run=_run_onnx)
+
+    engine_cmd = sub.add_parser(
+        "engine",
+        help="build a TensorRT engine from an ONNX file",
+        description=ENGINE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    engine_cmd.add_argument("onnx", help="exported ONNX file")
+    engine_cmd.add_argument("engine", help="engine file to write (atomically)")
+    engine_cmd.add_argument(
+        "--precision",
+        action="append",
+        default=[],
+        choices=("fp16", "bf16", "int8", "fp8", "int4", "fp4"),
+        help="builder precision flag (weakly-typed builds only; repeatable)",
+    )
+    engine_cmd.add_argument(
+        "--weakly-typed",
+        action="store_true",
+        help="let TensorRT choose precisions instead of taking them from the graph",
+    )
+    engine_cmd.add_argument(
+        "--profile",
+        type=_profile,
+        action="append",
+        help="optimization profile for one input: NAME:MIN:OPT:MAX (repeat per input)",
+    )
+    engine_cmd.set_defaults(run=_run_engine)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``quant-export``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ImportError, ValueError, OSError, RuntimeError) as err:
+        print(f"quant-export {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Validate fake-quantization arguments once and turn them into a `QuantPlan` every backend reads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quant_kernels.blocking import BlockLayout, layout_for, normalize_block_sizes
+from quant_kernels.formats import ElementFormat
+
+__all__ = ["QuantPlan", "check_amax", "make_plan"]
+
+_SCALE_BITS = {None: "float32", (4, 3): "e4m3", (8, 0): "e8m0"}
+FP8_E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Everything a backend needs: element grid, group layout, scale format and the static amaxes.
+
+    ``lo``/``hi`` bound the grid in element units (INT codes, or ±max of the FP format);
+    ``amax`` is None (dynamic) or float32 shaped ``layout.scale_view_shape``.
+    """
+
+    element: ElementFormat
+    layout: BlockLayout
+    scale_mode: str  # "float32", "e4m3" (two-level, NVFP4-style) or "e8m0" (MX)
+    lo: float
+    hi: float
+    amax: torch.Tensor | None
+    global_amax: torch.Tensor | None
+
+    @property
+    def dynamic(self) -> bool:
+        """True when the amax is computed from the input, per group."""
+        return self.amax is None
+
+
+def check_amax(amax: torch.Tensor, name: str = "amax") -> torch.Tensor:
+    """Return ``amax`` as float32 after checking it is finite and non-negative (ValueError naming it)."""
+    if not isinstance(amax, torch.Tensor):
+        amax = torch.tensor(amax, dtype=torch.float32)
+    if amax.is_complex() or amax.dtype == torch.bool:
+        raise ValueError(f"{name} must be a real tensor, got dtype {amax.dtype}")
+    amax = amax.detach().float()
+    if amax.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(amax.shape)})")
+    # one pass and one device sync: NaN propagates to both ends, so this covers every bad value
+    lo, hi = torch.stack(torch.aminmax(amax)).tolist()
+    if math.isfinite(lo) and math.isfinite(hi) and lo >= 0:
+        return amax
+    bad = ~torch.isfinite(amax) | (amax < 0)
+    raise ValueError(
+        f"{name} must be finite and >= 0; got {int(bad.sum())} bad value(s), e.g. "
+        f"{amax[bad].reshape(-1)[0].item()} (shape {tuple(amax.shape)})"
+    )
+
+
+def make_plan(
+    x: torch.Tensor,
+    num_bits: int | tuple[int, int],
+    amax: torch.Tensor | float | None,
+    block_sizes: dict | None,
+    scale_bits: tuple[int, int] | None,
+    global_amax: torch.Tensor | float | None,
+    unsigned: bool,
+    narrow_range: bool,
+) -> QuantPlan:
+    """Check every argument of `fake_quantize` and return the plan (ValueError names the bad one)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+    ):
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a float32, float16 or bfloat16 tensor, got {got}")
+    element = ElementFormat.parse(num_bits, unsigned=unsigned)
+    axes, dict_scale_bits = normalize_block_sizes(block_sizes, max(x.dim(), 1))
+    if scale_bits is None:
+        scale_bits = dict_scale_bits
+    scale_bits = tuple(scale_bits) if scale_bits is not None else None
+    if scale_bits not in _SCALE_BITS:
+        raise ValueError(
+            f"scale_bits={scale_bits!r} is not supported; choose None, (4, 3) or (8, 0)"
+        )
+    scale_mode = _SCALE_BITS[scale_bits]
+    if scale_mode != "float32" and axes is None:
+        raise ValueError(f"scale_bits={scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
+    if global_amax is not None and scale_mode != "e4m3":
+        raise ValueError(
+            "global_amax is only used with scale_bits=(4, 3) (NVFP4-style two-level scales)"
+        )
+
+    shape = tuple(x.shape) if x.dim() else (1,)
+    amax_t = check_amax(amax, "amax").to(x.device) if amax is not None else None
+    layout = layout_for(shape, axes, None, amax_t)
+    amax_view = layout.amax_to_view(amax_t) if amax_t is not None else None
+    gamax = None
+    if global_amax is not None:
+        gamax = check_amax(global_amax, "global_amax").to(x.device)
+        if gamax.numel() != 1:
+            raise ValueError(f"global_amax must have one value, got shape {tuple(gamax.shape)}")
+        gamax = gamax.reshape(())
+    elif scale_mode == "e4m3" and amax_view is not None:
+        gamax = amax_view.max()
+
+    if element.is_int:
+        lo, hi = element.int_range(narrow_range)
+    else:
+        lo, hi = -element.max_value, element.max_value
+    return QuantPlan(element, layout, scale_mode, float(lo), float(hi), amax_view, gamax)

@@ -1,0 +1,106 @@
+"""KV-cache quantization: calibrated key/value amax are the real maxima, and attention sees quantized K and V."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+import quant_core as mtq
+from quant_llm import INT8_KV_CFG
+from quant_llm.tiny_models import tiny_model
+
+E4M3_MAX = 448.0
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "k_bmm_quantizer")]
+
+
+def _cache_maxima(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
+) -> list[tuple[float, float]]:
+    """Max |key| and |value| per layer, read from the fp32 model's own KV cache (post-RoPE keys)."""
+    maxima: list[tuple[float, float]] = []
+    with torch.no_grad():
+        for batch in batches:
+            cache = model(**batch, use_cache=True).past_key_values
+            for i, layer in enumerate(cache.layers):
+                k, v = layer.keys.abs().max().item(), layer.values.abs().max().item()
+                if i < len(maxima):
+                    maxima[i] = (max(maxima[i][0], k), max(maxima[i][1], v))
+                else:
+                    maxima.append((k, v))
+    return maxima
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_calibrated_kv_amax_is_the_max_of_the_keys_and_values_in_the_cache(
+    family, attn, calib_batches, forward_loop
+):
+    model = tiny_model(family, attn)
+    expected = _cache_maxima(model, calib_batches)
+    mtq.quantize(model, mtq.FP8_KV_CFG, forward_loop)
+    attention = _attention_modules(model)
+    assert len(attention) == len(expected) == model.config.num_hidden_layers
+    for module, (k_max, v_max) in zip(attention, expected):
+        assert module.k_bmm_quantizer.amax.item() == pytest.approx(k_max, rel=1e-6)
+        assert module.v_bmm_quantizer.amax.item() == pytest.approx(v_max, rel=1e-6)
+        assert (
+            k_max != pytest.approx(v_max) and k_max > 0
+        )  # real, distinct statistics, not a default
+
+
+def _fp8_reference(x: torch.Tensor, amax: float) -> torch.Tensor:
+    scale = amax / E4M3_MAX
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def _int8_reference(x: torch.Tensor, amax: float) -> torch.Tensor:
+    x64 = x.double()
+    scale = amax / 127.0
+    return (torch.round(x64 / scale).clamp(-128, 127) * scale).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    ("config", "reference"), [(mtq.FP8_KV_CFG, _fp8_reference), (INT8_KV_CFG, _int8_reference)]
+)
+def test_attention_uses_keys_and_values_quantized_like_an_independent_reference(
+    config, reference, calib_batches, forward_loop, monkeypatch
+):
+    model = tiny_model("llama", "sdpa")
+    fp32 = tiny_model("llama", "sdpa")
+    mtq.quantize(model, config, forward_loop)
+    amax = {
+        i: (m.k_bmm_quantizer.amax.item(), m.v_bmm_quantizer.amax.item())
+        for i, m in enumerate(_attention_modules(model))
+    }
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def reference_attention(module, query, key, value, mask, **kwargs):
+        k_amax, v_amax = amax[module.layer_idx]
+        return sdpa(module, query, reference(key, k_amax), reference(value, v_amax), mask, **kwargs)
+
+    batch = calib_batches[1]
+    with torch.no_grad():
+        plain = fp32(**batch).logits
+        got = model(**batch).logits
+        monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", reference_attention)
+        expected = fp32(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-4  # the quantization really changed the output
+
+
+def test_nvfp4_and_affine_kv_configs_quantize_keys_and_values(forward_loop, calib_batches):
+    for config in (mtq.NVFP4_KV_CFG, mtq.FP8_AFFINE_KV_CFG):
+        model = tiny_model("qwen2", "eager")
+        with torch.no_grad():
+            before = model(**calib_batches[0]).logits
+        mtq.quantize(model, config, forward_loop)
+        with torch.no_grad():
+            after = model(**calib_batches[0]).logits
+        for module in _attention_modules(model):
+            assert module.k_bmm_quantizer.is_enabled and module.v_bmm_quantizer.is_enabled
+        assert 0 < (after - before).abs().max() < 0.5 * before.abs().max()
