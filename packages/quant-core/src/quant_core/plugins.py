@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any
 
 GROUP = "quant_core.plugins"
@@ -55,9 +55,13 @@ def get_feature(name: str) -> Callable[..., Any]:
         return _features[name]
     package = _FEATURE_PACKAGES.get(name, "the package that provides it")
     failed = f" (plugins that failed to load: {_failures})" if _failures else ""
-    raise ImportError(
-        f"mtq.{name} is provided by {package}, which is not installed: pip install {package}{failed}"
-    )
+    try:
+        installed = version(package)
+    except PackageNotFoundError:
+        raise ImportError(
+            f"mtq.{name} is provided by {package}, which is not installed: pip install {package}{failed}"
+        ) from None
+    raise ImportError(f"mtq.{name} is not provided by the installed {package} {installed}{failed}")
 
 
 def auto_quantize(*args: Any, **kwargs: Any) -> Any:

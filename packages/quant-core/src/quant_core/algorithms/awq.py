@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from quant_core.algorithms._blocks import from_blocks
 from quant_core.algorithms.mse import (
     BlockFormat,
     kernel_format,
@@ -62,7 +63,8 @@ def awq_scales(act_mean: Tensor, alpha: Tensor, weight_mean: Tensor | None = Non
 
 def relative_weight_mean(weight: Tensor, fmt: BlockFormat) -> Tensor:
     """Mean over output channels of |w| / (its block's max |w|), per input channel."""
-    return (fmt.blocks(weight).abs() / fmt.amax(weight).clamp(min=1e-12)).flatten(-2).mean(-2)
+    relative = fmt.blocks(weight).abs() / fmt.amax(weight).clamp(min=1e-12)
+    return from_blocks(relative, weight.shape[-1]).mean(-2)
 
 
 def scaled_hessian(hessian: Tensor, scales: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from quant_core.algorithms._blocks import num_blocks
 from quant_core.algorithms.mse import (
     BlockFormat,
     first_stage,
@@ -71,8 +72,8 @@ def gptq_quantize(
 ) -> tuple[Tensor, Tensor]:
     """GPTQ-round ``weight`` (B, rows, cols) given input Gram matrices ``hessian`` (B, cols, cols).
 
-    Unbatched 2-D inputs are accepted too. Per-block amax comes from ``amax`` (B, rows, nb, 1)
-    when given; otherwise from max |w| of each quantization block when its first column is
+    Unbatched 2-D inputs are accepted too. Per-block amax comes from ``amax`` (B, rows, nb, 1),
+    ``nb = ceil(cols / block)`` (the last block may be short), when given; otherwise from max |w| of each quantization block when its first column is
     reached (with ``act_order``, from the weight before any update, so that blocks stay
     contiguous in the original column order). Returns ``(quantized weight, amax)``; the
     quantized weight lies on the grid that ``amax`` defines, so re-quantizing it is a no-op.
@@ -107,7 +108,7 @@ def gptq_quantize(
     amax_blocks = (
         amax.squeeze(-1).to(w, copy=True)
         if fixed
-        else torch.zeros(nbatch, rows, cols // group, dtype=w.dtype, device=w.device)
+        else torch.zeros(nbatch, rows, num_blocks(cols, group), dtype=w.dtype, device=w.device)
     )
     q = torch.zeros_like(w)
     batch_idx = torch.arange(nbatch, device=w.device)

@@ -2,7 +2,9 @@
 
 Every weight algorithm (MSE, AWQ, GPTQ, SVDQuant) works on a 2-D weight ``(rows, cols)`` cut
 into blocks of ``block`` columns (one amax per row and block; a whole row when ``block`` is
-None). A :class:`BlockFormat` pairs that layout with an element-wise fake-quantizer
+None). A block size that does not divide ``cols`` is handled as the kernels do: the columns
+are zero-padded to a multiple of the block (the last block is short) and there are
+``ceil(cols / block)`` amaxes per row. A :class:`BlockFormat` pairs that layout with an element-wise fake-quantizer
 ``quant(x, amax)`` (the format's numerics, e.g. ``quant_kernels.fake_quantize``), so the
 algorithms run unchanged for INT4/INT8 block-wise, FP8, NVFP4 or MX weights.
 """
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import quant_kernels as qk
+from quant_core.algorithms._blocks import from_blocks, pad_gram, to_blocks
 from quant_core.algorithms.registry import register_algorithm
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
@@ -48,16 +51,12 @@ class BlockFormat:
     per_tensor: bool = False
 
     def block_size(self, cols: int) -> int:
-        """Columns per block for a weight with ``cols`` columns; refuses sizes that do not divide."""
-        size = cols if self.block is None else self.block
-        if cols % size:
-            raise ValueError(f"block size {size} does not divide the weight's {cols} columns")
-        return size
+        """Columns per block for a weight with ``cols`` columns (the last block may be shorter)."""
+        return cols if self.block is None else self.block
 
     def blocks(self, w: Tensor) -> Tensor:
-        """View ``w`` (..., rows, cols) as (..., rows, n_blocks, block)."""
-        size = self.block_size(w.shape[-1])
-        return w.unflatten(-1, (w.shape[-1] // size, size))
+        """View ``w`` (..., rows, cols) as (..., rows, ceil(cols / block), block), zero-padded."""
+        return to_blocks(w, self.block_size(w.shape[-1]))
 
     def amax(self, w: Tensor) -> Tensor:
         """Per-block max |w| of shape (..., rows, n_blocks, 1) (one value repeated if per tensor)."""
@@ -70,7 +69,7 @@ class BlockFormat:
         """Fake-quantize ``w`` (..., rows, cols) with per-block ``amax`` (max |w| per block if None)."""
         if amax is None:
             amax = self.amax(w)
-        return self.quant(self.blocks(w), amax).flatten(-2)
+        return from_blocks(self.quant(self.blocks(w), amax), w.shape[-1])
 
 
 def block_output_error(delta: Tensor, hessian_blocks: Tensor | None) -> Tensor:
@@ -87,7 +86,11 @@ def block_output_error(delta: Tensor, hessian_blocks: Tensor | None) -> Tensor:
 
 
 def hessian_diag_blocks(hessian: Tensor, size: int) -> Tensor:
-    """The diagonal (size x size) blocks of square ``hessian`` (..., n, n): shape (..., n/size, size, size)."""
+    """The diagonal (size x size) blocks of square ``hessian`` (..., n, n): (..., ceil(n/size), size, size).
+
+    When ``size`` does not divide ``n`` the last block is zero-padded (padded channels carry no signal).
+    """
+    hessian = pad_gram(hessian, size)
     n = hessian.shape[-1] // size
     split = hessian.unflatten(-1, (n, size)).unflatten(-3, (n, size))
     return split.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
@@ -104,7 +107,8 @@ def mse_amax(
 
     The error is the plain squared error, or the layer-output error ``d^T H_bb d`` when the input
     Gram matrix ``hessian`` (cols x cols) is given. Candidates are tried in batches of
-    ``chunk_elems`` elements. Returns amax of shape (..., rows, n_blocks, 1).
+    ``chunk_elems`` elements. Returns amax of shape (..., rows, ceil(cols / block), 1); the zero
+    padding of a short last block quantizes to zero and so adds no error.
     """
     if ratios is None:
         ratios = torch.linspace(1.0, 0.5, 41)
