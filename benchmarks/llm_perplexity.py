@@ -35,11 +35,12 @@ CONFIGS = {
     "FP8+FP8_AFFINE_KV": with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_AFFINE_KV_CFG),
     "FP8_PC_PT+FP8_KV": with_kv_cache(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG, mtq.FP8_KV_CFG),
     "INT8_SMOOTHQUANT": mtq.INT8_SMOOTHQUANT_CFG,
+    "INT4_RTN": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "max"},  # same quantizers, no AWQ search
     "INT4_AWQ": mtq.INT4_AWQ_CFG,
     "NVFP4": mtq.NVFP4_DEFAULT_CFG,
     "NVFP4+NVFP4_KV": with_kv_cache(mtq.NVFP4_DEFAULT_CFG, mtq.NVFP4_KV_CFG),
 }
-DEFAULT_CONFIGS = "fp32,FP8,FP8+FP8_KV,FP8+INT8_KV,INT4_AWQ,NVFP4"
+DEFAULT_CONFIGS = "fp32,FP8,FP8+FP8_KV,FP8+INT8_KV,INT4_RTN,INT4_AWQ,NVFP4"
 
 
 def main() -> None:

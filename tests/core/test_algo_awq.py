@@ -110,3 +110,93 @@ def test_awq_rejects_bad_option():
 
     with pytest.raises(ValueError, match="alpha_step"):
         _weight_only_error({"method": "awq_lite", "alpha_step": 0.0})
+
+
+# ----- block sizes that do not divide the input dim: zero-padded, the last block short ----------
+def blockwise_ref(w, amax, block, bits=4):
+    """Independent float64 block quantization of column slices of ``block`` (the last one short)."""
+    quant = int_quant(bits)
+    out = torch.empty(w.shape, dtype=torch.float64)
+    for b, start in enumerate(range(0, w.shape[-1], block)):
+        cols = slice(start, start + block)
+        out[..., cols] = quant(w[..., cols].double(), amax[..., b : b + 1].double())
+    return out
+
+
+def block_max(w, block):
+    """Max |w| of each column slice of ``block`` (the last one short), by explicit slicing."""
+    return torch.stack(
+        [w[..., s : s + block].abs().amax(-1) for s in range(0, w.shape[-1], block)], -1
+    )
+
+
+def test_relative_weight_mean_with_short_last_block():
+    from quant_core.algorithms.awq import relative_weight_mean
+
+    w = torch.randn(8, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(30))
+    got = relative_weight_mean(w, BlockFormat(int_quant(4), block=16))
+    amax = block_max(w, 16).repeat_interleave(16, dim=-1)[:, :40]
+    torch.testing.assert_close(got, (w.abs() / amax).mean(0), rtol=1e-12, atol=0)
+
+
+def test_awq_search_with_short_last_block_beats_alpha_zero_and_rounding():
+    x = salient_inputs(512, 96, seed=31)
+    w = torch.randn(32, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(32))
+    fmt = BlockFormat(int_quant(4), block=64)  # blocks of 64 and 32 columns
+    h = x.T @ x
+
+    def err(s):  # the layer computes (x / s) Q(W s)^T; Q by independent slicing
+        ws = w * s
+        return out_err(x / s, ws, blockwise_ref(ws, block_max(ws, 64), 64))
+
+    _, s = awq_scale_search(w, x.abs().mean(0), h, fmt)
+    _, s0 = awq_scale_search(w, x.abs().mean(0), h, fmt, alphas=torch.zeros(1))
+    assert s.shape == (96,)
+    assert err(s) <= err(s0) * (1 + 1e-9)
+    assert err(s) < 0.8 * err(torch.ones(96, dtype=torch.float64))
+    amax = awq_clip_search(w, h, fmt).squeeze(-1)
+    assert amax.shape == (32, 2)
+    assert torch.all(amax <= block_max(w, 64) + 1e-12)
+    assert out_err(x, w, blockwise_ref(w, amax, 64)) < out_err(
+        x, w, blockwise_ref(w, block_max(w, 64), 64)
+    )
+
+
+def _int4_single_layer(cin, cout, algorithm):
+    """Linear(cin, cout) quantized with INT4 block-128 weights by ``algorithm`` on salient inputs."""
+    import copy
+
+    import quant_core as mtq
+
+    torch.manual_seed(33)
+    model = torch.nn.Sequential(torch.nn.Linear(cin, cout, bias=False)).eval()
+    w0 = model[0].weight.detach().double().clone()
+    x = salient_inputs(256, cin, seed=34)
+    config = copy.deepcopy(dict(mtq.INT4_AWQ_CFG))
+    config["algorithm"] = algorithm
+    mtq.quantize(model, config, lambda m: m(x.float()))
+    return model[0], w0, x
+
+
+def test_awq_on_input_dims_not_multiple_of_block():
+    """Linear(576, 64) and Linear(96, 32), INT4 block 128: weights on each short block's grid, error < RTN."""
+    for cin, cout in ((576, 64), (96, 32)):
+        nb = -(-cin // 128)
+        for algorithm in ("awq_lite", "awq_clip", "awq_full"):
+            layer, w0, x = _int4_single_layer(cin, cout, algorithm)
+            w = layer.weight.detach().double()  # W s (s = 1 for awq_clip)
+            amax = layer.weight_quantizer.amax.double()
+            assert amax.shape == (cout, nb), algorithm
+            if algorithm == "awq_lite":
+                torch.testing.assert_close(amax, block_max(w, 128), rtol=1e-6, atol=0)
+            else:
+                assert torch.all(amax <= block_max(w, 128) * (1 + 1e-6)), algorithm
+            with torch.no_grad():
+                wq = layer.weight_quantizer(layer.weight).double()
+            ref = blockwise_ref(w, amax, 128)  # on the INT4 grid of each (short) block
+            torch.testing.assert_close(wq, ref, rtol=1e-5, atol=1e-6)
+            pqs = layer.input_quantizer.pre_quant_scale
+            xs = x if pqs is None else x * pqs.double()
+            err = float((xs @ ref.T - x @ w0.T).square().sum())  # (x / s) Q(W s)^T vs x W^T
+            rtn = out_err(x, w0, blockwise_ref(w0, block_max(w0, 128), 128))
+            assert err < rtn, (cin, algorithm)

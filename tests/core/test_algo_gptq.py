@@ -132,3 +132,65 @@ def test_gptq_model_error_below_rtn_and_weights_on_grid():
                 torch.testing.assert_close(
                     layer.weight_quantizer(layer.weight), layer.weight, rtol=0, atol=1e-6
                 )
+
+
+# ----- block sizes that do not divide the input dim: zero-padded, the last block short ----------
+def blockwise_ref(w, amax, block, bits=4):
+    """Independent float64 block quantization of column slices of ``block`` (the last one short)."""
+    quant = int_quant(bits)
+    out = torch.empty(w.shape, dtype=torch.float64)
+    for b, start in enumerate(range(0, w.shape[-1], block)):
+        cols = slice(start, start + block)
+        out[..., cols] = quant(w[..., cols].double(), amax[..., b : b + 1].double())
+    return out
+
+
+def block_max(w, block):
+    """Max |w| of each column slice of ``block`` (the last one short), by explicit slicing."""
+    return torch.stack(
+        [w[..., s : s + block].abs().amax(-1) for s in range(0, w.shape[-1], block)], -1
+    )
+
+
+def test_gptq_with_short_last_block_on_grid_below_rtn_and_textbook():
+    x = correlated_inputs(256, 40, seed=50)
+    w = torch.randn(16, 40, generator=torch.Generator().manual_seed(51), dtype=torch.float64)
+    h = x.T @ x
+    fmt = BlockFormat(int_quant(4), block=16)  # blocks of 16, 16 and 8 columns
+    rtn = layer_error(x, w, blockwise_ref(w, block_max(w, 16), 16))
+    for act_order in (False, True):
+        wq, amax = gptq_quantize(w, h, fmt, block_size=24, act_order=act_order)
+        assert amax.shape == (16, 3, 1)
+        torch.testing.assert_close(wq, blockwise_ref(wq, amax.squeeze(-1), 16), rtol=0, atol=1e-12)
+        assert layer_error(x, w, wq) < 0.8 * rtn
+    amax = block_max(w, 16)
+    wq, _ = gptq_quantize(w, h, fmt, amax=amax.unsqueeze(-1), block_size=24, percdamp=0.01)
+    amax_cols = amax.repeat_interleave(16, dim=-1)[:, :40]
+    torch.testing.assert_close(
+        wq, obs_reference(w, h, fmt.quant, amax_cols, 0.01), rtol=0, atol=1e-9
+    )
+
+
+def test_gptq_on_input_dims_not_multiple_of_block():
+    """Linear(576, 64) and Linear(96, 32), INT4 block 128: weights on each short block's grid, error < RTN."""
+    import copy
+
+    import quant_core as mtq
+
+    for cin, cout in ((576, 64), (96, 32)):
+        torch.manual_seed(52)
+        model = torch.nn.Sequential(torch.nn.Linear(cin, cout, bias=False)).eval()
+        w0 = model[0].weight.detach().double().clone()
+        x = correlated_inputs(256, cin, seed=53)
+        config = copy.deepcopy(dict(mtq.INT4_AWQ_CFG))
+        config["algorithm"] = "gptq"
+        mtq.quantize(model, config, lambda m, x=x: m(x.float()))
+        amax = model[0].weight_quantizer.amax.double()
+        assert amax.shape == (cout, -(-cin // 128))
+        with torch.no_grad():
+            wq = model[0].weight_quantizer(model[0].weight).double()
+        w = model[0].weight.detach().double()
+        torch.testing.assert_close(wq, blockwise_ref(w, amax, 128), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(wq, w, rtol=0, atol=1e-6)  # GPTQ stored on-grid weights
+        rtn = layer_error(x, w0, blockwise_ref(w0, block_max(w0, 128), 128))
+        assert layer_error(x, w0, wq) < rtn, cin

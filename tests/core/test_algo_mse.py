@@ -100,3 +100,68 @@ def test_mse_algorithm_lowers_weight_error_of_every_layer():
 
     for mse, rtn in zip(weight_errors("mse"), weight_errors("max")):
         assert mse < rtn
+
+
+# ----- block sizes that do not divide the input dim: zero-padded, the last block short ----------
+def block_slices(cols: int, block: int) -> list[slice]:
+    return [slice(s, s + block) for s in range(0, cols, block)]
+
+
+def test_mse_amax_with_short_last_block_equals_brute_force_search():
+    w = heavy_tailed(4, 20, seed=40)  # blocks of 8, 8 and 4 columns
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(64, 20, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3.0, 20)
+    h = x.T @ x
+    ratios = torch.linspace(1.0, 0.5, 11, dtype=torch.float64)
+    quant = int_quant(4)
+    fmt = BlockFormat(quant, block=8)
+    hb = hessian_diag_blocks(h, 8)
+    assert hb.shape == (3, 8, 8)
+    assert torch.equal(hb[2, :4, :4], h[16:, 16:]) and not hb[2, 4:].any()
+    for hessian in (None, h):
+        got = mse_amax(w, fmt, ratios=ratios, hessian=hessian, chunk_elems=64).squeeze(-1)
+        assert got.shape == (4, 3)
+        for r in range(4):
+            for b, cols in enumerate(block_slices(20, 8)):
+                block = w[r, cols]
+                hbb = (
+                    torch.eye(len(block), dtype=torch.float64) if hessian is None else h[cols, cols]
+                )
+                errs = []
+                for k in ratios:
+                    d = quant(block, block.abs().max() * k) - block
+                    errs.append(float(d @ hbb @ d))
+                best = block.abs().max() * ratios[min(range(len(errs)), key=errs.__getitem__)]
+                assert abs(float(got[r, b]) - float(best)) < 1e-12
+
+
+def test_mse_algorithm_on_input_dims_not_multiple_of_block():
+    """Linear(576, 64) and Linear(96, 32), INT4 block 128: per-block error <= max calibration's."""
+    import copy
+
+    import quant_core as mtq
+
+    quant = int_quant(4)
+    for cin, cout in ((576, 64), (96, 32)):
+        torch.manual_seed(42)
+        model = torch.nn.Sequential(torch.nn.Linear(cin, cout)).eval()
+        with torch.no_grad():
+            model[0].weight.copy_(heavy_tailed(cout, cin, seed=43).float())
+        w = model[0].weight.detach().double()
+        config = copy.deepcopy(dict(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG))
+        config["algorithm"] = "mse"
+        x = torch.randn(8, cin)
+        mtq.quantize(model, config, lambda m, x=x: m(x))
+        amax = model[0].weight_quantizer.amax.double()
+        assert amax.shape == (cout, -(-cin // 128))
+        with torch.no_grad():
+            wq = model[0].weight_quantizer(model[0].weight).double()
+        for b, cols in enumerate(block_slices(cin, 128)):
+            block = w[:, cols]
+            ref = quant(block, amax[:, b : b + 1])  # on the INT4 grid of this (short) block
+            torch.testing.assert_close(wq[:, cols], ref, rtol=1e-5, atol=1e-6)
+            rtn = quant(block, block.abs().amax(-1, keepdim=True))
+            err_mse = (ref - block).square().sum(-1)
+            err_rtn = (rtn - block).square().sum(-1)
+            assert torch.all(err_mse <= err_rtn * (1 + 1e-6) + 1e-9)
+            assert err_mse.sum() < err_rtn.sum()

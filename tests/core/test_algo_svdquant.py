@@ -80,3 +80,55 @@ def test_svdquant_model_error_below_plain_nvfp4():
     m, svd = error({"method": "svdquant", "lowrank": 4})
     assert m[0].svdquant_lora_a.shape == (4, 128)
     assert svd < 0.5 * plain
+
+
+def test_svdquant_with_short_last_block_on_grid_and_below_plain():
+    """Block 32 on 40 columns (blocks of 32 and 8): residual on each block's grid, error < plain."""
+    quant = int_quant(4)
+
+    def blockwise(w):  # independent float64 max-calibrated block quantization by slicing
+        out = torch.empty_like(w)
+        for s in range(0, w.shape[-1], 32):
+            block = w[..., s : s + 32]
+            out[..., s : s + 32] = quant(block, block.abs().amax(-1, keepdim=True))
+        return out
+
+    gen = torch.Generator().manual_seed(60)
+    x = torch.randn(256, 48, generator=gen, dtype=torch.float64)
+    x[:, 3] *= 15.0
+    w = weight_with_outliers(32, 48, seed=61)
+    fmt = BlockFormat(int_quant(4), block=32)
+    s, lora_a, lora_b, res_q = svdquant_search(w, x.abs().mean(0), x.T @ x, fmt, rank=4)
+    assert lora_a.shape == (4, 48) and lora_b.shape == (32, 4)
+    torch.testing.assert_close(blockwise(res_q), res_q, rtol=0, atol=1e-12)
+    y = x @ w.T
+    err_svd = float(((x / s) @ (res_q + lora_b @ lora_a).T - y).square().sum())
+    err_plain = float((x @ blockwise(w).T - y).square().sum())
+    assert err_svd < 0.5 * err_plain
+
+
+def test_svdquant_model_on_input_dim_below_block():
+    import copy
+
+    import quant_core as mtq
+
+    torch.manual_seed(62)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 32)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(weight_with_outliers(32, 96, seed=63).float() * 0.05)
+    data = torch.randn(64, 96, generator=torch.Generator().manual_seed(64))
+    with torch.no_grad():
+        ref = model(data)
+
+    def error(algorithm):
+        m = copy.deepcopy(model)
+        config = copy.deepcopy(dict(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG))
+        config["algorithm"] = algorithm
+        mtq.quantize(m, config, lambda mm: mm(data))
+        with torch.no_grad():
+            return m, float((m(data) - ref).square().sum())
+
+    _, plain = error("max")
+    m, svd = error({"method": "svdquant", "lowrank": 4})
+    assert m[0].weight_quantizer.amax.shape == (32, 1)
+    assert svd < 0.5 * plain

@@ -149,6 +149,7 @@ def test_plugins_run_once_and_missing_layer_features_name_the_package(monkeypatc
     plugins.load_plugins()
     QuantModuleRegistry.get(nn.Linear)
     assert calls == [1]
+
     def not_installed(name):
         raise plugins.PackageNotFoundError(name)
 
@@ -156,7 +157,7 @@ def test_plugins_run_once_and_missing_layer_features_name_the_package(monkeypatc
     with pytest.raises(ImportError, match="pip install quant-llm"):
         mtq.auto_quantize(nn.Linear(2, 2))
     monkeypatch.setattr(plugins, "version", lambda name: "9.9")
-    with pytest.raises(ImportError, match="not provided by the installed quant-llm 9.9"):
+    with pytest.raises(ImportError, match=r"not provided by the installed quant-llm 9\.9"):
         mtq.auto_quantize(nn.Linear(2, 2))
 
 
