@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import torch
+from algo_refs import int_quant
 
 from quant_core.algorithms.mse import BlockFormat
 from quant_core.algorithms.svdquant import low_rank_split, svdquant_search
-
-
-def int_quant(bits: int):
-    """Independent float reference: symmetric INT with scale amax/qmax, round half to even."""
-    qmax = 2 ** (bits - 1) - 1
-
-    def quant(x, amax):
-        scale = amax / qmax
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.clamp(torch.round(x / safe), -qmax - 1, qmax) * safe
-        return torch.where(scale > 0, q, torch.zeros_like(q))
-
-    return quant
 
 
 def weight_with_outliers(rows: int, cols: int, seed: int) -> torch.Tensor:
