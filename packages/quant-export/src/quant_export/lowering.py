@@ -316,6 +316,10 @@ class Lowering:
                 outputs=[self._var(spec, "amax")],
                 attrs={"keepdims": 0},
             )[0]
+        return self._scale_from_amax(spec, amax)
+
+    def _scale_from_amax(self, spec: QuantizerSpec, amax: gs.Variable) -> gs.Variable:
+        """scale = max(amax / format max, smallest normal float32): never zero, so x / scale is finite."""
         bound = _scalar(self.name(spec, "format_max"), spec.element.max_value)
         scale = self.graph.layer(
             op="Div", inputs=[amax, bound], outputs=[self._var(spec, "scale")]
@@ -358,14 +362,7 @@ class Lowering:
             outputs=[self._var(spec, "amax")],
             attrs={"keepdims": 1},
         )[0]
-        bound = _scalar(self.name(spec, "format_max"), spec.element.max_value)
-        scale = self.graph.layer(
-            op="Div", inputs=[amax, bound], outputs=[self._var(spec, "scale")]
-        )[0]
-        tiny = _scalar(self.name(spec, "tiny"), np.finfo(np.float32).tiny)
-        scale = self.graph.layer(
-            op="Max", inputs=[scale, tiny], outputs=[self._var(spec, "scale")]
-        )[0]
+        scale = self._scale_from_amax(spec, amax)
         scaled = self.graph.layer(
             op="Div", inputs=[xb, scale], outputs=[self._var(spec, "scaled")]
         )[0]
