@@ -229,6 +229,36 @@ def run_both(
     return ours, other
 
 
+def comparison_table(
+    cases: list[Case],
+    theirs: Any | None,
+    model: torch.nn.Module,
+    calib: Callable[[torch.nn.Module], None],
+    evaluate: Callable[[torch.nn.Module], dict[str, float]],
+    header: list[str],
+    our_cells: Callable[[Result], list[str]],
+    their_metric: tuple[str, Callable[[Result | None], str]],
+) -> list[str]:
+    """Print (row by row, as results come) and return a markdown table of ours vs ModelOpt per case."""
+    if theirs is not None:
+        header = [
+            *header,
+            f"ModelOpt {their_metric[0]}",
+            "ModelOpt calib time / peak mem",
+            "time ratio (theirs/ours)",
+        ]
+    lines = ["| " + " | ".join(["config", *header]) + " |", "|" + "---|" * (len(header) + 1)]
+    print("\n".join(lines), flush=True)
+    for case in cases:
+        ours, other = run_both(theirs, case, model, calib, evaluate)
+        row = [case.label, *our_cells(ours)]
+        if theirs is not None:
+            row += [their_metric[1](other), fmt_cost(other), fmt_ratio(ours, other)]
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def minilm_table(cases: list[Case], theirs: Any | None) -> list[str]:
     model, tokenizer = load_minilm()
     calib_data = batches(
@@ -250,29 +280,21 @@ def minilm_table(cases: list[Case], theirs: Any | None) -> list[str]:
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return embedding_metrics(reference, embed(m, eval_data))
 
-    header = ["config", "cosine mean", "cosine min", "NN agree", "calib time / peak mem"]
-    if theirs is not None:
-        header += [
-            "ModelOpt cosine mean",
-            "ModelOpt calib time / peak mem",
-            "time ratio (theirs/ours)",
-        ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    print("\n".join(lines), flush=True)
-    for case in cases:
-        ours, other = run_both(theirs, case, model, calib, evaluate)
-        row = [
-            case.label,
-            fmt_metric(ours, "mean"),
-            fmt_metric(ours, "min"),
-            fmt_metric(ours, "nn", 3),
-            fmt_cost(ours),
-        ]
-        if theirs is not None:
-            row += [fmt_metric(other, "mean"), fmt_cost(other), fmt_ratio(ours, other)]
-        lines.append("| " + " | ".join(row) + " |")
-        print(lines[-1], flush=True)
-    return lines
+    return comparison_table(
+        cases,
+        theirs,
+        model,
+        calib,
+        evaluate,
+        header=["cosine mean", "cosine min", "NN agree", "calib time / peak mem"],
+        our_cells=lambda r: [
+            fmt_metric(r, "mean"),
+            fmt_metric(r, "min"),
+            fmt_metric(r, "nn", 3),
+            fmt_cost(r),
+        ],
+        their_metric=("cosine mean", lambda r: fmt_metric(r, "mean")),
+    )
 
 
 # ----- SmolLM2 ------------------------------------------------------------------------------------
@@ -294,24 +316,20 @@ def smollm_table(cases: list[Case], theirs: Any | None) -> list[str]:
         return {"ppl": perplexity(m, tokenizer, eval_text, seq_len=1024, num_windows=20)}
 
     base = evaluate(model)["ppl"]
-    header = ["config", f"perplexity (fp32 {base:.2f})", "increase", "calib time / peak mem"]
-    if theirs is not None:
-        header += [
-            "ModelOpt perplexity",
-            "ModelOpt calib time / peak mem",
-            "time ratio (theirs/ours)",
-        ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    print("\n".join(lines), flush=True)
-    for case in cases:
-        ours, other = run_both(theirs, case, model, calib, evaluate)
-        inc = f"+{ours.metrics['ppl'] - base:.2f}" if ours.metrics else "–"
-        row = [case.label, fmt_metric(ours, "ppl", 2), inc, fmt_cost(ours)]
-        if theirs is not None:
-            row += [fmt_metric(other, "ppl", 2), fmt_cost(other), fmt_ratio(ours, other)]
-        lines.append("| " + " | ".join(row) + " |")
-        print(lines[-1], flush=True)
-    return lines
+    return comparison_table(
+        cases,
+        theirs,
+        model,
+        calib,
+        evaluate,
+        header=[f"perplexity (fp32 {base:.2f})", "increase", "calib time / peak mem"],
+        our_cells=lambda r: [
+            fmt_metric(r, "ppl", 2),
+            f"+{r.metrics['ppl'] - base:.2f}" if r.metrics else "–",
+            fmt_cost(r),
+        ],
+        their_metric=("perplexity", lambda r: fmt_metric(r, "ppl", 2)),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

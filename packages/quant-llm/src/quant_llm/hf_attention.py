@@ -21,6 +21,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from quant_core.nn import QuantModule, TensorQuantizer
+from quant_llm.derived_classes import quantized_subclass
 
 KV_ATTENTION = "quant_kv"
 KV_QUANTIZER_NAMES = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
@@ -115,23 +116,15 @@ class QuantAttentionMixin(QuantModule):
             self.config = AttentionConfigView(self.config)
 
 
-_QUANT_ATTENTION_CLASSES: dict[type, type] = {}
-
-
 def quant_attention_class(original: type) -> type:
     """The quantized class for an attention class (created once per class, named ``Quant<Name>``)."""
-    if original not in _QUANT_ATTENTION_CLASSES:
-        _QUANT_ATTENTION_CLASSES[original] = type(
-            f"Quant{original.__name__}",
-            (QuantAttentionMixin, original),
-            {
-                "__module__": __name__,
-                "__qualname__": f"Quant{original.__name__}",
-                "__doc__": f"{original.__name__} with KV-cache quantizers (q/k/v_bmm_quantizer).",
-                "_quant_attention_original": original,
-            },
-        )
-    return _QUANT_ATTENTION_CLASSES[original]
+    return quantized_subclass(
+        QuantAttentionMixin,
+        original,
+        __name__,
+        f"{original.__name__} with KV-cache quantizers (q/k/v_bmm_quantizer).",
+        _quant_attention_original=original,
+    )
 
 
 def register_kv_attention_function() -> None:

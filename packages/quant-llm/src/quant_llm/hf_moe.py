@@ -26,6 +26,7 @@ from torch import nn
 
 from quant_core.nn import QuantModule, TensorQuantizer
 from quant_core.nn.quant_module import INPUT_DEFAULT, WEIGHT_DEFAULT
+from quant_llm.derived_classes import quantized_subclass
 
 _ALL_EXPERTS = contextvars.ContextVar("quant_llm_calibrate_all_experts", default=False)
 
@@ -140,22 +141,14 @@ def is_fused_experts_class(cls: type) -> bool:
     )
 
 
-_QUANT_EXPERT_CLASSES: dict[type, type] = {}
-
-
 def quant_experts_class(original: type) -> type:
     """The quantized class for a fused-experts class (created once, named ``Quant<Name>``)."""
-    if original not in _QUANT_EXPERT_CLASSES:
-        _QUANT_EXPERT_CLASSES[original] = type(
-            f"Quant{original.__name__}",
-            (QuantFusedExperts, original),
-            {
-                "__module__": __name__,
-                "__qualname__": f"Quant{original.__name__}",
-                "__doc__": f"{original.__name__} with per-expert input, weight and output quantizers.",
-            },
-        )
-    return _QUANT_EXPERT_CLASSES[original]
+    return quantized_subclass(
+        QuantFusedExperts,
+        original,
+        __name__,
+        f"{original.__name__} with per-expert input, weight and output quantizers.",
+    )
 
 
 @contextmanager
