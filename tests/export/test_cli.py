@@ -1,12 +1,14 @@
-"""The quant-export command line: --help texts, the onnx subcommand with a module:function factory."""
+"""The quant-export command line: --help texts, the onnx and hf subcommands with a module:function factory."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import onnx
 import pytest
 import torch
+from safetensors import safe_open
 
 import quant_core as mtq
 from quant_export.cli import main
@@ -23,8 +25,21 @@ def quantized_mlp():
     return model, x
 
 
+def quantized_tiny_llama():
+    """Factory used by the hf CLI test: a tiny Llama with FP8 weights, activations and KV cache."""
+    import quant_llm
+    from quant_llm.tiny_models import random_token_batches, tiny_model
+
+    model = tiny_model("llama")
+    batches = random_token_batches()
+    cfg = quant_llm.with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_KV_CFG)
+    mtq.quantize(model, cfg, lambda m: [m(**b) for b in batches])
+    return model
+
+
 @pytest.mark.parametrize(
-    ("command", "phrase"), [("onnx", "MODULE:FUNCTION"), ("engine", "strongly typed")]
+    ("command", "phrase"),
+    [("onnx", "MODULE:FUNCTION"), ("engine", "strongly typed"), ("hf", "k_scale")],
 )
 def test_subcommand_help_explains_it(command, phrase, capsys):
     with pytest.raises(SystemExit) as done:
@@ -64,3 +79,16 @@ def test_engine_subcommand_without_tensorrt_reports_the_install(tmp_path, capsys
     onnx_file.write_bytes(b"x")
     assert main(["engine", str(onnx_file), str(tmp_path / "m.engine")]) == 1
     assert "pip install quant-export[tensorrt]" in capsys.readouterr().err
+
+
+def test_hf_subcommand_writes_a_checkpoint(tmp_path, capsys):
+    pytest.importorskip("quant_llm")
+    out = tmp_path / "ckpt"
+    argv = ["hf", "--model", f"{__name__}:quantized_tiny_llama", "--output", str(out)]
+    assert main([*argv, "--dtype", "float16"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant["kv_cache_quant_algo"]) == ("FP8", "FP8")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float16
+        assert f.get_tensor("model.layers.0.self_attn.k_proj.k_scale").item() > 0

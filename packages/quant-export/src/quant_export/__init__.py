@@ -2,10 +2,13 @@
 
 ``export_onnx`` writes a graph with weights stored quantized and activations as Q/DQ,
 ``verify_onnx`` compares it in onnxruntime with the PyTorch fake-quant model, and
-``build_engine`` turns it into a TensorRT engine (``pip install quant-export[tensorrt]``).
+``build_engine`` turns it into a TensorRT engine (``pip install quant-export[tensorrt]``), and
+``export_hf_checkpoint`` writes a quantized transformers model as a unified Hugging Face
+checkpoint (safetensors with real codes and scales, KV-cache scales) for vLLM and TensorRT-LLM.
 """
 
 from quant_export._version import __version__
+from quant_export.hf_checkpoint import export_hf_checkpoint
 from quant_export.onnx_export import export_onnx
 from quant_export.quantizers import UnsupportedFormatError
 from quant_export.tensorrt_engine import build_engine
@@ -16,6 +19,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "build_engine",
+    "export_hf_checkpoint",
     "export_onnx",
     "verify_onnx",
 ]

@@ -1,4 +1,4 @@
-"""The ``quant-export`` command line: ``onnx`` (a quantized PyTorch model to ONNX) and ``engine`` (ONNX to TensorRT).
+"""The ``quant-export`` command line: ``onnx`` (a quantized PyTorch model to ONNX), ``engine`` (ONNX to TensorRT) and ``hf`` (a unified Hugging Face checkpoint).
 
 Models are named as ``package.module:function`` and imported; no text is ever evaluated.
 """
@@ -39,6 +39,20 @@ example:
 """
 
 
+HF_HELP = """\
+Write a quantized transformers model as a unified Hugging Face checkpoint (the layout ModelOpt's
+export_hf_checkpoint writes and vLLM / TensorRT-LLM load): config.json with a quantization_config
+block, hf_quant_config.json, and model.safetensors holding the quantized codes with their
+weight_scale / input_scale / weight_scale_2 / pre_quant_scale tensors and the KV-cache k_scale /
+v_scale. The model comes from a factory MODULE:FUNCTION (imported, never evaluated) returning a
+quantized model (or a pair whose first item is one); --checkpoint restores quantizer state saved
+with quant_core.save() into the factory's model first.
+
+example:
+  quant-export hf --model my_project.models:quantized_llama --output llama-fp8 --dtype bfloat16
+"""
+
+
 def load_factory(spec: str) -> Any:
     """Import ``module:function`` and return the function (no eval; attribute lookup only)."""
     module_name, sep, attr = spec.partition(":")
@@ -74,14 +88,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
     from quant_export.verify import verify_onnx
 
     check_writable(args.output)
-    made = load_factory(args.model)()
-    model, sample = made if isinstance(made, tuple) else (made, None)
-    if not isinstance(model, nn.Module):
-        raise SystemExit(f"{args.model} returned {type(model).__name__}, not an nn.Module")
-    if args.checkpoint:
-        import quant_core as mtq
-
-        mtq.restore(model, args.checkpoint)
+    model, sample = _load_model(args)
     if sample is None:
         if not args.input_shape:
             raise SystemExit(
@@ -92,6 +99,28 @@ def _run_onnx(args: argparse.Namespace) -> int:
     print(f"wrote {path}")
     if args.verify:
         print(f"onnxruntime vs PyTorch: {verify_onnx(path, model, sample)}")
+    return 0
+
+
+def _load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """The factory's model (restored from --checkpoint when given) and its sample inputs, if any."""
+    made = load_factory(args.model)()
+    model, sample = made if isinstance(made, tuple) else (made, None)
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"{args.model} returned {type(model).__name__}, not an nn.Module")
+    if args.checkpoint:
+        import quant_core as mtq
+
+        mtq.restore(model, args.checkpoint)
+    return model, sample
+
+
+def _run_hf(args: argparse.Namespace) -> int:
+    from quant_export.hf_checkpoint import export_hf_checkpoint
+
+    model, _ = _load_model(args)
+    path = export_hf_checkpoint(model, args.output, dtype=getattr(torch, args.dtype))
+    print(f"wrote {path}")
     return 0
 
 
@@ -168,6 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimization profile for one input: NAME:MIN:OPT:MAX (repeat per input)",
     )
     engine_cmd.set_defaults(run=_run_engine)
+
+    hf_cmd = sub.add_parser(
+        "hf",
+        help="write a unified Hugging Face checkpoint (vLLM / TensorRT-LLM)",
+        description=HF_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hf_cmd.add_argument("--model", required=True, help="factory as package.module:function")
+    hf_cmd.add_argument("--output", required=True, help="checkpoint directory to write")
+    hf_cmd.add_argument("--checkpoint", help="quantizer state saved with quant_core.save()")
+    hf_cmd.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="type of the tensors left unquantized (default bfloat16)",
+    )
+    hf_cmd.set_defaults(run=_run_hf)
     return parser
 
 

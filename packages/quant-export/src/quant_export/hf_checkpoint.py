@@ -1,0 +1,352 @@
+"""``export_hf_checkpoint``: a quant-core quantized Hugging Face model to a unified HF checkpoint.
+
+The directory holds ``config.json`` (with a ``quantization_config`` block, ``quant_method``
+``"modelopt"``), ``hf_quant_config.json`` (ModelOpt's ``{"producer", "quantization"}`` form),
+``generation_config.json`` when the model has one, and ``model.safetensors`` (or shards plus
+``model.safetensors.index.json``). Tensor names are the model's own; quantized layers carry the
+codes and scales of :mod:`quant_export.hf_formats`, attention modules their KV-cache ``k_scale`` /
+``v_scale``. This is the layout vLLM (``quantization="modelopt"`` / ``"modelopt_fp4"``),
+SGLang and TensorRT-LLM's PyTorch backend read. Every quantizer is checked before anything is
+written, and files are written through temporary names and ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from quant_core.nn import SequentialQuantizer, TensorQuantizer
+from quant_export._version import __version__
+from quant_export.hf_formats import KV_QUANTIZERS, LayerExport, export_kv_scales, export_linear
+from quant_export.quantizers import UnsupportedFormatError
+from quant_export.shared_inputs import share_nvfp4_global_amax, shared_input_groups
+
+DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DEFAULT_SHARD_SIZE = 5 * 2**30
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _quantizer_names(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, TensorQuantizer | SequentialQuantizer)
+    }
+
+
+def _changes_input(quantizer: nn.Module) -> bool:
+    if isinstance(quantizer, SequentialQuantizer):
+        return quantizer.is_enabled
+    return quantizer.is_enabled or quantizer.pre_quant_scale is not None
+
+
+def _check_weight_stored(name: str, module: nn.Linear, state: dict[str, torch.Tensor]) -> None:
+    """Raise unless the state dict stores the layer's own (out, in) weight as ``name.weight``."""
+    key = f"{name}.weight" if name else "weight"
+    stored, weight = state.get(key), module.weight
+    if (
+        stored is None
+        or stored.shape != weight.shape
+        or stored.stride() != weight.stride()
+        or stored.data_ptr() != weight.data_ptr()
+    ):
+        raise UnsupportedFormatError(
+            f"layer {name}: its weight is not stored as {key} in (out, in) layout (fused experts, "
+            "GPT-2 Conv1D, ...); a quantized or smoothed layer like it cannot be exported yet"
+        )
+
+
+class _Collected:
+    """Tensors, per-layer formats and exclusions gathered from one model."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.layers: dict[str, LayerExport] = {}
+        self.excluded: list[str] = []
+        self.kv_algos: set[str] = set()
+        self.consumed: set[str] = set()
+
+
+def _linear(
+    name: str,
+    module: nn.Linear,
+    state: dict[str, torch.Tensor],
+    out: _Collected,
+    replaced: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    """Record one Linear: its codes and scales, or (unquantized) its exclusion and folded scales."""
+    layer = export_linear(name, module)
+    if layer is not None:
+        _check_weight_stored(name, module, state)
+        out.layers[name] = layer
+        replaced[name] = layer.tensors
+        out.consumed.update(layer.quantizers)
+        return
+    out.excluded.append(name)
+    out.consumed.add(f"{name}.weight_quantizer")
+    iq = getattr(module, "input_quantizer", None)
+    scales = [getattr(module.weight_quantizer, "pre_quant_scale", None)]
+    if isinstance(iq, TensorQuantizer):
+        scales.append(iq.pre_quant_scale)
+        out.consumed.add(f"{name}.input_quantizer")
+    scales = [s for s in scales if s is not None]
+    if scales:
+        # An unquantized layer's pre-quant scales fold exactly: (x * s) W^T = x (W * s)^T.
+        _check_weight_stored(name, module, state)
+        folded = module.weight.detach().float()
+        for s in scales:
+            folded = folded * s.float()
+        replaced[name] = {"weight": folded}
+
+
+def _collect(model: nn.Module, dtype: torch.dtype) -> _Collected:
+    """Gather every tensor to write; raises UnsupportedFormatError before anything is written."""
+    state = model.state_dict()
+    quantizers = _quantizer_names(model)
+    out = _Collected()
+    replaced: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in tqdm(list(model.named_modules()), desc="export hf", leave=False):
+        wq = getattr(module, "weight_quantizer", None)
+        if isinstance(module, nn.Linear) and isinstance(wq, TensorQuantizer | SequentialQuantizer):
+            _linear(name, module, state, out, replaced)
+        if all(isinstance(getattr(module, q, None), TensorQuantizer) for q in KV_QUANTIZERS):
+            algo, kv = export_kv_scales(name, module)
+            out.consumed.update(f"{name}.{q}" for q in ("q_bmm_quantizer", *KV_QUANTIZERS))
+            if algo is not None:
+                out.kv_algos.add(algo)
+                out.tensors.update(kv)
+    for qname, quantizer in quantizers.items():
+        if qname not in out.consumed and _changes_input(quantizer):
+            raise UnsupportedFormatError(
+                f"quantizer {qname} ({type(quantizer).__name__}: {quantizer.extra_repr()}) has no "
+                "form in the Hugging Face checkpoint (only Linear weight/input quantizers and "
+                "k/v_bmm_quantizers are exported)"
+            )
+    if len(out.kv_algos) > 1:
+        raise UnsupportedFormatError(
+            f"KV-cache formats differ across layers: {sorted(out.kv_algos)}"
+        )
+    _plain_tensors(state, quantizers, replaced, dtype, out)
+    out.tensors = {k: v.detach().cpu().contiguous() for k, v in out.tensors.items()}
+    return out
+
+
+def _plain_tensors(
+    state: dict[str, torch.Tensor],
+    quantizers: dict[str, nn.Module],
+    replaced: dict[str, dict[str, torch.Tensor]],
+    dtype: torch.dtype,
+    out: _Collected,
+) -> None:
+    """The state dict without quantizer buffers, quantized layers swapped in, tied copies dropped."""
+    prefixes = tuple(f"{q}." for q in quantizers)
+    quantized_keys = {f"{n}.weight" for n in out.layers}
+    seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
+    for key, value in state.items():
+        if key.startswith(prefixes):
+            continue
+        ident = (value.data_ptr(), tuple(value.shape), value.dtype)
+        if value.numel() and ident in seen:
+            if key in quantized_keys or seen[ident] in quantized_keys:
+                raise UnsupportedFormatError(
+                    f"{key} is tied to {seen[ident]} and one of them is quantized; untie them or "
+                    "leave both unquantized"
+                )
+            continue  # a tied copy (e.g. lm_head.weight): the loader re-ties it from the config
+        seen[ident] = key
+        layer, _, leaf = key.rpartition(".")
+        if layer in replaced and leaf == "weight":
+            continue
+        out.tensors[key] = value.to(dtype) if value.is_floating_point() else value
+    for layer, tensors in replaced.items():
+        for leaf, value in tensors.items():
+            floating = value.dtype in (torch.float32, torch.float64)
+            keep_fp32 = layer in out.layers and leaf != "weight"
+            out.tensors[f"{layer}.{leaf}"] = value if keep_fp32 or not floating else value.to(dtype)
+
+
+def _quant_summary(collected: _Collected) -> dict[str, Any]:
+    """ModelOpt's ``quantization`` block: one quant_algo, or MIXED_PRECISION with per-layer entries."""
+    configs = {name: layer.layer_config() for name, layer in collected.layers.items()}
+    distinct = {json.dumps(c, sort_keys=True) for c in configs.values()}
+    kv_algo = next(iter(collected.kv_algos), None)
+    summary: dict[str, Any] = {"quant_algo": None, "kv_cache_quant_algo": kv_algo}
+    if len(distinct) == 1:
+        summary.update(json.loads(distinct.pop()))
+    elif distinct:
+        summary["quant_algo"] = "MIXED_PRECISION"
+        summary["quantized_layers"] = configs
+    summary["exclude_modules"] = sorted(collected.excluded)
+    return summary
+
+
+def quantization_config(summary: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` block of ``config.json``.
+
+    It carries ModelOpt's keys (``quant_algo``, ``kv_cache_quant_algo``, ``group_size``,
+    ``exclude_modules``) and the compressed-tensors style keys vLLM reads from ``config.json``
+    (``ignore``, ``kv_cache_scheme``), with ``quant_method`` ``"modelopt"``.
+    """
+    qc = {"quant_method": "modelopt", **summary}
+    qc["ignore"] = list(summary["exclude_modules"])
+    kv = summary["kv_cache_quant_algo"]
+    if kv == "FP8":
+        qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    elif kv == "INT8":
+        qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "int"}
+    elif kv is not None:
+        qc["kv_cache_scheme"] = kv
+    qc["producer"] = {"name": "quant-export", "version": __version__}
+    return qc
+
+
+def _architecture(model: nn.Module) -> str:
+    """The transformers class name of the model (the first class in its MRO defined by transformers)."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    return type(model).__name__
+
+
+def _shards(
+    tensors: dict[str, torch.Tensor], max_shard_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for key, value in tensors.items():
+        nbytes = value.numel() * value.element_size()
+        if shard and size + nbytes > max_shard_size:
+            yield shard
+            shard, size = {}, 0
+        shard[key] = value
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def _write_files(
+    folder: Path, tensors: dict[str, torch.Tensor], texts: dict[str, str], max_shard_size: int
+) -> list[str]:
+    """Write the safetensors file(s) and the JSON texts into ``folder``; returns the file names."""
+    for fname, text in texts.items():
+        (folder / fname).write_text(text, encoding="utf-8")
+    shards = list(_shards(tensors, max_shard_size))
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata=metadata)
+        return [*texts, "model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, tqdm(shards, desc="export hf: shards", leave=False)):
+        save_file(shard, str(folder / fname), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / _SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return [*texts, *names, _SAFETENSORS_INDEX]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _install(staging: Path, export_dir: Path, written: list[str]) -> None:
+    """Move the staged files into place: one rename of the folder, or per file with ``os.replace``."""
+    mask = _umask()  # the staging folder and files are private until they are complete
+    for fname in written:
+        os.chmod(staging / fname, 0o666 & ~mask)
+    os.chmod(staging, 0o777 & ~mask)
+    if not export_dir.exists() or not any(export_dir.iterdir()):
+        os.replace(staging, export_dir)  # rename(2) also replaces an empty directory
+        return
+    for fname in written:
+        os.replace(staging / fname, export_dir / fname)
+    stale = {p.name for p in export_dir.glob("model*.safetensors*")} - set(written)
+    for fname in stale:  # shards or an index left by an earlier export would shadow the new weights
+        (export_dir / fname).unlink()
+
+
+def export_hf_checkpoint(
+    model: nn.Module,
+    export_dir: str | os.PathLike[str],
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    share_fused_scales: bool = True,
+) -> Path:
+    """Write a quantized transformers model as a unified Hugging Face checkpoint in ``export_dir``.
+
+    ``dtype`` (bfloat16, float16 or float32) is the type of every tensor left unquantized; scales
+    stay float32 (NVFP4 block scales float8_e4m3fn). With ``share_fused_scales``, NVFP4 layers that
+    read the same input (q/k/v, gate/up) first get one global weight scale, in the model too, as
+    fused engine kernels need. Raises UnsupportedFormatError, naming the layer and quantizer, for
+    any active quantizer without a checkpoint form. Returns the directory.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES.values())}, got {dtype}")
+    if max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise TypeError(
+            f"export_hf_checkpoint needs a transformers PreTrainedModel with a .config; got "
+            f"{type(model).__name__}"
+        )
+    export_dir = Path(export_dir)
+    if export_dir.exists() and not export_dir.is_dir():
+        raise NotADirectoryError(f"export_dir {export_dir} exists and is not a directory")
+    parent = export_dir.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {export_dir}: directory {parent} does not exist")
+    if share_fused_scales and any(
+        getattr(m, "scale_bits", None) == (4, 3) and m.is_enabled
+        for n, m in model.named_modules()
+        if n.endswith("weight_quantizer")
+    ):
+        share_nvfp4_global_amax(model, shared_input_groups(model))
+    with torch.no_grad():
+        collected = _collect(model, dtype)
+    summary = _quant_summary(collected)
+    if summary["quant_algo"] is None and summary["kv_cache_quant_algo"] is None:
+        warnings.warn(
+            f"{type(model).__name__} has no quantized layer or KV cache; writing a plain checkpoint "
+            "with quant_algo null",
+            UserWarning,
+            stacklevel=2,
+        )
+    hf_config = copy.deepcopy(config)
+    hf_config.quantization_config = quantization_config(summary)
+    hf_config.architectures = [_architecture(model)]
+    hf_config.dtype = DTYPES[dtype]
+    texts = {
+        "config.json": hf_config.to_json_string(use_diff=True),
+        "hf_quant_config.json": json.dumps(
+            {"producer": {"name": "quant-export", "version": __version__}, "quantization": summary},
+            indent=4,
+        ),
+    }
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "to_json_string"):
+        texts["generation_config.json"] = generation.to_json_string(use_diff=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.", suffix=".tmp", dir=parent))
+    try:
+        written = _write_files(staging, collected.tensors, texts, max_shard_size)
+        _install(staging, export_dir, written)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return export_dir

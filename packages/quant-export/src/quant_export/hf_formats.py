@@ -1,0 +1,236 @@
+"""Per-layer tensors of the unified Hugging Face checkpoint (the layout ModelOpt writes and vLLM / TensorRT-LLM read).
+
+A quantized ``nn.Linear`` named ``L`` is recognised from its weight and input quantizers by the
+table :data:`LINEAR_FORMATS` and stored as ``L.weight`` (codes) plus its scales:
+
+* ``FP8``: ``weight`` float8_e4m3fn, ``weight_scale`` fp32 scalar (amax / 448), ``input_scale``.
+* ``FP8_PER_CHANNEL_PER_TOKEN``: ``weight`` float8_e4m3fn, ``weight_scale`` fp32 ``(out,)``.
+* ``W8A8_SQ_PER_CHANNEL`` / ``W8A16``: ``weight`` int8, ``weight_scale`` fp32 ``(out,)``
+  (amax / 127), ``input_scale`` (W8A8 only).
+* ``W4A16_AWQ``: ``weight`` uint8 ``(out / 2, in)`` holding INT4 codes two per byte along the
+  output axis (row ``2r`` in the low nibble, row ``2r + 1`` in the high nibble, two's complement),
+  ``weight_scale`` fp32 ``(out, in / group)``.
+* ``NVFP4`` (and ``NVFP4_AWQ``, ``NVFP4_SVD``, ``W4A16_NVFP4``): ``weight`` uint8 ``(out, in / 2)``
+  holding E2M1 codes two per byte along the input axis (column ``2c`` in the low nibble),
+  ``weight_scale`` float8_e4m3fn ``(out, in / 16)``, ``weight_scale_2`` fp32 scalar
+  (global amax / (6 * 448)), ``input_scale`` fp32 scalar (input global amax / (6 * 448)).
+
+Every static ``input_scale`` is amax / format max. An input quantizer's ``pre_quant_scale``
+(SmoothQuant, AWQ) is written as ``L.pre_quant_scale`` (fp32): it multiplies the activations, so it
+cannot be folded into stored codes. A weight quantizer's own ``pre_quant_scale`` is folded into the
+weight before it is quantized. Codes and scales come from ``quant_kernels.quantize_to_codes``, so
+they are exactly what the fake-quantized model computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import quant_kernels as qk
+from quant_core.nn import SequentialQuantizer, TensorQuantizer
+from quant_export.quantizers import QuantizerSpec, UnsupportedFormatError, spec_of
+
+# (weight kind, input kind) -> ModelOpt quant_algo. Anything else raises UnsupportedFormatError.
+LINEAR_FORMATS: dict[tuple[str, str], str] = {
+    ("fp8_tensor", "fp8_tensor"): "FP8",
+    ("fp8_channel", "fp8_token"): "FP8_PER_CHANNEL_PER_TOKEN",
+    ("int8_channel", "int8_tensor"): "W8A8_SQ_PER_CHANNEL",
+    ("int8_channel", "off"): "W8A16",
+    ("int4_block", "off"): "W4A16_AWQ",
+    ("nvfp4", "nvfp4"): "NVFP4",
+    ("nvfp4", "off"): "W4A16_NVFP4",
+}
+# kv_cache_quant_algo of a per-tensor k/v_bmm_quantizer, by element format, and the bound its
+# k_scale / v_scale divide amax by (ModelOpt defines NVFP4 KV scales as amax / 448 too).
+KV_FORMATS: dict[str, tuple[str, float]] = {
+    "e4m3": ("FP8", 448.0),
+    "int8": ("INT8", 127.0),
+    "e2m1": ("NVFP4", 448.0),
+}
+KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")
+
+
+@dataclass
+class LayerExport:
+    """What one quantized layer contributes to the checkpoint."""
+
+    quant_algo: str
+    group_size: int | None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantizers: tuple[str, ...] = ()
+
+    def layer_config(self) -> dict[str, Any]:
+        """The layer's entry in ``quantized_layers`` (ModelOpt's per-layer form)."""
+        cfg: dict[str, Any] = {"quant_algo": self.quant_algo}
+        if self.group_size:
+            cfg["group_size"] = self.group_size
+        if self.quant_algo in ("W4A16_AWQ", "NVFP4_AWQ", "NVFP4_SVD"):
+            cfg.update(has_zero_point=False, pre_quant_scale="pre_quant_scale" in self.tensors)
+        return cfg
+
+
+def _unsupported(name: str, why: str) -> UnsupportedFormatError:
+    return UnsupportedFormatError(
+        f"layer {name}: {why}; it has no form in the Hugging Face (ModelOpt / vLLM) checkpoint"
+    )
+
+
+def _is_channel_axis(axis: Any) -> bool:
+    return axis == 0 or axis == (0,)
+
+
+def weight_kind(spec: QuantizerSpec, ndim: int) -> str | None:
+    """The weight format's row in :data:`LINEAR_FORMATS` (None when the table has none)."""
+    element = spec.element.name
+    blocks = {a % ndim: b for a, b in spec.blocks.items()}
+    if element == "e4m3" and not blocks and spec.scale_bits is None:
+        if spec.axis is None:
+            return "fp8_tensor"
+        return "fp8_channel" if _is_channel_axis(spec.axis) else None
+    if element == "int8" and not blocks and _is_channel_axis(spec.axis):
+        return "int8_channel"
+    if set(blocks) == {ndim - 1} and blocks[ndim - 1]:
+        if element == "int4" and spec.scale_bits is None:
+            return "int4_block"
+        if element == "e2m1" and spec.scale_bits == (4, 3):
+            return "nvfp4"
+    return None
+
+
+def input_kind(spec: QuantizerSpec) -> str | None:
+    """The input format's column in :data:`LINEAR_FORMATS` (None when the table has none)."""
+    if not spec.enabled:
+        return "off"
+    element = spec.element.name
+    if not spec.blocks and spec.axis is None and spec.scale_bits is None and not spec.dynamic:
+        return {"e4m3": "fp8_tensor", "int8": "int8_tensor"}.get(element)
+    if element == "e4m3" and spec.dynamic and spec.blocks == {-1: None}:
+        return "fp8_token"
+    if element == "e2m1" and spec.scale_bits == (4, 3):
+        return "nvfp4"
+    return None
+
+
+def _pack_int4_rows(codes: torch.Tensor, name: str) -> torch.Tensor:
+    """INT4 codes (out, in) -> uint8 (out / 2, in): rows 2r and 2r + 1 share a byte (2r low)."""
+    if codes.shape[0] % 2:
+        raise _unsupported(name, f"INT4 weight has an odd number of rows ({codes.shape[0]})")
+    return qk.pack_int4(codes.t().contiguous()).t().contiguous()
+
+
+def _activation_scale(name: str, spec: QuantizerSpec, kind: str) -> torch.Tensor | None:
+    """``input_scale``: amax / format max (NVFP4: global amax / (6 * 448)); None when dynamic."""
+    if kind in ("off", "fp8_token"):
+        return None
+    if spec.amax is None:
+        raise _unsupported(name, f"input quantizer {spec.name} was never calibrated (amax is None)")
+    amax = spec.amax.float().max() if kind == "nvfp4" else spec.amax.float().reshape(())
+    bound = spec.element.max_value * (448.0 if kind == "nvfp4" else 1.0)
+    return (amax / bound).reshape(())
+
+
+def export_linear(name: str, module: nn.Module) -> LayerExport | None:
+    """Codes and scales of the quantized Linear ``name``; None when it is left unquantized."""
+    wq, iq = module.weight_quantizer, getattr(module, "input_quantizer", None)
+    for q in (wq, iq):
+        if isinstance(q, SequentialQuantizer) and q.is_enabled:
+            raise _unsupported(name, "multi-stage quantizer (SequentialQuantizer, e.g. W4A8)")
+    i_spec = spec_of(f"{name}.input_quantizer", iq) if isinstance(iq, TensorQuantizer) else None
+    w_spec = spec_of(f"{name}.weight_quantizer", wq) if isinstance(wq, TensorQuantizer) else None
+    if w_spec is None or not w_spec.enabled:
+        if i_spec is not None and i_spec.enabled:
+            raise _unsupported(name, f"input quantized ({i_spec.describe()}) with a float weight")
+        return None
+    weight = module.weight.detach().float()
+    w_kind = weight_kind(w_spec, weight.dim())
+    i_kind = "off" if i_spec is None else input_kind(i_spec)
+    algo = LINEAR_FORMATS.get((w_kind, i_kind)) if w_kind and i_kind else None
+    if algo is None:
+        inputs = "none" if i_spec is None or not i_spec.enabled else i_spec.describe()
+        raise _unsupported(
+            name, f"weight {w_spec.describe()} with input {inputs} is not a supported combination"
+        )
+    if w_spec.pre_quant_scale is not None:
+        weight = weight * w_spec.pre_quant_scale
+    blocks = {a % weight.dim(): b for a, b in w_spec.blocks.items()}
+    qt = qk.quantize_to_codes(
+        weight,
+        num_bits=w_spec.num_bits,
+        amax=None if w_spec.dynamic else w_spec.amax,
+        block_sizes=blocks or None,
+        scale_bits=w_spec.scale_bits,
+        global_amax=w_spec.global_amax(weight),
+        unsigned=w_spec.unsigned,
+        narrow_range=w_spec.narrow_range,
+    )
+    out: dict[str, torch.Tensor] = {}
+    group_size = blocks.get(weight.dim() - 1)
+    if w_kind == "int4_block":
+        out["weight"] = _pack_int4_rows(qt.codes, name)
+        out["weight_scale"] = qt.scale.float()
+    elif w_kind == "nvfp4":
+        if weight.shape[-1] % 2:
+            raise _unsupported(name, f"NVFP4 weight has an odd input size ({weight.shape[-1]})")
+        out["weight"] = qt.packed_codes().view(torch.uint8)
+        out["weight_scale"] = qt.scale
+        out["weight_scale_2"] = qt.global_scale.float().reshape(())
+    else:
+        out["weight"] = qt.codes
+        scale = qt.scale.float()
+        out["weight_scale"] = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1)
+    input_scale = _activation_scale(name, i_spec, i_kind) if i_spec is not None else None
+    if input_scale is not None:
+        out["input_scale"] = input_scale
+    if i_spec is not None and i_spec.pre_quant_scale is not None:
+        out["pre_quant_scale"] = i_spec.pre_quant_scale.float().reshape(-1)
+        if algo == "NVFP4":
+            algo = "NVFP4_AWQ"
+    if hasattr(module, "svdquant_lora_a"):
+        if not algo.startswith("NVFP4"):
+            raise _unsupported(name, f"SVDQuant low-rank branch on a {algo} layer")
+        algo = "NVFP4_SVD"
+    quantizers = (w_spec.name,) + ((i_spec.name,) if i_spec is not None else ())
+    return LayerExport(algo, group_size, {k: v.contiguous() for k, v in out.items()}, quantizers)
+
+
+def export_kv_scales(name: str, module: nn.Module) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """(kv_cache_quant_algo, tensors) of the attention module ``name``'s k/v_bmm_quantizers.
+
+    The scales are named as ModelOpt names them, ``<attn>.k_proj.k_scale`` and
+    ``<attn>.v_proj.v_scale`` (vLLM maps both to its ``attn.k_scale`` / ``attn.v_scale``), or
+    ``<attn>.k_scale`` / ``<attn>.v_scale`` when the module has no ``k_proj`` / ``v_proj``.
+    An affine KV quantizer's static bias goes to ``k_bias`` / ``v_bias`` beside the scale.
+    """
+    q_bmm = getattr(module, "q_bmm_quantizer", None)
+    if isinstance(q_bmm, TensorQuantizer) and q_bmm.is_enabled:
+        raise _unsupported(name, "query quantization (q_bmm_quantizer)")
+    specs = [spec_of(f"{name}.{q}", getattr(module, q)) for q in KV_QUANTIZERS]
+    if not any(s.enabled for s in specs):
+        return None, {}
+    algos = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for letter, spec in zip("kv", specs):
+        per_tensor = not spec.blocks and spec.axis is None and not spec.dynamic
+        nvfp4 = spec.element.name == "e2m1" and spec.scale_bits == (4, 3)
+        if not spec.enabled or spec.element.name not in KV_FORMATS or not (per_tensor or nvfp4):
+            described = spec.describe() if spec.enabled else "disabled"
+            raise _unsupported(name, f"KV-cache quantizer {spec.name} ({described})")
+        if spec.amax is None:
+            raise _unsupported(name, f"KV-cache quantizer {spec.name} was never calibrated")
+        algo, bound = KV_FORMATS[spec.element.name]
+        algos.add(algo)
+        prefix = f"{name}.{letter}_proj." if hasattr(module, f"{letter}_proj") else f"{name}."
+        tensors[f"{prefix}{letter}_scale"] = (spec.amax.float().max() / bound).reshape(())
+        quantizer = getattr(module, f"{letter}_bmm_quantizer")
+        if quantizer.attribute_config.bias is not None:
+            bias = quantizer._buffers.get("_bias_value")
+            if bias is None:
+                raise _unsupported(name, f"{spec.name} has a dynamic (per-batch) bias")
+            tensors[f"{prefix}{letter}_bias"] = bias.detach().float().cpu().contiguous()
+    if len(algos) > 1:
+        raise _unsupported(name, f"keys and values use different formats {sorted(algos)}")
+    return algos.pop(), tensors

@@ -1,0 +1,539 @@
+"""export_hf_checkpoint: real safetensors files whose codes and scales dequantize (float64, own reference) to the fake-quantized weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import quant_core as mtq
+import quant_export.hf_checkpoint as hf_checkpoint
+from quant_export import UnsupportedFormatError, export_hf_checkpoint
+
+transformers = pytest.importorskip("transformers")
+quant_llm = pytest.importorskip("quant_llm")
+from quant_llm.tiny_models import random_token_batches, tiny_model  # noqa: E402
+
+# OCP FP4 E2M1 magnitudes by the low three bits of a code (bit 3 is the sign).
+E2M1_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+NVFP4_ALGOS = ("NVFP4", "NVFP4_AWQ", "NVFP4_SVD", "W4A16_NVFP4")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# name -> (config, expected quant_algo, expected kv_cache_quant_algo, kv bound, group size)
+CASES = {
+    "fp8": ("FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8", "FP8", 448.0, None),
+    "int4_awq": ("INT4_AWQ_CFG", None, "W4A16_AWQ", None, None, 128),
+    "nvfp4": ("NVFP4_DEFAULT_CFG", "NVFP4_KV_CFG", "NVFP4", "NVFP4", 448.0, 16),
+    "int8_sq": ("INT8_SMOOTHQUANT_CFG", "INT8_KV_CFG", "W8A8_SQ_PER_CHANNEL", "INT8", 127.0, None),
+}
+
+
+def _tiny_llama() -> torch.nn.Module:
+    # 128-wide so that INT4 blocks of 128 divide every input size.
+    return tiny_model("llama", hidden_size=128, intermediate_size=256)
+
+
+def _forward_loop(model: torch.nn.Module) -> None:
+    for batch in random_token_batches(batches=2, batch_size=2, seq_len=16):
+        model(**batch)
+
+
+def _config(name: str) -> dict:
+    cfg_name, kv_name = CASES[name][:2]
+    cfg = getattr(mtq, cfg_name)
+    if kv_name is None:
+        return cfg
+    return quant_llm.with_kv_cache(cfg, getattr(mtq, kv_name, None) or getattr(quant_llm, kv_name))
+
+
+class _Exports(dict):
+    """name -> (quantized model, export dir, {tensor name: tensor}), built on first use of each case.
+
+    Lazy per case, so that a pytest-xdist worker only quantizes the cases its tests need.
+    """
+
+    def __init__(self, factory) -> None:
+        super().__init__()
+        self._factory = factory
+
+    def __missing__(self, name: str):
+        model = _tiny_llama()
+        mtq.quantize(model, _config(name), _forward_loop)
+        path = export_hf_checkpoint(model, self._factory.mktemp(name) / "ckpt")
+        self[name] = (model, path, _read(path / "model.safetensors"))
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> _Exports:
+    """The quantized and exported tiny Llama of each case in CASES."""
+    return _Exports(tmp_path_factory)
+
+
+def _read(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def _layers(model):
+    """(name, module) of every Linear in the decoder layers."""
+    for i, layer in enumerate(model.model.layers):
+        for parent_name in ("self_attn", "mlp"):
+            parent = getattr(layer, parent_name)
+            for proj in LINEARS:
+                if hasattr(parent, proj):
+                    yield f"model.layers.{i}.{parent_name}.{proj}", getattr(parent, proj)
+
+
+def _nibbles(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = packed.to(torch.int64)
+    return p & 0xF, p >> 4
+
+
+def _signed4(n: torch.Tensor) -> torch.Tensor:
+    return torch.where(n >= 8, n - 16, n)
+
+
+def _dequantize(algo: str, t: dict[str, torch.Tensor], group: int | None) -> torch.Tensor:
+    """Independent float64 dequantization of one layer's stored weight from its codes and scales."""
+    w, s = t["weight"], t["weight_scale"]
+    if algo == "FP8":
+        return w.double() * s.double()
+    if algo in ("W8A8_SQ_PER_CHANNEL", "W8A16", "FP8_PER_CHANNEL_PER_TOKEN"):
+        return w.double() * s.double()[:, None]
+    if algo == "W4A16_AWQ":  # uint8 (out/2, in): row 2r low nibble, row 2r+1 high nibble
+        low, high = _nibbles(w)
+        q = torch.empty(2 * w.shape[0], w.shape[1], dtype=torch.float64)
+        q[0::2], q[1::2] = _signed4(low).double(), _signed4(high).double()
+        return q * s.double().repeat_interleave(group, dim=1)[:, : q.shape[1]]
+    if algo in NVFP4_ALGOS:  # uint8 (out, in/2): column 2c low nibble, 2c+1 high nibble
+        low, high = _nibbles(w)
+        codes = torch.stack((low, high), dim=-1).reshape(w.shape[0], -1)
+        table = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float64)
+        values = table[codes & 7] * torch.where(codes >= 8, -1.0, 1.0).double()
+        # the block scale as a kernel forms it: E4M3 scale times the fp32 global scale, in fp32
+        block = (s.float() * t["weight_scale_2"].float()).double()
+        return values * block.repeat_interleave(group, dim=1)
+    raise AssertionError(algo)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_stored_weights_dequantize_to_the_fake_quantized_weights(exported, name):
+    model, _, tensors = exported[name]
+    algo, group = CASES[name][2], CASES[name][5]
+    for layer_name, module in _layers(model):
+        layer = {
+            k.removeprefix(f"{layer_name}."): v
+            for k, v in tensors.items()
+            if k.startswith(f"{layer_name}.")
+        }
+        with torch.no_grad():
+            fq = module.weight_quantizer(module.weight).float()
+        ref = _dequantize(algo, layer, group)
+        ulp = (torch.nextafter(fq.abs(), torch.tensor(math.inf)) - fq.abs()).double()
+        err = (ref - fq.double()).abs()
+        assert (err <= ulp).all(), f"{layer_name}: max error {err.max()} ({(err / ulp).max()} ulp)"
+        assert ref.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "fp8",
+            {
+                "weight": torch.float8_e4m3fn,
+                "weight_scale": torch.float32,
+                "input_scale": torch.float32,
+            },
+        ),
+        (
+            "int8_sq",
+            {
+                "weight": torch.int8,
+                "weight_scale": torch.float32,
+                "input_scale": torch.float32,
+                "pre_quant_scale": torch.float32,
+            },
+        ),
+        (
+            "int4_awq",
+            {
+                "weight": torch.uint8,
+                "weight_scale": torch.float32,
+                "pre_quant_scale": torch.float32,
+            },
+        ),
+        (
+            "nvfp4",
+            {
+                "weight": torch.uint8,
+                "weight_scale": torch.float8_e4m3fn,
+                "weight_scale_2": torch.float32,
+                "input_scale": torch.float32,
+            },
+        ),
+    ],
+)
+def test_layer_tensors_have_modelopt_names_dtypes_and_shapes(exported, name, expected):
+    _, _, tensors = exported[name]
+    prefix = "model.layers.1.self_attn.q_proj."  # Linear(128 -> 128)
+    layer = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    assert {k: v.dtype for k, v in layer.items()} == expected
+    shapes = {
+        "fp8": {"weight": (128, 128), "weight_scale": (), "input_scale": ()},
+        "int8_sq": {
+            "weight": (128, 128),
+            "weight_scale": (128,),
+            "input_scale": (),
+            "pre_quant_scale": (128,),
+        },
+        "int4_awq": {"weight": (64, 128), "weight_scale": (128, 1), "pre_quant_scale": (128,)},
+        "nvfp4": {
+            "weight": (128, 64),
+            "weight_scale": (128, 8),
+            "weight_scale_2": (),
+            "input_scale": (),
+        },
+    }[name]
+    assert {k: tuple(v.shape) for k, v in layer.items()} == shapes
+
+
+@pytest.mark.parametrize("name", ["fp8", "int8_sq"])
+def test_input_scale_is_calibrated_amax_over_format_max(exported, name):
+    model, _, tensors = exported[name]
+    bound = 448.0 if name == "fp8" else 127.0
+    for layer_name, module in _layers(model):
+        expected = module.input_quantizer.amax.double() / bound
+        assert tensors[f"{layer_name}.input_scale"].double().item() == pytest.approx(
+            expected.item(), rel=1e-7
+        )
+
+
+FUSED = {
+    "q_proj": "qkv",
+    "k_proj": "qkv",
+    "v_proj": "qkv",
+    "gate_proj": "gate_up",
+    "up_proj": "gate_up",
+}
+
+
+def _fused_key(name: str) -> str:
+    """The fused GEMM a layer belongs to in vLLM / TensorRT-LLM (``...self_attn.qkv``), else itself."""
+    parent, _, proj = name.rpartition(".")
+    return f"{parent}.{FUSED[proj]}" if proj in FUSED else name
+
+
+def test_nvfp4_global_scales_are_amax_over_6_times_448_shared_by_fused_layers(exported):
+    model, _, tensors = exported["nvfp4"]
+    group_amax: dict[str, torch.Tensor] = {}
+    for name, module in _layers(model):  # dynamic NVFP4 weights: global amax = max |W|
+        amax = module.weight.detach().abs().max().double()
+        key = _fused_key(name)
+        group_amax[key] = torch.maximum(group_amax.get(key, amax), amax)
+    for name, module in _layers(model):
+        expected = group_amax[_fused_key(name)] / (6 * 448)
+        assert tensors[f"{name}.weight_scale_2"].double().item() == pytest.approx(
+            expected.item(), rel=1e-6
+        )
+        in_amax = module.input_quantizer.amax.double()
+        assert tensors[f"{name}.input_scale"].double().item() == pytest.approx(
+            (in_amax / 2688).item(), rel=1e-6
+        )
+    q, k = (tensors[f"model.layers.0.self_attn.{p}.weight_scale_2"] for p in ("q_proj", "k_proj"))
+    o = tensors["model.layers.0.self_attn.o_proj.weight_scale_2"]
+    assert q == k and q != o
+
+
+def test_shared_input_groups_are_the_fused_projections():
+    from quant_export.shared_inputs import shared_input_groups
+
+    groups = sorted(sorted(g) for g in shared_input_groups(_tiny_llama()))
+    expected = []
+    for i in range(2):
+        expected.append([f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.up_proj"])
+        expected.append([f"model.layers.{i}.self_attn.{p}_proj" for p in "kqv"])
+    assert groups == sorted(expected)
+
+
+def test_nvfp4_global_scales_stay_per_layer_when_not_shared(tmp_path):
+    model = _tiny_llama()
+    mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, _forward_loop)
+    path = export_hf_checkpoint(model, tmp_path / "ckpt", share_fused_scales=False)
+    tensors = _read(path / "model.safetensors")
+    for name, module in _layers(model):
+        expected = module.weight.detach().abs().max().double() / 2688
+        assert tensors[f"{name}.weight_scale_2"].double().item() == pytest.approx(
+            expected.item(), rel=1e-6
+        )
+
+
+@pytest.mark.parametrize("name", ["fp8", "nvfp4", "int8_sq"])
+def test_kv_scales_are_calibrated_amax_over_format_bound(exported, name):
+    model, _, tensors = exported[name]
+    bound = CASES[name][4]
+    seen = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        for letter in "kv":
+            scale = tensors[f"model.layers.{i}.self_attn.{letter}_proj.{letter}_scale"]
+            amax = getattr(attn, f"{letter}_bmm_quantizer").amax.double().max()
+            assert scale.dtype == torch.float32 and scale.shape == ()
+            assert scale.double().item() == pytest.approx((amax / bound).item(), rel=1e-7)
+            assert torch.isfinite(scale) and scale > 0 and scale.item() != 1.0
+            seen.append(scale.item())
+    assert len(set(seen)) == len(seen)  # calibrated per layer and per k/v, never a shared default
+
+
+def test_int4_awq_pre_quant_scale_multiplies_the_activations(exported):
+    model, _, tensors = exported["int4_awq"]
+    module = model.model.layers[0].mlp.down_proj
+    prefix = "model.layers.0.mlp.down_proj."
+    pqs = tensors[prefix + "pre_quant_scale"]
+    assert torch.equal(pqs, module.input_quantizer.pre_quant_scale.float())
+    assert not torch.allclose(pqs, torch.ones_like(pqs))  # AWQ moved real scales there
+    layer = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    w = _dequantize("W4A16_AWQ", layer, 128)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = module(x).double()
+    assert torch.allclose(y, (x.double() * pqs.double()) @ w.T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_config_json_round_trips_through_autoconfig(exported, name):
+    _, path, _ = exported[name]
+    algo, kv_algo, group = CASES[name][2], CASES[name][3], CASES[name][5]
+    config = transformers.AutoConfig.from_pretrained(path)
+    qc = config.quantization_config
+    assert qc["quant_method"] == "modelopt"
+    assert (qc["quant_algo"], qc["kv_cache_quant_algo"], qc.get("group_size")) == (
+        algo,
+        kv_algo,
+        group,
+    )
+    assert qc["exclude_modules"] == qc["ignore"] == ["lm_head"]
+    assert config.dtype == torch.bfloat16 and config.architectures == ["LlamaForCausalLM"]
+    modelopt = json.loads((path / "hf_quant_config.json").read_text())
+    assert {k: v for k, v in qc.items() if k in modelopt["quantization"]} == modelopt[
+        "quantization"
+    ]
+    if name == "int4_awq":
+        assert modelopt["quantization"]["pre_quant_scale"] is True
+
+
+def test_unquantized_tensors_keep_their_names_in_the_chosen_dtype(exported):
+    model, _, tensors = exported["fp8"]
+    state = {k: v for k, v in model.state_dict().items() if "_quantizer." not in k}
+    assert set(state) <= set(tensors)
+    assert not [k for k in tensors if "quantizer" in k or "_amax" in k]
+    for key in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+    ):
+        assert tensors[key].dtype == torch.bfloat16
+        assert torch.equal(tensors[key], state[key].to(torch.bfloat16))
+
+
+def test_float16_export_and_bad_dtype(tmp_path):
+    model = _tiny_llama()
+    mtq.quantize(model, mtq.FP8_DEFAULT_CFG, _forward_loop)
+    path = export_hf_checkpoint(model, tmp_path / "fp16", dtype=torch.float16)
+    tensors = _read(path / "model.safetensors")
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float16
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        export_hf_checkpoint(model, tmp_path / "int8", dtype=torch.int8)
+    assert not (tmp_path / "int8").exists()
+
+
+def test_disabled_layers_are_excluded_and_mixed_formats_are_per_layer(tmp_path):
+    model = _tiny_llama()
+    cfg = mtq.FP8_DEFAULT_CFG.copy()
+    cfg["quant_cfg"]["*down_proj.weight_quantizer"] = {"num_bits": 8, "axis": 0}
+    cfg["quant_cfg"]["*down_proj.input_quantizer"] = {"num_bits": 8, "axis": None}
+    cfg["quant_cfg"]["*layers.1.mlp.up_proj*"] = {"enable": False}
+    mtq.quantize(model, cfg, _forward_loop)
+    path = export_hf_checkpoint(model, tmp_path / "mixed")
+    quant = json.loads((path / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "MIXED_PRECISION"
+    assert quant["exclude_modules"] == ["lm_head", "model.layers.1.mlp.up_proj"]
+    layers = quant["quantized_layers"]
+    assert layers["model.layers.0.mlp.down_proj"] == {"quant_algo": "W8A8_SQ_PER_CHANNEL"}
+    assert layers["model.layers.0.self_attn.q_proj"] == {"quant_algo": "FP8"}
+    assert "model.layers.1.mlp.up_proj" not in layers
+    tensors = _read(path / "model.safetensors")
+    assert tensors["model.layers.1.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+
+
+def test_large_checkpoints_are_sharded_with_an_index(exported, tmp_path):
+    model, _, single = exported["fp8"]
+    path = export_hf_checkpoint(model, tmp_path / "sharded", max_shard_size=100_000)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and not (path / "model.safetensors").exists()
+    merged = {}
+    for fname in files:
+        merged.update(_read(path / fname))
+    assert set(merged) == set(single) == set(index["weight_map"])
+    assert all(
+        torch.equal(merged[k].view(torch.uint8), single[k].view(torch.uint8))
+        for k in single
+        if merged[k].dtype == torch.float8_e4m3fn
+    )
+
+
+def test_failed_write_leaves_no_partial_directory(exported, tmp_path, monkeypatch):
+    model, _, _ = exported["fp8"]
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf_checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf_checkpoint(model, tmp_path / "ckpt")
+    assert os.listdir(tmp_path) == []  # neither the directory nor a staging folder is left
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "tokenizer.json").write_text("{}")
+    with pytest.raises(OSError, match="disk full"):
+        export_hf_checkpoint(model, existing)
+    assert os.listdir(existing) == ["tokenizer.json"] and os.listdir(tmp_path) == ["existing"]
+
+
+def test_export_into_an_existing_directory_keeps_other_files(exported, tmp_path):
+    model, _, _ = exported["fp8"]
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "tokenizer.json").write_text("{}")
+    (target / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    export_hf_checkpoint(model, target)
+    assert sorted(os.listdir(target)) == [
+        "config.json",
+        "generation_config.json",
+        "hf_quant_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("mxfp8", r"layer model\.layers\.0\.self_attn\.q_proj: weight e4m3 block"),
+        ("w4a8", r"layer model\.layers\.0\.self_attn\.q_proj: multi-stage quantizer"),
+        ("output", r"quantizer model\.layers\.0\.self_attn\.q_proj\.output_quantizer"),
+    ],
+)
+def test_unsupported_format_raises_naming_the_module_and_writes_nothing(tmp_path, edit, message):
+    if edit == "mxfp8":
+        cfg = mtq.MXFP8_DEFAULT_CFG
+    elif edit == "w4a8":
+        cfg = mtq.W4A8_AWQ_BETA_CFG.copy()
+        cfg["algorithm"] = "max"
+    else:
+        cfg = mtq.FP8_DEFAULT_CFG.copy()
+        cfg["quant_cfg"]["*q_proj.output_quantizer"] = {
+            "num_bits": (4, 3),
+            "axis": None,
+            "enable": True,
+        }
+    model = _tiny_llama()
+    mtq.quantize(model, cfg, _forward_loop)
+    with pytest.raises(UnsupportedFormatError, match=message):
+        export_hf_checkpoint(model, tmp_path / "ckpt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_uncalibrated_kv_quantizer_is_an_error(tmp_path):
+    model = _tiny_llama()
+    mtq.quantize(model, quant_llm.with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_KV_CFG), _forward_loop)
+    model.model.layers[1].self_attn.v_bmm_quantizer.amax = None
+    with pytest.raises(
+        UnsupportedFormatError,
+        match=r"model\.layers\.1\.self_attn\.v_bmm_quantizer was never calibrated",
+    ):
+        export_hf_checkpoint(model, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    ("cfg_name", "algo", "group", "keys"),
+    [
+        (
+            "FP8_PER_CHANNEL_PER_TOKEN_CFG",
+            "FP8_PER_CHANNEL_PER_TOKEN",
+            None,
+            {"weight", "weight_scale"},
+        ),
+        ("INT8_WEIGHT_ONLY_CFG", "W8A16", None, {"weight", "weight_scale"}),
+        ("W4A16_NVFP4_CFG", "W4A16_NVFP4", 16, {"weight", "weight_scale", "weight_scale_2"}),
+        (
+            "NVFP4_AWQ_LITE_CFG",
+            "NVFP4_AWQ",
+            16,
+            {"weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"},
+        ),
+        (
+            "NVFP4_SVDQUANT_DEFAULT_CFG",
+            "NVFP4_SVD",
+            16,
+            {"weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"}
+            | {"svdquant_lora_a", "svdquant_lora_b"},
+        ),
+    ],
+)
+def test_other_builtin_configs_export_their_modelopt_format(tmp_path, cfg_name, algo, group, keys):
+    model = _tiny_llama()
+    mtq.quantize(model, getattr(mtq, cfg_name), _forward_loop)
+    path = export_hf_checkpoint(model, tmp_path / "ckpt")
+    quant = json.loads((path / "hf_quant_config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant.get("group_size")) == (algo, group)
+    tensors = _read(path / "model.safetensors")
+    name, module = "model.layers.1.mlp.down_proj", model.model.layers[1].mlp.down_proj
+    layer = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+    assert set(layer) == keys
+    with torch.no_grad():
+        fq = module.weight_quantizer(module.weight).float()
+    ulp = (torch.nextafter(fq.abs(), torch.tensor(math.inf)) - fq.abs()).double()
+    assert ((_dequantize(algo, layer, group) - fq.double()).abs() <= ulp).all()
+
+
+def test_affine_kv_cache_exports_its_static_bias(tmp_path):
+    model = _tiny_llama()
+    mtq.quantize(
+        model, quant_llm.with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_AFFINE_KV_CFG), _forward_loop
+    )
+    tensors = _read(export_hf_checkpoint(model, tmp_path / "ckpt") / "model.safetensors")
+    quantizer = model.model.layers[0].self_attn.k_bmm_quantizer
+    bias = tensors["model.layers.0.self_attn.k_proj.k_bias"]
+    assert torch.equal(bias, quantizer._bias_value.float()) and bias.abs().max() > 0
+    assert tensors["model.layers.0.self_attn.k_proj.k_scale"].item() == pytest.approx(
+        quantizer.amax.item() / 448, rel=1e-7
+    )
+
+
+def test_a_model_without_quantized_layers_warns_and_exports_plain_weights(tmp_path):
+    model = _tiny_llama()
+    cfg = mtq.FP8_DEFAULT_CFG.copy()
+    cfg["quant_cfg"]["*"] = {"enable": False}
+    with pytest.warns(RuntimeWarning, match="enabled no quantizer"):
+        mtq.quantize(model, cfg, _forward_loop)
+    with pytest.warns(UserWarning, match="no quantized layer or KV cache"):
+        path = export_hf_checkpoint(model, tmp_path / "ckpt", dtype=torch.float32)
+    tensors = _read(path / "model.safetensors")
+    assert torch.equal(
+        tensors["model.layers.0.mlp.up_proj.weight"], model.model.layers[0].mlp.up_proj.weight
+    )
+    quant = json.loads((path / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] is None and "model.layers.0.mlp.up_proj" in quant["exclude_modules"]
