@@ -118,3 +118,87 @@ def test_tiny_llama_with_tied_embeddings_round_trips(tmp_path):
     mtq.restore(fresh, tmp_path / "llama.safetensors")
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+class _WithExtraState(nn.Module):
+    """A linear whose ``get_extra_state`` returns ``extra`` and which records what restore hands back."""
+
+    def __init__(self, extra):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.extra = extra
+        self.received = "never set"
+
+    def get_extra_state(self):
+        return self.extra
+
+    def set_extra_state(self, state):
+        self.received = state
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        None,
+        b"\x00te\xff",
+        b"",
+        io.BytesIO(b"fp8 meta"),
+        {"step": 3, "recipe": ["delayed", 1.5]},
+        torch.arange(3.0),
+    ],
+    ids=["none", "bytes", "empty-bytes", "bytesio", "json", "tensor"],
+)
+def test_module_extra_state_round_trips_through_save_and_restore(extra, tmp_path):
+    x = torch.randn(2, 4)
+    model = mtq.quantize(_WithExtraState(extra), mtq.INT8_DEFAULT_CFG, lambda m: m(x))
+    mtq.save(model, tmp_path / "m.safetensors")
+    fresh = mtq.restore(_WithExtraState("other"), tmp_path / "m.safetensors")
+    got = fresh.received
+    if isinstance(extra, io.BytesIO):
+        assert isinstance(got, io.BytesIO) and got.getvalue() == extra.getvalue()
+    elif isinstance(extra, torch.Tensor):
+        assert torch.equal(got, extra)
+    else:
+        assert got == extra and type(got) is type(extra)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_extra_state_that_is_not_data_is_refused_by_name_and_nothing_is_written(tmp_path):
+    model = mtq.quantize(_WithExtraState(object()), mtq.INT8_WEIGHT_ONLY_CFG, None)
+    with pytest.raises(TypeError, match=r"'_extra_state'.*object.*never pickles"):
+        mtq.save(model, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _SharedViews(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("first_row", self.fc.weight.data[0])  # another view of the weight
+
+    def forward(self, x):
+        return self.fc(x) + self.first_row.sum()
+
+
+def test_buffers_viewing_part_of_a_weight_are_saved_and_restored(tmp_path):
+    x = torch.randn(2, 4)
+    model = mtq.quantize(_SharedViews(), mtq.INT8_DEFAULT_CFG, lambda m: m(x))
+    mtq.save(model, tmp_path / "m.safetensors")
+    torch.manual_seed(123)
+    fresh = mtq.restore(_SharedViews(), tmp_path / "m.safetensors")
+    assert torch.equal(fresh.first_row, model.fc.weight[0]) and torch.equal(fresh(x), model(x))
+
+
+def test_saved_file_gets_the_permissions_of_a_normally_written_file(tokens, tmp_path):
+    import os
+
+    model = mtq.quantize(fresh_transformer(), mtq.INT8_WEIGHT_ONLY_CFG, None)
+    mtq.save(model, tmp_path / "m.safetensors")
+    (tmp_path / "plain").write_text("x")
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == (
+        tmp_path / "plain"
+    ).stat().st_mode & 0o777
+    assert os.access(tmp_path / "m.safetensors", os.R_OK)

@@ -109,6 +109,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
                 and torch.equal(fresh(x), after)
             )
         result.update(_gpt_model_checks(world))
+        result.update(_gpt_kv_cache_and_save_checks(world, rank, out_dir))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -171,13 +172,61 @@ def _gpt_model_checks(world: int) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Run the 2-rank tensor-parallel calibration once; returns each rank's results."""
-    import torch.multiprocessing as mp
+def _gpt_kv_cache_and_save_checks(world: int, rank: int, out_dir: str) -> dict:
+    """KV-cache calibration of a tensor-parallel GPT (CPU forward), then mtq.save/restore of each rank's shard."""
+    from _megatron_cpu import (
+        allow_cpu_forward,
+        build_gpt,
+        gpt_batches,
+        gpt_forward_loop,
+        record_kv_maxima,
+    )
 
-    out = tmp_path_factory.mktemp("megatron")
-    mp.spawn(_rank_main, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    import quant_core as mtq
+    from quant_core.conversion import iter_tensor_quantizers
+
+    allow_cpu_forward()
+    batches = gpt_batches(2)
+    gpt = build_gpt(world)
+    maxima, remove = record_kv_maxima(gpt)  # this rank's heads, before they are quantized
+    mtq.quantize(gpt, mtq.FP8_KV_CFG, gpt_forward_loop(batches))
+    remove()
+    kv_amax = [
+        [
+            layer.self_attention.core_attention.k_bmm_quantizer.amax.item(),
+            layer.self_attention.core_attention.v_bmm_quantizer.amax.item(),
+        ]
+        for layer in gpt.decoder.layers
+    ]
+    path = os.path.join(out_dir, f"gpt_rank{rank}.safetensors")
+    mtq.save(gpt, path)
+    restored = mtq.restore(build_gpt(world, seed=5), path)
+    ids, positions, mask = batches[0]
+    saved = dict(iter_tensor_quantizers(gpt))
+    with torch.no_grad():
+        amax = [(q.amax, saved[n].amax) for n, q in iter_tensor_quantizers(restored)]
+        restored_equal = (
+            sum(a is not None for a, _ in amax) == 4  # k and v of 2 layers
+            and all(a is b is None or torch.equal(a, b) for a, b in amax)
+            and torch.equal(restored(ids, positions, mask), gpt(ids, positions, mask))
+        )
+    return {
+        "kv_local_max": [maxima[i] for i in range(len(gpt.decoder.layers))],
+        "kv_amax": kv_amax,
+        "gpt_restored_equal": restored_equal,
+    }
+
+
+@pytest.fixture(scope="module")
+def two_ranks(request, tmp_path_factory):
+    """Run the 2-rank tensor-parallel calibration once per session; returns each rank's results."""
+    import torch.multiprocessing as mp
+    from _session import once_per_session
+
+    def spawn(out) -> None:
+        mp.spawn(_rank_main, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+
+    out = once_per_session(request, tmp_path_factory, "megatron_two_ranks", spawn)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -246,3 +295,15 @@ def test_parent_class_config_entries_match_megatron_classes(two_ranks):
         for m in ("self_attention.linear_proj", "mlp.linear_fc2")
     )
     assert two_ranks[0]["row_only_enabled"] == expected
+
+
+def test_kv_cache_amax_is_the_max_over_all_tensor_parallel_heads_on_every_rank(two_ranks):
+    local = [torch.tensor(r["kv_local_max"]) for r in two_ranks]  # [layer, (k, v)] per rank
+    assert not torch.equal(local[0], local[1])  # each rank saw different heads: the sync mattered
+    expected = torch.maximum(local[0], local[1])
+    for result in two_ranks:
+        torch.testing.assert_close(torch.tensor(result["kv_amax"]), expected, rtol=0, atol=0)
+
+
+def test_each_rank_saves_and_restores_its_quantized_gpt_shard(two_ranks):
+    assert [r["gpt_restored_equal"] for r in two_ranks] == [True, True]

@@ -20,7 +20,7 @@ from quant_core.conversion import (
     set_quantizer_by_cfg,
 )
 from quant_core.nn.registry import QuantModuleRegistry
-from quant_core.plugins import load_plugins
+from quant_core.plugins import prepare_model
 
 ForwardLoop = Callable[[nn.Module], Any]
 
@@ -37,7 +37,7 @@ def quantize(
     ``forward_loop(model)`` runs the calibration batches through the model; it may be None for
     configs that need no activation statistics (weight-only or dynamic formats).
     """
-    load_plugins()
+    prepare_model(model)
     cfg = validate_config(config)
     replace_quant_modules(model)
     if next(iter_quantizers(model), None) is None:

@@ -1,7 +1,9 @@
 """Plugins: higher layers hook into quant-core through the ``quant_core.plugins`` entry-point group.
 
 Each entry point is a zero-argument callable, run once, lazily, before the first ``quantize`` or
-registry lookup (quant-llm registers its Hugging Face and Megatron modules there). Features that
+registry lookup (quant-llm registers its Hugging Face and Megatron modules there). A plugin may
+also add a model hook (:func:`register_model_hook`), run on each model that ``quantize`` or
+``restore_quantizer_state`` is about to convert, to map classes it finds only then. Features that
 live in a higher layer (``auto_quantize``) are published with :func:`register_feature` and raise an
 ``ImportError`` naming the package to install when it is absent.
 """
@@ -20,6 +22,7 @@ _lock = threading.RLock()
 _features: dict[str, Callable[..., Any]] = {}
 _FEATURE_PACKAGES = {"auto_quantize": "quant-llm"}
 _failures: dict[str, str] = {}
+_model_hooks: list[Callable[[Any], Any]] = []
 
 
 def load_plugins() -> None:
@@ -41,6 +44,19 @@ def load_plugins() -> None:
                     RuntimeWarning,
                     stacklevel=3,
                 )
+
+
+def register_model_hook(fn: Callable[[Any], Any]) -> None:
+    """Run ``fn(model)`` on every model before quant-core converts its modules (added once per function)."""
+    if fn not in _model_hooks:
+        _model_hooks.append(fn)
+
+
+def prepare_model(model: Any) -> None:
+    """Load the plugins, then run every model hook on ``model`` (called by quantize and restore)."""
+    load_plugins()
+    for fn in list(_model_hooks):
+        fn(model)
 
 
 def register_feature(name: str, fn: Callable[..., Any]) -> None:

@@ -4,12 +4,18 @@
 quantizer buffers) with the quantizer state as JSON in its metadata, atomically (temp file, then
 ``os.replace``). ``restore(model, path)`` converts a fresh copy of the original model to the same
 quantized classes, recreates every quantizer and loads the tensors, so outputs match bit for bit.
+Non-tensor ``state_dict`` entries (a module's ``_extra_state``, e.g. megatron-core's ``None`` or
+Transformer Engine's serialized bytes) are kept too: ``None`` and JSON values in the metadata
+(tuples come back as lists), ``bytes`` / ``io.BytesIO`` as uint8 tensors; any other object is
+refused by name, never pickled. Tensors that share storage (tied weights) are written once and
+refilled from their twin on restore.
 ``quantizer_state`` / ``restore_quantizer_state`` do the same with a plain dict of JSON values and
 tensors, for use in any checkpointing loop (``torch.save`` it; load with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -18,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quant_core.config.schema import parse_attributes
@@ -31,11 +37,12 @@ from quant_core.conversion import (
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
-from quant_core.plugins import load_plugins
+from quant_core.plugins import prepare_model
 
 FORMAT = "quant_core.quantizer_state"
 VERSION = 1
 _METADATA_KEY = "quant_core"
+_EXTRA_METADATA_KEY = "quant_core.extra_state"
 
 
 def _qualname(cls: type) -> str:
@@ -84,7 +91,7 @@ def _check_state(state: dict[str, Any]) -> None:
 def restore_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
     """Re-create the quantized modules and quantizers of ``state`` on ``model`` (a copy of the original)."""
     _check_state(state)
-    load_plugins()
+    prepare_model(model)
     for name, info in state["modules"].items():
         module = model.get_submodule(name)
         if getattr(module, "_quant_original_key", None) is None:
@@ -133,6 +140,85 @@ def _atomic_target(path: Path) -> str:
     return tmp
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give ``tmp`` the permissions a plain ``open(path, "w")`` would (mkstemp makes 0600), then rename it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def _encode_extra_state(key: str, value: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """A JSON description of a non-tensor state_dict entry, and the uint8 tensor holding its bytes if any."""
+    if value is None:
+        return {"kind": "none"}, None
+    if isinstance(value, (bytes, bytearray, io.BytesIO)):
+        data = value.getvalue() if isinstance(value, io.BytesIO) else bytes(value)
+        kind = "bytesio" if isinstance(value, io.BytesIO) else "bytes"
+        if not data:
+            return {"kind": kind}, torch.empty(0, dtype=torch.uint8)
+        return {"kind": kind}, torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"cannot save state_dict entry {key!r}: a {type(value).__name__} is not a tensor, None, bytes "
+            "or a JSON value, and quant_core.save never pickles"
+        ) from None
+    return {"kind": "json", "value": value}, None
+
+
+def _decode_extra_state(info: dict[str, Any], tensor: torch.Tensor | None) -> Any:
+    kind = info.get("kind")
+    if kind == "none":
+        return None
+    if kind == "json":
+        return info["value"]
+    if kind in ("bytes", "bytesio") and tensor is not None:
+        data = tensor.numpy().tobytes()
+        return io.BytesIO(data) if kind == "bytesio" else data
+    raise ValueError(f"unknown extra state record {info!r}")
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """Identity of the memory a tensor views (None for empty or meta tensors, which share nothing)."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _view_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    storage = _storage_key(t)
+    return (
+        None
+        if storage is None
+        else (*storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    )
+
+
+def _tensors_to_write(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state_dict as safetensors accepts it (one copy of shared memory), and its extra-state records."""
+    tensors: dict[str, torch.Tensor] = {}
+    extra: dict[str, Any] = {}
+    views: set[tuple[Any, ...]] = set()
+    storages: set[tuple[Any, ...]] = set()
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            extra[key], value = _encode_extra_state(key, value)
+            if value is None:
+                continue
+        view, storage = _view_key(value), _storage_key(value)
+        if view is not None and view in views:
+            continue  # the same tensor under a second name (tied weights): refilled on restore
+        if storage is not None and storage in storages:
+            value = value.clone()  # a different view of shared memory: written as its own copy
+        if view is not None:
+            views.add(view)
+            storages.add(storage)
+        tensors[key] = value.detach().contiguous()
+    return tensors, extra
+
+
 def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write ``model``'s weights, quantizer buffers and quantizer state to one safetensors file, atomically."""
     path = Path(path)
@@ -140,10 +226,14 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
         raise FileNotFoundError(f"cannot save to {path}: folder {path.parent} does not exist")
     state = quantizer_state(model)
     state.pop("tensors")
+    tensors, extra = _tensors_to_write(model)
+    metadata = {_METADATA_KEY: json.dumps(state)}
+    if extra:
+        metadata[_EXTRA_METADATA_KEY] = json.dumps(extra)
     tmp = _atomic_target(path)
     try:
-        save_model(model, tmp, metadata={_METADATA_KEY: json.dumps(state)})
-        os.replace(tmp, path)
+        save_file(tensors, tmp, metadata=metadata)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -158,9 +248,21 @@ def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             f"{path} was not written by quant_core.save (no quantizer state in its metadata)"
         )
     restore_quantizer_state(model, json.loads(metadata[_METADATA_KEY]))
-    missing, unexpected = load_model(model, str(path), strict=False)
+    state: dict[str, Any] = load_file(str(path))
+    for key, info in json.loads(metadata.get(_EXTRA_METADATA_KEY, "{}")).items():
+        state[key] = _decode_extra_state(info, state.get(key))
+    expected = model.state_dict()
+    written = {_view_key(v) for k, v in expected.items() if k in state and torch.is_tensor(v)}
+    written.discard(None)
+    missing = [
+        k
+        for k, v in expected.items()
+        if k not in state and not (torch.is_tensor(v) and _view_key(v) in written)
+    ]
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    model.load_state_dict(state, strict=False)
     return model

@@ -1,7 +1,8 @@
-"""quant-llm: Hugging Face mappings, KV-cache quantizers, MoE experts and LLM calibration data for quant-core.
+"""quant-llm: Hugging Face and Megatron mappings, KV-cache quantizers, MoE experts and LLM calibration data.
 
-Installing quant-llm registers its Hugging Face mappings with quant-core through the
-``quant_core.plugins`` entry point; ``mtq.quantize`` picks them up with no extra call.
+Installing quant-llm registers its mappings with quant-core through the ``quant_core.plugins``
+entry point; ``mtq.quantize`` picks them up with no extra call, including model families,
+megatron-core and Transformer Engine imported after the first quantize.
 """
 
 from quant_llm._version import __version__

@@ -9,7 +9,8 @@ weights (and their inputs) along the input dim. An amax that describes more than
 a per-tensor amax, or a row-parallel per-output-channel weight amax — is all-reduced (max) over the
 tensor-parallel group whenever a quantizer loads its calibrated amax, so all ranks agree; amax that
 is local to a shard (column-parallel per-channel, block-wise along the sharded dim) stays local.
-Needs ``megatron-core`` (``pip install quant-llm[nemo]``); tested with megatron-core 0.16 on CPU/gloo.
+KV-cache quantizers on megatron's core attention live in :mod:`quant_llm.megatron_attention`.
+Needs ``megatron-core`` (``pip install quant-llm[nemo]``); tested with megatron-core 0.16.1 on CPU/gloo.
 """
 
 from __future__ import annotations

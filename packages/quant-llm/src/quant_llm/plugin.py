@@ -1,12 +1,14 @@
-"""The ``quant_core.plugins`` entry point: registers quant-llm's Hugging Face modules with quant-core.
+"""The ``quant_core.plugins`` entry point: registers quant-llm's modules with quant-core.
 
 quant-core runs :func:`register` once, before its first ``quantize`` or registry lookup. It maps
 GPT-2's ``Conv1D``, every transformers attention class that dispatches through
 ``ALL_ATTENTION_FUNCTIONS`` (adding KV-cache quantizers) and every fused-experts class
 (per-expert quantizers), for the families in :data:`KNOWN_FAMILIES` and for every other
-transformers modeling module already imported at that moment, and, when megatron-core is
-installed (``quant-llm[nemo]``), its tensor-parallel linears. A model family imported later can
-be added with :func:`register_model`.
+transformers modeling module already imported at that moment. It also adds a model hook,
+:func:`prepare_model`, that quant-core runs on each model it quantizes or restores: it maps the
+transformers families that model uses (so a family imported late needs no call), and, once the
+model's code has imported them, megatron-core's tensor-parallel linears and core attention
+(``quant-llm[nemo]``) and Transformer Engine's linears.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ KNOWN_FAMILIES: tuple[str, ...] = (
     "starcoder2",
 )
 _registered: set[type] = set()
+_scanned: set[str] = set()
 
 
 def _classes_of(module: ModuleType) -> Iterable[type]:
@@ -63,6 +66,9 @@ def register_transformers_classes(modules: Iterable[ModuleType]) -> list[str]:
 
     added = []
     for module in modules:
+        if module.__name__ in _scanned:
+            continue
+        _scanned.add(module.__name__)
         for cls in _classes_of(module):
             if cls in _registered:
                 continue
@@ -79,7 +85,7 @@ def register_transformers_classes(modules: Iterable[ModuleType]) -> list[str]:
 
 
 def register_model(model: nn.Module) -> list[str]:
-    """Map the classes of a transformers model's own modeling module(s) (for families imported after start-up)."""
+    """Map the classes of a transformers model's own modeling module(s); quantize does this itself now."""
     names = {
         type(m).__module__
         for m in model.modules()
@@ -96,10 +102,34 @@ def _imported_modeling_modules() -> list[ModuleType]:
     ]
 
 
+def _register_parallel_layers() -> None:
+    """Map megatron-core's and Transformer Engine's layers once the user's code has imported them."""
+    if "megatron.core" in sys.modules:
+        importlib.import_module("quant_llm.megatron")  # Column/RowParallelLinear
+        importlib.import_module("quant_llm.megatron_attention")  # DotProductAttention
+    if "transformer_engine" in sys.modules and _transformer_engine_importable():
+        importlib.import_module("quant_llm.transformer_engine")
+
+
+def _transformer_engine_importable() -> bool:
+    """False when ``transformer_engine`` is only a failed or placeholder import (megatron tolerates its absence)."""
+    try:
+        return importlib.util.find_spec("transformer_engine.pytorch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def prepare_model(model: nn.Module) -> None:
+    """Model hook run by quant-core before it converts ``model``: map the classes this model needs."""
+    register_model(model)
+    _register_parallel_layers()
+
+
 def register() -> None:
-    """Register quant-llm's Hugging Face mappings with quant-core (run by the plugin entry point)."""
+    """Register quant-llm's mappings and its model hook with quant-core (run by the plugin entry point)."""
     from transformers.pytorch_utils import Conv1D
 
+    from quant_core.plugins import register_model_hook
     from quant_llm.hf_attention import register_kv_attention_function
     from quant_llm.hf_linear import QuantConv1D
 
@@ -108,8 +138,5 @@ def register() -> None:
     for family in KNOWN_FAMILIES:
         importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     register_transformers_classes(_imported_modeling_modules())
-    if (
-        importlib.util.find_spec("megatron") is not None
-        and importlib.util.find_spec("megatron.core") is not None
-    ):
-        importlib.import_module("quant_llm.megatron")  # registers the tensor-parallel linears
+    _register_parallel_layers()
+    register_model_hook(prepare_model)
