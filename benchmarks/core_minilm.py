@@ -2,7 +2,8 @@
 
 Calibrates on 128 sentences of *Emma*, evaluates on 256 held-apart sentences of *Pride and
 Prejudice* (../shared/data), and prints a markdown table: mean and minimum cosine of the quantized
-vs fp32 sentence embeddings, the seconds ``mtq.quantize`` took (calibration included), and the
+vs fp32 sentence embeddings, the seconds ``mtq.quantize`` took (calibration included; the algorithm
+column counts the inputs max's per-token fallback switched), and the
 evaluation forward time before and after ``mtq.fold_weight`` (the same outputs, faster). Configs
 that enable no quantizer in this model (KV-cache configs without an attention plugin) are listed as
 not applicable. The machine may be shared: quantize times are single runs, forward times the median
@@ -83,6 +84,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {name} | {algo} | n/a (no quantizer enabled in this model) | | {seconds:.1f} | | |"
             )
             continue
+        switched = sum(
+            getattr(q, "fallback", None) is not None for _n, q, _p in iter_quantizers(model)
+        )
+        if switched:
+            algo += f" ({switched} inputs per-token)"
         quant, fwd = timed_embed(model, held_apart, args.repeats)
         metrics = embedding_metrics(fp32, quant)
         mtq.fold_weight(model)

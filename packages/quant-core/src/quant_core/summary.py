@@ -33,6 +33,9 @@ def granularity(quantizer: Any) -> str:
     """Per-tensor, per-channel, per-token or block-wise, and static or dynamic."""
     kind = "dynamic" if quantizer.is_dynamic else "static"
     block = quantizer._block_axes
+    fallback = getattr(quantizer, "fallback", None)
+    if fallback is not None and quantizer.is_dynamic:
+        kind += f" (fallback from static: error -{fallback.gain_db:.1f} dB)"
     if block:
         if list(block.values()) == [None]:
             return f"per-token {kind}" if next(iter(block)) == -1 else f"per-slice {block} {kind}"
@@ -75,7 +78,12 @@ def quant_summary(model: nn.Module) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"{len(rows) - 1} quantizers, {enabled} enabled")
+    switched = sum(
+        getattr(q, "fallback", None) is not None and q.is_dynamic
+        for _n, q, _p in iter_quantizers(model)
+    )
+    note = f", {switched} switched to per-token dynamic by calibration" if switched else ""
+    lines.append(f"{len(rows) - 1} quantizers, {enabled} enabled{note}")
     return "\n".join(lines)
 
 

@@ -337,23 +337,26 @@ class Lowering:
             )
         ((axis, block),) = spec.blocks.items()
         shape = list(x.shape or [])
-        if not shape or not isinstance(shape[axis], int) or axis % len(shape) != len(shape) - 1:
-            raise self._unsupported(
-                spec, "activation blocks must run along a last axis of known size"
+        if block is None and axis == -1:
+            xb = x  # one amax per row (per token): no reshape, so the last axis may be symbolic
+        else:
+            if not shape or not isinstance(shape[axis], int) or axis % len(shape) != len(shape) - 1:
+                raise self._unsupported(
+                    spec, "activation blocks must run along a last axis of known size"
+                )
+            block = block or shape[-1]
+            if shape[-1] % block:
+                raise self._unsupported(
+                    spec, f"last axis {shape[-1]} is not a multiple of block {block}"
+                )
+            rank = len(shape)
+            split = gs.Constant(
+                self.name(spec, "shape"),
+                np.array([0] * (rank - 1) + [shape[-1] // block, block], np.int64),
             )
-        block = block or shape[-1]
-        if shape[-1] % block:
-            raise self._unsupported(
-                spec, f"last axis {shape[-1]} is not a multiple of block {block}"
-            )
-        rank = len(shape)
-        split = gs.Constant(
-            self.name(spec, "shape"),
-            np.array([0] * (rank - 1) + [shape[-1] // block, block], np.int64),
-        )
-        xb = self.graph.layer(op="Reshape", inputs=[x, split], outputs=[self._var(spec, "blocks")])[
-            0
-        ]
+            xb = self.graph.layer(
+                op="Reshape", inputs=[x, split], outputs=[self._var(spec, "blocks")]
+            )[0]
         absx = self.graph.layer(op="Abs", inputs=[xb], outputs=[self._var(spec, "abs")])[0]
         last = gs.Constant(self.name(spec, "last"), np.array([-1], np.int64))
         amax = self.graph.layer(
@@ -387,6 +390,9 @@ class Lowering:
                 outputs=[self._var(spec, "grid")],
                 attrs={"to": TensorProto.FLOAT},
             )[0]
+        if xb is x:
+            self.graph.layer(op="Mul", inputs=[grid, scale], outputs=[y])
+            return
         deq = self.graph.layer(
             op="Mul", inputs=[grid, scale], outputs=[self._var(spec, "dequant")]
         )[0]

@@ -2,7 +2,10 @@
 
 Each is a read-only dict (see :mod:`quant_core.config.frozen`): ``cfg.copy()`` gives an editable
 deep copy. Every config ends with the default-disabled patterns (LM heads, MoE routers and gates,
-embeddings, BatchNorm, output layers, vision towers).
+embeddings, BatchNorm, output layers, vision towers). Configs with ``"algorithm": "max"`` and static
+per-tensor inputs (INT8_DEFAULT_CFG, FP8_DEFAULT_CFG, ...) get max's per-token fallback: inputs whose
+calibration tokens defeat one per-tensor amax become per-token dynamic (see
+:mod:`quant_core.algorithms.per_token_fallback`).
 """
 
 from __future__ import annotations
