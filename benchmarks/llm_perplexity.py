@@ -36,7 +36,10 @@ CONFIGS = {
     "FP8_PC_PT+FP8_KV": with_kv_cache(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG, mtq.FP8_KV_CFG),
     "INT8_SMOOTHQUANT": mtq.INT8_SMOOTHQUANT_CFG,
     "INT4_RTN": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "max"},  # same quantizers, no AWQ search
-    "INT4_AWQ": mtq.INT4_AWQ_CFG,
+    "INT4_AWQ": mtq.INT4_AWQ_CFG,  # awq_lite
+    "INT4_AWQ_CLIP": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_clip"},
+    "INT4_AWQ_FULL": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_full"},
+    "INT4_GPTQ": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "gptq"},
     "NVFP4": mtq.NVFP4_DEFAULT_CFG,
     "NVFP4+NVFP4_KV": with_kv_cache(mtq.NVFP4_DEFAULT_CFG, mtq.NVFP4_KV_CFG),
 }

@@ -167,3 +167,31 @@ def test_gptq_on_input_dims_not_multiple_of_block():
         torch.testing.assert_close(wq, w, rtol=0, atol=1e-6)  # GPTQ stored on-grid weights
         rtn = layer_error(x, w0, blockwise_ref(w0, block_max(w0, 128), 128))
         assert layer_error(x, w0, wq) < rtn, cin
+
+
+def test_gptq_int_column_path_equals_the_kernel_quantizer_path():
+    """Plain INT formats quantize columns with precomputed scales: same result as qk.fake_quantize."""
+    import dataclasses
+
+    from quant_core.algorithms.mse import kernel_format
+    from quant_core.config import QuantizerAttributeConfig
+    from quant_core.nn.tensor_quantizer import TensorQuantizer
+
+    x = correlated_inputs(256, 40, seed=60).float()
+    h = (x.T @ x).expand(3, 40, 40)
+    for attrs in (
+        {"num_bits": 4, "block_sizes": {-1: 16}},
+        {"num_bits": 8, "axis": 0, "narrow_range": True},
+        {"num_bits": 4, "block_sizes": {-1: 16}, "unsigned": True},
+    ):
+        fmt = kernel_format(TensorQuantizer(QuantizerAttributeConfig(**attrs)))
+        assert fmt.int_range is not None
+        generic = dataclasses.replace(fmt, int_range=None)
+        w = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(61))
+        if attrs.get("unsigned"):
+            w = w.abs()
+        for act_order in (False, True):
+            fast, amax = gptq_quantize(w, h, fmt, block_size=8, act_order=act_order)
+            slow, amax_slow = gptq_quantize(w, h, generic, block_size=8, act_order=act_order)
+            assert torch.equal(fast, slow) and torch.equal(amax, amax_slow), attrs
+            assert torch.equal(fmt(fast, amax), fast)  # on the kernel's grid

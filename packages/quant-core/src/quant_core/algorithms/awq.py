@@ -162,7 +162,7 @@ def awq(
         with torch.no_grad():
             if scale:
                 _, s = awq_scale_search(module.weight.detach(), st.abs_mean, hessian, fmt, alphas)
-                apply_input_scale(module, s, stats[name])
+                apply_input_scale(module, s, stats[name], recalibrate=not clip)
                 hessian = scaled_hessian(hessian, s)
             if clip:
                 amax = awq_clip_search(module.weight.detach(), hessian, fmt, ratios)

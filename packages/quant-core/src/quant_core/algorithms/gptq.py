@@ -60,6 +60,46 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class _ColumnQuantizer:
+    """Quantizes one weight column at a time with the amax of each element's block.
+
+    For plain INT formats (``fmt.int_range``) the per-column scales are computed once and each
+    column costs a handful of element-wise ops (the same float32 arithmetic as the kernels);
+    other formats call ``fmt.quant`` with the column's amax.
+    """
+
+    def __init__(self, fmt: BlockFormat, amax_blocks: Tensor, col_block: Tensor) -> None:
+        self.fmt, self.amax_blocks, self.col_block = fmt, amax_blocks, col_block
+        rows = amax_blocks.shape[-2]
+        self._index = col_block.unsqueeze(1).expand(-1, rows, -1)  # (B, rows, cols)
+        self.scale = self.divisor = None
+        if fmt.int_range is not None:
+            self.scale = torch.empty(
+                self._index.shape, dtype=torch.float32, device=amax_blocks.device
+            )
+            self.divisor = torch.empty_like(self.scale)
+            self.refresh(slice(None))
+
+    def amax(self, cols: slice | int) -> Tensor:
+        """Amax of the elements of the columns ``cols`` (permuted order)."""
+        return self.amax_blocks.gather(-1, self._index[..., cols])
+
+    def refresh(self, cols: slice) -> None:
+        """Recompute the scales of ``cols`` after their blocks' amax changed."""
+        if self.scale is None:
+            return
+        scale = self.amax(cols).float() / self.fmt.int_range[1]
+        self.scale[..., cols] = scale
+        self.divisor[..., cols] = torch.where(scale == 0, 1.0, scale)
+
+    def __call__(self, x: Tensor, col: int) -> Tensor:
+        if self.scale is None:
+            return self.fmt.quant(x, self.amax(slice(col, col + 1)).squeeze(-1))
+        lo, hi = self.fmt.int_range
+        v = x.float().div(self.divisor[..., col]).clamp_(lo, hi).round_()
+        return v.mul_(self.scale[..., col]).to(x.dtype)
+
+
 def gptq_quantize(
     weight: Tensor,
     hessian: Tensor,
@@ -110,26 +150,29 @@ def gptq_quantize(
         if fixed
         else torch.zeros(nbatch, rows, num_blocks(cols, group), dtype=w.dtype, device=w.device)
     )
+    col_block = perm // group  # (B, cols): quantization block of each (permuted) column
+    quant_cols = _ColumnQuantizer(fmt, amax_blocks, col_block)
     q = torch.zeros_like(w)
-    batch_idx = torch.arange(nbatch, device=w.device)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1 = w[..., i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[..., i1:i2, i1:i2]
-        with _one_thread():
+    with _one_thread():
+        for i1 in range(0, cols, block_size):
+            i2 = min(i1 + block_size, cols)
+            w1 = w[..., i1:i2].clone()
+            err1 = torch.zeros_like(w1)
+            hinv1 = hinv[..., i1:i2, i1:i2]
+            d = hinv1.diagonal(dim1=-2, dim2=-1).unsqueeze(1)  # (B, 1, n)
             for i in range(i2 - i1):
                 col = i1 + i
                 if not fixed and col % group == 0:
                     current = torch.cat([w1[..., i:], w[..., i2:]], dim=-1)[..., :group]
                     amax_blocks[..., col // group] = current.abs().amax(-1)
+                    quant_cols.refresh(slice(col, min(col + group, cols)))
                 x = w1[..., i]
-                qx = fmt.quant(x, amax_blocks[batch_idx, :, perm[:, col] // group])
+                qx = quant_cols(x, col)
                 q[..., col] = qx
-                err = (x - qx) / hinv1[:, i, i].unsqueeze(-1)
-                w1[..., i:] -= err.unsqueeze(-1) * hinv1[:, i, i:].unsqueeze(1)
+                err = (x - qx).div_(d[..., i])
+                w1[..., i + 1 :].sub_(err.unsqueeze(-1) * hinv1[:, i : i + 1, i + 1 :])
                 err1[..., i] = err
-        w[..., i2:] -= err1 @ hinv[..., i1:i2, i2:]
+            w[..., i2:].sub_(err1 @ hinv[..., i1:i2, i2:])
 
     q = q.scatter(-1, perm.unsqueeze(1).expand(nbatch, rows, cols), q.clone())
     amax_out = amax_blocks.unsqueeze(-1)

@@ -49,6 +49,9 @@ class BlockFormat:
     quant: QuantFn
     block: int | None = None
     per_tensor: bool = False
+    int_range: tuple[int, int] | None = None
+    """``(lo, hi)`` when ``quant`` is plain INT with float32 scale ``amax / hi``: ``x_q =
+    round_half_even(clamp(x / scale, lo, hi)) * scale`` (lets callers precompute scales)."""
 
     def block_size(self, cols: int) -> int:
         """Columns per block for a weight with ``cols`` columns (the last block may be shorter)."""
@@ -185,7 +188,17 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
         )
         return y.squeeze(-1)
 
-    return BlockFormat(quant, block, per_tensor)
+    return BlockFormat(quant, block, per_tensor, _int_range(q) if scale_bits is None else None)
+
+
+def _int_range(q: TensorQuantizer) -> tuple[int, int] | None:
+    """The element range of a plain integer quantizer (None for FP element formats)."""
+    if not isinstance(q.num_bits, int):
+        return None
+    if q.unsigned:
+        return 0, 2**q.num_bits - 1
+    hi = 2 ** (q.num_bits - 1) - 1
+    return (-hi if q.narrow_range else -hi - 1), hi
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -219,7 +232,6 @@ def set_weight_amax(module: nn.Module, amax: Tensor, fmt: BlockFormat) -> None:
     A dynamic block quantizer (NVFP4, MX) becomes static so that the searched amax is used; the
     other stages of a sequential quantizer are max-calibrated on the first stage's output.
     """
-    recalibrate_weight(module)
     q = first_stage(module.weight_quantizer)
     if q.is_dynamic and q.block_sizes:
         q.block_sizes = {**q.block_sizes, "type": "static"}
@@ -230,10 +242,11 @@ def set_weight_amax(module: nn.Module, amax: Tensor, fmt: BlockFormat) -> None:
         with torch.no_grad():
             x = q(module.weight)
             for stage in list(quantizer)[1:]:
-                stage.reset_amax()
-                stage.collect(x)
-                stage.load_calib_amax()
-                x = stage(x)
+                if stage.is_enabled:
+                    stage.reset_amax()
+                    stage.collect(x)
+                    stage.load_calib_amax()
+                    x = stage(x)
 
 
 @register_algorithm("mse")

@@ -9,7 +9,8 @@ This module also holds the forward-hook statistics collector the other algorithm
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "search_smoothing",
     "smoothing_scales",
     "smoothquant",
+    "upper_gram",
 ]
 
 
@@ -92,9 +94,11 @@ def collect_input_stats(
             else:
                 sources[name].add(None)
                 flat = x.detach().flatten(0, -2).float()
-                inc = {"amax": flat.abs().amax(0), "abs_sum": flat.abs().sum(0), "n": flat.shape[0]}
+                mag = flat.abs()
+                inc = {"amax": mag.amax(0), "abs_sum": mag.sum(0), "n": flat.shape[0]}
+                del mag
                 if gram:
-                    inc["gram"] = flat.T @ flat
+                    inc["gram"] = upper_gram(flat)
                 if samples:
                     keep = torch.randperm(flat.shape[0])[:samples]
                     inc["rows"] = flat[keep].clone()
@@ -129,7 +133,27 @@ def collect_input_stats(
     for name, seen in sources.items():
         if len(seen) == 1 and None not in seen:
             stats[name].source = next(iter(seen))
+    if gram:
+        for st in stats.values():
+            st.gram = st.gram.triu() + st.gram.triu(1).T
     return stats
+
+
+def upper_gram(x: Tensor, chunk: int = 256) -> Tensor:
+    """The upper block triangle of ``x^T x`` (x: tokens x n), in column chunks of ``chunk``.
+
+    ``x^T x`` is symmetric, so only the blocks on and above the diagonal are computed (about
+    half the work for wide inputs); entries below the diagonal blocks are zero. The full matrix
+    is ``g.triu() + g.triu(1).T``.
+    """
+    n = x.shape[-1]
+    if n <= chunk:
+        return x.T @ x
+    out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    xt = x.T
+    for i in range(0, n, chunk):
+        out[i : i + chunk, i:].addmm_(xt[i : i + chunk], x[:, i:])
+    return out
 
 
 def smoothing_scales(
@@ -186,6 +210,55 @@ def search_smoothing(
     return best[1], best[2]
 
 
+_WEIGHT_CACHE_BYTES = 1 << 30
+"""Most bytes of fake-quantized weights kept during one calibration pass (see below)."""
+
+
+@contextmanager
+def weights_quantized_once(model: nn.Module, budget: int = _WEIGHT_CACHE_BYTES) -> Iterator[None]:
+    """Within the block, each enabled weight quantizer fake-quantizes a given weight once.
+
+    The weights do not change during a calibration pass, so every batch would recompute the same
+    fake-quantized weight; instead each quantizer reuses its last output while it is handed the
+    same tensor (same storage, layout and version). At most ``budget`` bytes are cached; layers
+    beyond it quantize as usual. Outside the block the quantizers are untouched.
+    """
+    patched: list[nn.Module] = []
+    used = 0
+    for module in model.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        weight = getattr(module, "weight", None)
+        if not isinstance(quantizer, nn.Module) or not isinstance(weight, Tensor):
+            continue
+        if not quantizer.is_enabled or "forward" in vars(quantizer):
+            continue
+        used += weight.numel() * weight.element_size()
+        if used > budget:
+            break
+        quantizer.forward = _memoized(quantizer.forward)
+        patched.append(quantizer)
+    try:
+        yield
+    finally:
+        for quantizer in patched:
+            del quantizer.forward
+
+
+def _memoized(forward: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``forward`` returning its last output again for the same, unmodified input tensor."""
+    last: list = [None, None]
+
+    def cached(x: Tensor) -> Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return forward(x)
+        key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
+        if last[0] != key:
+            last[0], last[1] = key, forward(x)
+        return last[1]
+
+    return cached
+
+
 def calibrate_with_stats(
     model: nn.Module,
     forward_loop: Callable | None,
@@ -196,14 +269,20 @@ def calibrate_with_stats(
     input statistics (see :func:`collect_input_stats`).
 
     ``forward_loop(model)`` runs the calibration data; None is allowed only when no statistics
-    are needed (weights are then calibrated from themselves).
+    are needed (weights are then calibrated from themselves). During the pass each weight is
+    fake-quantized once, not once per batch (:func:`weights_quantized_once`).
     """
     if forward_loop is None:
         if modules:
             raise ValueError("this algorithm needs a forward_loop to see calibration data")
         max_calibrate(model, None)
         return {}
-    return collect_input_stats(modules, lambda: max_calibrate(model, forward_loop), **stat_options)
+
+    def loop(m: nn.Module) -> None:
+        with weights_quantized_once(m):
+            forward_loop(m)
+
+    return collect_input_stats(modules, lambda: max_calibrate(model, loop), **stat_options)
 
 
 def input_format(module: nn.Module) -> QuantFn | None:
@@ -226,11 +305,14 @@ def input_format(module: nn.Module) -> QuantFn | None:
     return lambda x, amax: qk.fake_quantize(x, amax=amax, **kwargs)
 
 
-def apply_input_scale(module: nn.Module, scales: Tensor, stats: InputStats) -> None:
+def apply_input_scale(
+    module: nn.Module, scales: Tensor, stats: InputStats, recalibrate: bool = True
+) -> None:
     """Divide the layer's input by ``scales`` (a pre-quant scale) and multiply its weight by them.
 
     The float output is unchanged. A static per-tensor input quantizer gets the amax the scaled
-    input has on the calibration data; the weight quantizer is max-calibrated on the new weight.
+    input has on the calibration data; the weight quantizer is max-calibrated on the new weight
+    unless ``recalibrate`` is False (the caller sets the weight amax itself).
     """
     with torch.no_grad():
         scales = scales.to(module.weight.device, torch.float32)
@@ -246,7 +328,8 @@ def apply_input_scale(module: nn.Module, scales: Tensor, stats: InputStats) -> N
             and stage.axis is None
         ):
             stage.amax = (stats.amax.to(scales) * iq.pre_quant_scale).amax()
-    recalibrate_weight(module)
+    if recalibrate:
+        recalibrate_weight(module)
 
 
 def effective_input_stats(module: nn.Module, stats: InputStats) -> InputStats:
