@@ -27,15 +27,26 @@ from quant_llm.real_models import load_smollm2
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+
+def _rtn(config: dict) -> dict:
+    """``config`` with plain max calibration (round-to-nearest weights)."""
+    return {**config.copy(), "algorithm": "max"}
+
+
 CONFIGS = {
     "fp32": None,
-    "FP8": mtq.FP8_DEFAULT_CFG,
+    "FP8_RTN": _rtn(mtq.FP8_DEFAULT_CFG),  # ModelOpt's FP8_DEFAULT_CFG: round-to-nearest
+    "FP8_RTN+FP8_KV": with_kv_cache(_rtn(mtq.FP8_DEFAULT_CFG), mtq.FP8_KV_CFG),
+    "FP8": mtq.FP8_DEFAULT_CFG,  # GPTQ-rounded FP8 weights
     "FP8+FP8_KV": with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_KV_CFG),
     "FP8+INT8_KV": with_kv_cache(mtq.FP8_DEFAULT_CFG, INT8_KV_CFG),
     "FP8+FP8_AFFINE_KV": with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_AFFINE_KV_CFG),
     "FP8_PC_PT+FP8_KV": with_kv_cache(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG, mtq.FP8_KV_CFG),
+    "FP8_PC_PT+FP8_AFFINE_KV": with_kv_cache(
+        mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG, mtq.FP8_AFFINE_KV_CFG
+    ),
     "INT8_SMOOTHQUANT": mtq.INT8_SMOOTHQUANT_CFG,
-    "INT4_RTN": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "max"},  # same quantizers, no AWQ search
+    "INT4_RTN": _rtn(mtq.INT4_AWQ_CFG),  # same quantizers, no AWQ search
     "INT4_AWQ": mtq.INT4_AWQ_CFG,  # awq_lite
     "INT4_AWQ_CLIP": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_clip"},
     "INT4_AWQ_FULL": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_full"},
@@ -43,7 +54,9 @@ CONFIGS = {
     "NVFP4": mtq.NVFP4_DEFAULT_CFG,
     "NVFP4+NVFP4_KV": with_kv_cache(mtq.NVFP4_DEFAULT_CFG, mtq.NVFP4_KV_CFG),
 }
-DEFAULT_CONFIGS = "fp32,FP8,FP8+FP8_KV,FP8+INT8_KV,INT4_RTN,INT4_AWQ,NVFP4"
+DEFAULT_CONFIGS = (
+    "fp32,FP8_RTN+FP8_KV,FP8,FP8+FP8_KV,FP8+FP8_AFFINE_KV,INT4_RTN,INT4_AWQ,INT4_GPTQ,NVFP4"
+)
 
 
 def main() -> None:

@@ -195,3 +195,77 @@ def test_gptq_int_column_path_equals_the_kernel_quantizer_path():
             slow, amax_slow = gptq_quantize(w, h, generic, block_size=8, act_order=act_order)
             assert torch.equal(fast, slow) and torch.equal(amax, amax_slow), attrs
             assert torch.equal(fmt(fast, amax), fast)  # on the kernel's grid
+
+
+def test_gptq_and_mse_on_per_tensor_fp8_weights():
+    """Per-tensor FP8 weights: one scalar amax, weights on torch's float8_e4m3fn grid, and GPTQ's
+    layer output error below round-to-nearest's (FP8_DEFAULT_CFG's weights)."""
+    import copy
+
+    import quant_core as mtq
+
+    torch.manual_seed(21)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32)).eval()
+    data = [correlated_inputs(256, 128, seed=s).float() for s in (22, 23)]
+    with torch.no_grad():
+        ref = torch.cat([model(b) for b in data])
+
+    def quantized(algorithm):
+        m = copy.deepcopy(model)
+        config = mtq.FP8_DEFAULT_CFG.copy()
+        config["quant_cfg"]["*input_quantizer"] = {"enable": False}
+        config["algorithm"] = algorithm
+        mtq.quantize(m, config, lambda mm: [mm(b) for b in data])
+        with torch.no_grad():
+            return m, float((torch.cat([m(b) for b in data]) - ref).square().sum())
+
+    _, rtn = quantized("max")
+    for algorithm in ("gptq", "mse"):
+        m, err = quantized(algorithm)
+        if algorithm == "gptq":
+            assert err < rtn
+        for layer in (m[0], m[1]):
+            amax = layer.weight_quantizer.amax
+            assert amax.numel() == 1
+            with torch.no_grad():
+                wq = layer.weight_quantizer(layer.weight).double()
+            scale = amax.double() / 448.0
+            on_grid = (wq / scale).to(torch.float8_e4m3fn).double() * scale
+            torch.testing.assert_close(on_grid, wq, rtol=1e-6, atol=0)
+
+
+class _TwoBranches(torch.nn.Module):
+    """``unused`` never runs (like an MoE expert that calibration routed no token to)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = torch.nn.Linear(128, 32)
+        self.unused = torch.nn.Linear(128, 32)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_gptq_skips_modules_the_loop_never_ran_with_a_warning_and_max_weights():
+    import warnings
+
+    import quant_core as mtq
+
+    torch.manual_seed(31)
+    model = _TwoBranches().eval()
+    data = correlated_inputs(256, 128, seed=32).float()
+    config = mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG.copy()
+    config["algorithm"] = "gptq"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mtq.quantize(model, config, lambda m: m(data))
+    assert any("unused" in str(w.message) and "never ran" in str(w.message) for w in caught)
+    # The unused layer keeps round-to-nearest with amax = max |w| of each 128-block.
+    w = model.unused.weight.detach().double()
+    expected_amax = block_max(w, 128)
+    torch.testing.assert_close(
+        model.unused.weight_quantizer.amax.double().reshape(expected_amax.shape), expected_amax
+    )
+    with torch.no_grad():
+        got = model.unused.weight_quantizer(model.unused.weight).double()
+    torch.testing.assert_close(got, blockwise_ref(w, expected_amax, 128), rtol=0, atol=1e-6)

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from core_models import make_tiny_llama
 
 import quant_core as mtq
 from quant_core.conversion import iter_quantizers

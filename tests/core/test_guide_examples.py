@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyTransformer
+from core_models import TinyTransformer
 from torch import nn
 
 import quant_core as mtq

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SmallCNN
+from core_models import SmallCNN
 from torch import nn
 
 import quant_core as mtq

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from conftest import SmallCNN, TinyTransformer, make_tiny_llama
+from core_models import SmallCNN, TinyTransformer, make_tiny_llama
 from torch import nn
 
 import quant_core as mtq

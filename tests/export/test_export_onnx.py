@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import quantized, with_inputs
+from export_models import quantized, with_inputs
 
 import quant_core as mtq
 import quant_kernels as qk

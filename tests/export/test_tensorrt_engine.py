@@ -6,7 +6,7 @@ import importlib.util
 import sys
 
 import pytest
-from conftest import quantized
+from export_models import quantized
 
 import quant_core as mtq
 from quant_export import build_engine, export_onnx

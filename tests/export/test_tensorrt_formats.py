@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import quantized
+from export_models import quantized
 from onnx import TensorProto
 from onnx.reference import ReferenceEvaluator
 

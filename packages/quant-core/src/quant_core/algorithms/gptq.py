@@ -7,6 +7,7 @@ layers with the same input width run as one batch (one Python loop over columns 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quant_core.algorithms._blocks import num_blocks
+from quant_core.algorithms.max import max_calibrate
 from quant_core.algorithms.mse import (
     BlockFormat,
     first_stage,
@@ -223,12 +225,20 @@ def gptq(
     and format run as one batch. Options: ``percdamp`` (damping, a fraction of mean diag H),
     ``block_size`` (columns per lazy update), ``act_order`` (columns by decreasing diag H),
     ``clip_search`` (choose each block's amax first by the output-error clip search of AWQ;
-    otherwise max |w| of the block).
+    otherwise max |w| of the block). Without a ``forward_loop`` it warns and runs ``max``.
     """
     if not 0 <= percdamp < 1 or block_size < 1:
         raise ValueError(
             f"gptq: need 0 <= percdamp < 1 and block_size >= 1, got {percdamp}, {block_size}"
         )
+    if forward_loop is None:
+        # Built-in FP8 configs use gptq; without data they behave as ModelOpt's (max).
+        warnings.warn(
+            "gptq: no forward_loop, so no Hessians: weights are rounded to nearest (max)",
+            stacklevel=2,
+        )
+        max_calibrate(model, None)
+        return
     layers = {
         n: m
         for n, m in weight_layers(model).items()

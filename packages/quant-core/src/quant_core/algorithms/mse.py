@@ -235,8 +235,8 @@ def set_weight_amax(module: nn.Module, amax: Tensor, fmt: BlockFormat) -> None:
     q = first_stage(module.weight_quantizer)
     if q.is_dynamic and q.block_sizes:
         q.block_sizes = {**q.block_sizes, "type": "static"}
-    value = amax.reshape(()) if fmt.per_tensor else amax.squeeze(-1)
-    q.amax = value.flatten()[0] if fmt.per_tensor else value
+    # A per-tensor amax arrives repeated for every block (BlockFormat.amax); store it once.
+    q.amax = amax.amax() if fmt.per_tensor else amax.squeeze(-1)
     quantizer = module.weight_quantizer
     if isinstance(quantizer, SequentialQuantizer):
         with torch.no_grad():

@@ -9,6 +9,7 @@ This module also holds the forward-hook statistics collector the other algorithm
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -125,11 +126,16 @@ def collect_input_stats(
         for handle in handles:
             handle.remove()
         last.clear()
-    missing = [name for name, st in stats.items() if st.count == 0]
-    if missing:
-        raise RuntimeError(
-            f"forward_loop never ran these modules, cannot calibrate them: {missing}"
+    unseen = [name for name, st in stats.items() if st.count == 0]
+    if unseen:
+        # e.g. MoE experts that calibration routed no token to: no statistics to search with.
+        warnings.warn(
+            f"forward_loop never ran {len(unseen)} module(s), which keep max calibration "
+            f"(weights calibrated from themselves): {unseen}",
+            stacklevel=2,
         )
+        for name in unseen:
+            del stats[name]
     for name, seen in sources.items():
         if len(seen) == 1 and None not in seen:
             stats[name].source = next(iter(seen))
@@ -270,7 +276,9 @@ def calibrate_with_stats(
 
     ``forward_loop(model)`` runs the calibration data; None is allowed only when no statistics
     are needed (weights are then calibrated from themselves). During the pass each weight is
-    fake-quantized once, not once per batch (:func:`weights_quantized_once`).
+    fake-quantized once, not once per batch (:func:`weights_quantized_once`). Modules the loop
+    never ran (MoE experts without tokens) are named in a warning, keep max calibration and are
+    removed from ``modules`` when it is a dict, so that the algorithm skips them.
     """
     if forward_loop is None:
         if modules:
@@ -282,7 +290,11 @@ def calibrate_with_stats(
         with weights_quantized_once(m):
             forward_loop(m)
 
-    return collect_input_stats(modules, lambda: max_calibrate(model, loop), **stat_options)
+    stats = collect_input_stats(modules, lambda: max_calibrate(model, loop), **stat_options)
+    if isinstance(modules, dict):
+        for name in [n for n in modules if n not in stats]:
+            del modules[name]
+    return stats
 
 
 def input_format(module: nn.Module) -> QuantFn | None:

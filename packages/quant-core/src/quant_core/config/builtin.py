@@ -82,11 +82,14 @@ def _kv(attrs: dict[str, Any]) -> dict[str, Any]:
 INT8_DEFAULT_CFG = _cfg(_INT8_W, _INT8_A, "max")
 INT8_SMOOTHQUANT_CFG = _cfg(_INT8_W, _INT8_A, "smoothquant")
 INT8_WEIGHT_ONLY_CFG = _cfg(_INT8_W, _OFF, "max")
-FP8_DEFAULT_CFG = _cfg(_FP8, _FP8, "max")
+# FP8 weights are rounded with GPTQ rather than to nearest (ModelOpt: "max"): same format and
+# scales, a third of the weight-induced error on SmolLM2 (KL 15.3e-3 -> 6.0e-3) for a few seconds
+# more calibration. {"method": "max"} restores round-to-nearest.
+FP8_DEFAULT_CFG = _cfg(_FP8, _FP8, "gptq")
 FP8_PER_CHANNEL_PER_TOKEN_CFG = _cfg(
     {"num_bits": (4, 3), "axis": 0},
     {"num_bits": (4, 3), "type": "dynamic", "block_sizes": {-1: None}},
-    "max",
+    "gptq",
 )
 FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG = _cfg(
     {"num_bits": (4, 3), "block_sizes": {-1: 128, -2: 128}, "enable": True}, _OFF, "max"
