@@ -108,6 +108,16 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
                 and torch.equal(fresh.fc2.weight_quantizer.amax, block.fc2.weight_quantizer.amax)
                 and torch.equal(fresh(x), after)
             )
+        mtq.fold_weight(fresh)  # weights written on their INT8 grid, weight quantizers off
+        with torch.no_grad():
+            scale = fresh.fc2.weight_quantizer.amax.double().reshape(-1, 1) / 127
+            codes = fresh.fc2.weight.double() / scale
+            result["folded"] = {
+                "quantizers_off": not fresh.fc1.weight_quantizer.is_enabled
+                and not fresh.fc2.weight_quantizer.is_enabled,
+                "grid_error": (codes - codes.round()).abs().max().item(),
+                "output_change": (fresh(x) - after).abs().max().item(),
+            }
         result.update(_gpt_model_checks(world))
         result.update(_gpt_kv_cache_and_save_checks(world, rank, out_dir))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -234,6 +244,14 @@ def test_parallel_linears_are_converted_and_quantize(two_ranks):
     for result in two_ranks:
         assert result["types"] == ["QuantColumnParallelLinear", "QuantRowParallelLinear"]
         assert result["changed"] > 0
+
+
+def test_fold_weight_writes_each_shard_on_its_int8_grid_and_keeps_the_output(two_ranks):
+    for result in two_ranks:
+        folded = result["folded"]
+        assert folded["quantizers_off"]
+        assert folded["grid_error"] < 1e-4
+        assert folded["output_change"] < 1e-5
 
 
 def test_row_parallel_per_channel_weight_amax_is_the_max_over_the_full_unsharded_row(two_ranks):

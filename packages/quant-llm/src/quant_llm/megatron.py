@@ -28,7 +28,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         f"quant_llm.megatron needs megatron-core: pip install 'quant-llm[nemo]' ({err})"
     ) from err
 from quant_core.nn import QuantModule, QuantModuleRegistry, TensorQuantizer
-from quant_core.nn.quant_module import INPUT_DEFAULT, WEIGHT_DEFAULT
+from quant_core.nn.quant_module import INPUT_DEFAULT, WEIGHT_DEFAULT, FoldableWeight
 
 
 def _tensor_parallel_group() -> Any:
@@ -78,7 +78,7 @@ class TensorParallelQuantizer(TensorQuantizer):
             dist.all_reduce(self.amax.data, op=dist.ReduceOp.MAX, group=group)
 
 
-class _QuantParallelLinear(QuantModule):
+class _QuantParallelLinear(FoldableWeight, QuantModule):
     """Quantizes the local input and weight shard in megatron's ``_forward_impl``."""
 
     _row_parallel = False
@@ -97,14 +97,6 @@ class _QuantParallelLinear(QuantModule):
             self.input_quantizer(input), self.weight_quantizer(weight), *args, **kwargs
         )
         return self.output_quantizer(out)
-
-    def fold_weight(self) -> None:
-        """Write the fake-quantized weight shard into the parameter and turn the weight quantizer off."""
-        if not self.weight_quantizer.is_enabled:
-            return
-        with torch.no_grad():
-            self.weight.data.copy_(self.weight_quantizer(self.weight))
-        self.weight_quantizer.disable()
 
 
 @QuantModuleRegistry.register({ColumnParallelLinear: "ColumnParallelLinear"})

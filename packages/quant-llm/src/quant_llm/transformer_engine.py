@@ -33,7 +33,7 @@ except ImportError as err:
     ) from err
 
 from quant_core.nn import QuantModule, QuantModuleRegistry, TensorQuantizer
-from quant_core.nn.quant_module import INPUT_DEFAULT, WEIGHT_DEFAULT
+from quant_core.nn.quant_module import INPUT_DEFAULT, WEIGHT_DEFAULT, FoldableWeight
 
 try:  # megatron-core's TE wrappers and tensor-parallel amax sync, when megatron-core is usable
     from megatron.core.extensions import transformer_engine as mte
@@ -57,7 +57,7 @@ def _quantize_output(quantizer: TensorQuantizer, out: Any) -> Any:
     return quantizer(out)
 
 
-class _QuantTEWeightMixin(QuantModule):
+class _QuantTEWeightMixin(FoldableWeight, QuantModule):
     """Weight and output quantizers for a TE module that reads its weight through ``_get_weight_tensors``."""
 
     def _setup(self) -> None:
@@ -79,14 +79,6 @@ class _QuantTEWeightMixin(QuantModule):
 
     def _get_weight_tensors(self) -> list[torch.Tensor]:
         return [self.weight_quantizer(w) for w in super()._get_weight_tensors()]
-
-    def fold_weight(self) -> None:
-        """Write the fake-quantized weight into the parameter and turn the weight quantizer off."""
-        if not self.weight_quantizer.is_enabled:
-            return
-        with torch.no_grad():
-            self.weight.data.copy_(self.weight_quantizer(self.weight))
-        self.weight_quantizer.disable()
 
 
 class _QuantTELinearMixin(_QuantTEWeightMixin):

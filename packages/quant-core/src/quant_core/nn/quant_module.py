@@ -34,7 +34,21 @@ class QuantInputBase(QuantModule):
         return self.output_quantizer(out)
 
 
-class QuantLinearConvBase(QuantInputBase):
+class FoldableWeight:
+    """``fold_weight`` for quantized modules with a ``weight`` parameter and a ``weight_quantizer``."""
+
+    def fold_weight(self) -> None:
+        """Write the fake-quantized weight into the parameter and turn the weight quantizer off."""
+        quantizer = self.weight_quantizer
+        if not quantizer.is_enabled and quantizer.pre_quant_scale is None:
+            return
+        with torch.no_grad():
+            self.weight.data.copy_(quantizer(self.weight))
+        quantizer.disable()
+        quantizer.pre_quant_scale = None
+
+
+class QuantLinearConvBase(FoldableWeight, QuantInputBase):
     """Quantizes input, weight and output of a layer whose forward uses ``self.weight``."""
 
     def _setup(self) -> None:
@@ -50,13 +64,3 @@ class QuantLinearConvBase(QuantInputBase):
         x = self.input_quantizer(input)
         w = self.weight_quantizer(self.weight)
         return self.output_quantizer(self._forward_with_weight(x, w, *args, **kwargs))
-
-    def fold_weight(self) -> None:
-        """Write the fake-quantized weight into the parameter and turn the weight quantizer off."""
-        quantizer = self.weight_quantizer
-        if not quantizer.is_enabled and quantizer.pre_quant_scale is None:
-            return
-        with torch.no_grad():
-            self.weight.data.copy_(quantizer(self.weight))
-        quantizer.disable()
-        quantizer.pre_quant_scale = None
