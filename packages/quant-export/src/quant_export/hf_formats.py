@@ -157,16 +157,7 @@ def export_linear(name: str, module: nn.Module) -> LayerExport | None:
     if w_spec.pre_quant_scale is not None:
         weight = weight * w_spec.pre_quant_scale
     blocks = {a % weight.dim(): b for a, b in w_spec.blocks.items()}
-    qt = qk.quantize_to_codes(
-        weight,
-        num_bits=w_spec.num_bits,
-        amax=None if w_spec.dynamic else w_spec.amax,
-        block_sizes=blocks or None,
-        scale_bits=w_spec.scale_bits,
-        global_amax=w_spec.global_amax(weight),
-        unsigned=w_spec.unsigned,
-        narrow_range=w_spec.narrow_range,
-    )
+    qt = w_spec.codes(weight, blocks)
     out: dict[str, torch.Tensor] = {}
     group_size = blocks.get(weight.dim() - 1)
     if w_kind == "int4_block":

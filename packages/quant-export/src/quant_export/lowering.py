@@ -123,16 +123,7 @@ class Lowering:
         if element not in ONNX_ELEMENT:
             raise self._unsupported(spec, "ONNX has no element type for it")
         blocks = {a % w.dim(): (b or w.shape[a]) for a, b in spec.blocks.items()}
-        qt = qk.quantize_to_codes(
-            w,
-            num_bits=spec.num_bits,
-            amax=None if spec.dynamic else spec.amax,
-            block_sizes=blocks or None,
-            scale_bits=spec.scale_bits,
-            global_amax=spec.global_amax(w),
-            unsigned=spec.unsigned,
-            narrow_range=spec.narrow_range,
-        )
+        qt = spec.codes(w, blocks)
         codes = qt.codes if element != "e2m1" else qt.codes.to(torch.uint8)
         scale = qt.scale
         axis, block = self._weight_layout(spec, w, scale, blocks)
