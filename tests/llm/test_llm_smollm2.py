@@ -2,9 +2,10 @@
 
 Calibrate on *Emma*, evaluate on *Pride and Prejudice* (held-apart text). The fp32 baseline is the
 dequantized GGUF model (shared/DATA.md); FP8 does not share its INT4 grid, so the gap is real.
-Issue 5 asks for at most +2%; with FP8_DEFAULT_CFG + FP8_KV_CFG (static per-tensor FP8, as
-ModelOpt's configs, which measured +3.6% here) this measures +4.25% on these 6 windows
-(benchmarks/llm_perplexity.py), so the bound pinned below is 5%: a regression guard, not the goal.
+Issue 5 asks for at most +2%. Measured with benchmarks/llm_perplexity.py (6 windows / 20 windows):
+FP8_DEFAULT_CFG + FP8_KV_CFG +3.06% / +2.89% (GPTQ-rounded weights; round-to-nearest as ModelOpt:
++4.74% / +4.52%); FP8_PER_CHANNEL_PER_TOKEN_CFG + FP8_AFFINE_KV_CFG +1.98% / +2.41%. The bounds
+pinned below are regression guards a little above those figures, not the goal.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ pytestmark = [
 ]
 
 
-def test_fp8_weights_activations_and_kv_cache_perplexity_within_five_percent_of_fp32():
+@pytest.mark.parametrize(
+    ("config", "kv_config", "bound"),
+    [
+        ("FP8_DEFAULT_CFG", "FP8_KV_CFG", 0.035),
+        ("FP8_PER_CHANNEL_PER_TOKEN_CFG", "FP8_AFFINE_KV_CFG", 0.025),
+    ],
+)
+def test_fp8_weights_activations_and_kv_cache_perplexity_close_to_fp32(config, kv_config, bound):
     from quant_llm.real_models import load_smollm2
 
     torch.set_num_threads(2)
@@ -43,12 +51,11 @@ def test_fp8_weights_activations_and_kv_cache_perplexity_within_five_percent_of_
     calib = get_calib_dataloader(
         tokenizer, DATA / "austen_emma.txt", num_samples=8, seq_len=512, batch_size=4
     )
-    mtq.quantize(
-        model, with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_KV_CFG), create_forward_loop(model, calib)
-    )
+    quant_config = with_kv_cache(getattr(mtq, config), getattr(mtq, kv_config))
+    mtq.quantize(model, quant_config, create_forward_loop(model, calib))
     attention = model.model.layers[0].self_attn
     assert attention.k_bmm_quantizer.is_enabled and attention.k_bmm_quantizer.amax.item() > 0
-    assert model.model.layers[0].mlp.down_proj.input_quantizer.amax is not None
+    assert model.model.layers[0].mlp.down_proj.weight_quantizer.amax is not None
     fp8 = perplexity(model, tokenizer, text, seq_len=1024, num_windows=6)
     assert fp8 != fp32
-    assert 0 < fp8 / fp32 - 1 < 0.05, f"FP8+KV perplexity {fp8:.3f} vs fp32 {fp32:.3f}"
+    assert 0 < fp8 / fp32 - 1 < bound, f"{config}+{kv_config}: {fp8:.3f} vs fp32 {fp32:.3f}"
