@@ -3,6 +3,8 @@ become per-token dynamic; benign ones stay static; the option turns it off; it s
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -178,7 +180,49 @@ def test_sample_keeps_max_rows_of_the_rows_seen_across_batches():
     with sample_inputs({"l": layer}, max_rows=50) as samples:
         for b in batches:
             layer(b.reshape(2, 20, 4))
-    kept = samples["l"][:, 0]
-    assert samples["l"].shape == (50, 4)
+    kept = samples.rows["l"][:, 0]
+    assert samples.rows["l"].shape == (50, 4)
     assert len(set(kept.tolist())) == 50 and set(kept.tolist()) <= set(range(120))
     assert (kept < 40).any() and (kept >= 80).any()  # from the first and the last batch
+
+
+class _SharedInput(nn.Module):
+    """q/k/v-like layers reading one tensor, and a fourth layer reading its own copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.q, self.k, self.v, self.alone = (nn.Linear(32, 8) for _ in range(4))
+        with torch.no_grad():  # give the three shared-input layers different sensitivities
+            self.q.weight[:, :16] *= 20.0
+            self.v.weight[:, 16:] *= 20.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x) + self.k(x) + self.v(x) + self.alone(x.clone())
+
+
+def test_layers_reading_one_tensor_are_switched_together_on_their_summed_error():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(256, 32, generator=gen)
+    x[::32, :16] *= 60.0  # outlier tokens, large on the channels that q weighs most
+    model = _SharedInput()
+    layers = [model.q, model.k, model.v]
+    static_amax = x.abs().max()
+    static = [output_error_f64(m, x, 8, static_amax) for m in layers]
+    token = [output_error_f64(m, x, 8, None) for m in layers]
+    gains = sorted(10 * math.log10(s / t) for s, t in zip(static, token))
+    threshold = gains[1]  # alone, one layer would switch and one would not
+    assert gains[0] < threshold <= gains[2]
+    group_gain = 10 * math.log10(sum(static) / sum(token))
+
+    cfg = {
+        **mtq.INT8_DEFAULT_CFG,
+        "algorithm": {"method": "max", "per_token_fallback_db": threshold},
+    }
+    mtq.quantize(model, cfg, lambda m: m(x))
+    decisions = {m.input_quantizer.is_dynamic for m in layers}
+    assert decisions == {group_gain >= threshold}  # one decision for the group, from the sums
+    alone_gain = 10 * math.log10(
+        output_error_f64(model.alone, x, 8, static_amax) / output_error_f64(model.alone, x, 8, None)
+    )
+    assert model.alone.input_quantizer.is_dynamic == (alone_gain >= threshold)

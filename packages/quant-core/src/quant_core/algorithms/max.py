@@ -133,6 +133,6 @@ def max_algorithm(
         return
     check_min_gain_db(per_token_fallback_db)
     layers = static_per_tensor_inputs(model)
-    with sample_inputs(layers, fallback_rows) as samples:
+    with sample_inputs(layers, fallback_rows) as sample:
         max_calibrate(model, forward_loop, distributed_sync)
-    per_token_fallback(layers, samples, per_token_fallback_db)
+    per_token_fallback(layers, sample, per_token_fallback_db)

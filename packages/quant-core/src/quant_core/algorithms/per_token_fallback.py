@@ -17,7 +17,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -90,20 +90,31 @@ def static_per_tensor_inputs(model: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
+@dataclass
+class InputSample:
+    """Sampled input rows per layer, and which layers read the very same input tensor."""
+
+    rows: dict[str, Tensor] = field(default_factory=dict)
+    group: dict[str, str] = field(default_factory=dict)
+    """Layer -> the first layer that read the same tensor (q/k/v, gate/up); absent if alone."""
+
+
 @contextmanager
 def sample_inputs(
     layers: dict[str, nn.Module], max_rows: int = 512, seed: int = 0
-) -> Iterator[dict[str, Tensor]]:
+) -> Iterator[InputSample]:
     """Within the block, keep a uniform random sample of up to ``max_rows`` input rows per layer.
 
     Rows are the input flattened to ``(-1, in_features)``; each row gets a random key and the
     ``max_rows`` smallest keys seen so far are kept, so every row of every batch is equally
-    likely to be in the sample. The yielded dict fills in as the layers run.
+    likely to be in the sample. The yielded sample fills in as the layers run; layers called
+    one after the other on the same tensor are recorded as one group.
     """
     if max_rows < 1:
         raise ValueError(f"fallback_rows must be >= 1, got {max_rows}")
-    samples: dict[str, Tensor] = {}
-    keys: dict[str, Tensor] = {}
+    sample = InputSample()
+    samples, keys = sample.rows, {}
+    last: dict[str, object] = {}
     generator = torch.Generator().manual_seed(seed)
 
     def make_hook(name: str) -> Callable:
@@ -113,6 +124,10 @@ def sample_inputs(
             return k.topk(max_rows, largest=False)
 
         def hook(_module: nn.Module, args: tuple) -> None:
+            if last.get("input") is args[0]:
+                sample.group.setdefault(name, str(last["owner"]))
+            else:
+                last.update(input=args[0], owner=name)
             rows = args[0].detach().reshape(-1, args[0].shape[-1])
             # only this batch's smallest keys can enter the sample: copy just those rows
             new_keys, keep = smallest(torch.rand(rows.shape[0], generator=generator))
@@ -126,10 +141,11 @@ def sample_inputs(
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     try:
-        yield samples
+        yield sample
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
 
 
 def _per_token_twin(quantizer: TensorQuantizer) -> TensorQuantizer:
@@ -177,10 +193,13 @@ def check_min_gain_db(min_gain_db: object) -> None:
 
 
 def per_token_fallback(
-    layers: dict[str, nn.Linear], samples: dict[str, Tensor], min_gain_db: float
+    layers: dict[str, nn.Linear], sample: InputSample, min_gain_db: float
 ) -> dict[str, InputError]:
-    """Switch each calibrated layer's input quantizer to per-token dynamic when, on its ``samples``,
-    per-token scaling lowers the layer's output error by at least ``min_gain_db`` dB.
+    """Switch each calibrated layer's input quantizer to per-token dynamic when, on its sampled
+    rows, per-token scaling lowers the layer's output error by at least ``min_gain_db`` dB.
+
+    Layers that read the same tensor (``sample.group``) are decided together on their summed
+    errors, so a fused q/k/v or gate/up GEMM keeps one kind of input quantization.
 
     Returns the measurement of every switched layer; a switched quantizer keeps its element
     format, drops its amax and keeps the measurement as ``quantizer.fallback`` (which
@@ -194,13 +213,21 @@ def per_token_fallback(
         if module.input_quantizer.amax is not None and module.input_quantizer.amax.numel() == 1
     }
     errors = {
-        name: input_error(m, samples[name]) if name in samples else InputError()
+        name: input_error(m, sample.rows[name]) if name in sample.rows else InputError()
         for name, m in measured.items()
     }
     _sum_over_ranks(errors)
+    group_errors: dict[str, InputError] = {}
+    for name, err in errors.items():
+        total = group_errors.setdefault(sample.group.get(name, name), InputError())
+        total.signal += err.signal
+        total.static += err.static
+        total.per_token += err.per_token
+        total.tokens += err.tokens
     switched = {}
     for name, err in errors.items():
-        if err.tokens and err.gain_db >= min_gain_db:
+        decided_by = group_errors[sample.group.get(name, name)]
+        if decided_by.tokens and decided_by.gain_db >= min_gain_db:
             quantizer = measured[name].input_quantizer
             quantizer.set_from_attribute_config(PER_TOKEN_DYNAMIC)
             quantizer.fallback = err
