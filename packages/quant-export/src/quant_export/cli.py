@@ -139,6 +139,13 @@ def _run_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_arguments(cmd: argparse.ArgumentParser, output_help: str) -> None:
+    """--model, --output and --checkpoint: how the export subcommands get a quantized model."""
+    cmd.add_argument("--model", required=True, help="factory as package.module:function")
+    cmd.add_argument("--output", required=True, help=output_help)
+    cmd.add_argument("--checkpoint", help="quantizer state saved with quant_core.save()")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``quant-export``."""
     parser = argparse.ArgumentParser(prog="quant-export", description=__doc__.splitlines()[0])
@@ -150,9 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=ONNX_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    onnx_cmd.add_argument("--model", required=True, help="factory as package.module:function")
-    onnx_cmd.add_argument("--output", required=True, help="ONNX file to write (atomically)")
-    onnx_cmd.add_argument("--checkpoint", help="quantizer state saved with quant_core.save()")
+    _add_model_arguments(onnx_cmd, output_help="ONNX file to write (atomically)")
     onnx_cmd.add_argument(
         "--input-shape",
         type=_shape,
@@ -204,9 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=HF_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    hf_cmd.add_argument("--model", required=True, help="factory as package.module:function")
-    hf_cmd.add_argument("--output", required=True, help="checkpoint directory to write")
-    hf_cmd.add_argument("--checkpoint", help="quantizer state saved with quant_core.save()")
+    _add_model_arguments(hf_cmd, output_help="checkpoint directory to write")
     hf_cmd.add_argument(
         "--dtype",
         choices=("bfloat16", "float16", "float32"),

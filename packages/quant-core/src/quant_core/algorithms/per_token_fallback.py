@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quant_core.algorithms.shared_inputs import SharedInputs
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 __all__ = [
@@ -50,6 +51,13 @@ class InputError:
     static: float = 0.0
     per_token: float = 0.0
     tokens: int = 0
+
+    def add(self, other: InputError) -> None:
+        """Accumulate ``other``'s energies and token count into this one."""
+        self.signal += other.signal
+        self.static += other.static
+        self.per_token += other.per_token
+        self.tokens += other.tokens
 
     @staticmethod
     def _db(signal: float, noise: float) -> float:
@@ -96,7 +104,8 @@ class InputSample:
 
     rows: dict[str, Tensor] = field(default_factory=dict)
     group: dict[str, str] = field(default_factory=dict)
-    """Layer -> the first layer that read the same tensor (q/k/v, gate/up); absent if alone."""
+    """Layer -> the first layer that read the same tensor (q/k/v, gate/up); absent if alone.
+    Filled when the sampling block ends (see :class:`SharedInputs`)."""
 
 
 @contextmanager
@@ -114,7 +123,7 @@ def sample_inputs(
         raise ValueError(f"fallback_rows must be >= 1, got {max_rows}")
     sample = InputSample()
     samples, keys = sample.rows, {}
-    last: dict[str, object] = {}
+    shared = SharedInputs(layers)
     generator = torch.Generator().manual_seed(seed)
 
     def make_hook(name: str) -> Callable:
@@ -124,10 +133,7 @@ def sample_inputs(
             return k.topk(max_rows, largest=False)
 
         def hook(_module: nn.Module, args: tuple) -> None:
-            if last.get("input") is args[0]:
-                sample.group.setdefault(name, str(last["owner"]))
-            else:
-                last.update(input=args[0], owner=name)
+            shared.note(name, args[0])
             rows = args[0].detach().reshape(-1, args[0].shape[-1])
             # only this batch's smallest keys can enter the sample: copy just those rows
             new_keys, keep = smallest(torch.rand(rows.shape[0], generator=generator))
@@ -145,7 +151,8 @@ def sample_inputs(
     finally:
         for handle in handles:
             handle.remove()
-        last.clear()
+        shared.release()
+        sample.group.update(shared.sources())
 
 
 def _per_token_twin(quantizer: TensorQuantizer) -> TensorQuantizer:
@@ -219,11 +226,7 @@ def per_token_fallback(
     _sum_over_ranks(errors)
     group_errors: dict[str, InputError] = {}
     for name, err in errors.items():
-        total = group_errors.setdefault(sample.group.get(name, name), InputError())
-        total.signal += err.signal
-        total.static += err.static
-        total.per_token += err.per_token
-        total.tokens += err.tokens
+        group_errors.setdefault(sample.group.get(name, name), InputError()).add(err)
     switched = {}
     for name, err in errors.items():
         decided_by = group_errors[sample.group.get(name, name)]

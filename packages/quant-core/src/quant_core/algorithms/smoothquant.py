@@ -30,6 +30,7 @@ from quant_core.algorithms.mse import (
     weight_layers,
 )
 from quant_core.algorithms.registry import register_algorithm
+from quant_core.algorithms.shared_inputs import SharedInputs
 
 __all__ = [
     "InputStats",
@@ -83,17 +84,15 @@ def collect_input_stats(
     same tensor (q/k/v projections) share one computation of the per-batch statistics.
     """
     stats = {name: InputStats() for name in modules}
-    sources: dict[str, set] = {name: set() for name in modules}
+    shared = SharedInputs(modules)
     last: dict[str, Any] = {}
 
     def make_hook(name: str) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
-            if last.get("input") is x:
+            if shared.note(name, x):
                 inc = last["inc"]
-                sources[name].add(last["owner"])
             else:
-                sources[name].add(None)
                 flat = x.detach().flatten(0, -2).float()
                 mag = flat.abs()
                 inc = {"amax": mag.amax(0), "abs_sum": mag.sum(0), "n": flat.shape[0]}
@@ -103,7 +102,7 @@ def collect_input_stats(
                 if samples:
                     keep = torch.randperm(flat.shape[0])[:samples]
                     inc["rows"] = flat[keep].clone()
-                last.update(input=x, inc=inc, owner=name)
+                last["inc"] = inc
             st = stats[name]
             if st.amax is None:
                 st.amax, st.abs_sum = inc["amax"].clone(), inc["abs_sum"].clone()
@@ -126,6 +125,7 @@ def collect_input_stats(
         for handle in handles:
             handle.remove()
         last.clear()
+        shared.release()
     unseen = [name for name, st in stats.items() if st.count == 0]
     if unseen:
         # e.g. MoE experts that calibration routed no token to: no statistics to search with.
@@ -136,9 +136,9 @@ def collect_input_stats(
         )
         for name in unseen:
             del stats[name]
-    for name, seen in sources.items():
-        if len(seen) == 1 and None not in seen:
-            stats[name].source = next(iter(seen))
+    for name, source in shared.sources().items():
+        if name in stats:
+            stats[name].source = source
     if gram:
         for st in stats.values():
             st.gram = st.gram.triu() + st.gram.triu(1).T
