@@ -5,7 +5,8 @@ NVFP4 global weight scale (``weight_scale_2``): block scales computed against a 
 scale would be misread. ModelOpt's export therefore gives every NVFP4 layer of a group the
 group's largest global amax before storing codes; :func:`share_nvfp4_global_amax` does the same.
 Groups are found from one forward pass on the model's dummy inputs, with pre-forward hooks noting
-which Linear layers receive the very same tensor.
+which Linear layers receive the very same tensor as the layer before them
+(:class:`quant_core.algorithms.shared_inputs.SharedInputs`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quant_core.algorithms.shared_inputs import SharedInputs
 from quant_core.nn import TensorQuantizer
 
 
@@ -24,20 +26,17 @@ def shared_input_groups(model: nn.Module, inputs: dict[str, Any] | None = None) 
     ``inputs`` are keyword inputs of one forward pass; by default ``model.dummy_inputs``
     (transformers) or two token ids.
     """
-    seen: dict[int, tuple[torch.Tensor, list[str]]] = {}
-    hooks = []
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    shared = SharedInputs(linears)
 
     def note(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor):
-                # Keeping the tensor alive keeps its id from being reused within the pass.
-                seen.setdefault(id(args[0]), (args[0], []))[1].append(name)
+                shared.note(name, args[0])
 
         return hook
 
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_pre_hook(note(name)))
+    hooks = [m.register_forward_pre_hook(note(n)) for n, m in linears.items()]
     if inputs is None:
         inputs = getattr(model, "dummy_inputs", None) or {"input_ids": torch.tensor([[0, 1]])}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -51,7 +50,11 @@ def shared_input_groups(model: nn.Module, inputs: dict[str, Any] | None = None) 
         model.train(training)
         for h in hooks:
             h.remove()
-    return [names for _, names in seen.values() if len(names) > 1]
+        shared.release()
+    groups: dict[str, list[str]] = {}
+    for name, source in shared.sources().items():
+        groups.setdefault(source, [source]).append(name)
+    return list(groups.values())
 
 
 def _nvfp4_weight_quantizer(module: nn.Module) -> TensorQuantizer | None:
