@@ -20,6 +20,7 @@ from quant_kernels.plan import FP8_E4M3_MAX, QuantPlan
 
 __all__ = [
     "block_scales",
+    "divide",
     "fake_quantize_reference",
     "grid_values",
     "round_to_grid_",
@@ -45,6 +46,15 @@ def round_to_grid_(v: torch.Tensor, element: ElementFormat) -> torch.Tensor:
     return v.add_(c).sub_(c)
 
 
+def divide(t: torch.Tensor, d: float) -> torch.Tensor:
+    """``t / d`` correctly rounded on every device.
+
+    CUDA turns a division by a Python number into a multiplication by its float32 reciprocal,
+    which is off by one ulp for some ``t``; a 0-d tensor divisor keeps the IEEE division.
+    """
+    return t / torch.full((), d, dtype=t.dtype, device=t.device)
+
+
 def block_scales(
     amax: torch.Tensor, plan: QuantPlan, global_amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -56,18 +66,18 @@ def block_scales(
     """
     top = plan.hi
     if plan.scale_mode == "float32":
-        return amax / top, None, None
+        return divide(amax, top), None, None
     if plan.scale_mode == "e4m3":
-        gscale = global_amax.float() / (top * FP8_E4M3_MAX)
+        gscale = divide(global_amax.float(), top * FP8_E4M3_MAX)
         safe = torch.where(gscale == 0, 1.0, gscale)
-        r = (amax / top / safe).clamp_(max=FP8_E4M3_MAX)
+        r = (divide(amax, top) / safe).clamp_(max=FP8_E4M3_MAX)
         stored = round_to_grid_(r, _E4M3)
         return stored * gscale, stored, gscale
     # E8M0 (as ModelOpt): scale = 2**ceil(log2(amax / M)), so amax never clips. INT grids carry an
     # implicit 2**-shift (MXINT8: 1.6 fixed point), so the stored exponent is the scale's + shift.
     # A NaN or Inf amax gives a NaN scale: the group becomes NaN.
     shift = plan.element.mx_shift
-    unit = _ceil_log2(amax / top).clamp_(-127 - shift, 127 - shift)
+    unit = _ceil_log2(divide(amax, top)).clamp_(-127 - shift, 127 - shift)
     scale = torch.where(torch.isfinite(amax), torch.exp2(unit.float()), float("nan"))
     return scale, unit + shift, None
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from quant_kernels.blocking import group_amax
 from quant_kernels.plan import FP8_E4M3_MAX, QuantPlan
-from quant_kernels.reference import block_scales
+from quant_kernels.reference import block_scales, divide
 
 __all__ = ["fake_quantize_triton", "supports"]
 
@@ -231,7 +231,7 @@ def fake_quantize_triton(x: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor
             scale = torch.empty(n_groups, dtype=torch.float32, device=x.device)
             if plan.scale_mode == "e4m3":
                 gamax = plan.global_amax if plan.global_amax is not None else _abs_max(xc)
-                gscale = (gamax.float() / (top * FP8_E4M3_MAX)).reshape(())
+                gscale = divide(gamax.float(), top * FP8_E4M3_MAX).reshape(())
         else:
             scale = block_scales(plan.amax, plan, plan.global_amax)[0].reshape(-1).contiguous()
         _rows_kernel[grid](
