@@ -173,3 +173,34 @@ def test_awq_on_input_dims_not_multiple_of_block():
             err = float((xs @ ref.T - x @ w0.T).square().sum())  # (x / s) Q(W s)^T vs x W^T
             rtn = out_err(x, w0, blockwise_ref(w0, block_max(w0, 128), 128))
             assert err < rtn, (cin, algorithm)
+
+
+def test_awq_scale_search_picks_the_least_block_diagonal_error():
+    """Brute force in float64: every candidate scored by sum over blocks of d_b^T H_bb d_b."""
+    from quant_core.algorithms.awq import awq_scales, relative_weight_mean
+
+    x = salient_inputs(256, 96, seed=6)
+    w = torch.randn(16, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    fmt = BlockFormat(int_quant(4), block=32)
+    h = x.T @ x
+    alphas = torch.linspace(0.0, 1.0, 5, dtype=torch.float64)
+    alpha, s = awq_scale_search(w, x.abs().mean(0), h, fmt, alphas)
+    scaled = awq_scales(x.abs().mean(0), alphas, relative_weight_mean(w, fmt))
+    cands = [torch.ones(96, dtype=torch.float64), *scaled]
+
+    def block_diagonal_error(scales):
+        d = fmt(w * scales) / scales - w
+        return sum(
+            float(
+                torch.einsum(
+                    "ri,ij,rj->", d[:, b : b + 32], h[b : b + 32, b : b + 32], d[:, b : b + 32]
+                )
+            )
+            for b in range(0, 96, 32)
+        )
+
+    errors = [block_diagonal_error(c) for c in cands]
+    best = min(range(len(errors)), key=errors.__getitem__)
+    assert torch.equal(s, cands[best])
+    assert alpha == (-1.0 if best == 0 else float(alphas[best - 1]))
+    assert len(set(errors)) == len(errors)  # the candidates are distinguishable

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from algo_refs import block_max, blockwise_ref, int_quant
 
-from quant_core.algorithms.gptq import gptq_quantize
+from quant_core.algorithms.gptq import gptq_quantize, lower_triangular_inverse
 from quant_core.algorithms.mse import BlockFormat
 
 
@@ -269,3 +269,30 @@ def test_gptq_skips_modules_the_loop_never_ran_with_a_warning_and_max_weights():
     with torch.no_grad():
         got = model.unused.weight_quantizer(model.unused.weight).double()
     torch.testing.assert_close(got, blockwise_ref(w, expected_amax, 128), rtol=0, atol=1e-6)
+
+
+def test_lower_triangular_inverse_matches_float64_inverse():
+    gen = torch.Generator().manual_seed(30)
+    a = torch.randn(3, 300, 300, generator=gen, dtype=torch.float64)
+    lower = torch.linalg.cholesky(a @ a.mT + 300 * torch.eye(300, dtype=torch.float64))
+    got = lower_triangular_inverse(lower.float(), leaf=64)  # 300 -> 150 -> 75 -> 37/38
+    eye = torch.eye(300, dtype=torch.float64).expand_as(lower)
+    expected = torch.linalg.solve_triangular(lower, eye, upper=False)  # whole matrix, float64
+    assert torch.equal(got.triu(1), torch.zeros_like(got))
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6 * expected.abs().max())
+
+
+def test_gptq_leaves_torch_thread_settings_alone(monkeypatch):
+    """torch 2.13's CPU build breaks batched torch.linalg.inv/solve (MKL ?LASWP errors) for the
+    rest of the process once set_num_threads has been called twice, so calibration must not."""
+    import quant_core as mtq
+
+    def refuse(_n):
+        raise AssertionError("calibration called torch.set_num_threads")
+
+    monkeypatch.setattr(torch, "set_num_threads", refuse)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+    data = [correlated_inputs(64, 64, seed=s).float() for s in (17, 18)]
+    config = {**mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG.copy(), "algorithm": "gptq"}
+    mtq.quantize(model, config, lambda m: [m(b) for b in data])
+    assert model[0].weight_quantizer.amax is not None

@@ -106,15 +106,18 @@ def test_mse_amax_with_short_last_block_equals_brute_force_search():
     hb = hessian_diag_blocks(h, 8)
     assert hb.shape == (3, 8, 8)
     assert torch.equal(hb[2, :4, :4], h[16:, 16:]) and not hb[2, 4:].any()
-    for hessian in (None, h):
-        got = mse_amax(w, fmt, ratios=ratios, hessian=hessian, chunk_elems=64).squeeze(-1)
+    weighting = {
+        "plain": ({}, lambda cols: torch.eye(len(range(20)[cols]), dtype=torch.float64)),
+        "gram": ({"hessian": h}, lambda cols: h[cols, cols]),
+        "gram diagonal": ({"hessian_diag": h.diagonal()}, lambda cols: h[cols, cols].diag().diag()),
+    }
+    for kwargs, block_gram in weighting.values():
+        got = mse_amax(w, fmt, ratios=ratios, chunk_elems=64, **kwargs).squeeze(-1)
         assert got.shape == (4, 3)
         for r in range(4):
             for b, cols in enumerate(block_slices(20, 8)):
                 block = w[r, cols]
-                hbb = (
-                    torch.eye(len(block), dtype=torch.float64) if hessian is None else h[cols, cols]
-                )
+                hbb = block_gram(cols)
                 errs = []
                 for k in ratios:
                     d = quant(block, block.abs().max() * k) - block
@@ -153,3 +156,32 @@ def test_mse_algorithm_on_input_dims_not_multiple_of_block():
             err_rtn = (rtn - block).square().sum(-1)
             assert torch.all(err_mse <= err_rtn * (1 + 1e-6) + 1e-9)
             assert err_mse.sum() < err_rtn.sum()
+
+
+def test_kernel_format_int_path_equals_the_kernels_bit_for_bit():
+    """The searches' inlined INT arithmetic gives exactly quant_kernels.fake_quantize's result."""
+    import quant_kernels as qk
+    from quant_core.algorithms.mse import kernel_format
+    from quant_core.nn import TensorQuantizer
+
+    gen = torch.Generator().manual_seed(50)
+    w = torch.randn(48, 256, generator=gen) * torch.logspace(-3, 2, 48).unsqueeze(1)
+    w[3] = 0.0  # zero blocks: zero scale
+    for attrs in (
+        {"num_bits": 4, "block_sizes": {-1: 128}},
+        {"num_bits": 4, "block_sizes": {-1: 64}, "unsigned": True},
+        {"num_bits": 8, "axis": 0, "narrow_range": True},
+        {"num_bits": 8, "axis": None},
+    ):
+        fmt = kernel_format(TensorQuantizer(attrs))
+        assert fmt.int_range is not None
+        for ratio in (1.0, 0.7):
+            amax = fmt.amax(w) * ratio
+            got = fmt(w, amax)
+            kernel_amax = amax.squeeze(-1) if fmt.block else amax.reshape(-1)[:1].reshape(())
+            kwargs = {k: v for k, v in attrs.items() if k != "axis"}
+            if fmt.block is None and not fmt.per_tensor:
+                kernel_amax = amax.reshape(48, 1)
+            expected = qk.fake_quantize(w, amax=kernel_amax, **kwargs)
+            assert torch.equal(got, expected), (attrs, ratio)
+            assert not torch.equal(got, w)

@@ -10,6 +10,7 @@ from torch import nn
 import quant_core as mtq
 import quant_kernels
 from quant_core.algorithms.smoothquant import (
+    block_diagonal_gram,
     collect_input_stats,
     upper_gram,
     weights_quantized_once,
@@ -23,6 +24,29 @@ def test_upper_gram_holds_the_upper_blocks_of_the_float64_gram():
     full = g.triu() + g.triu(1).T
     torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-3)
     assert torch.all(g[256:, :256] == 0)  # the lower blocks are never computed
+
+
+def test_block_diagonal_gram_holds_the_diagonal_blocks_of_the_float64_gram():
+    x = torch.randn(200, 300, generator=torch.Generator().manual_seed(3))
+    ref = x.double().T @ x.double()
+    g = block_diagonal_gram(x, 128).double()  # blocks of 128, 128 and 44
+    mask = torch.zeros(300, 300, dtype=torch.bool)
+    for i in (0, 128, 256):
+        mask[i : i + 128, i : i + 128] = True
+    torch.testing.assert_close(g[mask], ref[mask], rtol=1e-4, atol=1e-3)
+    assert torch.all(g[~mask] == 0)
+
+
+def test_collected_block_gram_matches_the_full_gram_on_its_blocks():
+    layer = nn.Linear(96, 8)
+    batches = [torch.randn(2, 50, 96, generator=torch.Generator().manual_seed(s)) for s in (4, 5)]
+    full = collect_input_stats({"l": layer}, lambda: [layer(b) for b in batches], gram=True)
+    blocks = collect_input_stats({"l": layer}, lambda: [layer(b) for b in batches], gram=32)
+    for i in (0, 32, 64):
+        torch.testing.assert_close(
+            blocks["l"].gram[i : i + 32, i : i + 32], full["l"].gram[i : i + 32, i : i + 32]
+        )
+    assert blocks["l"].gram[:32, 32:].abs().sum() == 0
 
 
 def test_collected_gram_is_the_full_symmetric_input_gram():

@@ -24,12 +24,14 @@ from quant_core.algorithms._blocks import from_blocks, pad_gram, to_blocks
 from quant_core.algorithms.registry import register_algorithm
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
+from quant_kernels.reference import divide
 
 __all__ = [
     "BlockFormat",
     "QuantFn",
     "block_output_error",
     "hessian_diag_blocks",
+    "int_fake_quant",
     "kernel_format",
     "mse_amax",
     "mse_calibrate",
@@ -75,17 +77,26 @@ class BlockFormat:
         return from_blocks(self.quant(self.blocks(w), amax), w.shape[-1])
 
 
-def block_output_error(delta: Tensor, hessian_blocks: Tensor | None) -> Tensor:
+def block_output_error(
+    delta: Tensor, hessian_blocks: Tensor | None, diagonal: bool = False
+) -> Tensor:
     """Per-block output error ``d_b^T H_bb d_b`` of a weight error ``delta`` (..., rows, nb, bs).
 
     ``hessian_blocks`` holds the diagonal blocks of the input Gram matrix ``X^T X`` with shape
-    (..., nb, bs, bs), batch dims broadcasting with ``delta``'s; None weighs every input
-    channel equally (plain squared error).
+    (..., nb, bs, bs), batch dims broadcasting with ``delta``'s, or with ``diagonal`` only their
+    diagonals (..., nb, bs): then the error is ``sum_j H_jj d_j^2``, which ignores correlations between
+    input channels and costs one element-wise pass; None weighs every input channel equally
+    (plain squared error).
     """
     if hessian_blocks is None:
         return delta.square().sum(-1)
-    d = delta.movedim(-3, -2)  # (..., nb, rows, bs): one matrix product per block
-    return ((d @ hessian_blocks) * d).sum(-1).movedim(-1, -2)
+    if diagonal:
+        return (delta.square() * hessian_blocks.unsqueeze(-3)).sum(-1)
+    errors = []
+    for b in range(delta.shape[-2]):  # one (..., rows, bs) @ (bs, bs) product per block
+        d = delta[..., b, :]
+        errors.append(torch.linalg.vecdot(d @ hessian_blocks[..., b, :, :], d))
+    return torch.stack(errors, -1)
 
 
 def hessian_diag_blocks(hessian: Tensor, size: int) -> Tensor:
@@ -105,28 +116,48 @@ def mse_amax(
     ratios: Tensor | None = None,
     hessian: Tensor | None = None,
     chunk_elems: int = 1 << 24,
+    hessian_diag: Tensor | None = None,
 ) -> Tensor:
     """Per-block amax ``r * max|w_b|`` minimizing the block's quantization error over ``ratios``.
 
     The error is the plain squared error, or the layer-output error ``d^T H_bb d`` when the input
-    Gram matrix ``hessian`` (cols x cols) is given. Candidates are tried in batches of
-    ``chunk_elems`` elements. Returns amax of shape (..., rows, ceil(cols / block), 1); the zero
-    padding of a short last block quantizes to zero and so adds no error.
+    Gram matrix ``hessian`` (cols x cols) is given, or ``sum_j H_jj d_j^2`` when only its diagonal
+    ``hessian_diag`` (cols,) is (about half the cost; it ignores correlations between input
+    channels). Candidates are tried in batches of ``chunk_elems`` elements. Returns amax of shape
+    (..., rows, ceil(cols / block), 1); the zero padding of a short last block quantizes to zero
+    and so adds no error.
     """
     if ratios is None:
         ratios = torch.linspace(1.0, 0.5, 41)
     size = fmt.block_size(w.shape[-1])
-    h_blocks = None if hessian is None else hessian_diag_blocks(hessian.to(w.dtype), size)
+    if hessian is not None and hessian_diag is not None:
+        raise ValueError("mse_amax: give hessian or hessian_diag, not both")
+    diagonal = hessian_diag is not None
+    if diagonal:
+        h_blocks = to_blocks(hessian_diag.to(w.dtype), size)
+    else:
+        h_blocks = None if hessian is None else hessian_diag_blocks(hessian.to(w.dtype), size)
     blocks = fmt.blocks(w)
     base = fmt.amax(w)
     best_err = torch.full(base.shape[:-1], float("inf"), dtype=w.dtype, device=w.device)
     best = base.clone()
     per_batch = max(1, chunk_elems // max(1, w.numel()))
     ratios = ratios.to(w.device, w.dtype)
+    # INT grids quantize into one reused buffer and the error is formed in place: fresh
+    # candidate-sized tensors cost more in page faults than the arithmetic itself.
+    work = None
+    if fmt.int_range is not None and hessian is None:
+        shape = (min(per_batch, len(ratios)), *blocks.shape)
+        work = torch.empty(shape, dtype=torch.float32, device=w.device)
     for start in range(0, len(ratios), per_batch):
         r = ratios[start : start + per_batch].view(-1, *([1] * base.dim()))
         cand = base * r
-        err = block_output_error(fmt.quant(blocks, cand) - blocks, h_blocks)
+        if work is None:
+            err = block_output_error(fmt.quant(blocks, cand) - blocks, h_blocks, diagonal)
+        else:
+            delta = int_fake_quant(blocks, cand, *fmt.int_range, out=work[: len(r)])
+            delta.sub_(blocks).square_()
+            err = (delta.mul_(h_blocks.unsqueeze(-3)) if diagonal else delta).sum(-1)
         if fmt.per_tensor:
             err = err.sum((-2, -1), keepdim=True).expand_as(err)
         err_min, idx = err.min(0)
@@ -174,7 +205,11 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
     if scale_bits == (4, 3) and global_amax is not None:
         kwargs["global_amax"] = global_amax
 
+    int_range = _int_range(q) if scale_bits is None else None
+
     def quant(x: Tensor, amax: Tensor) -> Tensor:
+        if int_range is not None:
+            return int_fake_quant(x, amax, *int_range)
         lead = torch.broadcast_shapes(x.shape[:-1], amax.shape[:-1])
         x = x.expand(*lead, x.shape[-1])
         if amax.shape[-1] == 1 and x.shape[-1] > 1:
@@ -188,7 +223,17 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
         )
         return y.squeeze(-1)
 
-    return BlockFormat(quant, block, per_tensor, _int_range(q) if scale_bits is None else None)
+    return BlockFormat(quant, block, per_tensor, int_range)
+
+
+def int_fake_quant(x: Tensor, amax: Tensor, lo: int, hi: int, out: Tensor | None = None) -> Tensor:
+    """``quant_kernels.fake_quantize`` on an INT grid ``[lo, hi]`` with ``amax`` broadcasting against
+    ``x`` (one amax per element or per block), in the kernels' float32 arithmetic (bit-identical
+    results) without their layout work: the searches call it on many candidate amaxes at once.
+    ``out`` (float32, the broadcast shape) receives the result when given."""
+    scale = divide(amax.float(), hi)
+    v = torch.div(x.float(), torch.where(scale == 0, 1.0, scale), out=out)
+    return v.clamp_(lo, hi).round_().mul_(scale).to(x.dtype)
 
 
 def _int_range(q: TensorQuantizer) -> tuple[int, int] | None:

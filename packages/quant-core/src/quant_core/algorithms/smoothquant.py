@@ -35,6 +35,7 @@ from quant_core.algorithms.shared_inputs import SharedInputs
 __all__ = [
     "InputStats",
     "apply_input_scale",
+    "block_diagonal_gram",
     "calibrate_with_stats",
     "collect_input_stats",
     "search_smoothing",
@@ -74,13 +75,15 @@ def collect_input_stats(
     modules: Mapping[str, nn.Module],
     forward_loop: Callable[[], None],
     *,
-    gram: bool = False,
+    gram: bool | int = False,
     samples: int = 0,
 ) -> dict[str, InputStats]:
     """Run ``forward_loop`` once with pre-hooks on ``modules`` and return their input statistics.
 
-    Always collects per-channel max |x| and mean |x|; ``gram`` adds ``X^T X`` (float32, summed
-    over tokens); ``samples`` keeps up to that many input rows per batch. Modules fed the very
+    Always collects per-channel max |x| and mean |x|; ``gram=True`` adds ``X^T X`` (float32,
+    summed over tokens), ``gram=k`` only its diagonal k x k blocks (zeros elsewhere: what
+    block-wise searches read, at a fraction of the cost); ``samples`` keeps up to that many input
+    rows per batch. Modules fed the very
     same tensor (q/k/v projections) share one computation of the per-batch statistics.
     """
     stats = {name: InputStats() for name in modules}
@@ -97,8 +100,10 @@ def collect_input_stats(
                 mag = flat.abs()
                 inc = {"amax": mag.amax(0), "abs_sum": mag.sum(0), "n": flat.shape[0]}
                 del mag
-                if gram:
+                if gram is True:
                     inc["gram"] = upper_gram(flat)
+                elif gram:
+                    inc["gram"] = block_diagonal_gram(flat, gram)
                 if samples:
                     keep = torch.randperm(flat.shape[0])[:samples]
                     inc["rows"] = flat[keep].clone()
@@ -139,10 +144,21 @@ def collect_input_stats(
     for name, source in shared.sources().items():
         if name in stats:
             stats[name].source = source
-    if gram:
+    if gram is True:
         for st in stats.values():
             st.gram = st.gram.triu() + st.gram.triu(1).T
     return stats
+
+
+def block_diagonal_gram(x: Tensor, size: int) -> Tensor:
+    """``x^T x`` (x: tokens x n) on its diagonal ``size`` x ``size`` blocks, zeros elsewhere (the
+    last block is short when ``size`` does not divide n)."""
+    n = x.shape[-1]
+    out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    for i in range(0, n, size):
+        block = x[:, i : i + size]
+        out[i : i + size, i : i + size].addmm_(block.T, block)
+    return out
 
 
 def upper_gram(x: Tensor, chunk: int = 256) -> Tensor:
