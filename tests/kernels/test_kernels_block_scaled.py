@@ -158,3 +158,12 @@ def test_dynamic_inf_poisons_its_group_and_nvfp4_the_tensor():
         assert not torch.isnan(y[[0, 2, 3]]).any()
     y = qk.fake_quantize(x, (2, 1), block_sizes={-1: 16}, scale_bits=(4, 3))
     assert torch.isnan(y).all()  # the global amax is inf too
+
+
+def test_e8m0_powers_of_two_are_exact_down_to_the_smallest_subnormal():
+    """The reference builds 2**unit from bits (CUDA's exp2 is one ulp off for some subnormals)."""
+    from quant_kernels.reference import _pow2
+
+    unit = torch.arange(-149, 128, dtype=torch.int32)
+    expected = torch.tensor([2.0 ** int(k) for k in unit], dtype=torch.float64)
+    assert torch.equal(_pow2(unit).double(), expected)

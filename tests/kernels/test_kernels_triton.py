@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -83,6 +84,86 @@ def test_triton_interpreter_equals_reference(kwargs, static, dtype):
     out = _run(x, kwargs, static, "triton")
     assert out.dtype == dtype and out.shape == x.shape
     assert _same_bits(ref, out)
+
+
+# (shape, kwargs): tiles and rows that do not divide the shape, and each scale shape of the tile kernel
+SHAPE_CASES = [
+    ((70, 600), {"num_bits": 8}),  # per tensor: one scale per tile
+    ((70, 600), {"num_bits": 8, "axis": -1}),  # per column: a [1, BN] scale row per tile
+    ((70, 600), {"num_bits": 8, "axis": 0}),  # per row: row kernel, last program half full
+    ((6, 10, 600), {"num_bits": 8, "axis": 0}),  # 10 x 600 groups: a [BM, 1] scale column
+    ((3, 20000), {"num_bits": (4, 3), "axis": 0}),  # rows too long for the row kernel
+    ((70, 600), {"num_bits": (4, 3), "block_sizes": {-1: 300, -2: 35}}),  # blocks cross tiles
+    ((128, 512), {"num_bits": 4, "block_sizes": {-1: 256, -2: 64}}),  # blocks hold whole tiles
+    ((70, 600), {"num_bits": (2, 1), "block_sizes": {-1: 40, -2: 14}, "scale_bits": (4, 3)}),
+    ((70, 600), {"num_bits": (4, 3), "block_sizes": {-1: 24, -2: 10}, "scale_bits": (8, 0)}),
+    ((70, 48), {"num_bits": (2, 1), "block_sizes": {-1: 16}, "scale_bits": (4, 3)}),
+    ((70, 96), {"num_bits": 8, "block_sizes": {-1: 32}, "scale_bits": (8, 0)}),
+]
+
+
+def _shaped_input(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    torch.manual_seed(22)
+    x = torch.randn(shape) * torch.logspace(-4, 4, math.prod(shape)).reshape(shape)
+    flat = x.view(-1)
+    flat[[5, 17, 40]] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    x.view(-1, shape[-1])[12:16] = 0.0  # all-zero rows (whole groups for row-wise plans)
+    return x.to(dtype)
+
+
+def _shape_params() -> list:
+    """(shape, kwargs, mode): dynamic unless an axis needs an amax; e4m3 also with given global amaxes."""
+    params = []
+    for shape, kwargs in SHAPE_CASES:
+        modes = ["static"] if "axis" in kwargs else ["dynamic", "static"]
+        if kwargs.get("scale_bits") == (4, 3):
+            modes += ["static-zero-gamax", "static-big-gamax"]
+        params += [pytest.param(shape, kwargs, m, id=f"{shape}-{kwargs}-{m}") for m in modes]
+    return params
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 or a CUDA device",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("shape", "kwargs", "mode"), _shape_params())
+def test_triton_scales_and_odd_shapes(shape, kwargs, mode, dtype):
+    """y and the returned scale equal the reference's, for odd shapes and zero amaxes / global
+    amaxes; under the interpreter on CPU, compiled on CUDA."""
+    from quant_kernels.plan import make_plan
+    from quant_kernels.reference import fake_quantize_reference
+    from quant_kernels.triton_kernels import fake_quantize_triton
+
+    kwargs = dict(kwargs)
+    axis = kwargs.pop("axis", None)
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    x = _shaped_input(shape, dtype).to(device)
+    amax = gamax = None
+    if mode != "dynamic":
+        finite = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        amax = qk.reduce_amax(finite, axis=axis, block_sizes=kwargs.get("block_sizes")) * 0.75
+        if amax.numel() > 1:
+            amax.view(-1)[1] = 0.0  # a zero-amax group: zeros, NaN stays NaN
+        if mode == "static-zero-gamax":
+            gamax = torch.tensor(0.0, device=device)
+        elif mode == "static-big-gamax":
+            gamax = amax.max() * 3
+    plan = make_plan(
+        x,
+        kwargs["num_bits"],
+        amax,
+        kwargs.get("block_sizes"),
+        kwargs.get("scale_bits"),
+        gamax,
+        False,
+        False,
+    )
+    ref_y, ref_scale = fake_quantize_reference(x, plan)
+    y, scale = fake_quantize_triton(x, plan)
+    assert y.dtype == dtype and y.shape == x.shape and scale.shape == ref_scale.shape
+    assert _same_bits(ref_y, y)
+    assert _same_bits(ref_scale, scale)
 
 
 @interpreter

@@ -78,8 +78,16 @@ def block_scales(
     # A NaN or Inf amax gives a NaN scale: the group becomes NaN.
     shift = plan.element.mx_shift
     unit = _ceil_log2(divide(amax, top)).clamp_(-127 - shift, 127 - shift)
-    scale = torch.where(torch.isfinite(amax), torch.exp2(unit.float()), float("nan"))
+    scale = torch.where(torch.isfinite(amax), _pow2(unit), float("nan"))
     return scale, unit + shift, None
+
+
+def _pow2(unit: torch.Tensor) -> torch.Tensor:
+    """``2**unit`` (int32, -149..127) as float32 from its bits: CUDA's exp2 is one ulp off for
+    some subnormal results (2**-127 among them); subnormals as ``2**(unit + 64) * 2**-64``."""
+    normal = ((unit.clamp(min=-126) + 127) << 23).view(torch.float32)
+    tiny = ((unit.clamp(max=-64) + 191) << 23).view(torch.float32) * 2.0**-64
+    return torch.where(unit >= -126, normal, tiny)
 
 
 def _ceil_log2(r: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,19 @@
 """Triton kernels for fake quantization (the GPU path); they repeat the reference arithmetic exactly.
 
 Two kernels cover every plan whose groups are whole runs of rows/columns of ``x`` viewed as 2D
-``(rows, last dim)``:
+``(rows, last dim)``. Both take float32 amaxes, one per group, and turn them into scales in-kernel
+(`_scale_from_amax`; NVFP4's global scale comes in as a 0-d tensor made with `reference.divide`),
+storing the scales they use for the caller, so no torch pass runs over the scales first:
 
 * `_rows_kernel`: groups that are contiguous runs along the last dim (block-wise, per token,
-  per row). One pass: load a tile of groups, take each group's amax (dynamic) or load its scale
-  (static), quantize, store. This is the hot path for INT4/INT8 blocks, FP8 per token, NVFP4, MX.
-* `_tiles_kernel`: any other grouping (per tensor, per column, 2D blocks) over 2D tiles; each
-  element looks its group's scale up. Dynamic amaxes for it are reduced by torch first.
+  per row). One pass: load a tile of whole groups, take each group's amax (dynamic) or load it
+  (static), compute and store the scales, quantize, store. This is the hot path for INT4/INT8
+  blocks, FP8 per token, NVFP4, MX.
+* `_tiles_kernel`: any other grouping (per tensor, per column, 2D blocks) over 2D tiles (16 x 256
+  on wide tensors). Dynamic amaxes for it are reduced by torch first. The constexpr flags
+  ``ROWS_VARY`` / ``COLS_VARY`` say whether a tile spans several groups down / across, so a tile
+  loads one amax (per tensor, or blocks holding whole tiles), a ``[1, BN]`` row of them (per
+  column), a ``[BM, 1]`` column (per row) or, for 2D blocks crossing the tile, one per element.
 
 Rounding uses float32 arithmetic only (the ``1.5 * 2**23`` trick; division with ``div_rn``; no FMA
 contraction), so results match the reference on a GPU and under ``TRITON_INTERPRET=1``, whose
@@ -24,11 +30,15 @@ import triton.language as tl
 
 from quant_kernels.blocking import group_amax
 from quant_kernels.plan import FP8_E4M3_MAX, QuantPlan
-from quant_kernels.reference import block_scales, divide
+from quant_kernels.reference import divide
 
 __all__ = ["fake_quantize_triton", "supports"]
 
 _MAX_ROW = 16384  # longest group the one-pass row kernel holds in registers
+# Elements per program: measured on an H200 (8192 x 8192 bf16), 2048 for the row kernel (whole
+# groups, at most 256) and 16 x 256 tiles with 4 warps beat larger programs.
+_ROW_ELEMS = 2048
+_TILE_W, _TILE_ELEMS, _TILE_WARPS = 256, 4096, 4  # widest tile, elements per tile, warps
 _SCALE_MODES = {"float32": 0, "e4m3": 1, "e8m0": 2}
 _MAGIC = 12582912.0  # 1.5 * 2**23: (v + c) - c rounds v half to even to a multiple of c / _MAGIC
 
@@ -64,11 +74,13 @@ def _to_output(y, OUT_BF16: tl.constexpr, out_dtype: tl.constexpr):
 
 
 @triton.jit
-def _scale_from_amax(amax, gscale, top, SCALE_MODE: tl.constexpr, MX_SHIFT: tl.constexpr):
-    """Per-group scale, as `reference.block_scales`: amax/M, E4M3 two-level, or E8M0 2**ceil(log2(amax/M))."""
+def _scale_from_amax(amax, gscale_ptr, top, SCALE_MODE: tl.constexpr, MX_SHIFT: tl.constexpr):
+    """Per-group scale, as `reference.block_scales`: amax/M, E4M3 two-level (global scale read from
+    ``gscale_ptr``), or E8M0 2**ceil(log2(amax/M))."""
     if SCALE_MODE == 0:
         scale = tl.math.div_rn(amax, top)
     elif SCALE_MODE == 1:
+        gscale = tl.load(gscale_ptr)
         safe = tl.where(gscale == 0, 1.0, gscale)
         r = tl.math.div_rn(tl.math.div_rn(amax, top), safe)
         r = tl.where(r > 448.0, 448.0, r)
@@ -90,9 +102,21 @@ def _scale_from_amax(amax, gscale, top, SCALE_MODE: tl.constexpr, MX_SHIFT: tl.c
 
 
 @triton.jit
+def _fake_quant(
+    x, scale, lo, hi, IS_INT: tl.constexpr, MIN_NORMAL: tl.constexpr, STEP: tl.constexpr
+):
+    """``grid_round(clamp(x / scale, lo, hi)) * scale`` in float32 (a zero scale divides by 1);
+    ``scale`` broadcasts against ``x`` (a scalar, a row or column vector, or a full tile)."""
+    divisor = tl.where(scale == 0, 1.0, scale)
+    v = _clamp(tl.math.div_rn(x, divisor), lo, hi)
+    return _round_grid(v, IS_INT, MIN_NORMAL, STEP) * scale
+
+
+@triton.jit
 def _rows_kernel(
     x_ptr,
     y_ptr,
+    amax_ptr,
     scale_ptr,
     gscale_ptr,
     n_groups,
@@ -120,16 +144,11 @@ def _rows_kernel(
         amax = tl.max(tl.abs(x), axis=1)
         has_nan = tl.max((x != x).to(tl.int32), axis=1)
         amax = tl.where(has_nan > 0, float("nan"), amax)
-        gscale = 0.0
-        if SCALE_MODE == 1:
-            gscale = tl.load(gscale_ptr)
-        scale = _scale_from_amax(amax, gscale, top, SCALE_MODE, MX_SHIFT)
-        tl.store(scale_ptr + rows, scale, mask=row_ok)
     else:
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
-    divisor = tl.where(scale == 0, 1.0, scale)
-    v = _clamp(tl.math.div_rn(x, divisor[:, None]), lo, hi)
-    y = _round_grid(v, IS_INT, MIN_NORMAL, STEP) * scale[:, None]
+        amax = tl.load(amax_ptr + rows, mask=row_ok, other=0.0)
+    scale = _scale_from_amax(amax, gscale_ptr, top, SCALE_MODE, MX_SHIFT)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    y = _fake_quant(x, scale[:, None], lo, hi, IS_INT, MIN_NORMAL, STEP)
     tl.store(y_ptr + offs, _to_output(y, OUT_BF16, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -137,7 +156,9 @@ def _rows_kernel(
 def _tiles_kernel(
     x_ptr,
     y_ptr,
+    amax_ptr,
     scale_ptr,
+    gscale_ptr,
     n_rows,
     n_cols,
     group_h,
@@ -145,24 +166,39 @@ def _tiles_kernel(
     n_group_cols,
     lo,
     hi,
+    top,
+    SCALE_MODE: tl.constexpr,
+    MX_SHIFT: tl.constexpr,
     IS_INT: tl.constexpr,
     MIN_NORMAL: tl.constexpr,
     STEP: tl.constexpr,
     OUT_BF16: tl.constexpr,
+    ROWS_VARY: tl.constexpr,
+    COLS_VARY: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    r0 = tl.program_id(0) * BM
+    c0 = tl.program_id(1) * BN
+    rows = r0 + tl.arange(0, BM)
+    cols = c0 + tl.arange(0, BN)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-    # one scale per (group_h x group_w) rectangle; the divisions run per row and per column only
-    scale_idx = (rows // group_h)[:, None] * n_group_cols + (cols // group_w)[None, :]
-    scale = tl.load(scale_ptr + scale_idx, mask=mask, other=1.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    divisor = tl.where(scale == 0, 1.0, scale)
-    v = _clamp(tl.math.div_rn(x, divisor), lo, hi)
-    y = _round_grid(v, IS_INT, MIN_NORMAL, STEP) * scale
+    # Group coordinates of the tile's elements, [1, 1] along an axis where the whole tile lies in one
+    # group (ROWS_VARY / COLS_VARY False): the scale is then one value, a [BM, 1] column, a [1, BN]
+    # row, or (2D blocks crossing the tile) a full [BM, BN] gather. [1, 1], not a scalar: the
+    # interpreter mistypes a scalar & tensor mask.
+    one = tl.zeros((1, 1), tl.int32)
+    r = rows[:, None] if ROWS_VARY else r0 + one
+    c = cols[None, :] if COLS_VARY else c0 + one
+    inside = (r < n_rows) & (c < n_cols)
+    idx = (r // group_h) * n_group_cols + c // group_w
+    amax = tl.load(amax_ptr + idx, mask=inside, other=0.0)
+    scale = _scale_from_amax(amax, gscale_ptr, top, SCALE_MODE, MX_SHIFT)
+    # each group's scale is stored where its first element is
+    tl.store(scale_ptr + idx, scale, mask=inside & (r % group_h == 0) & (c % group_w == 0))
+    y = _fake_quant(x, scale, lo, hi, IS_INT, MIN_NORMAL, STEP)
     tl.store(y_ptr + offs, _to_output(y, OUT_BF16, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -217,56 +253,50 @@ def fake_quantize_triton(x: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor
     n_rows, n_cols, group_h, group_w = dims
     xc = x.contiguous()
     y = torch.empty_like(xc)
-    elem = _element_args(plan, y)
+    scale = torch.empty(layout.num_groups, dtype=torch.float32, device=x.device)
+    args = {
+        "SCALE_MODE": _SCALE_MODES[plan.scale_mode],
+        "MX_SHIFT": plan.element.mx_shift,
+        "enable_fp_fusion": False,
+        **_element_args(plan, y),
+    }
     lo, hi, top = plan.lo, plan.hi, plan.hi
-    mode = _SCALE_MODES[plan.scale_mode]
 
     if group_h == 1 and group_w <= _MAX_ROW:
-        n_groups = xc.numel() // group_w
+        amax = scale if plan.dynamic else plan.amax.reshape(-1).contiguous()  # dynamic: unused
         block_w = triton.next_power_of_2(group_w)
-        rows = max(1, min(256, 4096 // block_w))  # about 4096 elements per program
-        grid = (triton.cdiv(n_groups, rows),)
-        gscale = torch.zeros((), dtype=torch.float32, device=x.device)
-        if plan.dynamic:
-            scale = torch.empty(n_groups, dtype=torch.float32, device=x.device)
-            if plan.scale_mode == "e4m3":
-                gamax = plan.global_amax if plan.global_amax is not None else _abs_max(xc)
-                gscale = divide(gamax.float(), top * FP8_E4M3_MAX).reshape(())
-        else:
-            scale = block_scales(plan.amax, plan, plan.global_amax)[0].reshape(-1).contiguous()
-        _rows_kernel[grid](
+        rows = max(1, min(256, _ROW_ELEMS // block_w))
+        _rows_kernel[(triton.cdiv(layout.num_groups, rows),)](
             xc,
             y,
+            amax,
             scale,
-            gscale,
-            n_groups,
+            _global_scale(plan, xc, None, scale),
+            layout.num_groups,
             group_w,
             lo,
             hi,
             top,
             DYNAMIC=plan.dynamic,
-            SCALE_MODE=mode,
-            MX_SHIFT=plan.element.mx_shift,
             ROWS=rows,
             BLOCK_W=block_w,
             num_warps=4 if rows * block_w <= 4096 else 8,
-            enable_fp_fusion=False,
-            **elem,
+            **args,
         )
         return y.reshape(x.shape), scale.reshape(layout.scale_view_shape)
 
     amax = plan.amax
-    gamax = plan.global_amax
-    if amax is None:
+    if amax is None:  # dynamic: torch reduces the amaxes first
         amax = group_amax(layout.to_view(xc.reshape(layout.shape)), layout.reduce_dims)
-        if plan.scale_mode == "e4m3" and gamax is None:
-            gamax = amax.amax()
-    scale = block_scales(amax, plan, gamax)[0].contiguous()
-    bm, bn = 16, 256
+    amax = amax.contiguous()
+    bn = min(_TILE_W, triton.next_power_of_2(n_cols))
+    bm = min(1024, _TILE_ELEMS // bn)
     _tiles_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
         xc,
         y,
+        amax,
         scale,
+        _global_scale(plan, xc, amax, scale),
         n_rows,
         n_cols,
         group_h,
@@ -274,13 +304,28 @@ def fake_quantize_triton(x: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor
         n_cols // group_w,
         lo,
         hi,
+        top,
+        ROWS_VARY=group_h % bm != 0 and group_h < n_rows,
+        COLS_VARY=group_w % bn != 0 and group_w < n_cols,
         BM=bm,
         BN=bn,
-        num_warps=4,
-        enable_fp_fusion=False,
-        **elem,
+        num_warps=_TILE_WARPS,
+        **args,
     )
     return y.reshape(x.shape), scale.reshape(layout.scale_view_shape)
+
+
+def _global_scale(
+    plan: QuantPlan, xc: torch.Tensor, amax: torch.Tensor | None, unused: torch.Tensor
+) -> torch.Tensor:
+    """NVFP4's float32 global scale ``global_amax / (M * 448)`` (0-d) for e4m3 plans, else ``unused``
+    (any float32 tensor: the kernels do not read it). A dynamic plan's global amax is max |x|."""
+    if plan.scale_mode != "e4m3":
+        return unused
+    gamax = plan.global_amax
+    if gamax is None:
+        gamax = amax.amax() if amax is not None else _abs_max(xc)
+    return divide(gamax.float(), plan.hi * FP8_E4M3_MAX).reshape(())
 
 
 def _abs_max(x: torch.Tensor) -> torch.Tensor:
