@@ -124,3 +124,5 @@ def tests_gpu(session: nox.Session, cuda: str) -> None:
     session.install("torch", "--index-url", CUDA_TORCH_INDEXES[cuda])
     session.install(*_editable("kernels", "core", "llm", "export"), "triton>=3.3", *TEST_DEPS)
     session.run("pytest", "tests", "-m", "gpu", *session.posargs)
+    # the kernels tests not marked gpu compare the compiled kernels too when CUDA is present
+    session.run("pytest", "tests/kernels", "-m", "not gpu", *session.posargs)
