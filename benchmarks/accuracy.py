@@ -18,7 +18,6 @@ import gc
 import importlib.util
 import os
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -112,29 +111,32 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def high_water_bytes() -> int:
+    """This process's peak resident memory since the last reset (Linux /proc VmHWM)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 class PeakMemory:
-    """Peak resident memory above the starting point while the block runs (sampled every 5 ms)."""
+    """Peak resident memory above the starting point while the block runs.
+
+    Reads the kernel's high-water mark, reset on entry through ``/proc/self/clear_refs``, so no
+    sampling thread competes for the GIL with the code being timed.
+    """
 
     def __enter__(self) -> PeakMemory:
         self._start = resident_bytes()
-        self.peak = self._start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
         return self
 
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, resident_bytes())
-
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_bytes())
+        self.peak = high_water_bytes()
 
     @property
     def extra_mib(self) -> float:
-        return (self.peak - self._start) / 2**20
+        return max(0, self.peak - self._start) / 2**20
 
 
 # ----- MiniLM -----------------------------------------------------------------------------------

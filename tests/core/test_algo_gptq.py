@@ -185,8 +185,8 @@ def test_gptq_int_column_path_equals_the_kernel_quantizer_path():
         {"num_bits": 4, "block_sizes": {-1: 16}, "unsigned": True},
     ):
         fmt = kernel_format(TensorQuantizer(QuantizerAttributeConfig(**attrs)))
-        assert fmt.int_range is not None
-        generic = dataclasses.replace(fmt, int_range=None)
+        assert fmt.grid is not None
+        generic = dataclasses.replace(fmt, grid=None)
         w = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(61))
         if attrs.get("unsigned"):
             w = w.abs()

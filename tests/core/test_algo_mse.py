@@ -158,8 +158,8 @@ def test_mse_algorithm_on_input_dims_not_multiple_of_block():
             assert err_mse.sum() < err_rtn.sum()
 
 
-def test_kernel_format_int_path_equals_the_kernels_bit_for_bit():
-    """The searches' inlined INT arithmetic gives exactly quant_kernels.fake_quantize's result."""
+def test_kernel_format_grid_path_equals_the_kernels_bit_for_bit():
+    """The searches' inlined INT/FP grid arithmetic gives exactly quant_kernels.fake_quantize's result."""
     import quant_kernels as qk
     from quant_core.algorithms.mse import kernel_format
     from quant_core.nn import TensorQuantizer
@@ -172,9 +172,12 @@ def test_kernel_format_int_path_equals_the_kernels_bit_for_bit():
         {"num_bits": 4, "block_sizes": {-1: 64}, "unsigned": True},
         {"num_bits": 8, "axis": 0, "narrow_range": True},
         {"num_bits": 8, "axis": None},
+        {"num_bits": (4, 3), "axis": None},
+        {"num_bits": (4, 3), "axis": 0},
+        {"num_bits": (5, 2), "block_sizes": {-1: 32}},
     ):
         fmt = kernel_format(TensorQuantizer(attrs))
-        assert fmt.int_range is not None
+        assert fmt.grid is not None
         for ratio in (1.0, 0.7):
             amax = fmt.amax(w) * ratio
             got = fmt(w, amax)

@@ -26,7 +26,7 @@ from quant_core.algorithms.mse import (
 )
 from quant_core.algorithms.registry import register_algorithm
 from quant_core.algorithms.smoothquant import calibrate_with_stats, effective_input_stats
-from quant_kernels.reference import divide
+from quant_kernels.reference import divide, round_to_grid_
 
 __all__ = ["gptq", "gptq_quantize", "inverse_hessian_factor", "lower_triangular_inverse"]
 
@@ -74,41 +74,48 @@ def lower_triangular_inverse(lower: Tensor, leaf: int = 128) -> Tensor:
 class _ColumnQuantizer:
     """Quantizes one weight column at a time with the amax of each element's block.
 
-    For plain INT formats (``fmt.int_range``) the per-column scales are computed once and each
-    column costs a handful of element-wise ops (the same float32 arithmetic as the kernels);
-    other formats call ``fmt.quant`` with the column's amax.
+    Columns are rows of the transposed working copy, (B, cols, rows), so that every per-column
+    op reads contiguous memory. For plain grids (``fmt.grid``: INT or FP elements with float32
+    scales) the per-column scales are computed once and each column costs a handful of
+    element-wise ops (the same float32 arithmetic as the kernels); other formats call
+    ``fmt.quant`` with the column's amax.
     """
 
     def __init__(self, fmt: BlockFormat, amax_blocks: Tensor, col_block: Tensor) -> None:
-        self.fmt, self.amax_blocks, self.col_block = fmt, amax_blocks, col_block
+        self.fmt, self.amax_blocks = fmt, amax_blocks
         rows = amax_blocks.shape[-2]
         self._index = col_block.unsqueeze(1).expand(-1, rows, -1)  # (B, rows, cols)
-        self.scale = self.divisor = None
-        if fmt.int_range is not None:
+        self.scale = self.divisor = None  # (B, cols, rows)
+        if fmt.grid is not None:
             self.scale = torch.empty(
-                self._index.shape, dtype=torch.float32, device=amax_blocks.device
+                self._index.mT.shape, dtype=torch.float32, device=amax_blocks.device
             )
             self.divisor = torch.empty_like(self.scale)
             self.refresh(slice(None))
 
-    def amax(self, cols: slice | int) -> Tensor:
-        """Amax of the elements of the columns ``cols`` (permuted order)."""
+    def amax(self, cols: slice) -> Tensor:
+        """Amax of the elements of the columns ``cols`` (permuted order), (B, rows, n)."""
         return self.amax_blocks.gather(-1, self._index[..., cols])
 
     def refresh(self, cols: slice) -> None:
         """Recompute the scales of ``cols`` after their blocks' amax changed."""
         if self.scale is None:
             return
-        scale = divide(self.amax(cols).float(), self.fmt.int_range[1])
-        self.scale[..., cols] = scale
-        self.divisor[..., cols] = torch.where(scale == 0, 1.0, scale)
+        scale = divide(self.amax(cols).float(), self.fmt.grid.hi).mT
+        self.scale[:, cols] = scale
+        self.divisor[:, cols] = torch.where(scale == 0, 1.0, scale)
 
-    def __call__(self, x: Tensor, col: int) -> Tensor:
+    def __call__(self, x: Tensor, col: int, out: Tensor) -> None:
+        """Quantize column ``col`` given as ``x`` (B, rows) into ``out`` (same shape and dtype)."""
         if self.scale is None:
-            return self.fmt.quant(x, self.amax(slice(col, col + 1)).squeeze(-1))
-        lo, hi = self.fmt.int_range
-        v = x.float().div(self.divisor[..., col]).clamp_(lo, hi).round_()
-        return v.mul_(self.scale[..., col]).to(x.dtype)
+            out.copy_(self.fmt.quant(x, self.amax(slice(col, col + 1)).squeeze(-1)))
+            return
+        grid = self.fmt.grid
+        target = out if out.dtype == torch.float32 else None  # float64 weights: float32 math
+        v = torch.div(x.float(), self.divisor[:, col], out=target)
+        round_to_grid_(v.clamp_(grid.lo, grid.hi), grid.element).mul_(self.scale[:, col])
+        if target is None:
+            out.copy_(v)
 
 
 def gptq_quantize(
@@ -124,10 +131,11 @@ def gptq_quantize(
     """GPTQ-round ``weight`` (B, rows, cols) given input Gram matrices ``hessian`` (B, cols, cols).
 
     Unbatched 2-D inputs are accepted too. Per-block amax comes from ``amax`` (B, rows, nb, 1),
-    ``nb = ceil(cols / block)`` (the last block may be short), when given; otherwise from max |w| of each quantization block when its first column is
-    reached (with ``act_order``, from the weight before any update, so that blocks stay
-    contiguous in the original column order). Returns ``(quantized weight, amax)``; the
-    quantized weight lies on the grid that ``amax`` defines, so re-quantizing it is a no-op.
+    ``nb = ceil(cols / block)`` (the last block may be short), when given; otherwise from max |w|
+    of each quantization block when its first column is reached (with ``act_order``, from the
+    weight before any update, so that blocks stay contiguous in the original column order).
+    Returns ``(quantized weight, amax)``; the quantized weight lies on the grid that ``amax``
+    defines, so re-quantizing it is a no-op.
     """
     squeeze = weight.dim() == 2
     dtype = torch.promote_types(weight.dtype, torch.float32)
@@ -150,7 +158,8 @@ def gptq_quantize(
         perm = torch.argsort(diag, dim=-1, descending=True)
     else:
         perm = torch.arange(cols, device=w.device).expand(nbatch, cols)
-    w = w.gather(-1, perm.unsqueeze(1).expand(nbatch, rows, cols))
+    # working copy with columns as rows (B, cols, rows), in the order they are quantized
+    wt = w.mT.gather(-2, perm.unsqueeze(-1).expand(nbatch, cols, rows))
     h = h.gather(-1, perm.unsqueeze(1).expand(nbatch, cols, cols))
     h = h.gather(-2, perm.unsqueeze(-1).expand(nbatch, cols, cols))
     hinv = inverse_hessian_factor(h, percdamp)
@@ -163,28 +172,26 @@ def gptq_quantize(
     )
     col_block = perm // group  # (B, cols): quantization block of each (permuted) column
     quant_cols = _ColumnQuantizer(fmt, amax_blocks, col_block)
-    q = torch.zeros_like(w)
+    qt = torch.zeros_like(wt)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[..., i1:i2].clone()
+        w1 = wt[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[..., i1:i2, i1:i2]
-        d = hinv1.diagonal(dim1=-2, dim2=-1).unsqueeze(1)  # (B, 1, n)
+        d = hinv1.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # (B, n, 1)
         for i in range(i2 - i1):
             col = i1 + i
             if not fixed and col % group == 0:
-                current = torch.cat([w1[..., i:], w[..., i2:]], dim=-1)[..., :group]
-                amax_blocks[..., col // group] = current.abs().amax(-1)
+                current = torch.cat([w1[:, i:], wt[:, i2:]], dim=1)[:, :group]
+                amax_blocks[..., col // group] = current.abs().amax(1)
                 quant_cols.refresh(slice(col, min(col + group, cols)))
-            x = w1[..., i]
-            qx = quant_cols(x, col)
-            q[..., col] = qx
-            err = (x - qx).div_(d[..., i])
-            w1[..., i + 1 :].sub_(err.unsqueeze(-1) * hinv1[:, i : i + 1, i + 1 :])
-            err1[..., i] = err
-        w[..., i2:].sub_(err1 @ hinv[..., i1:i2, i2:])
+            x, qx, err = w1[:, i], qt[:, col], err1[:, i]
+            quant_cols(x, col, out=qx)
+            torch.sub(x, qx, out=err).div_(d[:, i])
+            w1[:, i + 1 :].addcmul_(hinv1[:, i, i + 1 :].unsqueeze(-1), err.unsqueeze(1), value=-1)
+        wt[:, i2:].sub_(hinv[..., i1:i2, i2:].mT @ err1)
 
-    q = q.scatter(-1, perm.unsqueeze(1).expand(nbatch, rows, cols), q.clone())
+    q = qt.scatter(-2, perm.unsqueeze(-1).expand(nbatch, cols, rows), qt.clone()).mT.contiguous()
     amax_out = amax_blocks.unsqueeze(-1)
     if squeeze:
         return q[0], amax_out[0]
@@ -196,10 +203,14 @@ def _format_key(module: nn.Module) -> tuple:
     return (str(q.num_bits), str(q.block_sizes), str(q.axis), q.unsigned, q.narrow_range)
 
 
+def _global_amax(module: nn.Module) -> bool:
+    """Whether the layer's format has one global amax per quantize call (NVFP4): it runs alone."""
+    return first_stage(module.weight_quantizer).scale_bits == (4, 3)
+
+
 def _alone(module: nn.Module) -> bool:
-    """Whether a layer's amax must not be shared (NVFP4's global amax, per-tensor weights)."""
-    fmt = kernel_format(module.weight_quantizer)
-    return fmt.per_tensor or first_stage(module.weight_quantizer).scale_bits == (4, 3)
+    """Whether a layer's rows must not be stacked with another's (per-tensor or global amax)."""
+    return kernel_format(module.weight_quantizer).per_tensor or _global_amax(module)
 
 
 def _batches(layers: dict[str, nn.Module], stats: dict) -> list[list[list[str]]]:
@@ -213,7 +224,7 @@ def _batches(layers: dict[str, nn.Module], stats: dict) -> list[list[list[str]]]
     for i, unit in enumerate(units.values()):
         first = layers[unit[0]]
         rows = sum(layers[n].weight.shape[0] for n in unit)
-        key = (rows, first.weight.shape[1], _format_key(first), i if _alone(first) else -1)
+        key = (rows, first.weight.shape[1], _format_key(first), i if _global_amax(first) else -1)
         batches.setdefault(key, []).append(unit)
     return list(batches.values())
 

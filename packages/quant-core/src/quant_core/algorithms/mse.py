@@ -24,14 +24,15 @@ from quant_core.algorithms._blocks import from_blocks, pad_gram, to_blocks
 from quant_core.algorithms.registry import register_algorithm
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
-from quant_kernels.reference import divide
+from quant_kernels.reference import divide, round_to_grid_
 
 __all__ = [
     "BlockFormat",
+    "Grid",
     "QuantFn",
     "block_output_error",
+    "grid_fake_quant",
     "hessian_diag_blocks",
-    "int_fake_quant",
     "kernel_format",
     "mse_amax",
     "mse_calibrate",
@@ -45,15 +46,24 @@ QuantFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
+class Grid:
+    """An element grid with float32 scales: INT codes or FP values in ``[lo, hi]``."""
+
+    element: qk.ElementFormat
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
 class BlockFormat:
     """A weight format for the algorithms: element quantizer plus block layout along columns."""
 
     quant: QuantFn
     block: int | None = None
     per_tensor: bool = False
-    int_range: tuple[int, int] | None = None
-    """``(lo, hi)`` when ``quant`` is plain INT with float32 scale ``amax / hi``: ``x_q =
-    round_half_even(clamp(x / scale, lo, hi)) * scale`` (lets callers precompute scales)."""
+    grid: Grid | None = None
+    """Set when ``quant`` is a plain grid (INT or FP elements) with float32 scale ``amax / hi``:
+    ``x_q = round_to_grid(clamp(x / scale, lo, hi)) * scale`` (lets callers inline it)."""
 
     def block_size(self, cols: int) -> int:
         """Columns per block for a weight with ``cols`` columns (the last block may be shorter)."""
@@ -143,10 +153,10 @@ def mse_amax(
     best = base.clone()
     per_batch = max(1, chunk_elems // max(1, w.numel()))
     ratios = ratios.to(w.device, w.dtype)
-    # INT grids quantize into one reused buffer and the error is formed in place: fresh
+    # plain grids quantize into one reused buffer and the error is formed in place: fresh
     # candidate-sized tensors cost more in page faults than the arithmetic itself.
     work = None
-    if fmt.int_range is not None and hessian is None:
+    if fmt.grid is not None and hessian is None:
         shape = (min(per_batch, len(ratios)), *blocks.shape)
         work = torch.empty(shape, dtype=torch.float32, device=w.device)
     for start in range(0, len(ratios), per_batch):
@@ -155,7 +165,7 @@ def mse_amax(
         if work is None:
             err = block_output_error(fmt.quant(blocks, cand) - blocks, h_blocks, diagonal)
         else:
-            delta = int_fake_quant(blocks, cand, *fmt.int_range, out=work[: len(r)])
+            delta = grid_fake_quant(blocks, cand, fmt.grid, out=work[: len(r)])
             delta.sub_(blocks).square_()
             err = (delta.mul_(h_blocks.unsqueeze(-3)) if diagonal else delta).sum(-1)
         if fmt.per_tensor:
@@ -205,11 +215,11 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
     if scale_bits == (4, 3) and global_amax is not None:
         kwargs["global_amax"] = global_amax
 
-    int_range = _int_range(q) if scale_bits is None else None
+    grid = _grid(q) if scale_bits is None else None
 
     def quant(x: Tensor, amax: Tensor) -> Tensor:
-        if int_range is not None:
-            return int_fake_quant(x, amax, *int_range)
+        if grid is not None:
+            return grid_fake_quant(x, amax, grid)
         lead = torch.broadcast_shapes(x.shape[:-1], amax.shape[:-1])
         x = x.expand(*lead, x.shape[-1])
         if amax.shape[-1] == 1 and x.shape[-1] > 1:
@@ -223,27 +233,27 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
         )
         return y.squeeze(-1)
 
-    return BlockFormat(quant, block, per_tensor, int_range)
+    return BlockFormat(quant, block, per_tensor, grid)
 
 
-def int_fake_quant(x: Tensor, amax: Tensor, lo: int, hi: int, out: Tensor | None = None) -> Tensor:
-    """``quant_kernels.fake_quantize`` on an INT grid ``[lo, hi]`` with ``amax`` broadcasting against
-    ``x`` (one amax per element or per block), in the kernels' float32 arithmetic (bit-identical
+def grid_fake_quant(x: Tensor, amax: Tensor, grid: Grid, out: Tensor | None = None) -> Tensor:
+    """``quant_kernels.fake_quantize`` on a plain grid with ``amax`` broadcasting against ``x``
+    (one amax per element or per block), in the kernels' float32 arithmetic (bit-identical
     results) without their layout work: the searches call it on many candidate amaxes at once.
     ``out`` (float32, the broadcast shape) receives the result when given."""
-    scale = divide(amax.float(), hi)
+    scale = divide(amax.float(), grid.hi)
     v = torch.div(x.float(), torch.where(scale == 0, 1.0, scale), out=out)
-    return v.clamp_(lo, hi).round_().mul_(scale).to(x.dtype)
+    return round_to_grid_(v.clamp_(grid.lo, grid.hi), grid.element).mul_(scale).to(x.dtype)
 
 
-def _int_range(q: TensorQuantizer) -> tuple[int, int] | None:
-    """The element range of a plain integer quantizer (None for FP element formats)."""
-    if not isinstance(q.num_bits, int):
-        return None
-    if q.unsigned:
-        return 0, 2**q.num_bits - 1
-    hi = 2 ** (q.num_bits - 1) - 1
-    return (-hi if q.narrow_range else -hi - 1), hi
+def _grid(q: TensorQuantizer) -> Grid:
+    """The element grid of a quantizer without block-scale format (INT codes or FP values)."""
+    element = qk.ElementFormat.parse(q.num_bits, unsigned=q.unsigned)
+    if element.is_int:
+        lo, hi = element.int_range(q.narrow_range)
+    else:
+        lo, hi = -element.max_value, element.max_value
+    return Grid(element, float(lo), float(hi))
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Linear]:
