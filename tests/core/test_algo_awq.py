@@ -176,27 +176,29 @@ def test_awq_on_input_dims_not_multiple_of_block():
 
 
 def test_awq_scale_search_picks_the_least_block_diagonal_error():
-    """Brute force in float64: every candidate scored by sum over blocks of d_b^T H_bb d_b."""
-    from quant_core.algorithms.awq import awq_scales, relative_weight_mean
+    """Brute force in float64: every candidate scored by sum over 128-column blocks of
+    d_b^T H_bb d_b (blocks of 32 widened to 128: scoring_block)."""
+    from quant_core.algorithms.awq import awq_scales, relative_weight_mean, scoring_block
 
-    x = salient_inputs(256, 96, seed=6)
-    w = torch.randn(16, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    x = salient_inputs(512, 256, seed=6)
+    w = torch.randn(16, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     fmt = BlockFormat(int_quant(4), block=32)
+    assert scoring_block(fmt, 256) == 128 and scoring_block(fmt, 96) == 96
     h = x.T @ x
     alphas = torch.linspace(0.0, 1.0, 5, dtype=torch.float64)
     alpha, s = awq_scale_search(w, x.abs().mean(0), h, fmt, alphas)
     scaled = awq_scales(x.abs().mean(0), alphas, relative_weight_mean(w, fmt))
-    cands = [torch.ones(96, dtype=torch.float64), *scaled]
+    cands = [torch.ones(256, dtype=torch.float64), *scaled]
 
     def block_diagonal_error(scales):
         d = fmt(w * scales) / scales - w
         return sum(
             float(
                 torch.einsum(
-                    "ri,ij,rj->", d[:, b : b + 32], h[b : b + 32, b : b + 32], d[:, b : b + 32]
+                    "ri,ij,rj->", d[:, b : b + 128], h[b : b + 128, b : b + 128], d[:, b : b + 128]
                 )
             )
-            for b in range(0, 96, 32)
+            for b in (0, 128)
         )
 
     errors = [block_diagonal_error(c) for c in cands]

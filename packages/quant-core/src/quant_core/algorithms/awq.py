@@ -42,6 +42,7 @@ __all__ = [
     "output_error",
     "relative_weight_mean",
     "scaled_hessian",
+    "scoring_block",
 ]
 
 
@@ -75,6 +76,14 @@ def scaled_hessian(hessian: Tensor, scales: Tensor) -> Tensor:
     return hessian * inv.unsqueeze(-1) * inv.unsqueeze(-2)
 
 
+def scoring_block(fmt: BlockFormat, cols: int) -> int:
+    """Columns per diagonal block of ``H`` that the scale search scores with: the quantization
+    block, widened to a multiple of it of at least 128 columns (NVFP4's 16, MX's 32), so that
+    correlations between neighbouring small blocks still count."""
+    block = fmt.block_size(cols)
+    return block * max(1, -(-min(128, cols) // block))
+
+
 def awq_scale_search(
     weight: Tensor,
     act_mean: Tensor,
@@ -87,10 +96,10 @@ def awq_scale_search(
 
     ``act_mean`` is mean |x| per input channel, ``hessian`` is ``X^T X``; the candidates are
     :func:`awq_scales` with the weight term, plus no scaling at all (reported as α = -1). Each is
-    scored by the block-diagonal part of the output error, ``sum_b d_b^T H_bb d_b`` over the
-    quantization blocks ``b`` (rounding errors of different blocks are nearly uncorrelated, and
-    the full ``tr(Δ H Δ^T)`` costs ``cols / block`` times more), so the result is never worse
-    than plain rounding by that measure. Returns ``(alpha, scales)``.
+    scored by the block-diagonal part of the output error, ``sum_b d_b^T H_bb d_b`` over blocks
+    ``b`` of :func:`scoring_block` columns (rounding errors of distant columns are nearly
+    uncorrelated, and the full ``tr(Δ H Δ^T)`` costs ``cols / block`` times more), so the result
+    is never worse than plain rounding by that measure. Returns ``(alpha, scales)``.
     """
     if alphas is None:
         alphas = torch.linspace(0.0, 1.0, 11)
@@ -104,7 +113,7 @@ def awq_scale_search(
         ]
     )
     labels = torch.cat([torch.full((1,), -1.0, dtype=w.dtype), a.cpu()])
-    size = fmt.block_size(w.shape[-1])
+    size = scoring_block(fmt, w.shape[-1])
     h_blocks = hessian_diag_blocks(h, size)
     per_batch = max(1, chunk_elems // w.numel())
     best_err, best = float("inf"), 0
@@ -162,8 +171,12 @@ def awq(
         for n, m in weight_layers(model).items()
         if kernel_format(m.weight_quantizer) is not None
     }
-    # the searches read only the Gram matrix's diagonal blocks (of the quantization block size)
-    blocks = {kernel_format(m.weight_quantizer).block for m in layers.values()}
+    # the searches read only the Gram matrix's diagonal blocks (see scoring_block)
+    blocks = {
+        None if fmt.block is None else scoring_block(fmt, m.in_features)
+        for m in layers.values()
+        for fmt in [kernel_format(m.weight_quantizer)]
+    }
     gram = blocks.pop() if len(blocks) == 1 and None not in blocks else True
     stats = calibrate_with_stats(model, forward_loop, layers, gram=gram)
     alphas = torch.arange(0.0, 1.0 + 1e-6, alpha_step)
