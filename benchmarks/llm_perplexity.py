@@ -13,8 +13,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 import quant_core as mtq
 from quant_llm import (
     INT8_KV_CFG,
@@ -77,7 +75,6 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     _, tokenizer = load_smollm2()
     calib = get_calib_dataloader(tokenizer, DATA / "austen_emma.txt", args.calib_samples, 512, 4)

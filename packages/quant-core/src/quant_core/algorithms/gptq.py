@@ -244,8 +244,9 @@ def gptq(
     and format run as one batch. Options: ``percdamp`` (damping, a fraction of mean diag H),
     ``block_size`` (columns per lazy update: it changes speed, not the result; small blocks
     are fastest on CPU), ``act_order`` (columns by decreasing diag H), ``clip_search`` (choose
-    each block's amax first by a clip search weighting each input channel by its diag H;
-    otherwise max |w| of the block). Without a ``forward_loop`` it warns and runs ``max``.
+    each block's amax first by a clip search on its output error, with input channels weighted
+    by diag H for block formats and the full ``d^T H d`` for rows of per-channel / per-tensor
+    formats; otherwise max |w| of the block). Without a ``forward_loop`` it warns and runs ``max``.
     """
     if not 0 <= percdamp < 1 or block_size < 1:
         raise ValueError(
@@ -276,12 +277,14 @@ def gptq(
         fmt = kernel_format(quantizer)
         amax = None
         if clip_search:
-            amax = mse_amax(
-                weights,
-                fmt,
-                torch.arange(1.0, 0.49, -0.05),
-                hessian_diag=hessian.diagonal(dim1=-2, dim2=-1),
-            )
+            # blocks: channels weighted by diag H (as good as d^T H_bb d on MiniLM, half the
+            # cost); whole rows (per channel / per tensor): the row's full d^T H d
+            ratios = torch.arange(1.0, 0.49, -0.05)
+            if fmt.block is None:
+                amax = mse_amax(weights, fmt, ratios, hessian=hessian)
+            else:
+                diag = hessian.diagonal(dim1=-2, dim2=-1)
+                amax = mse_amax(weights, fmt, ratios, hessian_diag=diag)
         elif fmt.per_tensor or first_stage(quantizer).scale_bits is not None:
             amax = fmt.amax(weights)
         if amax is not None and first_stage(quantizer).scale_bits is not None:

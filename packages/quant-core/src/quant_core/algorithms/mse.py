@@ -127,26 +127,40 @@ def mse_amax(
     hessian: Tensor | None = None,
     chunk_elems: int = 1 << 24,
     hessian_diag: Tensor | None = None,
+    score_block: int | None = None,
 ) -> Tensor:
     """Per-block amax ``r * max|w_b|`` minimizing the block's quantization error over ``ratios``.
 
     The error is the plain squared error, or the layer-output error ``d^T H_bb d`` when the input
     Gram matrix ``hessian`` (cols x cols) is given, or ``sum_j H_jj d_j^2`` when only its diagonal
     ``hessian_diag`` (cols,) is (about half the cost; it ignores correlations between input
-    channels). Candidates are tried in batches of ``chunk_elems`` elements. Returns amax of shape
-    (..., rows, ceil(cols / block), 1); the zero padding of a short last block quantizes to zero
-    and so adds no error.
+    channels). For formats without blocks (per channel, per tensor) ``score_block`` scores a row
+    on the diagonal ``score_block``-column blocks of ``H`` instead of all of it (``cols /
+    score_block`` times cheaper). Candidates are tried in batches of ``chunk_elems`` elements.
+    Returns amax of shape (..., rows, ceil(cols / block), 1); the zero padding of a short last
+    block quantizes to zero and so adds no error.
     """
     if ratios is None:
         ratios = torch.linspace(1.0, 0.5, 41)
     size = fmt.block_size(w.shape[-1])
     if hessian is not None and hessian_diag is not None:
         raise ValueError("mse_amax: give hessian or hessian_diag, not both")
-    diagonal = hessian_diag is not None
-    if diagonal:
+    scored = min(score_block, size) if fmt.block is None and score_block else size
+    if hessian_diag is not None:
         h_blocks = to_blocks(hessian_diag.to(w.dtype), size)
     else:
-        h_blocks = None if hessian is None else hessian_diag_blocks(hessian.to(w.dtype), size)
+        h_blocks = None if hessian is None else hessian_diag_blocks(hessian.to(w.dtype), scored)
+
+    def error(delta: Tensor) -> Tensor:  # (..., rows, nb, size), may be overwritten
+        if hessian_diag is not None:
+            return delta.square_().mul_(h_blocks.unsqueeze(-3)).sum(-1)
+        if h_blocks is None:
+            return delta.square_().sum(-1)
+        if scored == size:
+            return block_output_error(delta, h_blocks)
+        parts = to_blocks(delta.squeeze(-2), scored)  # one row: blocks of `scored` columns
+        return block_output_error(parts, h_blocks).sum(-1, keepdim=True)
+
     blocks = fmt.blocks(w)
     base = fmt.amax(w)
     best_err = torch.full(base.shape[:-1], float("inf"), dtype=w.dtype, device=w.device)
@@ -156,18 +170,17 @@ def mse_amax(
     # plain grids quantize into one reused buffer and the error is formed in place: fresh
     # candidate-sized tensors cost more in page faults than the arithmetic itself.
     work = None
-    if fmt.grid is not None and hessian is None:
+    if fmt.grid is not None:
         shape = (min(per_batch, len(ratios)), *blocks.shape)
         work = torch.empty(shape, dtype=torch.float32, device=w.device)
     for start in range(0, len(ratios), per_batch):
         r = ratios[start : start + per_batch].view(-1, *([1] * base.dim()))
         cand = base * r
         if work is None:
-            err = block_output_error(fmt.quant(blocks, cand) - blocks, h_blocks, diagonal)
+            delta = fmt.quant(blocks, cand) - blocks
         else:
-            delta = grid_fake_quant(blocks, cand, fmt.grid, out=work[: len(r)])
-            delta.sub_(blocks).square_()
-            err = (delta.mul_(h_blocks.unsqueeze(-3)) if diagonal else delta).sum(-1)
+            delta = grid_fake_quant(blocks, cand, fmt.grid, out=work[: len(r)]).sub_(blocks)
+        err = error(delta)
         if fmt.per_tensor:
             err = err.sum((-2, -1), keepdim=True).expand_as(err)
         err_min, idx = err.min(0)
