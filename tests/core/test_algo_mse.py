@@ -188,26 +188,3 @@ def test_kernel_format_grid_path_equals_the_kernels_bit_for_bit():
             expected = qk.fake_quantize(w, amax=kernel_amax, **kwargs)
             assert torch.equal(got, expected), (attrs, ratio)
             assert not torch.equal(got, w)
-
-
-def test_score_block_scores_per_channel_rows_on_diagonal_blocks_of_the_gram():
-    """Brute force: a per-channel row's error summed over 8-column diagonal blocks of H."""
-    w = heavy_tailed(4, 20, seed=60)
-    gen = torch.Generator().manual_seed(61)
-    x = torch.randn(64, 20, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3.0, 20)
-    h = x.T @ x
-    ratios = torch.linspace(1.0, 0.5, 11, dtype=torch.float64)
-    quant = int_quant(4)
-    fmt = BlockFormat(quant, block=None)
-    got = mse_amax(w, fmt, ratios=ratios, hessian=h, score_block=8).squeeze(-1)
-    full = mse_amax(w, fmt, ratios=ratios, hessian=h).squeeze(-1)
-    assert got.shape == (4, 1)
-    for r in range(4):
-        row = w[r]
-        errs = []
-        for k in ratios:
-            d = quant(row, row.abs().max() * k) - row
-            errs.append(sum(float(d[c] @ h[c, c] @ d[c]) for c in block_slices(20, 8)))
-        best = row.abs().max() * ratios[min(range(len(errs)), key=errs.__getitem__)]
-        assert abs(float(got[r, 0]) - float(best)) < 1e-12
-    assert not torch.equal(got, full)  # the blocks leave out correlations the full H has

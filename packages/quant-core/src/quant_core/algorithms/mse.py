@@ -127,16 +127,13 @@ def mse_amax(
     hessian: Tensor | None = None,
     chunk_elems: int = 1 << 24,
     hessian_diag: Tensor | None = None,
-    score_block: int | None = None,
 ) -> Tensor:
     """Per-block amax ``r * max|w_b|`` minimizing the block's quantization error over ``ratios``.
 
     The error is the plain squared error, or the layer-output error ``d^T H_bb d`` when the input
     Gram matrix ``hessian`` (cols x cols) is given, or ``sum_j H_jj d_j^2`` when only its diagonal
     ``hessian_diag`` (cols,) is (about half the cost; it ignores correlations between input
-    channels). For formats without blocks (per channel, per tensor) ``score_block`` scores a row
-    on the diagonal ``score_block``-column blocks of ``H`` instead of all of it (``cols /
-    score_block`` times cheaper). Candidates are tried in batches of ``chunk_elems`` elements.
+    channels). Candidates are tried in batches of ``chunk_elems`` elements.
     Returns amax of shape (..., rows, ceil(cols / block), 1); the zero padding of a short last
     block quantizes to zero and so adds no error.
     """
@@ -145,21 +142,17 @@ def mse_amax(
     size = fmt.block_size(w.shape[-1])
     if hessian is not None and hessian_diag is not None:
         raise ValueError("mse_amax: give hessian or hessian_diag, not both")
-    scored = min(score_block, size) if fmt.block is None and score_block else size
     if hessian_diag is not None:
         h_blocks = to_blocks(hessian_diag.to(w.dtype), size)
     else:
-        h_blocks = None if hessian is None else hessian_diag_blocks(hessian.to(w.dtype), scored)
+        h_blocks = None if hessian is None else hessian_diag_blocks(hessian.to(w.dtype), size)
 
     def error(delta: Tensor) -> Tensor:  # (..., rows, nb, size), may be overwritten
         if hessian_diag is not None:
             return delta.square_().mul_(h_blocks.unsqueeze(-3)).sum(-1)
         if h_blocks is None:
             return delta.square_().sum(-1)
-        if scored == size:
-            return block_output_error(delta, h_blocks)
-        parts = to_blocks(delta.squeeze(-2), scored)  # one row: blocks of `scored` columns
-        return block_output_error(parts, h_blocks).sum(-1, keepdim=True)
+        return block_output_error(delta, h_blocks)
 
     blocks = fmt.blocks(w)
     base = fmt.amax(w)
