@@ -10,12 +10,25 @@ tracker, whose fork does nothing. Everything else in the forward is megatron's u
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from collections.abc import Callable
 
+import pytest
 import torch
 
 VOCAB, SEQ = 64, 8
+HAVE_MEGATRON = (
+    importlib.util.find_spec("megatron") is not None
+    and importlib.util.find_spec("megatron.core") is not None
+)
+REQUIRES_MEGATRON = [
+    pytest.mark.megatron,
+    pytest.mark.skipif(
+        not HAVE_MEGATRON, reason="megatron-core is not installed (pip install 'quant-llm[nemo]')"
+    ),
+]
+"""``pytestmark`` of the megatron test modules."""
 
 
 def free_port() -> int:
@@ -65,23 +78,28 @@ def shutdown_parallel() -> None:
     dist.destroy_process_group()
 
 
-def build_gpt(world: int = 1, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer megatron-core GPTModel (local, TE-free layer spec; 4 heads in 2 query groups) in eval mode."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def tiny_config(num_layers: int, world: int = 1):
+    """A megatron TransformerConfig: hidden 32, 4 heads in 2 query groups, CPU initialization."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    torch.manual_seed(seed)  # the same master weights on every rank; each keeps its shard
-    config = TransformerConfig(
-        num_layers=2,
+    return TransformerConfig(
+        num_layers=num_layers,
         hidden_size=32,
         num_attention_heads=4,
         num_query_groups=2,
         use_cpu_initialization=True,
         tensor_model_parallel_size=world,
     )
+
+
+def build_gpt(world: int = 1, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer megatron-core GPTModel (local, TE-free layer spec; :func:`tiny_config`) in eval mode."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    torch.manual_seed(seed)  # the same master weights on every rank; each keeps its shard
     model = GPTModel(
-        config=config,
+        config=tiny_config(2, world),
         transformer_layer_spec=get_gpt_layer_local_spec(),
         vocab_size=VOCAB,
         max_sequence_length=32,

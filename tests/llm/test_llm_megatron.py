@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import socket
 
 import pytest
 import torch
+from _megatron_cpu import REQUIRES_MEGATRON, free_port
 
-pytestmark = [
-    pytest.mark.megatron,
-    pytest.mark.skipif(
-        importlib.util.find_spec("megatron") is None
-        or importlib.util.find_spec("megatron.core") is None,
-        reason="megatron-core is not installed (pip install 'quant-llm[nemo]')",
-    ),
-]
+pytestmark = REQUIRES_MEGATRON
 
 IN, HIDDEN, OUT = 16, 32, 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build(world: int, seed: int = 0):
@@ -128,35 +114,17 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def _gpt_model_checks(world: int) -> dict:
     """A megatron-core GPTModel built on CPU: quantizer insertion and config matching (its forward needs CUDA)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from _megatron_cpu import build_gpt
 
     import quant_core as mtq
     from quant_core.conversion import iter_tensor_quantizers
 
-    def build():
-        torch.manual_seed(0)
-        cfg = TransformerConfig(
-            num_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            use_cpu_initialization=True,
-            tensor_model_parallel_size=world,
-        )
-        return GPTModel(
-            config=cfg,
-            transformer_layer_spec=get_gpt_layer_local_spec(),
-            vocab_size=64,
-            max_sequence_length=32,
-        )
-
-    gpt = build()
+    gpt = build_gpt(world)
     mtq.quantize(
         gpt, mtq.FP8_DEFAULT_CFG, None
     )  # weights only: calibrated from the weights, no forward
     enabled = sorted(n for n, q in iter_tensor_quantizers(gpt) if q.is_enabled)
-    row_only = build()
+    row_only = build_gpt(world)
     config = {
         "quant_cfg": [
             {"quantizer_name": "*", "enable": False},
@@ -234,7 +202,7 @@ def two_ranks(request, tmp_path_factory):
     from _session import once_per_session
 
     def spawn(out) -> None:
-        mp.spawn(_rank_main, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+        mp.spawn(_rank_main, args=(2, free_port(), str(out)), nprocs=2, join=True)
 
     out = once_per_session(request, tmp_path_factory, "megatron_two_ranks", spawn)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -6,20 +6,13 @@ test_llm_megatron.py. megatron's forward runs on CPU through ``_megatron_cpu.all
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
+from _megatron_cpu import REQUIRES_MEGATRON, tiny_config
 
-pytestmark = [
-    pytest.mark.megatron,
-    pytest.mark.skipif(
-        importlib.util.find_spec("megatron") is None
-        or importlib.util.find_spec("megatron.core") is None,
-        reason="megatron-core is not installed (pip install 'quant-llm[nemo]')",
-    ),
-]
+pytestmark = REQUIRES_MEGATRON
 
 import quant_core as mtq  # noqa: E402
 from quant_core.conversion import iter_tensor_quantizers  # noqa: E402
@@ -121,16 +114,8 @@ def _standalone_attention():
     """A megatron DotProductAttention (4 heads in 2 query groups, head_dim 8) and one causal batch."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    config = TransformerConfig(
-        num_layers=1,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        use_cpu_initialization=True,
-    )
-    attention = DotProductAttention(config, 1, AttnMaskType.causal, "self").eval()
+    attention = DotProductAttention(tiny_config(1), 1, AttnMaskType.causal, "self").eval()
     g = torch.Generator().manual_seed(0)
     q = torch.randn(8, 2, 4, 8, generator=g)
     k, v = 3 * torch.randn(8, 2, 2, 8, generator=g) + 1, torch.randn(8, 2, 2, 8, generator=g)

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from _megatron_cpu import HAVE_MEGATRON
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
@@ -21,7 +22,7 @@ def test_without_transformer_engine_quantize_skips_its_registration_cleanly(recw
     import quant_core as mtq
     from quant_core.nn import QuantModuleRegistry
 
-    if importlib.util.find_spec("megatron") and importlib.util.find_spec("megatron.core"):
+    if HAVE_MEGATRON:
         # megatron tolerates a missing TE by putting MagicMock placeholders in its place
         importlib.import_module("megatron.core.extensions.transformer_engine")
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))

@@ -22,6 +22,7 @@ __all__ = [
     "block_scales",
     "divide",
     "fake_quantize_reference",
+    "global_scale",
     "grid_values",
     "round_to_grid_",
 ]
@@ -55,6 +56,11 @@ def divide(t: torch.Tensor, d: float) -> torch.Tensor:
     return t / torch.full((), d, dtype=t.dtype, device=t.device)
 
 
+def global_scale(global_amax: torch.Tensor, plan: QuantPlan) -> torch.Tensor:
+    """NVFP4's float32 second-level scale ``global_amax / (M * 448)``."""
+    return divide(global_amax.float(), plan.hi * FP8_E4M3_MAX)
+
+
 def block_scales(
     amax: torch.Tensor, plan: QuantPlan, global_amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -68,7 +74,7 @@ def block_scales(
     if plan.scale_mode == "float32":
         return divide(amax, top), None, None
     if plan.scale_mode == "e4m3":
-        gscale = divide(global_amax.float(), top * FP8_E4M3_MAX)
+        gscale = global_scale(global_amax, plan)
         safe = torch.where(gscale == 0, 1.0, gscale)
         r = (divide(amax, top) / safe).clamp_(max=FP8_E4M3_MAX)
         stored = round_to_grid_(r, _E4M3)

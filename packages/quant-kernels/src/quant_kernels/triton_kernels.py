@@ -2,7 +2,7 @@
 
 Two kernels cover every plan whose groups are whole runs of rows/columns of ``x`` viewed as 2D
 ``(rows, last dim)``. Both take float32 amaxes, one per group, and turn them into scales in-kernel
-(`_scale_from_amax`; NVFP4's global scale comes in as a 0-d tensor made with `reference.divide`),
+(`_scale_from_amax`; NVFP4's global scale comes in as a 0-d tensor from `reference.global_scale`),
 storing the scales they use for the caller, so no torch pass runs over the scales first:
 
 * `_rows_kernel`: groups that are contiguous runs along the last dim (block-wise, per token,
@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from quant_kernels.blocking import group_amax
-from quant_kernels.plan import FP8_E4M3_MAX, QuantPlan
-from quant_kernels.reference import divide
+from quant_kernels.plan import QuantPlan
+from quant_kernels.reference import global_scale
 
 __all__ = ["fake_quantize_triton", "supports"]
 
@@ -325,7 +325,7 @@ def _global_scale(
     gamax = plan.global_amax
     if gamax is None:
         gamax = amax.amax() if amax is not None else _abs_max(xc)
-    return divide(gamax.float(), plan.hi * FP8_E4M3_MAX).reshape(())
+    return global_scale(gamax, plan).reshape(())
 
 
 def _abs_max(x: torch.Tensor) -> torch.Tensor:

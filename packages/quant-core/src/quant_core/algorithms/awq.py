@@ -166,24 +166,18 @@ def awq(
             f"{desc}: need 0 < alpha_step <= 1, 0 < shrink_step < 1, 0 < min_clip_ratio <= 1; got "
             f"{alpha_step}, {shrink_step}, {min_clip_ratio}"
         )
-    layers = {
-        n: m
-        for n, m in weight_layers(model).items()
-        if kernel_format(m.weight_quantizer) is not None
-    }
+    formats = {n: kernel_format(m.weight_quantizer) for n, m in weight_layers(model).items()}
+    formats = {n: fmt for n, fmt in formats.items() if fmt is not None}
+    layers = {n: m for n, m in weight_layers(model).items() if n in formats}
     # the searches read only the Gram matrix's diagonal blocks (see scoring_block)
-    blocks = {
-        None if fmt.block is None else scoring_block(fmt, m.in_features)
-        for m in layers.values()
-        for fmt in [kernel_format(m.weight_quantizer)]
-    }
+    blocks = {fmt.block and scoring_block(fmt, layers[n].in_features) for n, fmt in formats.items()}
     gram = blocks.pop() if len(blocks) == 1 and None not in blocks else True
     stats = calibrate_with_stats(model, forward_loop, layers, gram=gram)
     alphas = torch.arange(0.0, 1.0 + 1e-6, alpha_step)
     ratios = torch.arange(1.0, min_clip_ratio - 1e-6, -shrink_step)
     for name, module in tqdm(layers.items(), desc=desc, leave=False):
         st = effective_input_stats(module, stats[name])
-        fmt = kernel_format(module.weight_quantizer)
+        fmt = formats[name]
         hessian = st.gram
         with torch.no_grad():
             if scale:

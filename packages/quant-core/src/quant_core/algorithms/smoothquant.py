@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import quant_kernels as qk
+from quant_core.algorithms._blocks import to_blocks
 from quant_core.algorithms.max import max_calibrate
 from quant_core.algorithms.mse import (
     BlockFormat,
@@ -153,12 +154,9 @@ def collect_input_stats(
 def block_diagonal_gram(x: Tensor, size: int) -> Tensor:
     """``x^T x`` (x: tokens x n) on its diagonal ``size`` x ``size`` blocks, zeros elsewhere (the
     last block is short when ``size`` does not divide n)."""
+    parts = to_blocks(x, size).transpose(0, 1)  # (blocks, tokens, size), zero-padded
     n = x.shape[-1]
-    out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
-    for i in range(0, n, size):
-        block = x[:, i : i + size]
-        out[i : i + size, i : i + size].addmm_(block.T, block)
-    return out
+    return torch.block_diag(*(parts.mT @ parts))[:n, :n]
 
 
 def upper_gram(x: Tensor, chunk: int = 256) -> Tensor:
