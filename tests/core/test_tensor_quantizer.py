@@ -241,3 +241,15 @@ def test_static_bias_is_calibrated_mean_and_added_back():
     centred = (x - mean).double()
     ref = int_ref(centred, centred.abs().max(), 8) + mean.double()
     assert torch.allclose(q(x).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_format_is_parsed_from_the_attributes_and_follows_them():
+    q = TensorQuantizer(
+        {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+    )
+    assert q.format.name == "NVFP4" and q.format.dynamic and q.format.has_global_amax
+    assert q.format is q.attribute_config.quant_format()
+    q.num_bits = 8
+    q.block_sizes = None
+    q.axis = 0
+    assert q.format.name == "INT8" and q.format.axis == 0 and not q.format.dynamic

@@ -227,12 +227,15 @@ def test_existing_file_is_replaced_whole(mlp_and_input, tmp_path):
 
 
 def test_format_table_names_match_stored_types():
-    # the stored ONNX element types agree with quant-kernels' format table
-    from quant_export.lowering import ONNX_ELEMENT
-
-    for name in ("INT8", "INT4", "FP8", "NVFP4"):
-        spec = qk.FORMATS[name]
-        assert ONNX_ELEMENT[spec.element.name] == getattr(onnx.TensorProto, spec.onnx_dtype)
+    # every row's ONNX element type is the one its element's codes are stored as, and onnx's own
+    # numpy (ml_dtypes) name for that type names the element: int8, int4, float8_e4m3fn, ...
+    for name, spec in qk.FORMATS.items():
+        if spec.onnx_dtype is None:
+            continue
+        assert spec.onnx_dtype == spec.element.onnx_dtype, name
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, spec.onnx_dtype))
+        expected = spec.element.name if spec.element.is_int else spec.element.torch_dtype
+        assert str(np_dtype) == expected.removesuffix("_x2"), name
 
 
 def test_export_restores_each_module_training_flag(mlp_and_input, tmp_path):

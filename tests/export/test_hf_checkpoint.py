@@ -16,11 +16,10 @@ from quant_export import UnsupportedFormatError, export_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 quant_llm = pytest.importorskip("quant_llm")
+from hf_decode import dequantize_hf  # noqa: E402
+
 from quant_llm.tiny_models import random_token_batches, tiny_model  # noqa: E402
 
-# OCP FP4 E2M1 magnitudes by the low three bits of a code (bit 3 is the sign).
-E2M1_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
-NVFP4_ALGOS = ("NVFP4", "NVFP4_AWQ", "NVFP4_SVD", "W4A16_NVFP4")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # name -> (config, expected quant_algo, expected kv_cache_quant_algo, kv bound, group size)
@@ -89,38 +88,6 @@ def _layers(model):
                     yield f"model.layers.{i}.{parent_name}.{proj}", getattr(parent, proj)
 
 
-def _nibbles(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    p = packed.to(torch.int64)
-    return p & 0xF, p >> 4
-
-
-def _signed4(n: torch.Tensor) -> torch.Tensor:
-    return torch.where(n >= 8, n - 16, n)
-
-
-def _dequantize(algo: str, t: dict[str, torch.Tensor], group: int | None) -> torch.Tensor:
-    """Independent float64 dequantization of one layer's stored weight from its codes and scales."""
-    w, s = t["weight"], t["weight_scale"]
-    if algo == "FP8":
-        return w.double() * s.double()
-    if algo in ("W8A8_SQ_PER_CHANNEL", "W8A16", "FP8_PER_CHANNEL_PER_TOKEN"):
-        return w.double() * s.double()[:, None]
-    if algo == "W4A16_AWQ":  # uint8 (out/2, in): row 2r low nibble, row 2r+1 high nibble
-        low, high = _nibbles(w)
-        q = torch.empty(2 * w.shape[0], w.shape[1], dtype=torch.float64)
-        q[0::2], q[1::2] = _signed4(low).double(), _signed4(high).double()
-        return q * s.double().repeat_interleave(group, dim=1)[:, : q.shape[1]]
-    if algo in NVFP4_ALGOS:  # uint8 (out, in/2): column 2c low nibble, 2c+1 high nibble
-        low, high = _nibbles(w)
-        codes = torch.stack((low, high), dim=-1).reshape(w.shape[0], -1)
-        table = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float64)
-        values = table[codes & 7] * torch.where(codes >= 8, -1.0, 1.0).double()
-        # the block scale as a kernel forms it: E4M3 scale times the fp32 global scale, in fp32
-        block = (s.float() * t["weight_scale_2"].float()).double()
-        return values * block.repeat_interleave(group, dim=1)
-    raise AssertionError(algo)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_stored_weights_dequantize_to_the_fake_quantized_weights(exported, name):
     model, _, tensors = exported[name]
@@ -133,7 +100,7 @@ def test_stored_weights_dequantize_to_the_fake_quantized_weights(exported, name)
         }
         with torch.no_grad():
             fq = module.weight_quantizer(module.weight).float()
-        ref = _dequantize(algo, layer, group)
+        ref = dequantize_hf(algo, layer, group)
         ulp = (torch.nextafter(fq.abs(), torch.tensor(math.inf)) - fq.abs()).double()
         err = (ref - fq.double()).abs()
         assert (err <= ulp).all(), f"{layer_name}: max error {err.max()} ({(err / ulp).max()} ulp)"
@@ -298,7 +265,7 @@ def test_int4_awq_pre_quant_scale_multiplies_the_activations(exported):
     assert torch.equal(pqs, module.input_quantizer.pre_quant_scale.float())
     assert not torch.allclose(pqs, torch.ones_like(pqs))  # AWQ moved real scales there
     layer = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-    w = _dequantize("W4A16_AWQ", layer, 128)
+    w = dequantize_hf("W4A16_AWQ", layer, 128)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = module(x).double()
@@ -506,7 +473,7 @@ def test_other_builtin_configs_export_their_modelopt_format(tmp_path, cfg_name, 
     with torch.no_grad():
         fq = module.weight_quantizer(module.weight).float()
     ulp = (torch.nextafter(fq.abs(), torch.tensor(math.inf)) - fq.abs()).double()
-    assert ((_dequantize(algo, layer, group) - fq.double()).abs() <= ulp).all()
+    assert ((dequantize_hf(algo, layer, group) - fq.double()).abs() <= ulp).all()
 
 
 def test_affine_kv_cache_exports_its_static_bias(tmp_path):

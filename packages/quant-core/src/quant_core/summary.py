@@ -6,33 +6,16 @@ from typing import Any
 
 from torch import nn
 
-from quant_core.config.schema import FP_FORMATS
-
-_FP_NAMES = {(4, 3): "FP8", (5, 2): "FP8", (3, 2): "FP6", (2, 3): "FP6", (2, 1): "FP4"}
-_MX_NAMES = {(4, 3): "MXFP8", (3, 2): "MXFP6", (2, 3): "MXFP6", (2, 1): "MXFP4", 8: "MXINT8"}
-
 
 def format_name(quantizer: Any) -> str:
-    """A short name of the quantizer's format: INT8, FP8 E4M3, NVFP4, MXFP4, ..."""
-    nb, scale_bits = quantizer.num_bits, quantizer.scale_bits
-    block = quantizer._block_axes or {}
-    if scale_bits == (8, 0) and nb in _MX_NAMES:
-        return _MX_NAMES[nb]
-    if scale_bits == (4, 3) and nb == (2, 1):
-        return (
-            "NVFP4"
-            if list(block.values()) == [16]
-            else f"NVFP4 (block {next(iter(block.values()))})"
-        )
-    if isinstance(nb, tuple):
-        return f"{_FP_NAMES[nb]} {FP_FORMATS[nb]}"
-    return f"{'U' if quantizer.unsigned else ''}INT{nb}"
+    """A short name of the quantizer's format: INT8, FP8 E4M3, NVFP4, MXFP4, ... (its ``format.label``)."""
+    return quantizer.format.label
 
 
 def granularity(quantizer: Any) -> str:
     """Per-tensor, per-channel, per-token or block-wise, and static or dynamic."""
     kind = "dynamic" if quantizer.is_dynamic else "static"
-    block = quantizer._block_axes
+    block = quantizer.format.block_axes
     fallback = getattr(quantizer, "fallback", None)
     if fallback is not None and quantizer.is_dynamic:
         kind += f" (fallback from static: error -{fallback.gain_db:.1f} dB)"

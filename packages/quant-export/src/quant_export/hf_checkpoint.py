@@ -313,7 +313,7 @@ def export_hf_checkpoint(
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot write {export_dir}: directory {parent} does not exist")
     if share_fused_scales and any(
-        getattr(m, "scale_bits", None) == (4, 3) and m.is_enabled
+        isinstance(m, TensorQuantizer) and m.format.has_global_amax and m.is_enabled
         for n, m in model.named_modules()
         if n.endswith("weight_quantizer")
     ):

@@ -87,16 +87,16 @@ def weight_kind(spec: QuantizerSpec, ndim: int) -> str | None:
     """The weight format's row in :data:`LINEAR_FORMATS` (None when the table has none)."""
     element = spec.element.name
     blocks = {a % ndim: b for a, b in spec.blocks.items()}
-    if element == "e4m3" and not blocks and spec.scale_bits is None:
+    if element == "e4m3" and not blocks and spec.format.scale_mode == "float32":
         if spec.axis is None:
             return "fp8_tensor"
         return "fp8_channel" if _is_channel_axis(spec.axis) else None
     if element == "int8" and not blocks and _is_channel_axis(spec.axis):
         return "int8_channel"
     if set(blocks) == {ndim - 1} and blocks[ndim - 1]:
-        if element == "int4" and spec.scale_bits is None:
+        if element == "int4" and spec.format.scale_mode == "float32":
             return "int4_block"
-        if element == "e2m1" and spec.scale_bits == (4, 3):
+        if element == "e2m1" and spec.format.has_global_amax:
             return "nvfp4"
     return None
 
@@ -106,11 +106,16 @@ def input_kind(spec: QuantizerSpec) -> str | None:
     if not spec.enabled:
         return "off"
     element = spec.element.name
-    if not spec.blocks and spec.axis is None and spec.scale_bits is None and not spec.dynamic:
+    if (
+        not spec.blocks
+        and spec.axis is None
+        and spec.format.scale_mode == "float32"
+        and not spec.dynamic
+    ):
         return {"e4m3": "fp8_tensor", "int8": "int8_tensor"}.get(element)
     if element == "e4m3" and spec.dynamic and spec.blocks == {-1: None}:
         return "fp8_token"
-    if element == "e2m1" and spec.scale_bits == (4, 3):
+    if element == "e2m1" and spec.format.has_global_amax:
         return "nvfp4"
     return None
 
@@ -128,7 +133,7 @@ def _activation_scale(name: str, spec: QuantizerSpec, kind: str) -> torch.Tensor
         return None
     if spec.amax is None:
         raise _unsupported(name, f"input quantizer {spec.name} was never calibrated (amax is None)")
-    amax = spec.amax.float().max() if kind == "nvfp4" else spec.amax.float().reshape(())
+    amax = spec.global_amax(None) if kind == "nvfp4" else spec.amax.float().reshape(())
     bound = spec.element.max_value * (448.0 if kind == "nvfp4" else 1.0)
     return (amax / bound).reshape(())
 
@@ -206,7 +211,7 @@ def export_kv_scales(name: str, module: nn.Module) -> tuple[str | None, dict[str
     tensors: dict[str, torch.Tensor] = {}
     for letter, spec in zip("kv", specs):
         per_tensor = not spec.blocks and spec.axis is None and not spec.dynamic
-        nvfp4 = spec.element.name == "e2m1" and spec.scale_bits == (4, 3)
+        nvfp4 = spec.element.name == "e2m1" and spec.format.has_global_amax
         if not spec.enabled or spec.element.name not in KV_FORMATS or not (per_tensor or nvfp4):
             described = spec.describe() if spec.enabled else "disabled"
             raise _unsupported(name, f"KV-cache quantizer {spec.name} ({described})")

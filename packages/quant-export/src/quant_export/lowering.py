@@ -25,17 +25,7 @@ from quant_export.quantizers import MARKER_DOMAIN, MARKER_OP, QuantizerSpec, Uns
 
 TRT_DOMAIN = "trt"
 
-# ONNX element type of each quant-kernels element format's codes.
-ONNX_ELEMENT = {
-    "int8": TensorProto.INT8,
-    "uint8": TensorProto.UINT8,
-    "int4": TensorProto.INT4,
-    "uint4": TensorProto.UINT4,
-    "e4m3": TensorProto.FLOAT8E4M3FN,
-    "e5m2": TensorProto.FLOAT8E5M2,
-    "e2m1": TensorProto.FLOAT4E2M1,
-}
-_PACKED_NIBBLES = {"int4", "uint4", "e2m1"}
+_E4M3 = qk.ElementFormat.parse((4, 3))
 _TARGETS = ("onnxruntime", "tensorrt")
 
 
@@ -49,21 +39,25 @@ class _Names:
         return f"{spec.name}.{what}_{next(self._count)}"
 
 
-def _tensor(values: torch.Tensor, element: str | None, name: str) -> TensorProto:
+def _tensor(values: torch.Tensor, element: qk.ElementFormat | None, name: str) -> TensorProto:
     """An initializer holding ``values`` (codes of ``element``, or plain float/uint8 data)."""
     if element is None:
         array = values.detach().cpu().numpy()
         return onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
     dims = list(values.shape)
-    if element in ("int4", "uint4"):
-        raw = qk.pack_int4(values.reshape(-1)).view(torch.uint8)
-    elif element == "e2m1":
-        raw = qk.pack_fp4(values.reshape(-1)).view(torch.uint8)
+    if element.packed_nibbles:
+        pack = qk.pack_int4 if element.is_int else qk.pack_fp4
+        raw = pack(values.reshape(-1)).view(torch.uint8)
     else:
         raw = values.contiguous().view(torch.uint8) if values.element_size() == 1 else values
     return onnx.helper.make_tensor(
-        name, ONNX_ELEMENT[element], dims, raw.cpu().numpy().tobytes(), raw=True
+        name, _onnx_type(element), dims, raw.cpu().numpy().tobytes(), raw=True
     )
+
+
+def _onnx_type(element: qk.ElementFormat) -> int:
+    """The ONNX TensorProto element type of ``element``'s codes (from the format table)."""
+    return getattr(TensorProto, element.onnx_dtype)
 
 
 def _const(tensor: TensorProto) -> gs.Constant:
@@ -119,13 +113,12 @@ class Lowering:
         if not spec.enabled:
             self._bind(y, _const(_tensor(w, None, self.name(spec, "weight"))))
             return
-        element = spec.element.name
-        if element not in ONNX_ELEMENT:
+        element = spec.element
+        if element.onnx_dtype is None:
             raise self._unsupported(spec, "ONNX has no element type for it")
         blocks = {a % w.dim(): (b or w.shape[a]) for a, b in spec.blocks.items()}
         qt = spec.codes(w, blocks)
-        codes = qt.codes if element != "e2m1" else qt.codes.to(torch.uint8)
-        scale = qt.scale
+        codes, scale = qt.codes, qt.scale
         axis, block = self._weight_layout(spec, w, scale, blocks)
         if block:
             scale = self._expand_other_blocks(scale, blocks, axis, w.shape)
@@ -136,9 +129,9 @@ class Lowering:
             scale = scale.permute(perm).contiguous() if scale.dim() == w.dim() else scale
             axis = perm.index(axis) if axis is not None else None
         code_init = _const(_tensor(codes, element, self.name(spec, "codes")))
-        if spec.scale_bits == (4, 3):
+        if spec.format.scale_mode == "e4m3":
             self._nvfp4_weight(spec, code_init, scale, qt.global_scale, axis, block, y)
-        elif spec.scale_bits == (8, 0):
+        elif spec.format.scale_mode == "e8m0":
             self._mxfp8_weight(spec, code_init, scale, axis, block, y)
         else:
             scale = scale.float() if block else scale.float().reshape(-1)
@@ -155,7 +148,7 @@ class Lowering:
             self.graph.layer(
                 op="DequantizeLinear", inputs=[code_init, scale_init], outputs=[y], attrs=attrs
             )
-        self.uses_fp4 |= element == "e2m1"
+        self.uses_fp4 |= element.onnx_dtype == "FLOAT4E2M1"
 
     def _weight_layout(
         self, spec: QuantizerSpec, w: torch.Tensor, scale: torch.Tensor, blocks: dict[int, int]
@@ -206,7 +199,7 @@ class Lowering:
         block: int,
         y: gs.Variable,
     ) -> None:
-        scale_init = _const(_tensor(scale, "e4m3", self.name(spec, "block_scale")))
+        scale_init = _const(_tensor(scale, _E4M3, self.name(spec, "block_scale")))
         g = _scalar(self.name(spec, "global_scale"), float(global_scale))
         block_scale = self.graph.layer(
             op="DequantizeLinear", inputs=[scale_init, g], outputs=[self._var(spec, "scale")]
@@ -249,12 +242,12 @@ class Lowering:
         if not spec.enabled:
             self.graph.layer(op="Identity", inputs=[x], outputs=[y])
             return
-        element = spec.element.name
-        if spec.scale_bits == (4, 3):
+        element = spec.element
+        if spec.format.scale_mode == "e4m3":
             return self._nvfp4_activation(spec, x, y)
-        if spec.scale_bits == (8, 0):
+        if spec.format.scale_mode == "e8m0":
             return self._mxfp8_activation(spec, x, y)
-        if spec.scale_bits is not None or element not in ONNX_ELEMENT or element in _PACKED_NIBBLES:
+        if element.onnx_dtype is None or element.packed_nibbles:
             raise self._unsupported(spec, "no QuantizeLinear form for this activation format")
         if spec.narrow_range and spec.element.kind == "int":
             raise self._unsupported(spec, "QuantizeLinear has no narrow (symmetric) integer range")
@@ -272,7 +265,7 @@ class Lowering:
         zero = gs.Constant(
             self.name(spec, "zero_point"),
             values=gs.ir.tensor.LazyValues(
-                onnx.helper.make_tensor("z", ONNX_ELEMENT[element], [], [0])
+                onnx.helper.make_tensor("z", _onnx_type(element), [], [0])
             ),
         )
         q = self.graph.layer(
@@ -372,8 +365,8 @@ class Lowering:
             c = self.graph.layer(
                 op="Cast",
                 inputs=[scaled],
-                outputs=[self._var(spec, "codes", ONNX_ELEMENT[spec.element.name])],
-                attrs={"to": ONNX_ELEMENT[spec.element.name], "saturate": 1},
+                outputs=[self._var(spec, "codes", _onnx_type(spec.element))],
+                attrs={"to": _onnx_type(spec.element), "saturate": 1},
             )[0]
             grid = self.graph.layer(
                 op="Cast",

@@ -30,24 +30,33 @@ class UnsupportedFormatError(ValueError):
 
 @dataclass(frozen=True)
 class QuantizerSpec:
-    """What export needs from one quantizer: its name, format attributes and calibrated state."""
+    """What export needs from one quantizer: its name, parsed format and calibrated state.
+
+    ``amax`` means what the quantizer's ``_amax`` buffer means (see quant-core's TensorQuantizer):
+    per tensor / channel / block for static formats, the global amax for dynamic NVFP4.
+    """
 
     name: str
     enabled: bool
-    num_bits: int | tuple[int, int]
-    axis: int | tuple[int, ...] | None
-    blocks: dict[int, int | None]
-    scale_bits: tuple[int, int] | None
-    dynamic: bool
-    unsigned: bool
-    narrow_range: bool
+    format: qk.QuantFormat
     amax: torch.Tensor | None
     pre_quant_scale: torch.Tensor | None
 
+    # The format's attributes under the names export code reads.
+    num_bits = property(lambda self: self.format.num_bits)
+    axis = property(lambda self: self.format.axis)
+    scale_bits = property(lambda self: self.format.scale_bits)
+    dynamic = property(lambda self: self.format.dynamic)
+    unsigned = property(lambda self: self.format.unsigned)
+    narrow_range = property(lambda self: self.format.narrow_range)
+    element = property(
+        lambda self: self.format.element, doc="The element format (int8, e4m3, e2m1, ...)."
+    )
+
     @property
-    def element(self) -> qk.ElementFormat:
-        """The element format (int8, e4m3, e2m1, ...) from quant-kernels' table."""
-        return qk.ElementFormat.parse(self.num_bits, unsigned=self.unsigned)
+    def blocks(self) -> dict[int, int | None]:
+        """``{axis: block size or None}`` (empty when not block-wise)."""
+        return self.format.block_axes or {}
 
     def describe(self) -> str:
         """Short human-readable format, e.g. ``int4 block {-1: 128}`` or ``e2m1 block {-1: 16} scales (4, 3)``."""
@@ -64,12 +73,8 @@ class QuantizerSpec:
         return " ".join(parts)
 
     def global_amax(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        """NVFP4's per-tensor amax, chosen as quant-core's TensorQuantizer chooses it."""
-        if self.scale_bits != (4, 3):
-            return None
-        if self.amax is not None:
-            return self.amax.float().max() if not self.dynamic else self.amax.float().reshape(())
-        return None if x is None else x.detach().abs().amax().float()
+        """NVFP4's per-tensor amax, by the rule quant-core's TensorQuantizer uses (``qk.nvfp4_global_amax``)."""
+        return self.format.global_amax(self.amax, x)
 
     def codes(self, w: torch.Tensor, blocks: dict[int, int]) -> qk.QuantizedTensor:
         """Integer codes and scales of ``w`` in this format (``blocks``: axis -> block size)."""
@@ -86,20 +91,13 @@ class QuantizerSpec:
 
 
 def spec_of(name: str, quantizer: TensorQuantizer) -> QuantizerSpec:
-    """Snapshot the attributes and buffers of ``quantizer`` (named ``name`` in the model)."""
-    block_sizes = quantizer.block_sizes or {}
+    """Snapshot the format and buffers of ``quantizer`` (named ``name`` in the model)."""
     amax = quantizer.amax
     pqs = quantizer.pre_quant_scale
     return QuantizerSpec(
         name=name,
         enabled=quantizer.is_enabled,
-        num_bits=quantizer.num_bits,
-        axis=quantizer.axis,
-        blocks={k: v for k, v in block_sizes.items() if isinstance(k, int)},
-        scale_bits=block_sizes.get("scale_bits"),
-        dynamic=quantizer.is_dynamic,
-        unsigned=quantizer.unsigned,
-        narrow_range=quantizer.narrow_range,
+        format=quantizer.format,
         amax=None if amax is None else amax.detach().cpu().float().clone(),
         pre_quant_scale=None if pqs is None else pqs.detach().cpu().float().clone(),
     )

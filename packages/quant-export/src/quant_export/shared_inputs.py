@@ -59,7 +59,7 @@ def shared_input_groups(model: nn.Module, inputs: dict[str, Any] | None = None) 
 
 def _nvfp4_weight_quantizer(module: nn.Module) -> TensorQuantizer | None:
     q = getattr(module, "weight_quantizer", None)
-    if isinstance(q, TensorQuantizer) and q.is_enabled and q.scale_bits == (4, 3):
+    if isinstance(q, TensorQuantizer) and q.is_enabled and q.format.has_global_amax:
         return q if q.amax is not None and q.amax.numel() == 1 else None
     return None
 

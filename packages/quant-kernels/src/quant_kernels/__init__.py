@@ -7,7 +7,13 @@ from quant_kernels._version import __version__
 from quant_kernels.blocking import reduce_amax
 from quant_kernels.codes import QuantizedTensor, dequantize_codes, quantize_to_codes
 from quant_kernels.dispatch import available_backends, fake_quantize, select_backend
-from quant_kernels.formats import FORMATS, ElementFormat, FormatSpec
+from quant_kernels.formats import (
+    FORMATS,
+    ElementFormat,
+    FormatSpec,
+    QuantFormat,
+    nvfp4_global_amax,
+)
 from quant_kernels.packing import (
     e8m0_to_float,
     exponent_to_e8m0,
@@ -21,6 +27,7 @@ __all__ = [
     "FORMATS",
     "ElementFormat",
     "FormatSpec",
+    "QuantFormat",
     "QuantizedTensor",
     "__version__",
     "available_backends",
@@ -28,6 +35,7 @@ __all__ = [
     "e8m0_to_float",
     "exponent_to_e8m0",
     "fake_quantize",
+    "nvfp4_global_amax",
     "pack_fp4",
     "pack_int4",
     "quantize_to_codes",

@@ -2,7 +2,10 @@
 
 `ElementFormat` describes one scalar encoding (its grid, range and bit layout); `FORMATS` maps a
 name such as ``"NVFP4"`` to a `FormatSpec` row (element, block, scale format, effective bits,
-export names). Numerics, export and AutoQuantize all read this one table.
+export names). `QuantFormat` is one quantizer's format, parsed once from ModelOpt-style
+attributes (``num_bits``, ``axis``, ``block_sizes``, ...); it names its `FORMATS` row, so
+numerics, summaries, algorithms, export and AutoQuantize read this one table instead of
+comparing ``num_bits`` / ``scale_bits`` tuples. `nvfp4_global_amax` owns NVFP4's global-amax rule.
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMATS", "ElementFormat", "FormatSpec"]
+__all__ = [
+    "FORMATS",
+    "FP_ELEMENT_NAMES",
+    "SCALE_MODES",
+    "ElementFormat",
+    "FormatSpec",
+    "QuantFormat",
+    "nvfp4_global_amax",
+]
 
 # (exponent bits, mantissa bits) -> (name, exponent bias, largest finite value, torch dtype name or None)
 _FP_LAYOUTS: dict[tuple[int, int], tuple[str, int, float, str | None]] = {
@@ -24,6 +35,25 @@ _FP_LAYOUTS: dict[tuple[int, int], tuple[str, int, float, str | None]] = {
     (3, 2): ("e3m2", 3, 28.0, None),  # OCP FP6 E3M2: no inf/NaN
     (2, 3): ("e2m3", 1, 7.5, None),  # OCP FP6 E2M3: no inf/NaN
     (2, 1): ("e2m1", 1, 6.0, "float4_e2m1fn_x2"),  # OCP FP4 E2M1: no inf/NaN
+}
+FP_ELEMENT_NAMES: MappingProxyType = MappingProxyType(
+    {pair: layout[0].upper() for pair, layout in _FP_LAYOUTS.items()}
+)
+"""The supported FP ``num_bits`` pairs and their names: ``{(4, 3): "E4M3", ...}``."""
+
+SCALE_MODES: MappingProxyType = MappingProxyType({None: "float32", (4, 3): "e4m3", (8, 0): "e8m0"})
+"""``scale_bits`` -> how group scales are stored: float32; E4M3 block scales under a float32
+global scale (NVFP4-style, two levels); E8M0 shared exponents (OCP MX)."""
+
+# ONNX TensorProto element type of each element format's codes (None: ONNX has none).
+_ONNX_ELEMENT = {
+    "int8": "INT8",
+    "uint8": "UINT8",
+    "int4": "INT4",
+    "uint4": "UINT4",
+    "e4m3": "FLOAT8E4M3FN",
+    "e5m2": "FLOAT8E5M2",
+    "e2m1": "FLOAT4E2M1",
 }
 
 
@@ -105,6 +135,23 @@ class ElementFormat:
     def mx_shift(self) -> int:
         """MX only: log2 of the implicit element scale, ``bits - 2`` for INT grids (MXINT8 is 1.6 fixed point), 0 for FP."""
         return self.bits - 2 if self.is_int else 0
+
+    @property
+    def onnx_dtype(self) -> str | None:
+        """ONNX TensorProto element type name of the codes (``"INT8"``, ``"FLOAT8E4M3FN"``, ...), or None."""
+        return _ONNX_ELEMENT.get(self.name)
+
+    @property
+    def packed_nibbles(self) -> bool:
+        """True for 4-bit codes, stored two per byte."""
+        return self.bits == 4
+
+    def bounds(self, narrow_range: bool = False) -> tuple[float, float]:
+        """``(lo, hi)`` of the grid in element units: the INT code range, or ``±max_value`` for FP."""
+        if self.is_int:
+            lo, hi = self.int_range(narrow_range)
+            return float(lo), float(hi)
+        return -self.max_value, self.max_value
 
     @property
     def top_step(self) -> float:
@@ -342,3 +389,232 @@ FORMATS: MappingProxyType = _rows(
         description="OCP MXINT8: INT8 (1.6 fixed point), blocks of 32, E8M0 scales",
     ),
 )
+
+
+def nvfp4_global_amax(
+    block_amax: torch.Tensor | None = None,
+    calibrated: torch.Tensor | None = None,
+    x: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """NVFP4's per-tensor (global) amax, which sets the float32 second-level scale ``amax / (M * 448)``.
+
+    The one rule every layer uses: a ``calibrated`` global amax when there is one (a dynamic
+    quantizer's ``amax`` buffer holds it); else the largest per-block amax (static quantizers,
+    and the kernels' groups of a dynamic call); else ``max |x|``. None when nothing is given.
+    """
+    if calibrated is not None:
+        return calibrated.float().reshape(())
+    if block_amax is not None:
+        return block_amax.max()
+    if x is not None:
+        return x.detach().abs().amax().float()
+    return None
+
+
+_SCALE_STORAGE_BITS = {"float32": 32, "e4m3": 8, "e8m0": 8}
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One quantizer's format, parsed once from its ModelOpt-style attributes (`QuantFormat.parse`).
+
+    ``element`` is the code grid, ``scale_mode`` how group scales are stored (see `SCALE_MODES`),
+    ``blocks`` the integer axes of ``block_sizes`` as ``((axis, size or None), ...)`` in the order
+    given, ``axis`` the per-channel axis (None: per tensor), ``dynamic`` whether the amax comes
+    from each input. `row` is the matching `FORMATS` row (None for formats outside the table,
+    which still quantize); names, storage dtypes, export names and effective bits come from it.
+    """
+
+    element: ElementFormat
+    scale_mode: str = "float32"
+    blocks: tuple[tuple[int, int | None], ...] = ()
+    axis: int | tuple[int, ...] | None = None
+    dynamic: bool = False
+    narrow_range: bool = False
+
+    @classmethod
+    def parse(
+        cls,
+        num_bits: int | tuple[int, int] = 8,
+        axis: int | tuple[int, ...] | None = None,
+        block_sizes: dict | None = None,
+        type: str = "static",
+        unsigned: bool = False,
+        narrow_range: bool = False,
+    ) -> QuantFormat:
+        """The format of a quantizer with these attributes (ModelOpt's names; ``block_sizes`` may
+        carry ``"type"`` and ``"scale_bits"``). ValueError names a bad value."""
+        items = tuple((block_sizes or {}).items())
+        key = (
+            tuple(num_bits) if isinstance(num_bits, list) else num_bits,
+            tuple(axis) if isinstance(axis, list) else axis,
+            tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in items),
+            type,
+            bool(unsigned),
+            bool(narrow_range),
+        )
+        try:
+            return _parse_format(*key)
+        except TypeError:  # unhashable value: let _parse_format report it unhashed
+            return _parse_format.__wrapped__(*key)
+
+    # ----- attributes in ModelOpt's terms ------------------------------------------------------
+    @property
+    def num_bits(self) -> int | tuple[int, int]:
+        """The element's ``num_bits`` (an int, or an (exponent, mantissa) pair)."""
+        return self.element.num_bits
+
+    @property
+    def unsigned(self) -> bool:
+        """True for unsigned INT grids."""
+        return self.element.unsigned
+
+    @property
+    def scale_bits(self) -> tuple[int, int] | None:
+        """ModelOpt's ``block_sizes["scale_bits"]``: (4, 3) E4M3, (8, 0) E8M0, None for float32."""
+        return next(bits for bits, mode in SCALE_MODES.items() if mode == self.scale_mode)
+
+    @property
+    def block_axes(self) -> dict[int, int | None] | None:
+        """``{axis: block size or None}`` of ``block_sizes`` without its string keys, or None."""
+        return dict(self.blocks) if self.blocks else None
+
+    @property
+    def block_size(self) -> int | None:
+        """Elements per block along the last axis, or None when not block-wise along it."""
+        return dict(self.blocks).get(-1)
+
+    @property
+    def sized_blocks(self) -> dict[int, int]:
+        """The block axes with a size (``{-1: None}``, one group per row, is not a block format)."""
+        return {a: b for a, b in self.blocks if b is not None}
+
+    @property
+    def has_global_amax(self) -> bool:
+        """True for two-level scales (NVFP4): E4M3 block scales under a per-tensor global scale."""
+        return self.scale_mode == "e4m3"
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(lo, hi)`` of the grid in element units (see `ElementFormat.bounds`)."""
+        return self.element.bounds(self.narrow_range)
+
+    def fake_quantize_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``quant_kernels.fake_quantize`` (add ``amax`` / ``global_amax``)."""
+        return {
+            "num_bits": self.num_bits,
+            "block_sizes": self.block_axes,
+            "scale_bits": self.scale_bits,
+            "unsigned": self.unsigned,
+            "narrow_range": self.narrow_range,
+        }
+
+    def global_amax(
+        self, amax: torch.Tensor | None, x: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """NVFP4's global amax for a quantizer of this format holding ``amax`` (see `nvfp4_global_amax`):
+        a dynamic quantizer's ``amax`` is the calibrated global amax, a static one's the per-block
+        amaxes. None for formats without a global scale."""
+        if not self.has_global_amax:
+            return None
+        if self.dynamic:
+            return nvfp4_global_amax(calibrated=amax, x=x)
+        return nvfp4_global_amax(block_amax=amax, x=x)
+
+    # ----- the table row and what it names -----------------------------------------------------
+    @functools.cached_property
+    def row(self) -> FormatSpec | None:
+        """The `FORMATS` row of this format: same element, scale format and sized blocks; among
+        rows differing only in granularity, the per-channel row for per-channel/per-token
+        quantizers and the per-tensor row otherwise. None when the table has no such format."""
+        rows = [r for r in self._family() if dict(r.block_sizes or {}) == self.sized_blocks]
+        per_row = self.axis is not None or any(b is None for _, b in self.blocks)
+        rows.sort(key=lambda r: (r.axis is not None) != per_row)
+        return rows[0] if rows else None
+
+    def _family(self) -> list[FormatSpec]:
+        return [
+            r
+            for r in FORMATS.values()
+            if r.element == self.element and SCALE_MODES[r.scale_bits] == self.scale_mode
+        ]
+
+    @property
+    def name(self) -> str:
+        """The `FORMATS` row name (``"NVFP4"``, ``"FP8"``, ...), else the short `label`."""
+        return self.row.name if self.row is not None else self.label
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name: INT8, UINT4, FP8 E4M3, NVFP4, MXFP6, MXINT8, NVFP4 (block 32), ..."""
+        element = self.element
+        kind = "INT" if element.is_int else "FP"
+        if self.scale_mode == "float32":
+            if element.is_int:
+                return f"{'U' if element.unsigned else ''}INT{element.bits}"
+            return f"FP{element.bits} {element.name.upper()}"
+        label = f"{'MX' if self.scale_mode == 'e8m0' else 'NV'}{kind}{element.bits}"
+        standard = [dict(r.block_sizes or {}) for r in self._family() if r.block_sizes]
+        sizes = list(self.sized_blocks.values())
+        if standard and sizes and sizes != list(standard[0].values()):
+            label += f" (block {sizes[0]})" if len(sizes) == 1 else f" (blocks {self.sized_blocks})"
+        return label
+
+    @property
+    def effective_bits(self) -> float:
+        """Bits per element including the stored block scales: the row's, else the element's bits
+        plus the family's scale storage per block (per-tensor/channel/token scales count 0)."""
+        if self.row is not None:
+            return self.row.effective_bits
+        elems = math.prod(self.sized_blocks.values())
+        if elems <= 1:
+            return float(self.element.bits)
+        family = [r for r in self._family() if r.block_sizes]
+        bits = family[0].scale_storage_bits if family else _SCALE_STORAGE_BITS[self.scale_mode]
+        return self.element.bits + bits / elems
+
+    @property
+    def onnx_dtype(self) -> str | None:
+        """ONNX element type name of the codes (see `ElementFormat.onnx_dtype`)."""
+        return self.element.onnx_dtype
+
+    @property
+    def storage_dtype(self) -> str | None:
+        """torch dtype name of the exported codes (from the row, or a row of the same element and
+        scale format when the block size is not in the table), or None."""
+        rows = [self.row] if self.row is not None else self._family()
+        return rows[0].storage_dtype if rows else None
+
+    @property
+    def trtllm_quant_algo(self) -> str | None:
+        """TensorRT-LLM ``QuantAlgo`` of weights in this format (from the row), or None."""
+        return self.row.trtllm_quant_algo if self.row is not None else None
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_format(num_bits, axis, blocks, type_, unsigned, narrow_range) -> QuantFormat:
+    if type_ not in ("static", "dynamic"):
+        raise ValueError(f"type must be 'static' or 'dynamic', got {type_!r}")
+    element = ElementFormat.parse(num_bits, unsigned=unsigned)
+    axes: list[tuple[int, int | None]] = []
+    scale_bits, dynamic = None, type_ == "dynamic"
+    for key, value in blocks:
+        if key == "scale_bits":
+            scale_bits = value
+        elif key == "type":
+            dynamic = dynamic or value == "dynamic"
+        elif isinstance(key, int) and not isinstance(key, bool):
+            axes.append((key, value))
+        elif key != "scale_block_sizes" or value:
+            raise ValueError(
+                f"block_sizes key {key!r} is not supported; allowed: int axes, 'type', 'scale_bits'"
+            )
+    if scale_bits not in SCALE_MODES:
+        raise ValueError(
+            f"scale_bits={scale_bits!r} is not supported; choose one of {list(SCALE_MODES)}"
+        )
+    if scale_bits is not None and not axes:
+        raise ValueError(f"scale_bits={scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
+    return QuantFormat(
+        element, SCALE_MODES[scale_bits], tuple(axes), axis, dynamic, bool(narrow_range)
+    )

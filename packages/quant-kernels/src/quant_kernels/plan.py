@@ -8,11 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from quant_kernels.blocking import BlockLayout, layout_for, normalize_block_sizes
-from quant_kernels.formats import ElementFormat
+from quant_kernels.formats import SCALE_MODES, ElementFormat, nvfp4_global_amax
 
-__all__ = ["QuantPlan", "check_amax", "make_plan"]
+__all__ = ["QuantPlan", "check_amax", "global_amax_of", "make_plan"]
 
-_SCALE_BITS = {None: "float32", (4, 3): "e4m3", (8, 0): "e8m0"}
 FP8_E4M3_MAX = 448.0
 
 
@@ -81,11 +80,11 @@ def make_plan(
     if scale_bits is None:
         scale_bits = dict_scale_bits
     scale_bits = tuple(scale_bits) if scale_bits is not None else None
-    if scale_bits not in _SCALE_BITS:
+    if scale_bits not in SCALE_MODES:
         raise ValueError(
-            f"scale_bits={scale_bits!r} is not supported; choose None, (4, 3) or (8, 0)"
+            f"scale_bits={scale_bits!r} is not supported; choose one of {list(SCALE_MODES)}"
         )
-    scale_mode = _SCALE_BITS[scale_bits]
+    scale_mode = SCALE_MODES[scale_bits]
     if scale_mode != "float32" and axes is None:
         raise ValueError(f"scale_bits={scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
     if global_amax is not None and scale_mode != "e4m3":
@@ -103,11 +102,14 @@ def make_plan(
         if gamax.numel() != 1:
             raise ValueError(f"global_amax must have one value, got shape {tuple(gamax.shape)}")
         gamax = gamax.reshape(())
-    elif scale_mode == "e4m3" and amax_view is not None:
-        gamax = amax_view.max()
+    elif scale_mode == "e4m3":
+        gamax = nvfp4_global_amax(block_amax=amax_view)  # None when dynamic: see global_amax_of
+    lo, hi = element.bounds(narrow_range)
+    return QuantPlan(element, layout, scale_mode, lo, hi, amax_view, gamax)
 
-    if element.is_int:
-        lo, hi = element.int_range(narrow_range)
-    else:
-        lo, hi = -element.max_value, element.max_value
-    return QuantPlan(element, layout, scale_mode, float(lo), float(hi), amax_view, gamax)
+
+def global_amax_of(plan: QuantPlan, amax: torch.Tensor) -> torch.Tensor | None:
+    """The global amax a plan quantizes with, given the group ``amax`` of this call (NVFP4 only)."""
+    if plan.scale_mode != "e4m3" or plan.global_amax is not None:
+        return plan.global_amax
+    return nvfp4_global_amax(block_amax=amax)

@@ -16,7 +16,7 @@ import torch
 
 from quant_kernels.blocking import group_amax
 from quant_kernels.formats import ElementFormat
-from quant_kernels.plan import FP8_E4M3_MAX, QuantPlan
+from quant_kernels.plan import FP8_E4M3_MAX, QuantPlan, global_amax_of
 
 __all__ = [
     "block_scales",
@@ -110,10 +110,7 @@ def fake_quantize_reference(x: torch.Tensor, plan: QuantPlan) -> tuple[torch.Ten
     layout = plan.layout
     xv = layout.to_view(x.reshape(layout.shape))
     amax = plan.amax if plan.amax is not None else group_amax(xv, layout.reduce_dims)
-    gamax = plan.global_amax
-    if plan.scale_mode == "e4m3" and gamax is None:
-        gamax = amax.amax()  # dynamic NVFP4: max |x| of the whole tensor
-    scale, _, _ = block_scales(amax, plan, gamax)
+    scale, _, _ = block_scales(amax, plan, global_amax_of(plan, amax))
     # Work in float32 in place: converting first and last is cheaper than mixed-dtype arithmetic.
     owned = xv.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     q = grid_values(xv, scale, plan, inplace=owned)

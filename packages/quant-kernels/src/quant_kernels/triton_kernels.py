@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from quant_kernels.blocking import group_amax
-from quant_kernels.plan import QuantPlan
+from quant_kernels.plan import QuantPlan, global_amax_of
 from quant_kernels.reference import global_scale
 
 __all__ = ["fake_quantize_triton", "supports"]
@@ -322,9 +322,7 @@ def _global_scale(
     (any float32 tensor: the kernels do not read it). A dynamic plan's global amax is max |x|."""
     if plan.scale_mode != "e4m3":
         return unused
-    gamax = plan.global_amax
-    if gamax is None:
-        gamax = amax.amax() if amax is not None else _abs_max(xc)
+    gamax = global_amax_of(plan, amax if amax is not None else _abs_max(xc))
     return global_scale(gamax, plan).reshape(())
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import quant_kernels as qk
 from quant_core.algorithms._blocks import num_blocks
 from quant_core.algorithms.max import max_calibrate
 from quant_core.algorithms.mse import (
@@ -198,14 +199,13 @@ def gptq_quantize(
     return q, amax_out
 
 
-def _format_key(module: nn.Module) -> tuple:
-    q = first_stage(module.weight_quantizer)
-    return (str(q.num_bits), str(q.block_sizes), str(q.axis), q.unsigned, q.narrow_range)
+def _format_key(module: nn.Module) -> qk.QuantFormat:
+    return first_stage(module.weight_quantizer).format
 
 
 def _global_amax(module: nn.Module) -> bool:
     """Whether the layer's format has one global amax per quantize call (NVFP4): it runs alone."""
-    return first_stage(module.weight_quantizer).scale_bits == (4, 3)
+    return _format_key(module).has_global_amax
 
 
 def _alone(module: nn.Module) -> bool:
@@ -275,6 +275,7 @@ def gptq(
         )
         quantizer = layers[units[0][0]].weight_quantizer
         fmt = kernel_format(quantizer)
+        block_scaled = first_stage(quantizer).format.scale_mode != "float32"
         amax = None
         if clip_search:
             # blocks: channels weighted by diag H (as good as d^T H_bb d on MiniLM, half the
@@ -285,10 +286,10 @@ def gptq(
             else:
                 diag = hessian.diagonal(dim1=-2, dim2=-1)
                 amax = mse_amax(weights, fmt, ratios, hessian_diag=diag)
-        elif fmt.per_tensor or first_stage(quantizer).scale_bits is not None:
+        elif fmt.per_tensor or block_scaled:
             amax = fmt.amax(weights)
-        if amax is not None and first_stage(quantizer).scale_bits is not None:
-            fmt = kernel_format(quantizer, global_amax=amax.max())
+        if amax is not None and block_scaled:
+            fmt = kernel_format(quantizer, global_amax=qk.nvfp4_global_amax(block_amax=amax))
         with torch.no_grad():
             q, amax = gptq_quantize(
                 weights,

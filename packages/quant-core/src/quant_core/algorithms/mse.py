@@ -193,28 +193,23 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
     q = first_stage(quantizer)
     if not q.is_enabled:
         return None
-    axes = {k: v for k, v in (q.block_sizes or {}).items() if isinstance(k, int)}
+    qfmt = q.format
+    axes = qfmt.block_axes
     if axes:
         if len(axes) != 1 or next(iter(axes)) not in (-1, 1):
             return None
         block, per_tensor = next(iter(axes.values())), False
-    elif q.axis in (0, -2):
+    elif qfmt.axis in (0, -2):
         block, per_tensor = None, False
-    elif q.axis is None:
+    elif qfmt.axis is None:
         block, per_tensor = None, True
     else:
         return None
-    scale_bits = q.scale_bits
-    kwargs = {
-        "num_bits": q.num_bits,
-        "scale_bits": scale_bits,
-        "unsigned": q.unsigned,
-        "narrow_range": q.narrow_range,
-    }
-    if scale_bits == (4, 3) and global_amax is not None:
+    kwargs = qfmt.fake_quantize_kwargs()
+    del kwargs["block_sizes"]
+    if global_amax is not None and qfmt.has_global_amax:
         kwargs["global_amax"] = global_amax
-
-    grid = _grid(q) if scale_bits is None else None
+    grid = _grid(qfmt) if qfmt.scale_mode == "float32" else None
 
     def quant(x: Tensor, amax: Tensor) -> Tensor:
         if grid is not None:
@@ -224,9 +219,7 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
         if amax.shape[-1] == 1 and x.shape[-1] > 1:
             amax = amax.expand(*lead, 1)
             return qk.fake_quantize(x, amax=amax, block_sizes={-1: x.shape[-1]}, **kwargs)
-        amax = amax.expand_as(x)
-        if scale_bits is None:
-            return qk.fake_quantize(x, amax=amax, **kwargs)
+        amax = amax.expand_as(x)  # one amax per element: blocks of one along the last axis
         y = qk.fake_quantize(
             x.unsqueeze(-1), amax=amax.unsqueeze(-1), block_sizes={-1: 1}, **kwargs
         )
@@ -245,14 +238,10 @@ def grid_fake_quant(x: Tensor, amax: Tensor, grid: Grid, out: Tensor | None = No
     return round_to_grid_(v.clamp_(grid.lo, grid.hi), grid.element).mul_(scale).to(x.dtype)
 
 
-def _grid(q: TensorQuantizer) -> Grid:
-    """The element grid of a quantizer without block-scale format (INT codes or FP values)."""
-    element = qk.ElementFormat.parse(q.num_bits, unsigned=q.unsigned)
-    if element.is_int:
-        lo, hi = element.int_range(q.narrow_range)
-    else:
-        lo, hi = -element.max_value, element.max_value
-    return Grid(element, float(lo), float(hi))
+def _grid(fmt: qk.QuantFormat) -> Grid:
+    """The element grid of a format without block-scale format (INT codes or FP values)."""
+    lo, hi = fmt.bounds
+    return Grid(fmt.element, lo, hi)
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Linear]:

@@ -317,10 +317,10 @@ def input_format(module: nn.Module) -> QuantFn | None:
     q = first_stage(module.input_quantizer)
     if not q.is_enabled:
         return None
-    kwargs = {"num_bits": q.num_bits, "unsigned": q.unsigned, "narrow_range": q.narrow_range}
-    if q.is_dynamic or q.block_sizes or q.axis is not None:
-        blocks = {k: v for k, v in (q.block_sizes or {}).items() if isinstance(k, int)} or None
-        scale_bits = q.scale_bits
+    fmt = q.format
+    kwargs = {"num_bits": fmt.num_bits, "unsigned": fmt.unsigned, "narrow_range": fmt.narrow_range}
+    if fmt.dynamic or fmt.blocks or fmt.axis is not None:
+        blocks, scale_bits = fmt.block_axes, fmt.scale_bits
 
         def dynamic(x: Tensor, _amax: Tensor) -> Tensor:
             return qk.fake_quantize(

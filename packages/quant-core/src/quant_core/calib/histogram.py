@@ -86,7 +86,8 @@ class HistogramCalibrator:
 
     def _entropy(self) -> float:
         """TensorRT's KL-divergence threshold search over the histogram."""
-        levels = 2 ** (self.num_bits - 1) if isinstance(self.num_bits, int) else 128
+        element = qk.ElementFormat.parse(self.num_bits, unsigned=self.unsigned)
+        levels = 2 ** (element.bits - 1) if element.is_int else 128  # FP: as for 8-bit codes
         hist = self._hist
         if self.num_bins <= levels:
             return self._max

@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-FP_FORMATS = {(4, 3): "E4M3", (5, 2): "E5M2", (3, 2): "E3M2", (2, 3): "E2M3", (2, 1): "E2M1"}
-SCALE_FORMATS = {(4, 3): "E4M3", (8, 0): "E8M0"}
-BLOCK_KEYS = ("type", "scale_bits")
+from quant_kernels.formats import FP_ELEMENT_NAMES, SCALE_MODES, QuantFormat
+
+FP_FORMATS = FP_ELEMENT_NAMES  # the supported (exponent, mantissa) pairs, from the format table
+SCALE_FORMATS = {bits: mode.upper() for bits, mode in SCALE_MODES.items() if bits is not None}
 
 
 class QuantizerAttributeConfig(BaseModel):
@@ -156,6 +157,12 @@ class QuantizerAttributeConfig(BaseModel):
     def is_dynamic(self) -> bool:
         """True when amax is computed from each input instead of calibrated."""
         return self.type == "dynamic" or (self.block_sizes or {}).get("type") == "dynamic"
+
+    def quant_format(self) -> QuantFormat:
+        """The format these attributes describe, parsed into quant-kernels' `QuantFormat`."""
+        return QuantFormat.parse(
+            self.num_bits, self.axis, self.block_sizes, self.type, self.unsigned, self.narrow_range
+        )
 
     def to_json_dict(self) -> dict[str, Any]:
         """All attributes as JSON-safe values (tuples become lists, int keys become strings)."""

@@ -23,7 +23,7 @@ import torch
 
 import quant_kernels as qk
 
-_FP8_MAX = 448.0
+_FP8_MAX = qk.ElementFormat.parse((4, 3)).max_value
 
 
 @torch.library.custom_op("quant_core::fp8_qdq", mutates_args=())
@@ -73,36 +73,44 @@ class _LegacyFP8QDQ(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero_point)
 
 
+def has_qdq_form(fmt: qk.QuantFormat) -> bool:
+    """True for static formats with a standard Q/DQ form: INT8 (signed full range or unsigned) per
+    tensor or per channel, FP8 E4M3 per tensor."""
+    if fmt.dynamic or fmt.blocks or fmt.scale_mode != "float32":
+        return False
+    element = fmt.element
+    if element.is_int:
+        full_range = element.unsigned or not fmt.narrow_range
+        return element.bits == 8 and full_range and (fmt.axis is None or isinstance(fmt.axis, int))
+    return element.name == "e4m3" and fmt.axis is None
+
+
 def wants_qdq(quantizer: Any) -> bool:
     """True while exporting to ONNX and this quantizer has a standard Q/DQ form."""
     if not torch.onnx.is_in_onnx_export():
         return False
     attrs = quantizer.attribute_config
-    if attrs.block_sizes or attrs.learn_amax or attrs.bias is not None:
+    if attrs.learn_amax or attrs.bias is not None:
         return False
-    if attrs.num_bits == 8 and not (attrs.narrow_range and not attrs.unsigned):
-        return attrs.axis is None or isinstance(attrs.axis, int)
-    return attrs.num_bits == (4, 3) and attrs.axis is None
+    return has_qdq_form(quantizer.format)
 
 
 def qdq(x: torch.Tensor, amax: torch.Tensor, quantizer: Any) -> torch.Tensor:
     """Quantize-dequantize x with ops that export as QuantizeLinear/DequantizeLinear."""
-    attrs = quantizer.attribute_config
+    fmt = quantizer.format
     amax = amax.detach().float().to(x.device)
-    if attrs.num_bits == (4, 3):
-        scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax)).reshape(())
+    scale = torch.where(amax > 0, amax / fmt.element.max_value, torch.ones_like(amax))
+    if not fmt.element.is_int:
+        scale = scale.reshape(())
         if torch.compiler.is_exporting():
             return fp8_qdq(x, scale)
         return _LegacyFP8QDQ.apply(x, scale)
-    qmin, qmax = (0, 255) if attrs.unsigned else (-128, 127)
-    scale = torch.where(
-        amax > 0, amax / (255.0 if attrs.unsigned else 127.0), torch.ones_like(amax)
-    )
-    if attrs.axis is None:
+    qmin, qmax = fmt.element.int_range()
+    if fmt.axis is None:
         zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point, qmin, qmax)
     scale = scale.reshape(-1)
     zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
     return torch.fake_quantize_per_channel_affine(
-        x, scale, zero_point, attrs.axis % x.dim(), qmin, qmax
+        x, scale, zero_point, fmt.axis % x.dim(), qmin, qmax
     )

@@ -1,10 +1,20 @@
 """TensorQuantizer: an ``nn.Module`` mapping a tensor to its quantized-dequantized value.
 
-Its attributes follow ModelOpt's ``QuantizerAttributeConfig``; its state is the buffers ``_amax``
-and ``_pre_quant_scale`` (``_amax`` becomes a parameter with ``learn_amax``), so it travels with
-``state_dict``. All numerics go through ``quant_kernels.fake_quantize``; gradients pass straight
-through (zero outside the clipping range). A static quantizer that was never calibrated warns
-once, naming its module, and falls back to the amax of the tensor it sees.
+Its attributes follow ModelOpt's ``QuantizerAttributeConfig``; setting them parses the format
+once into a `quant_kernels.QuantFormat` (`TensorQuantizer.format`), which everything else reads.
+Its state is the buffers ``_amax`` and ``_pre_quant_scale`` (``_amax`` becomes a parameter with
+``learn_amax``), so it travels with ``state_dict``. What ``_amax`` holds depends on the format:
+
+* static quantizers: the calibrated amax per tensor (0-d), per channel (keepdim, broadcastable
+  to the input) or per block (``ceil(d_i / b_i)`` per dimension, as ``quant_kernels.reduce_amax``);
+  NVFP4's global amax is then the largest block amax (``quant_kernels.nvfp4_global_amax``);
+* dynamic NVFP4 (two-level scales): the calibrated *global* amax (0-d); block amaxes come from
+  each input;
+* other dynamic quantizers: nothing (amax comes from each input).
+
+All numerics go through ``quant_kernels.fake_quantize``; gradients pass straight through (zero
+outside the clipping range). A static quantizer that was never calibrated warns once, naming its
+module, and falls back to the amax of the tensor it sees.
 """
 
 from __future__ import annotations
@@ -67,13 +77,19 @@ class TensorQuantizer(nn.Module):
         ):
             self.amax = None  # a calibrated amax belongs to the old format and granularity
         self._attrs = cfg
+        self._format = fmt = cfg.quant_format()
         self._disabled = not cfg.enable
-        self._calibrator = make_calibrator(cfg, self._block_axes)
-        needs_global = cfg.is_dynamic and self.scale_bits == (4, 3)
+        self._calibrator = make_calibrator(cfg, fmt.block_axes)
+        needs_global = fmt.dynamic and fmt.has_global_amax
         self._global_calibrator = MaxCalibrator() if needs_global else None
-        if cfg.num_bits == (4, 3) and not cfg.is_dynamic:
+        if not fmt.element.is_int and onnx_qdq.has_qdq_form(fmt):  # FP8 needs a translation
             onnx_qdq.register_onnx_translation()
         self._apply_learn_amax()
+
+    @property
+    def format(self) -> qk.QuantFormat:
+        """The quantizer's format, parsed once from its attributes (names its ``qk.FORMATS`` row)."""
+        return self._format
 
     @property
     def attribute_config(self) -> QuantizerAttributeConfig:
@@ -115,25 +131,12 @@ class TensorQuantizer(nn.Module):
     @property
     def scale_bits(self) -> tuple[int, int] | None:
         """Format of the block scales: (4, 3) for NVFP4, (8, 0) for MX, None for fp32."""
-        return (self._attrs.block_sizes or {}).get("scale_bits")
-
-    @property
-    def _block_axes(self) -> dict[int, int | None] | None:
-        bs = self._attrs.block_sizes
-        return {k: v for k, v in bs.items() if isinstance(k, int)} if bs else None
+        return self._format.scale_bits
 
     @property
     def calibrator(self) -> Calibrator:
         """The calibrator collecting statistics for this quantizer."""
         return self._calibrator
-
-    @property
-    def maxbound(self) -> float:
-        """Largest representable magnitude of the element format (qmax for INT)."""
-        nb = self.num_bits
-        if isinstance(nb, tuple):
-            return {(4, 3): 448.0, (5, 2): 57344.0, (3, 2): 28.0, (2, 3): 7.5, (2, 1): 6.0}[nb]
-        return float(2**nb - 1 if self.unsigned else 2 ** (nb - 1) - 1)
 
     # ----- enable / calibration switches --------------------------------------------------
     @property
@@ -260,19 +263,17 @@ class TensorQuantizer(nn.Module):
         if not self.is_dynamic and amax is not None and onnx_qdq.wants_qdq(self):
             return onnx_qdq.qdq(x, amax, self)
         x_in = x
-        blocks = self._block_axes
-        global_amax = None
+        fmt = self._format
+        blocks = fmt.block_axes
         if self.is_dynamic:
             amax_arg = None if blocks else reduce_amax(x_in, axis=attrs.axis)
-            if self.scale_bits == (4, 3):
-                global_amax = amax if amax is not None else x_in.detach().abs().amax().float()
+            global_amax = fmt.global_amax(amax, x_in)
         else:
             if amax is None:
                 self._warn_uncalibrated()
                 amax = reduce_amax(x_in, axis=attrs.axis, block_sizes=blocks)
             amax_arg = amax.to(x.device)
-            if self.scale_bits == (4, 3):
-                global_amax = amax_arg.max()
+            global_amax = fmt.global_amax(amax_arg)
         if attrs.learn_amax and amax_arg is not None and amax_arg.requires_grad:
             # LSQ-style: fq(x; amax) = amax * fq(x / amax; 1), so amax gets the gradient of its scale.
             bound = amax_arg.to(x_in.dtype)
@@ -289,7 +290,7 @@ class TensorQuantizer(nn.Module):
             num_bits=attrs.num_bits,
             amax=amax_arg.detach() if amax_arg is not None else None,
             block_sizes=blocks,
-            scale_bits=self.scale_bits,
+            scale_bits=fmt.scale_bits,
             global_amax=global_amax.detach() if global_amax is not None else None,
             unsigned=attrs.unsigned,
             narrow_range=attrs.narrow_range,
