@@ -5,13 +5,9 @@ from __future__ import annotations
 import torch
 from algo_refs import block_max, blockwise_ref, int_quant
 
-from quant_core.algorithms.awq import (
-    awq_clip_search,
-    awq_scale_search,
-    output_error,
-    scaled_hessian,
-)
-from quant_core.algorithms.mse import BlockFormat
+from quant_core.algorithms.awq import awq_clip_search, awq_scale_search
+from quant_core.algorithms.output_error import output_error, scaled_hessian
+from quant_core.algorithms.weights import BlockFormat
 
 
 def salient_inputs(n: int, cols: int, seed: int) -> torch.Tensor:

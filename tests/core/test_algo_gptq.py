@@ -6,7 +6,7 @@ import torch
 from algo_refs import block_max, blockwise_ref, int_quant
 
 from quant_core.algorithms.gptq import gptq_quantize, lower_triangular_inverse
-from quant_core.algorithms.mse import BlockFormat
+from quant_core.algorithms.weights import BlockFormat
 
 
 def correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
@@ -173,7 +173,7 @@ def test_gptq_int_column_path_equals_the_kernel_quantizer_path():
     """Plain INT formats quantize columns with precomputed scales: same result as qk.fake_quantize."""
     import dataclasses
 
-    from quant_core.algorithms.mse import kernel_format
+    from quant_core.algorithms.weights import kernel_format
     from quant_core.config import QuantizerAttributeConfig
     from quant_core.nn.tensor_quantizer import TensorQuantizer
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from algo_refs import int_quant
 
-from quant_core.algorithms.mse import BlockFormat, hessian_diag_blocks, mse_amax
+from quant_core.algorithms.output_error import hessian_diag_blocks, mse_amax
+from quant_core.algorithms.weights import BlockFormat
 
 
 def heavy_tailed(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -161,7 +162,7 @@ def test_mse_algorithm_on_input_dims_not_multiple_of_block():
 def test_kernel_format_grid_path_equals_the_kernels_bit_for_bit():
     """The searches' inlined INT/FP grid arithmetic gives exactly quant_kernels.fake_quantize's result."""
     import quant_kernels as qk
-    from quant_core.algorithms.mse import kernel_format
+    from quant_core.algorithms.weights import kernel_format
     from quant_core.nn import TensorQuantizer
 
     gen = torch.Generator().manual_seed(50)

@@ -6,12 +6,9 @@ import torch
 from algo_refs import int_quant
 from torch import nn
 
-from quant_core.algorithms.mse import BlockFormat
-from quant_core.algorithms.smoothquant import (
-    collect_input_stats,
-    search_smoothing,
-    smoothing_scales,
-)
+from quant_core.algorithms.smoothquant import search_smoothing, smoothing_scales
+from quant_core.algorithms.statistics import collect_input_stats
+from quant_core.algorithms.weights import BlockFormat
 
 
 def outlier_activations(n: int, cols: int, seed: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 import quant_core as mtq
 import quant_kernels
-from quant_core.algorithms.smoothquant import (
+from quant_core.algorithms.statistics import (
     block_diagonal_gram,
     collect_input_stats,
     upper_gram,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from algo_refs import int_quant
 
-from quant_core.algorithms.mse import BlockFormat
 from quant_core.algorithms.svdquant import low_rank_split, svdquant_search
+from quant_core.algorithms.weights import BlockFormat
 
 
 def weight_with_outliers(rows: int, cols: int, seed: int) -> torch.Tensor:

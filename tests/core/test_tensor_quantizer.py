@@ -132,7 +132,7 @@ def test_nvfp4_uses_calibrated_global_amax_and_e4m3_block_scales():
 
 
 def test_w4a8_sequential_is_fp8_of_int4_blocks():
-    from quant_core.algorithms.max import calibrate_weights
+    from quant_core.algorithms.statistics import calibrate_weights
 
     w = torch.randn(4, 256, generator=gen(8))
     layer = torch.nn.Linear(256, 4)

@@ -100,3 +100,20 @@ def test_the_one_nvfp4_global_amax_rule():
     implicit = qk.fake_quantize(x, amax=block_amax, **kwargs)
     explicit = qk.fake_quantize(x, amax=block_amax, global_amax=x.abs().max(), **kwargs)
     assert torch.equal(implicit, explicit)
+
+
+@pytest.mark.parametrize("bits", [8, 4, (4, 3), (2, 1)])
+def test_grid_primitive_equals_fake_quantize_for_many_amaxes_at_once(bits):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 64, generator=gen)
+    amax = x.abs().amax(-1, keepdim=True) * torch.linspace(0.5, 1.0, 5).view(
+        5, 1, 1
+    )  # 5 candidates
+    fmt = QuantFormat.parse(bits, axis=0)
+    got = qk.fake_quantize_grid(x, amax, fmt)
+    for i in range(5):
+        assert torch.equal(got[i], qk.fake_quantize(x, bits, amax=amax[i]))
+    with pytest.raises(ValueError, match="e4m3 scales"):
+        qk.fake_quantize_grid(
+            x, amax, QuantFormat.parse((2, 1), block_sizes={-1: 16, "scale_bits": (4, 3)})
+        )

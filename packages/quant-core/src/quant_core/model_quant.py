@@ -121,9 +121,7 @@ def _reset_calibration_state(model: nn.Module) -> None:
     for _name, q in iter_tensor_quantizers(model):
         q.disable_calib()
         q.enable_quant()
-        q._calibrator.reset()
-        if q._global_calibrator is not None:
-            q._global_calibrator.reset()
+        q.reset_statistics()
 
 
 def calibrate(

@@ -6,51 +6,30 @@ from typing import Any
 
 from torch import nn
 
+from quant_core.conversion import iter_quantizers
+from quant_core.nn.describe import amax_range, describe_quantizer, format_name, granularity
+from quant_core.nn.sequential import SequentialQuantizer
 
-def format_name(quantizer: Any) -> str:
-    """A short name of the quantizer's format: INT8, FP8 E4M3, NVFP4, MXFP4, ... (its ``format.label``)."""
-    return quantizer.format.label
-
-
-def granularity(quantizer: Any) -> str:
-    """Per-tensor, per-channel, per-token or block-wise, and static or dynamic."""
-    kind = "dynamic" if quantizer.is_dynamic else "static"
-    block = quantizer.format.block_axes
-    fallback = getattr(quantizer, "fallback", None)
-    if fallback is not None and quantizer.is_dynamic:
-        kind += f" (fallback from static: error -{fallback.gain_db:.1f} dB)"
-    if block:
-        if list(block.values()) == [None]:
-            return f"per-token {kind}" if next(iter(block)) == -1 else f"per-slice {block} {kind}"
-        return f"blocks {block} {kind}"
-    if quantizer.axis is None:
-        return f"per-tensor {kind}"
-    return f"per-channel (axis {quantizer.axis}) {kind}"
-
-
-def amax_range(quantizer: Any) -> str:
-    """The amax range as text, or why there is none."""
-    amax = quantizer.amax
-    if amax is None:
-        return "dynamic" if quantizer.is_dynamic else "uncalibrated"
-    lo, hi = float(amax.detach().min()), float(amax.detach().max())
-    return f"{hi:.4g}" if lo == hi else f"[{lo:.4g}, {hi:.4g}]"
+__all__ = [
+    "amax_range",
+    "describe",
+    "format_name",
+    "granularity",
+    "print_quant_summary",
+    "quant_summary",
+]
 
 
 def describe(quantizer: Any) -> tuple[str, str, str]:
     """(format, granularity, amax range) of a TensorQuantizer or SequentialQuantizer."""
-    from quant_core.nn.sequential import SequentialQuantizer
-
     if isinstance(quantizer, SequentialQuantizer):
         parts = [describe(q) for q in quantizer]
         return tuple(" -> ".join(p[i] for p in parts) for i in range(3))  # type: ignore[return-value]
-    return format_name(quantizer), granularity(quantizer), amax_range(quantizer)
+    return describe_quantizer(quantizer)
 
 
 def quant_summary(model: nn.Module) -> str:
     """The summary table as text (what :func:`print_quant_summary` prints)."""
-    from quant_core.conversion import iter_quantizers
-
     rows = [("quantizer", "format", "granularity", "amax", "enabled")]
     enabled = 0
     for name, quantizer, _parent in iter_quantizers(model):

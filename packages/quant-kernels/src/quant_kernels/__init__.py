@@ -14,6 +14,7 @@ from quant_kernels.formats import (
     QuantFormat,
     nvfp4_global_amax,
 )
+from quant_kernels.grid import fake_quantize_grid, fake_quantize_with_scale, grid_scale
 from quant_kernels.packing import (
     e8m0_to_float,
     exponent_to_e8m0,
@@ -35,6 +36,9 @@ __all__ = [
     "e8m0_to_float",
     "exponent_to_e8m0",
     "fake_quantize",
+    "fake_quantize_grid",
+    "fake_quantize_with_scale",
+    "grid_scale",
     "nvfp4_global_amax",
     "pack_fp4",
     "pack_int4",

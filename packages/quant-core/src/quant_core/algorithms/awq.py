@@ -15,20 +15,21 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quant_core.algorithms._blocks import from_blocks, to_blocks
-from quant_core.algorithms.mse import (
-    BlockFormat,
+from quant_core.algorithms._moved import moved_names
+from quant_core.algorithms.output_error import (
     block_output_error,
     hessian_diag_blocks,
-    kernel_format,
     mse_amax,
-    set_weight_amax,
-    weight_layers,
+    scaled_hessian,
 )
 from quant_core.algorithms.registry import register_algorithm
-from quant_core.algorithms.smoothquant import (
+from quant_core.algorithms.statistics import calibrate_with_stats, effective_input_stats
+from quant_core.algorithms.weights import (
+    BlockFormat,
     apply_input_scale,
-    calibrate_with_stats,
-    effective_input_stats,
+    kernel_format,
+    set_weight_amax,
+    weight_layers,
 )
 
 __all__ = [
@@ -39,16 +40,18 @@ __all__ = [
     "awq_lite",
     "awq_scale_search",
     "awq_scales",
-    "output_error",
     "relative_weight_mean",
-    "scaled_hessian",
     "scoring_block",
 ]
 
-
-def output_error(delta: Tensor, hessian: Tensor) -> Tensor:
-    """``tr(Δ H Δ^T)`` for a weight error ``delta`` (..., rows, cols): the summed squared output error."""
-    return ((delta @ hessian) * delta).sum((-2, -1))
+# Moved to the shared helper modules; importable from here for code written against the old home.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "output_error": "quant_core.algorithms.output_error",
+        "scaled_hessian": "quant_core.algorithms.output_error",
+    },
+)
 
 
 def awq_scales(act_mean: Tensor, alpha: Tensor, weight_mean: Tensor | None = None) -> Tensor:
@@ -68,12 +71,6 @@ def relative_weight_mean(weight: Tensor, fmt: BlockFormat) -> Tensor:
     """Mean over output channels of |w| / (its block's max |w|), per input channel."""
     relative = fmt.blocks(weight).abs() / fmt.amax(weight).clamp(min=1e-12)
     return from_blocks(relative, weight.shape[-1]).mean(-2)
-
-
-def scaled_hessian(hessian: Tensor, scales: Tensor) -> Tensor:
-    """Gram matrix of the scaled inputs ``x / s`` given that of ``x``."""
-    inv = 1.0 / scales
-    return hessian * inv.unsqueeze(-1) * inv.unsqueeze(-2)
 
 
 def scoring_block(fmt: BlockFormat, cols: int) -> int:
@@ -182,7 +179,7 @@ def awq(
         with torch.no_grad():
             if scale:
                 _, s = awq_scale_search(module.weight.detach(), st.abs_mean, hessian, fmt, alphas)
-                apply_input_scale(module, s, stats[name], recalibrate=not clip)
+                apply_input_scale(module, s, stats[name].amax, recalibrate=not clip)
                 hessian = scaled_hessian(hessian, s)
             if clip:
                 amax = awq_clip_search(module.weight.detach(), hessian, fmt, ratios)

@@ -16,18 +16,20 @@ from tqdm.auto import tqdm
 
 import quant_kernels as qk
 from quant_core.algorithms._blocks import num_blocks
-from quant_core.algorithms.max import max_calibrate
-from quant_core.algorithms.mse import (
+from quant_core.algorithms.output_error import mse_amax
+from quant_core.algorithms.registry import register_algorithm
+from quant_core.algorithms.statistics import (
+    calibrate_with_stats,
+    effective_input_stats,
+    max_calibrate,
+)
+from quant_core.algorithms.weights import (
     BlockFormat,
     first_stage,
     kernel_format,
-    mse_amax,
     set_weight_amax,
     weight_layers,
 )
-from quant_core.algorithms.registry import register_algorithm
-from quant_core.algorithms.smoothquant import calibrate_with_stats, effective_input_stats
-from quant_kernels.reference import divide, round_to_grid_
 
 __all__ = ["gptq", "gptq_quantize", "inverse_hessian_factor", "lower_triangular_inverse"]
 
@@ -102,7 +104,7 @@ class _ColumnQuantizer:
         """Recompute the scales of ``cols`` after their blocks' amax changed."""
         if self.scale is None:
             return
-        scale = divide(self.amax(cols).float(), self.fmt.grid.hi).mT
+        scale = qk.grid_scale(self.amax(cols), self.fmt.grid).mT
         self.scale[:, cols] = scale
         self.divisor[:, cols] = torch.where(scale == 0, 1.0, scale)
 
@@ -111,10 +113,9 @@ class _ColumnQuantizer:
         if self.scale is None:
             out.copy_(self.fmt.quant(x, self.amax(slice(col, col + 1)).squeeze(-1)))
             return
-        grid = self.fmt.grid
         target = out if out.dtype == torch.float32 else None  # float64 weights: float32 math
-        v = torch.div(x.float(), self.divisor[:, col], out=target)
-        round_to_grid_(v.clamp_(grid.lo, grid.hi), grid.element).mul_(self.scale[:, col])
+        scale, divisor = self.scale[:, col], self.divisor[:, col]
+        v = qk.fake_quantize_with_scale(x, scale, self.fmt.grid, divisor=divisor, out=target)
         if target is None:
             out.copy_(v)
 

@@ -168,7 +168,7 @@ def input_error(module: nn.Linear, rows: Tensor) -> InputError:
     if quantizer.pre_quant_scale is not None:
         x = x * quantizer.pre_quant_scale.float().to(x.device)
     stacked = torch.stack(
-        [x, quantizer._quantize(x) - x, _per_token_twin(quantizer)._quantize(x) - x]
+        [x, quantizer.fake_quantize(x) - x, _per_token_twin(quantizer).fake_quantize(x) - x]
     )
     energies = F.linear(stacked, module.weight.detach().float()).square().sum((1, 2))
     signal, static, token = energies.tolist()

@@ -14,13 +14,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from quant_core.algorithms.awq import awq_scales, output_error
-from quant_core.algorithms.mse import BlockFormat, kernel_format, recalibrate_weight, weight_layers
+from quant_core.algorithms.awq import awq_scales
+from quant_core.algorithms.output_error import output_error
 from quant_core.algorithms.registry import register_algorithm
-from quant_core.algorithms.smoothquant import (
+from quant_core.algorithms.statistics import calibrate_with_stats, effective_input_stats
+from quant_core.algorithms.weights import (
+    BlockFormat,
     apply_input_scale,
-    calibrate_with_stats,
-    effective_input_stats,
+    calibrate_weight,
+    kernel_format,
+    weight_layers,
 )
 
 __all__ = ["low_rank_split", "svdquant", "svdquant_search"]
@@ -113,9 +116,9 @@ def svdquant(
                 torch.linspace(0, 1, alphas),
                 iters,
             )
-            apply_input_scale(module, s, stats[name])
+            apply_input_scale(module, s, stats[name].amax, recalibrate=False)
             module.weight.sub_((lora_b @ lora_a).to(module.weight.dtype))
-            recalibrate_weight(module)
+            calibrate_weight(module)
             module.register_buffer("svdquant_lora_a", lora_a.contiguous())
             module.register_buffer("svdquant_lora_b", lora_b.contiguous())
         if not getattr(module, "_svdquant_hooked", False):

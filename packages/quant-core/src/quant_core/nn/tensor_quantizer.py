@@ -29,6 +29,7 @@ import quant_kernels as qk
 from quant_core.calib import Calibrator, MaxCalibrator, make_calibrator, reduce_amax
 from quant_core.config.schema import QuantizerAttributeConfig, parse_attributes
 from quant_core.nn import onnx_qdq
+from quant_core.nn.describe import describe_quantizer
 
 
 def _check_amax(value: torch.Tensor, name: str) -> None:
@@ -197,6 +198,10 @@ class TensorQuantizer(nn.Module):
     def reset_amax(self) -> None:
         """Drop amax and any statistics collected."""
         self.amax = None
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        """Drop the statistics collected so far (amax stays until `load_calib_amax`)."""
         self._calibrator.reset()
         if self._global_calibrator is not None:
             self._global_calibrator.reset()
@@ -246,7 +251,18 @@ class TensorQuantizer(nn.Module):
             self.amax = amax.to(self.amax.device) if self.amax is not None else amax
         source.reset()
 
+    def calibrate_from(self, x: torch.Tensor) -> None:
+        """Max-calibrate on ``x`` alone: drop earlier statistics, collect ``x``, load its amax."""
+        self.reset_statistics()
+        self.collect(x)
+        self.load_calib_amax()
+
     # ----- forward ----------------------------------------------------------------------------
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` quantized and dequantized in this quantizer's format and amax: no pre-quant scale,
+        bias or statistics, whatever the enable / calibration switches say."""
+        return self._quantize(x)
+
     def _warn_uncalibrated(self) -> None:
         if not self._warned_uncalibrated:
             self._warned_uncalibrated = True
@@ -341,7 +357,5 @@ class TensorQuantizer(nn.Module):
     def extra_repr(self) -> str:
         if self._disabled:
             return "disabled"
-        from quant_core.summary import describe
-
-        fmt, gran, amax = describe(self)
+        fmt, gran, amax = describe_quantizer(self)
         return f"{fmt}, {gran}, amax={amax}"
