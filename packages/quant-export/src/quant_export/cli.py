@@ -1,4 +1,4 @@
-"""The ``quant-export`` command line: ``onnx`` (a quantized PyTorch model to ONNX), ``engine`` (ONNX to TensorRT) and ``hf`` (a unified Hugging Face checkpoint).
+"""The ``quant-export`` command line: ``onnx`` (a quantized PyTorch model to ONNX), ``engine`` (ONNX to TensorRT), ``hf`` (a unified Hugging Face checkpoint) and ``trtllm`` (a TensorRT-LLM checkpoint).
 
 Models are named as ``package.module:function`` and imported; no text is ever evaluated.
 """
@@ -50,6 +50,19 @@ with quant_core.save() into the factory's model first.
 
 example:
   quant-export hf --model my_project.models:quantized_llama --output llama-fp8 --dtype bfloat16
+"""
+
+
+TRTLLM_HELP = """\
+Write a quantized transformers model as a TensorRT-LLM checkpoint for `trtllm-build
+--checkpoint_dir`: config.json (TensorRT-LLM's PretrainedConfig), one rank{r}.safetensors per
+tensor-parallel rank (fused attention.qkv, mlp.fc / gate / proj, their weights_scaling_factor /
+activation_scaling_factor / prequant_scaling_factor ... and kv_cache_scaling_factor) and, for a
+model mixing formats, quant_cfg.json. --decoder-type names the family as ModelOpt does (llama for
+Llama / Mistral / Qwen2 / Qwen3 / Mixtral, qwen, gpt). The folder is validated before it appears.
+
+example:
+  quant-export trtllm --model my_project.models:quantized_llama --output llama-fp8-tp2 --tp 2
 """
 
 
@@ -122,6 +135,41 @@ def _run_hf(args: argparse.Namespace) -> int:
     path = export_hf_checkpoint(model, args.output, dtype=getattr(torch, args.dtype))
     print(f"wrote {path}")
     return 0
+
+
+def _run_trtllm(args: argparse.Namespace) -> int:
+    from quant_export.tensorrt_llm import export_tensorrt_llm_checkpoint
+
+    model, _ = _load_model(args)
+    path = export_tensorrt_llm_checkpoint(
+        model,
+        args.decoder_type,
+        getattr(torch, args.dtype),
+        args.output,
+        inference_tensor_parallel=args.tp,
+    )
+    print(f"wrote {path} ({args.tp} rank{'s' if args.tp > 1 else ''})")
+    return 0
+
+
+def _add_trtllm_command(sub: Any) -> None:
+    """The ``trtllm`` subcommand: a TensorRT-LLM checkpoint with ``--tp`` ranks."""
+    cmd = sub.add_parser(
+        "trtllm",
+        help="write a TensorRT-LLM checkpoint (trtllm-build input) with tensor-parallel ranks",
+        description=TRTLLM_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_arguments(cmd, output_help="checkpoint directory to write")
+    cmd.add_argument("--decoder-type", default="llama", help="llama, qwen, mistral, mixtral, gpt")
+    cmd.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default="float16",
+        help="type of the tensors left unquantized (default float16)",
+    )
+    cmd.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    cmd.set_defaults(run=_run_trtllm)
 
 
 def _run_engine(args: argparse.Namespace) -> int:
@@ -217,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="type of the tensors left unquantized (default bfloat16)",
     )
     hf_cmd.set_defaults(run=_run_hf)
+    _add_trtllm_command(sub)
     return parser
 
 
