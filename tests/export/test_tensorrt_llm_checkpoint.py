@@ -207,6 +207,26 @@ def test_mixtral_experts_are_stacked_up_then_gate(exports):
     assert full["transformer.layers.0.mlp.router.weight"].dtype == torch.float32
 
 
+def test_pipeline_parallel_stages_number_their_layers_from_zero(exports, tmp_path):
+    model, _ = exports["int8_sq"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        folder = export_tensorrt_llm_checkpoint(
+            model, "llama", torch.float32, tmp_path / "pp", 2, inference_pipeline_parallel=2
+        )
+    cfg = validate_tensorrt_llm_checkpoint(folder)
+    assert cfg["mapping"] == {"world_size": 4, "tp_size": 2, "pp_size": 2}
+    rank3 = load_file(folder / "rank3.safetensors")  # stage 1, tp rank 1: layer 1, ln_f, lm_head
+    assert "transformer.layers.0.attention.qkv.weight" in rank3
+    assert "transformer.layers.1.attention.qkv.weight" not in rank3
+    assert "lm_head.weight" in rank3 and "transformer.vocab_embedding.weight" not in rank3
+    assert "lm_head.weight" not in load_file(folder / "rank1.safetensors")
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+        rebuilt = rebuild(folder, tiny_model("llama", seed=7, **NARROW))(input_ids=IDS).logits
+    assert (rebuilt - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
 def test_bfloat16_checkpoint_keeps_codes_and_fp32_scales(tmp_path):
     model = tiny_model("llama", **NARROW)
     mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: [m(**b) for b in random_token_batches()])

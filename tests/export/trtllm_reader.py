@@ -110,11 +110,20 @@ def read_checkpoint(folder: str | Path) -> tuple[dict, dict | None, dict[str, to
     cfg = json.loads((folder / "config.json").read_text())
     mixed = folder / "quant_cfg.json"
     layers = json.loads(mixed.read_text()) if mixed.exists() else None
-    ranks = [
-        load_file(folder / f"rank{r}.safetensors") for r in range(cfg["mapping"]["world_size"])
-    ]
-    assert all(set(r) == set(ranks[0]) for r in ranks)
-    merged = {name: _merge(name, [r[name] for r in ranks], cfg) for name in ranks[0]}
+    tp, pp = cfg["mapping"]["tp_size"], cfg["mapping"]["pp_size"]
+    assert cfg["mapping"]["world_size"] == tp * pp
+    per_stage = cfg["num_hidden_layers"] // pp
+    merged = {}
+    for stage in range(pp):  # rank = stage * tp + tp_rank; a stage numbers its layers from 0
+        ranks = [load_file(folder / f"rank{stage * tp + t}.safetensors") for t in range(tp)]
+        assert all(set(r) == set(ranks[0]) for r in ranks)
+        for name in ranks[0]:
+            full = name
+            if name.startswith("transformer.layers."):
+                index, rest = name[len("transformer.layers.") :].split(".", 1)
+                full = f"transformer.layers.{int(index) + stage * per_stage}.{rest}"
+            assert full not in merged, full
+            merged[full] = _merge(name, [r[name] for r in ranks], cfg)
     for name in ("transformer.vocab_embedding.weight", "lm_head.weight"):
         merged[name] = merged[name][: cfg["vocab_size"]]
     if "transformer.position_embedding.weight" in merged:

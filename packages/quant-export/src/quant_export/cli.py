@@ -56,9 +56,9 @@ example:
 TRTLLM_HELP = """\
 Write a quantized transformers model as a TensorRT-LLM checkpoint for `trtllm-build
 --checkpoint_dir`: config.json (TensorRT-LLM's PretrainedConfig), one rank{r}.safetensors per
-tensor-parallel rank (fused attention.qkv, mlp.fc / gate / proj, their weights_scaling_factor /
-activation_scaling_factor / prequant_scaling_factor ... and kv_cache_scaling_factor) and, for a
-model mixing formats, quant_cfg.json. --decoder-type names the family as ModelOpt does (llama for
+rank (--tp x --pp of them; fused attention.qkv, mlp.fc / gate / proj, their
+weights_scaling_factor / activation_scaling_factor / prequant_scaling_factor ... and
+kv_cache_scaling_factor) and, for a model mixing formats, quant_cfg.json. --decoder-type names the family as ModelOpt does (llama for
 Llama / Mistral / Qwen2 / Qwen3 / Mixtral, qwen, gpt). The folder is validated before it appears.
 
 example:
@@ -147,8 +147,10 @@ def _run_trtllm(args: argparse.Namespace) -> int:
         getattr(torch, args.dtype),
         args.output,
         inference_tensor_parallel=args.tp,
+        inference_pipeline_parallel=args.pp,
     )
-    print(f"wrote {path} ({args.tp} rank{'s' if args.tp > 1 else ''})")
+    ranks = args.tp * args.pp
+    print(f"wrote {path} ({ranks} rank{'s' if ranks > 1 else ''})")
     return 0
 
 
@@ -162,13 +164,9 @@ def _add_trtllm_command(sub: Any) -> None:
     )
     _add_model_arguments(cmd, output_help="checkpoint directory to write")
     cmd.add_argument("--decoder-type", default="llama", help="llama, qwen, mistral, mixtral, gpt")
-    cmd.add_argument(
-        "--dtype",
-        choices=("float16", "bfloat16", "float32"),
-        default="float16",
-        help="type of the tensors left unquantized (default float16)",
-    )
+    _add_dtype_argument(cmd, default="float16")
     cmd.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    cmd.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
     cmd.set_defaults(run=_run_trtllm)
 
 
@@ -192,6 +190,16 @@ def _add_model_arguments(cmd: argparse.ArgumentParser, output_help: str) -> None
     cmd.add_argument("--model", required=True, help="factory as package.module:function")
     cmd.add_argument("--output", required=True, help=output_help)
     cmd.add_argument("--checkpoint", help="quantizer state saved with quant_core.save()")
+
+
+def _add_dtype_argument(cmd: argparse.ArgumentParser, default: str) -> None:
+    """--dtype: the type of the tensors a checkpoint leaves unquantized."""
+    cmd.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=default,
+        help=f"type of the tensors left unquantized (default {default})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,12 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(hf_cmd, output_help="checkpoint directory to write")
-    hf_cmd.add_argument(
-        "--dtype",
-        choices=("bfloat16", "float16", "float32"),
-        default="bfloat16",
-        help="type of the tensors left unquantized (default bfloat16)",
-    )
+    _add_dtype_argument(hf_cmd, default="bfloat16")
     hf_cmd.set_defaults(run=_run_hf)
     _add_trtllm_command(sub)
     return parser

@@ -37,7 +37,12 @@ from quant_export.tensorrt_llm.fusion import (
     share_amax,
     share_kv,
 )
-from quant_export.tensorrt_llm.split import head_parts, split_linear, split_rows
+from quant_export.tensorrt_llm.split import (
+    head_parts,
+    split_linear,
+    split_pipeline,
+    split_rows,
+)
 from quant_export.tensorrt_llm.validate import validate_tensorrt_llm_checkpoint
 
 KV_ALGOS = ("FP8", "INT8")  # KV-cache formats written here (TensorRT-LLM also has NVFP4)
@@ -276,7 +281,8 @@ def export_tensorrt_llm_checkpoint(
     Qwen3 / Mixtral, ``qwen``, ``mistral``, ``mixtral``, ``gpt``/``gpt2``). Layers that
     TensorRT-LLM fuses (q/k/v, experts, keys and values) first get shared scales in the model
     itself, as ModelOpt's export does, so the model keeps computing what the files hold.
-    Raises ValueError (architecture, parallel sizes) or UnsupportedFormatError (a format
+    ``inference_tensor_parallel`` x ``inference_pipeline_parallel`` rank files are written (rank
+    ``p * tp + t``). Raises ValueError (architecture, parallel sizes) or UnsupportedFormatError (a format
     TensorRT-LLM cannot hold) before anything is written. Returns the directory.
     """
     if dtype not in DTYPES:
@@ -289,11 +295,6 @@ def export_tensorrt_llm_checkpoint(
     family = family_of(hf.model_type, decoder_type)
     tp, pp = inference_tensor_parallel, inference_pipeline_parallel
     check_parallel(hf, tp, pp)
-    if pp != 1:
-        raise ValueError(
-            f"inference_pipeline_parallel={pp}: only 1 is written; build pipeline-parallel "
-            "engines from a tensor-parallel checkpoint with trtllm-build's own options"
-        )
     export_dir = check_export_dir(export_dir)
     with torch.no_grad():
         if _prepare(_layers(model, family), family):
@@ -307,7 +308,7 @@ def export_tensorrt_llm_checkpoint(
         collected = _collect(model, family, dtype)
     quantization, quant_cfg = _quantization(collected)
     config = pretrained_config(hf, family, DTYPES[dtype], tp, pp, quantization, _biases(collected))
-    ranks = _rank_tensors(collected, tp)
+    ranks = split_pipeline(_rank_tensors(collected, tp), pp, config["num_hidden_layers"])
 
     def write(folder: Path) -> list[str]:
         texts = {"config.json": config}
@@ -315,7 +316,7 @@ def export_tensorrt_llm_checkpoint(
             texts["quant_cfg.json"] = quant_cfg
         for fname, value in texts.items():
             (folder / fname).write_text(json.dumps(value, indent=4), encoding="utf-8")
-        names = [f"rank{r}.safetensors" for r in range(tp)]
+        names = [f"rank{r}.safetensors" for r in range(tp * pp)]
         for fname, tensors in zip(names, tqdm(ranks, desc="export trtllm: ranks", leave=False)):
             save_file(tensors, str(folder / fname), metadata={"format": "pt"})
         validate_tensorrt_llm_checkpoint(folder)

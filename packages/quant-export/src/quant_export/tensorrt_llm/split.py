@@ -95,3 +95,32 @@ def split_linear(
 def split_rows(name: str, t: torch.Tensor, tp: int) -> list[dict[str, torch.Tensor]]:
     """An embedding table padded and split along its rows (vocabulary or positions)."""
     return [{name: c.contiguous()} for c in chunks(pad_rows(t, tp), tp, 0, name)]
+
+
+def split_pipeline(
+    tp_ranks: list[dict[str, torch.Tensor]], pp: int, num_layers: int
+) -> list[dict[str, torch.Tensor]]:
+    """Rank files for ``pp`` pipeline stages: rank ``p * tp + t`` holds stage ``p``'s layers of ``tp_ranks[t]``.
+
+    ``tensorrt_llm/mapping.py`` (``tp_rank = rank % tp_size``, ``pp_rank = rank // tp_size``,
+    ``pp_layers``: contiguous blocks) and ``modeling_utils.DecoderLayerList`` (a stage numbers its
+    layers from 0); the embeddings live on the first stage, ``ln_f`` and ``lm_head`` on the last.
+    """
+    per_stage = num_layers // pp
+    out = []
+    for stage in range(pp):
+        first, last = stage * per_stage, (stage + 1) * per_stage
+        for tensors in tp_ranks:
+            rank = {}
+            for name, t in tensors.items():
+                if name.startswith("transformer.layers."):
+                    index, rest = name[len("transformer.layers.") :].split(".", 1)
+                    if first <= int(index) < last:
+                        rank[f"transformer.layers.{int(index) - first}.{rest}"] = t
+                elif "embedding" in name:
+                    if stage == 0:
+                        rank[name] = t
+                elif stage == pp - 1:
+                    rank[name] = t
+            out.append(rank)
+    return out

@@ -105,7 +105,9 @@ def _linear_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
     return shapes
 
 
-def _check_rank(path: Path, cfg: dict[str, Any], layers: dict | None, problems: list[str]) -> None:
+def _check_rank(
+    path: Path, stage: int, cfg: dict[str, Any], layers: dict | None, problems: list[str]
+) -> None:
     quant = cfg["quantization"]
     with safe_open(str(path), framework="pt") as f:
         found = {
@@ -122,10 +124,13 @@ def _check_rank(path: Path, cfg: dict[str, Any], layers: dict | None, problems: 
             problems.append(f"{path.name}: {name} has shape {found[name][1]}, expected {shape}")
 
     model_dtype = _FLOAT.get(cfg["dtype"])
-    need("transformer.vocab_embedding.weight", model_dtype)
-    need("transformer.ln_f.weight", model_dtype)
-    need("lm_head.weight")
-    for i in range(cfg["num_hidden_layers"] // cfg["mapping"].get("pp_size", 1)):
+    pp = cfg["mapping"].get("pp_size", 1)
+    if stage == 0:
+        need("transformer.vocab_embedding.weight", model_dtype)
+    if stage == pp - 1:
+        need("transformer.ln_f.weight", model_dtype)
+        need("lm_head.weight")
+    for i in range(cfg["num_hidden_layers"] // pp):
         prefix = f"transformer.layers.{i}."
         need(prefix + "input_layernorm.weight", model_dtype)
         need(prefix + "post_layernorm.weight", model_dtype)
@@ -187,8 +192,9 @@ def validate_tensorrt_llm_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> 
     problems += [f"missing {name}" for name in sorted(expected - present)]
     problems += [f"unexpected {name} for world_size {world}" for name in sorted(present - expected)]
     if not problems:
-        for name in sorted(expected):
-            _check_rank(folder / name, cfg, layers, problems)
+        for rank in range(world):
+            stage = rank // mapping.get("tp_size", 1)
+            _check_rank(folder / f"rank{rank}.safetensors", stage, cfg, layers, problems)
     if problems:
         raise ValueError(f"{folder} is not a valid TensorRT-LLM checkpoint: " + "; ".join(problems))
     return cfg
