@@ -88,7 +88,9 @@ def pretrained_config(
         "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
         "quantization": quantization,
     }
-    if not gpt:
+    if gpt:
+        config["gpt_variant"] = hf.model_type  # GPTConfig.from_hugging_face: "gpt2"
+    else:
         config["rotary_base"], config["rotary_scaling"] = _rope(hf)
         config["attn_bias"] = biases["attn"]
         config["mlp_bias"] = biases["mlp"]
@@ -102,6 +104,7 @@ def pretrained_config(
             config["hidden_act"] = "swiglu"
             config["mapping"].update(moe_tp_size=tp, moe_ep_size=1)
     if family.architecture.startswith("Qwen"):
+        # QWenDecoderLayer (tensorrt_llm/models/qwen/model.py) turns on q/k RMSNorms for qwen3
         config["qwen_type"] = hf.model_type
         config["qk_layernorm"] = hf.model_type == "qwen3"
     return config

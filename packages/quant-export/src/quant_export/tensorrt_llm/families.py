@@ -4,7 +4,9 @@ TensorRT-LLM's names come from its model classes: ``tensorrt_llm/models/llama/mo
 (``transformer.vocab_embedding``, ``transformer.layers.{i}.input_layernorm``, ``attention.qkv``,
 ``attention.dense``, ``post_layernorm``, ``mlp.fc`` / ``mlp.gate`` / ``mlp.proj``,
 ``transformer.ln_f``, ``lm_head``), ``tensorrt_llm/models/gpt/model.py`` (the same plus
-``transformer.position_embedding``) and ``tensorrt_llm/layers/mlp.py`` (``GatedMLP``:
+``transformer.position_embedding``), ``tensorrt_llm/models/qwen/model.py`` (``QWenDecoderLayer``:
+the Llama names; Qwen3's q/k RMSNorms through ``Attention(qk_layernorm=...)``, named as ModelOpt's
+``AttentionConfig.q_layernorm`` / ``k_layernorm``) and ``tensorrt_llm/layers/mlp.py`` (``GatedMLP``:
 ``proj(act(fc(x)) * gate(x))``, so HF ``gate_proj`` -> ``fc`` and ``up_proj`` -> ``gate``; the
 fused form in ``modeling_utils.fuse_gate_mlp`` concatenates ``[gate, fc]``). Mixtral-style MoE
 follows ``tensorrt_llm/layers/moe.py``: ``mlp.router`` (float32, not split), ``mlp.fc``
