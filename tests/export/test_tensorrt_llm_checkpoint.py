@@ -178,6 +178,23 @@ def export_scales(layer) -> torch.Tensor:
     return (layer.weight_quantizer.amax.float() / 7).reshape(layer.weight.shape[0], -1)
 
 
+def test_w8a16_layers_left_in_float_are_excluded_from_load_time_quantization(tmp_path):
+    model = tiny_model("llama", **NARROW)
+    cfg = copy.deepcopy(dict(mtq.INT8_WEIGHT_ONLY_CFG))
+    cfg["quant_cfg"] = {**cfg["quant_cfg"], "*layers.1.mlp.down_proj*": {"enable": False}}
+    mtq.quantize(model, cfg, lambda m: [m(**b) for b in random_token_batches()])
+    folder = export_tensorrt_llm_checkpoint(model, "llama", torch.float32, tmp_path / "ck", 2)
+    quant = json.loads((folder / "config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "W8A16"
+    assert quant["exclude_modules"] == [
+        "lm_head*", "transformer.layers.1.mlp.proj*", "transformer.vocab_embedding*",
+    ]  # fmt: skip
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+        rebuilt = rebuild(folder, tiny_model("llama", seed=7, **NARROW))(input_ids=IDS).logits
+    assert (rebuilt - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
 def test_fp8_kv_scale_is_calibrated_not_floored(exports):
     model, folders = exports["fp8"]
     scale = load_file(folders[1] / "rank0.safetensors")[

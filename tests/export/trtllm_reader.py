@@ -10,6 +10,7 @@ set up from the stored scales (amax = scale x format max) on a fresh model of th
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import warnings
 from pathlib import Path
@@ -137,7 +138,7 @@ def layer_algo(name: str, cfg: dict, layers: dict | None) -> str | None:
     if layers is not None:
         return layers["quantized_layers"].get(name, {}).get("quant_algo")
     quant = cfg["quantization"]
-    if name in (quant.get("exclude_modules") or []):
+    if any(fnmatch.fnmatchcase(name, p) for p in quant.get("exclude_modules") or []):
         return None
     return quant["quant_algo"]
 

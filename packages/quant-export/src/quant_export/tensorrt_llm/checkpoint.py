@@ -230,7 +230,9 @@ def _quantization(out: _Collected) -> tuple[dict[str, Any], dict[str, Any] | Non
         "group_size": single.get("group_size", 128),
         "has_zero_point": False,
         "pre_quant_scale": single.get("pre_quant_scale", False),
-        "exclude_modules": sorted(set(excluded)) if single["quant_algo"] else None,
+        # "name*": TensorRT-LLM matches exclusions against module names (quantize_layers) and,
+        # for W8A16's load-time quantization, against weight names (weight_only_quantize_dict)
+        "exclude_modules": sorted({f"{n}*" for n in excluded}) if single["quant_algo"] else None,
     }
     return quantization, None
 
