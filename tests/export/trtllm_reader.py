@@ -184,7 +184,8 @@ def decode_weight(t: dict[str, torch.Tensor], algo: str | None) -> torch.Tensor:
         b = w.to(torch.int64)
         codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(b.shape[0], -1)
         values = E2M1[codes & 7] * torch.where(codes >= 8, -1.0, 1.0).double()
-        block = t["weights_scaling_factor"].double() * t["weights_scaling_factor_2"].double()
+        # one float32 scale per block: E4M3 block scale x FP32 global scale, as NVFP4 GEMMs form it
+        block = t["weights_scaling_factor"].float() * t["weights_scaling_factor_2"].float()
         return values * _groups(block, values.shape[1])
     raise AssertionError(f"reader does not know {algo}")
 
