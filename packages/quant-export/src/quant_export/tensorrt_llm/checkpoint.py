@@ -47,6 +47,7 @@ from quant_export.tensorrt_llm.validate import validate_tensorrt_llm_checkpoint
 
 KV_ALGOS = ("FP8", "INT8")  # KV-cache formats written here (TensorRT-LLM also has NVFP4)
 LM_HEAD = LinearMap("lm_head", ("lm_head",), COLUMN)
+_LINEAR_QUANTIZERS = ("weight_quantizer", "input_quantizer")
 
 
 @dataclass
@@ -157,9 +158,6 @@ def _handle_layer(i: int, layer: nn.Module, layer_name: str, family: Family, dty
         )
         router = sub[family.router].weight.detach().float()  # TensorRT-LLM's router is float32
         out.replicated[prefix + "mlp.router.weight"] = router
-
-
-_LINEAR_QUANTIZERS = ("weight_quantizer", "input_quantizer")
 
 
 def _check_handled(model: nn.Module, out: _Collected) -> None:
