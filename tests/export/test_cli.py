@@ -120,6 +120,20 @@ def test_trtllm_subcommand_writes_tensor_parallel_ranks(tmp_path, capsys):
         )
 
 
+def test_trtllm_validate_subcommand_names_what_is_wrong(tmp_path, capsys):
+    pytest.importorskip("quant_llm")
+    out = tmp_path / "trt"
+    argv = ["trtllm", "--model", f"{__name__}:quantized_tiny_llama", "--output", str(out)]
+    assert main(argv) == 0
+    assert main(["trtllm-validate", str(out)]) == 0
+    assert (
+        "valid TensorRT-LLM checkpoint (LlamaForCausalLM, quant_algo FP8" in capsys.readouterr().out
+    )
+    (out / "rank0.safetensors").unlink()
+    assert main(["trtllm-validate", str(out)]) == 1
+    assert "missing rank0.safetensors" in capsys.readouterr().err
+
+
 def test_trtllm_subcommand_refuses_a_head_count_tp_does_not_divide(tmp_path, capsys):
     pytest.importorskip("quant_llm")
     argv = [

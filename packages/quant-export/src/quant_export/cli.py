@@ -170,6 +170,29 @@ def _add_trtllm_command(sub: Any) -> None:
     cmd.set_defaults(run=_run_trtllm)
 
 
+def _run_trtllm_validate(args: argparse.Namespace) -> int:
+    from quant_export.tensorrt_llm import validate_tensorrt_llm_checkpoint
+
+    cfg = validate_tensorrt_llm_checkpoint(args.checkpoint_dir)
+    quant, mapping = cfg["quantization"], cfg["mapping"]
+    print(
+        f"{args.checkpoint_dir}: valid TensorRT-LLM checkpoint ({cfg['architecture']}, "
+        f"quant_algo {quant.get('quant_algo')}, kv_cache_quant_algo "
+        f"{quant.get('kv_cache_quant_algo')}, tp {mapping['tp_size']} x pp {mapping['pp_size']})"
+    )
+    return 0
+
+
+def _add_trtllm_validate_command(sub: Any) -> None:
+    """The ``trtllm-validate`` subcommand: check a TensorRT-LLM checkpoint folder."""
+    cmd = sub.add_parser(
+        "trtllm-validate",
+        help="check a TensorRT-LLM checkpoint folder (config.json, rank files, tensors)",
+    )
+    cmd.add_argument("checkpoint_dir", help="folder holding config.json and rank*.safetensors")
+    cmd.set_defaults(run=_run_trtllm_validate)
+
+
 def _run_engine(args: argparse.Namespace) -> int:
     from quant_export.tensorrt_engine import build_engine
 
@@ -269,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_argument(hf_cmd, default="bfloat16")
     hf_cmd.set_defaults(run=_run_hf)
     _add_trtllm_command(sub)
+    _add_trtllm_validate_command(sub)
     return parser
 
 
