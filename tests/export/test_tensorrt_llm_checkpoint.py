@@ -244,6 +244,38 @@ def test_pipeline_parallel_stages_number_their_layers_from_zero(exports, tmp_pat
     assert (rebuilt - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_smoothquant_plugin_layout_folds_smoothing_into_the_norms(tmp_path, family):
+    sizes = NARROW if family == "llama" else {}
+    model = tiny_model(family, **sizes)
+    mtq.quantize(
+        model, mtq.INT8_SMOOTHQUANT_CFG, lambda m: [m(**b) for b in random_token_batches()]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        folder = export_tensorrt_llm_checkpoint(
+            model, "gpt" if family == "gpt2" else "llama", torch.float32, tmp_path / "sq", 2,
+            smoothquant_plugin=True,
+        )  # fmt: skip
+    cfg = validate_tensorrt_llm_checkpoint(folder)
+    assert cfg["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN"
+    rank1 = load_file(folder / "rank1.safetensors")
+    hidden = 128 if family == "llama" else 64
+    assert rank1["transformer.layers.0.attention.dense.smoother"].shape == (1, hidden // 2)
+    assert rank1["transformer.layers.0.attention.qkv.act_scale"].shape == (1, 1)
+    assert rank1["transformer.layers.0.input_layernorm.scale_to_int"].shape == (1,)
+    assert rank1["transformer.layers.0.mlp.quantization_scaling_factor"].shape == (1,)
+    assert "transformer.layers.0.attention.qkv.prequant_scaling_factor" not in rank1
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+        rebuilt = rebuild(folder, tiny_model(family, seed=7, **sizes))(input_ids=IDS).logits
+        float_logits = tiny_model(family, **sizes)(input_ids=IDS).logits
+    # smoothing moved into the norms and 1 / (1 / s) round in float32: equal up to its rounding
+    error = (rebuilt - expected).abs().max().item()
+    assert error <= 1e-5 * expected.abs().max().item()
+    assert (float_logits - expected).abs().max().item() > 1e3 * error
+
+
 def test_bfloat16_checkpoint_keeps_codes_and_fp32_scales(tmp_path):
     model = tiny_model("llama", **NARROW)
     mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: [m(**b) for b in random_token_batches()])

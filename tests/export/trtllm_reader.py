@@ -37,6 +37,16 @@ INPUTS = {
     "W8A8_SQ_PER_CHANNEL": (INT8_IN, 127.0),
     "NVFP4": (NVFP4_IN, 6.0 * 448.0),
     "FP8_PER_CHANNEL_PER_TOKEN": (FP8_TOKEN_IN, None),
+    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN": (INT8_IN, 127.0),
+}
+SQ_PLUGIN = "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN"
+# the quantizer of a plugin layer's input: the norm before it, or attention / mlp
+SQ_INPUT = {
+    "attention.qkv": "input_layernorm.scale_to_int",
+    "mlp.fc": "post_layernorm.scale_to_int",
+    "mlp.gate": "post_layernorm.scale_to_int",
+    "attention.dense": "attention.quantization_scaling_factor",
+    "mlp.proj": "mlp.quantization_scaling_factor",
 }
 KV_BOUND = {"FP8": ((4, 3), 448.0), "INT8": (8, 127.0)}
 RATIO_DTYPE = torch.float16  # TensorRT-LLM stores W4A8 group scales / wsf2 in fp16
@@ -86,7 +96,7 @@ def _merge(name: str, pieces: list[torch.Tensor], cfg: dict) -> torch.Tensor:
         if layer.endswith("attention.qkv"):
             return _merge_qkv(pieces, cfg)
         return torch.cat(pieces, dim=0)
-    if first.dim() == 2 or leaf == "prequant_scaling_factor":
+    if first.dim() == 2 or leaf in ("prequant_scaling_factor", "smoother"):
         return torch.cat(pieces, dim=-1)
     return first  # a row-parallel layer's bias and per-output scales are whole on every rank
 
@@ -105,6 +115,12 @@ def _merge_qkv(pieces: list[torch.Tensor], cfg: dict) -> torch.Tensor:
     return torch.cat([torch.cat(p, dim=0) for p in parts], dim=0)
 
 
+def _flat(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SmoothQuant plugin's (1, n) / (1, 1) parameters as vectors (layers.py SmoothQuantLinear)."""
+    plugin = (".per_channel_scale", ".smoother", ".act_scale")
+    return {k: v.reshape(-1) if k.endswith(plugin) else v for k, v in tensors.items()}
+
+
 def read_checkpoint(folder: str | Path) -> tuple[dict, dict | None, dict[str, torch.Tensor]]:
     """(config.json, quant_cfg.json or None, every tensor merged over the ranks)."""
     folder = Path(folder)
@@ -116,7 +132,7 @@ def read_checkpoint(folder: str | Path) -> tuple[dict, dict | None, dict[str, to
     per_stage = cfg["num_hidden_layers"] // pp
     merged = {}
     for stage in range(pp):  # rank = stage * tp + tp_rank; a stage numbers its layers from 0
-        ranks = [load_file(folder / f"rank{stage * tp + t}.safetensors") for t in range(tp)]
+        ranks = [_flat(load_file(folder / f"rank{stage * tp + t}.safetensors")) for t in range(tp)]
         assert all(set(r) == set(ranks[0]) for r in ranks)
         for name in ranks[0]:
             full = name
@@ -169,6 +185,9 @@ def decode_weight(t: dict[str, torch.Tensor], algo: str | None) -> torch.Tensor:
         return w.double() * t["weights_scaling_factor"].double()
     if algo == "FP8_PER_CHANNEL_PER_TOKEN":
         return w.double() * t["per_channel_scale"].double()[:, None]
+    if algo == SQ_PLUGIN:  # accumulator x act_scale x per_channel_scale, input x scale_to_int
+        scale = t["per_channel_scale"].double() * t["act_scale"].double() / t["_x_scale"].double()
+        return w.double() * scale[:, None]
     if algo == "W8A8_SQ_PER_CHANNEL":
         return w.double() * t["weights_scaling_factor"].double()[:, None]
     if algo == "W4A16_AWQ":
@@ -244,6 +263,12 @@ def rebuild(folder: str | Path, fresh: torch.nn.Module) -> torch.nn.Module:
         _load_plain(modules, merged, cfg, gpt, moe)
         for hf_names, trt, algo in plan:
             t = _leaves(merged, trt)
+            if algo == SQ_PLUGIN:
+                layer, kind = trt.rsplit(".", 2)[0], trt.split(".", 3)[-1]
+                t["_x_scale"] = 1.0 / merged[f"{layer}.{SQ_INPUT[kind]}"].double()
+                t["activation_scaling_factor"] = t["_x_scale"]
+                if "smoother" in t:
+                    t["prequant_scaling_factor"] = 1.0 / t["smoother"].double()
             weight = decode_weight(t, algo)
             parts = [modules[h] for h in hf_names]
             if trt.endswith("qkv") and len(parts) == 3:

@@ -148,6 +148,7 @@ def _run_trtllm(args: argparse.Namespace) -> int:
         args.output,
         inference_tensor_parallel=args.tp,
         inference_pipeline_parallel=args.pp,
+        smoothquant_plugin=args.smoothquant_plugin,
     )
     ranks = args.tp * args.pp
     print(f"wrote {path} ({ranks} rank{'s' if ranks > 1 else ''})")
@@ -167,6 +168,11 @@ def _add_trtllm_command(sub: Any) -> None:
     _add_dtype_argument(cmd, default="float16")
     cmd.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
     cmd.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
+    cmd.add_argument(
+        "--smoothquant-plugin",
+        action="store_true",
+        help="INT8 SmoothQuant as W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN (smoothing in the norms)",
+    )
     cmd.set_defaults(run=_run_trtllm)
 
 

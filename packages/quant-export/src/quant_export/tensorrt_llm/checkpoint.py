@@ -27,6 +27,7 @@ from quant_core.nn import SequentialQuantizer, TensorQuantizer
 from quant_export.hf_checkpoint import DTYPES, check_export_dir, write_atomically
 from quant_export.hf_formats import KV_QUANTIZERS, export_kv_scales
 from quant_export.quantizers import UnsupportedFormatError
+from quant_export.tensorrt_llm import smoothquant_plugin as smoothquant_plugin_layout
 from quant_export.tensorrt_llm.config import check_parallel, pretrained_config
 from quant_export.tensorrt_llm.experts import export_experts, split_experts
 from quant_export.tensorrt_llm.families import COLUMN, Family, LinearMap, family_of
@@ -71,14 +72,28 @@ def _layers(model: nn.Module, family: Family) -> list[nn.Module]:
     return list(modules[family.layers])
 
 
-def _prepare(layers: list[nn.Module], family: Family) -> bool:
+def _fused_groups(family: Family, smoothquant_plugin: bool) -> list[tuple[str, ...]]:
+    """HF modules (in a layer) that must share scales: one TensorRT-LLM layer's parts, and with the
+    SmoothQuant plugin every layer quantized by the same norm (fc and gate)."""
+    groups = [lm.hf for lm in family.linears if len(lm.hf) > 1]
+    if smoothquant_plugin:
+        by_norm: dict[str, tuple[str, ...]] = {}
+        for lm in family.linears:
+            norm = smoothquant_plugin_layout.NORM_BEFORE.get(lm.trt)
+            if norm:
+                by_norm[norm] = by_norm.get(norm, ()) + lm.hf
+        groups += [g for g in by_norm.values() if len(g) > 1 and g not in groups]
+    return groups
+
+
+def _prepare(layers: list[nn.Module], family: Family, smoothquant_plugin: bool) -> bool:
     """In-model scale sharing for fused GEMMs, KV caches and experts (:mod:`.fusion`)."""
     changed = False
     for layer in layers:
         sub = dict(layer.named_modules())
+        for group in _fused_groups(family, smoothquant_plugin):
+            changed |= fuse_group([sub[n] for n in group])
         for lm in family.linears:
-            if len(lm.hf) > 1:
-                changed |= fuse_group([sub[n] for n in lm.hf])
             for n in lm.hf:
                 changed |= fit_w4a8_group_scales(sub[n])
         changed |= share_kv(sub[family.attention])
@@ -274,6 +289,8 @@ def export_tensorrt_llm_checkpoint(
     export_dir: str | os.PathLike[str] = "tensorrt_llm_checkpoint",
     inference_tensor_parallel: int = 1,
     inference_pipeline_parallel: int = 1,
+    *,
+    smoothquant_plugin: bool = False,
 ) -> Path:
     """Write a quantized transformers model as a TensorRT-LLM checkpoint (``trtllm-build`` input).
 
@@ -281,6 +298,9 @@ def export_tensorrt_llm_checkpoint(
     Qwen3 / Mixtral, ``qwen``, ``mistral``, ``mixtral``, ``gpt``/``gpt2``). Layers that
     TensorRT-LLM fuses (q/k/v, experts, keys and values) first get shared scales in the model
     itself, as ModelOpt's export does, so the model keeps computing what the files hold.
+    ``smoothquant_plugin`` writes an INT8 SmoothQuant model in TensorRT-LLM's plugin layout
+    (``W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN``: smoothing folded into the norms, ``smoother``,
+    ``scale_to_int``) instead of the ModelOpt flow's ``W8A8_SQ_PER_CHANNEL``.
     ``inference_tensor_parallel`` x ``inference_pipeline_parallel`` rank files are written (rank
     ``p * tp + t``). Raises ValueError (architecture, parallel sizes) or UnsupportedFormatError (a format
     TensorRT-LLM cannot hold) before anything is written. Returns the directory.
@@ -297,7 +317,7 @@ def export_tensorrt_llm_checkpoint(
     check_parallel(hf, tp, pp)
     export_dir = check_export_dir(export_dir)
     with torch.no_grad():
-        if _prepare(_layers(model, family), family):
+        if _prepare(_layers(model, family), family, smoothquant_plugin):
             warnings.warn(
                 "export_tensorrt_llm_checkpoint gave layers that TensorRT-LLM fuses (q/k/v, "
                 "experts, keys/values) shared scales in the model itself; the model now computes "
@@ -306,9 +326,18 @@ def export_tensorrt_llm_checkpoint(
                 stacklevel=2,
             )
         collected = _collect(model, family, dtype)
+        if smoothquant_plugin:
+            if collected.experts:
+                raise UnsupportedFormatError(
+                    f"smoothquant_plugin: {family.architecture} has MoE layers; "
+                    f"{smoothquant_plugin_layout.PLUGIN_ALGO} covers dense models"
+                )
+            smoothquant_plugin_layout.convert(collected.linears, collected.replicated, dtype)
     quantization, quant_cfg = _quantization(collected)
     config = pretrained_config(hf, family, DTYPES[dtype], tp, pp, quantization, _biases(collected))
     ranks = split_pipeline(_rank_tensors(collected, tp), pp, config["num_hidden_layers"])
+    if smoothquant_plugin:
+        smoothquant_plugin_layout.shape_ranks(ranks)
 
     def write(folder: Path) -> list[str]:
         texts = {"config.json": config}

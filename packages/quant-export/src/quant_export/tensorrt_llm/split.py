@@ -30,7 +30,7 @@ def _axes(leaf: str, t: torch.Tensor) -> tuple[int | None, int | None]:
         return None, None
     if t.dim() == 2:
         return 0, 1
-    if leaf == "prequant_scaling_factor":
+    if leaf in ("prequant_scaling_factor", "smoother"):
         return None, 0
     return 0, None
 

@@ -50,6 +50,7 @@ LAYOUTS: dict[str | None, tuple[str | None, tuple[str, ...], tuple[int, int]]] =
         ("weights_scaling_factor", "activation_scaling_factor", "prequant_scaling_factor"),
         (1, 1),
     ),
+    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN": ("I8", ("per_channel_scale", "act_scale"), (1, 1)),
     "W4A16_AWQ": ("I8", ("weights_scaling_factor",), (2, 1)),
     "W4A8_AWQ": (
         "I8",
