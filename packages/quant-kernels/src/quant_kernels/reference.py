@@ -145,12 +145,12 @@ def grid_values(
 def _clamp_is_noop(scale: torch.Tensor, plan: QuantPlan) -> bool:
     """True when no value can leave the grid: dynamic groups on a symmetric grid whose scales came
     straight from their own amax (float32 scales that are normal numbers, or E8M0's rounded-up
-    powers of two), so |x / scale| <= M * (1 + 2**-23) rounds to M at most. Saves a pass."""
+    powers of two), so |x / scale| <= M * (1 + 2**-23) rounds to M at most. Saves a pass on CPU."""
     if not plan.dynamic or plan.lo > -plan.hi:
         return False
     if plan.scale_mode == "e8m0":
         return True
-    if plan.scale_mode != "float32":
-        return False
+    if plan.scale_mode != "float32" or scale.device.type != "cpu":
+        return False  # the check below reads a value on the host: on a device it would wait for it
     tiny = (scale > 0) & (scale < 2.0**-126)  # subnormal scales are too coarse for the bound
     return not bool(tiny.any())
