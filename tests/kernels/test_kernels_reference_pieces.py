@@ -10,37 +10,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels_refs import FP_MAX, fp_positive_values, round_to_table
+from kernels_refs import FORMAT_CASES, FP_MAX, fp_positive_values, round_to_table, same_bits
 
 import quant_kernels as qk
 from quant_kernels import reference
 from quant_kernels.formats import ElementFormat
 
 CASES = [
-    {"num_bits": 8},
-    {"num_bits": 8, "axis": 0},
-    {"num_bits": 8, "axis": -1},
+    *FORMAT_CASES,
     {"num_bits": 8, "block_sizes": {0: None}},  # per column, dynamic: groups along the first dim
-    {"num_bits": 4, "block_sizes": {-1: 32}},
     {"num_bits": 4, "block_sizes": {-1: 48}},  # padded
-    {"num_bits": (4, 3)},
-    {"num_bits": (5, 2), "block_sizes": {-1: None}},
-    {"num_bits": (4, 3), "block_sizes": {-1: 32, -2: 16}},
-    {"num_bits": (2, 1), "block_sizes": {-1: 16}, "scale_bits": (4, 3)},
     {"num_bits": (2, 1), "block_sizes": {-1: 8}, "scale_bits": (4, 3)},
-    {"num_bits": (4, 3), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
-    {"num_bits": (3, 2), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
-    {"num_bits": (2, 1), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
-    {"num_bits": 8, "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
 ]
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    nan = torch.isnan(a)
-    if not torch.equal(nan, torch.isnan(b)):
-        return False
-    view = torch.int32 if a.dtype == torch.float32 else torch.int16
-    return torch.equal(a.view(view)[~nan], b.view(view)[~nan])
 
 
 def _input(dtype: torch.dtype) -> torch.Tensor:
@@ -76,7 +57,7 @@ def test_reference_in_pieces_equals_one_piece(case, static, dtype, monkeypatch):
     for piece in (100, 1000):  # parts of rows, and several rows per piece
         monkeypatch.setattr(reference, "_PIECE", piece)
         cut = qk.fake_quantize(x, backend="reference", **kwargs)
-        assert _same_bits(cut, whole), piece
+        assert same_bits(cut, whole), piece
         assert torch.equal(torch.autograd.grad(cut.sum(), x)[0], grad_whole)
 
 
