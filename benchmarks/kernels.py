@@ -7,6 +7,11 @@ On a CUDA machine the Triton backend is timed too, with the fraction of the band
 device copy of the same tensor reaches.
 
     python benchmarks/kernels.py [--size 4096] [--repeats 5] [--dtypes fp32,bf16] [--device cpu]
+        [--threads 1 --clock cpu --stat min] [--qat]
+
+On a GPU it also times ModelOpt's Triton NVFP4 kernels and torchao's MX/NVFP4/float8 casts where
+they import (`gpu_peers.py`), and with ``--qat`` one QAT step of a Llama-style decoder block
+(`qat_step.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from gpu_peers import modelopt_extension_status, peers_for
 
 import quant_kernels as qk
 
@@ -132,14 +138,18 @@ CASES = [
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+STATS = {"median": statistics.median, "min": min}
+
+
 def median_seconds(
     fns: list[Callable[[], object]],
     repeats: int,
     sync: Callable[[], None],
     clock: Callable[[], float] = time.perf_counter,
+    stat: Callable[[list[float]], float] = statistics.median,
 ) -> list[float]:
-    """Median time (by ``clock``) of each function, run in turn ``repeats`` times after one warm-up
-    each, so that a load change on a shared machine hits all of them alike."""
+    """Median (or ``stat``) time (by ``clock``) of each function, run in turn ``repeats`` times
+    after one warm-up each, so that a load change on a shared machine hits all of them alike."""
     times: list[list[float]] = [[] for _ in fns]
     for fn in fns:
         fn()
@@ -150,7 +160,7 @@ def median_seconds(
             fn()
             sync()
             record.append(clock() - start)
-    return [statistics.median(t) for t in times]
+    return [stat(t) for t in times]
 
 
 def static_amax(x: torch.Tensor, case: Case) -> dict:
@@ -190,10 +200,19 @@ def modelopt_quantizer(case: Case, x: torch.Tensor, amax: dict):
 
 
 def run(
-    size: int, repeats: int, dtypes: list[str], device: str, clock: Callable[[], float]
+    size: int,
+    repeats: int,
+    dtypes: list[str],
+    device: str,
+    clock: Callable[[], float],
+    stat: Callable[[list[float]], float] = statistics.median,
 ) -> list[dict]:
     """Time every case; returns one dict per table row."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fns: list[Callable[[], object]]) -> list[float]:
+        return median_seconds(fns, repeats, sync, clock, stat)
+
     backends = ["reference"]
     if device == "cuda" and "triton" in qk.available_backends():
         backends.append("triton")
@@ -203,7 +222,7 @@ def run(
     for dname in dtypes:
         x = base.to(DTYPES[dname])
         moved = 2 * x.numel() * x.element_size()  # bytes read + written
-        (copy_s,) = median_seconds([lambda x=x: x.clone()], repeats, sync, clock)
+        (copy_s,) = timed([lambda x=x: x.clone()])
         copy_gbs = moved / copy_s / 1e9
         rows.append(
             _row("(copy)", "x.clone()", dname, "torch", x.numel() / copy_s, copy_gbs, copy_gbs)
@@ -219,7 +238,7 @@ def run(
             if quantizer is not None:
                 fns.append(lambda q=quantizer, x=x: q(x))
             with torch.no_grad():
-                times = median_seconds(fns, repeats, sync, clock)
+                times = timed(fns)
                 same = ""
                 if quantizer is not None:
                     # same grid point: equal up to the last bit (ModelOpt multiplies by qmax/amax
@@ -248,6 +267,39 @@ def run(
                     )
                 rows.append(row)
                 print(_row_text(row), flush=True)
+            if device == "cuda":
+                rows += _peer_rows(case, x, amax, timed, times[len(backends) - 1], copy_gbs, dname)
+    return rows
+
+
+def _peer_rows(case, x, amax, timed, ours_s, copy_gbs, dname) -> list[dict]:
+    """Rows for ModelOpt's Triton NVFP4 kernels and torchao's casts on this case (`gpu_peers`):
+    their speed, ours (last backend, Triton on a GPU) over theirs, and agreement within 1 ulp."""
+    rows = []
+    moved = 2 * x.numel() * x.element_size()
+    for name, call in peers_for(case.fmt, case.granularity, x, amax):
+        if isinstance(call, str):
+            row = _row(case.fmt, case.granularity, dname, name, 0.0, 0.0, copy_gbs, call)
+        else:
+            with torch.no_grad():
+                (theirs,) = timed([call])
+                ulp = 2 * torch.finfo(x.dtype).eps
+                ours_y = qk.fake_quantize(x, **case.kwargs, **amax)
+                close = torch.isclose(ours_y, call(), rtol=ulp, atol=0)
+            row = _row(
+                case.fmt,
+                case.granularity,
+                dname,
+                name,
+                x.numel() / theirs,
+                moved / theirs / 1e9,
+                copy_gbs,
+            )
+            row.update(
+                ratio=f"{theirs / ours_s:.2f}x", same=f"{100 * close.float().mean().item():.2f}%"
+            )
+        rows.append(row)
+        print(_row_text(row), flush=True)
     return rows
 
 
@@ -333,6 +385,14 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
     parser.add_argument(
+        "--stat", choices=list(STATS), default="median", help="summary of the repeats"
+    )
+    parser.add_argument(
+        "--qat",
+        action="store_true",
+        help="also time a QAT step of a Llama-style block (qat_step.py)",
+    )
+    parser.add_argument(
         "--clock",
         choices=list(CLOCKS),
         default="wall",
@@ -343,13 +403,47 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"# {args.size}x{args.size} on {args.device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), {args.clock} clock, median of {args.repeats}"
+        f"{torch.get_num_threads()} thread(s), {args.clock} clock, {args.stat} of {args.repeats}"
     )
+    if args.device == "cuda":
+        print(
+            f"# {torch.cuda.get_device_name()}; ModelOpt CUDA extensions: {modelopt_extension_status()}"
+        )
     print(HEADER, flush=True)
-    rows = run(args.size, args.repeats, args.dtypes.split(","), args.device, CLOCKS[args.clock])
+    rows = run(
+        args.size,
+        args.repeats,
+        args.dtypes.split(","),
+        args.device,
+        CLOCKS[args.clock],
+        STATS[args.stat],
+    )
     print("\nfull table:\n" + HEADER)
     for r in rows:
         print(_row_text(r))
+    if args.qat:
+        import qat_step
+
+        print("\nQAT step of a Llama-style decoder block (forward + backward):")
+        qat_args = (
+            qat_step.parse_args([])
+            if args.device == "cuda"
+            else qat_step.parse_args(
+                [
+                    "--hidden",
+                    "256",
+                    "--ffn",
+                    "512",
+                    "--heads",
+                    "4",
+                    "--kv-heads",
+                    "2",
+                    "--seq",
+                    "64",
+                ]
+            )
+        )
+        print("\n".join(qat_step.run(qat_args)))
     parity = export_parity()
     if parity:
         print("\nexport codes and scales vs ModelOpt's NVFP4/MX packers (256x512, CPU):")

@@ -39,7 +39,12 @@ def quantized_tiny_llama():
 
 @pytest.mark.parametrize(
     ("command", "phrase"),
-    [("onnx", "MODULE:FUNCTION"), ("engine", "strongly typed"), ("hf", "k_scale")],
+    [
+        ("onnx", "MODULE:FUNCTION"),
+        ("engine", "strongly typed"),
+        ("hf", "k_scale"),
+        ("trtllm", "rank{r}.safetensors"),
+    ],
 )
 def test_subcommand_help_explains_it(command, phrase, capsys):
     with pytest.raises(SystemExit) as done:
@@ -92,3 +97,52 @@ def test_hf_subcommand_writes_a_checkpoint(tmp_path, capsys):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float16
         assert f.get_tensor("model.layers.0.self_attn.k_proj.k_scale").item() > 0
+
+
+def test_trtllm_subcommand_writes_tensor_parallel_ranks(tmp_path, capsys):
+    pytest.importorskip("quant_llm")
+    out = tmp_path / "trt"
+    argv = ["trtllm", "--model", f"{__name__}:quantized_tiny_llama", "--output", str(out)]
+    assert main([*argv, "--tp", "2", "--dtype", "bfloat16"]) == 0
+    assert f"wrote {out} (2 ranks)" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["mapping"]["tp_size"] == 2 and config["dtype"] == "bfloat16"
+    assert (
+        config["quantization"]["quant_algo"],
+        config["quantization"]["kv_cache_quant_algo"],
+    ) == (
+        "FP8",
+        "FP8",
+    )
+    with safe_open(str(out / "rank1.safetensors"), "pt") as f:
+        assert (
+            f.get_tensor("transformer.layers.0.attention.qkv.weight").dtype == torch.float8_e4m3fn
+        )
+
+
+def test_trtllm_validate_subcommand_names_what_is_wrong(tmp_path, capsys):
+    pytest.importorskip("quant_llm")
+    out = tmp_path / "trt"
+    argv = ["trtllm", "--model", f"{__name__}:quantized_tiny_llama", "--output", str(out)]
+    assert main(argv) == 0
+    assert main(["trtllm-validate", str(out)]) == 0
+    assert (
+        "valid TensorRT-LLM checkpoint (LlamaForCausalLM, quant_algo FP8" in capsys.readouterr().out
+    )
+    (out / "rank0.safetensors").unlink()
+    assert main(["trtllm-validate", str(out)]) == 1
+    assert "missing rank0.safetensors" in capsys.readouterr().err
+
+
+def test_trtllm_subcommand_refuses_a_head_count_tp_does_not_divide(tmp_path, capsys):
+    pytest.importorskip("quant_llm")
+    argv = [
+        "trtllm",
+        "--model",
+        f"{__name__}:quantized_tiny_llama",
+        "--output",
+        str(tmp_path / "t"),
+    ]
+    assert main([*argv, "--tp", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "not divisible by inference_tensor_parallel=3" in err and err.count("\n") == 1

@@ -89,3 +89,33 @@ def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
     x, y = x.double(), y.double()
     return 20 * math.log10(x.norm().item() / max((x - y).norm().item(), 1e-300))
+
+
+# One case per format and granularity the kernels handle (fake_quantize keyword arguments).
+FORMAT_CASES = [
+    {"num_bits": 8},  # per-tensor dynamic: elementwise kernel
+    {"num_bits": 8, "axis": 0},
+    {"num_bits": 8, "axis": -1},  # per-column static
+    {"num_bits": 4, "block_sizes": {-1: 32}},
+    {"num_bits": 8, "block_sizes": {-1: 64}, "narrow_range": True},
+    {"num_bits": 4, "block_sizes": {-1: 32}, "unsigned": True},
+    {"num_bits": (4, 3)},
+    {"num_bits": (4, 3), "block_sizes": {-1: None}},
+    {"num_bits": (5, 2), "block_sizes": {-1: None}},
+    {"num_bits": (4, 3), "block_sizes": {-1: 32, -2: 16}},
+    {"num_bits": (2, 1), "block_sizes": {-1: 16}, "scale_bits": (4, 3)},
+    {"num_bits": (4, 3), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
+    {"num_bits": (3, 2), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
+    {"num_bits": (2, 3), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
+    {"num_bits": (2, 1), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
+    {"num_bits": 8, "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
+]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality, except that any NaN equals any NaN."""
+    nan = torch.isnan(a)
+    if not torch.equal(nan, torch.isnan(b)):
+        return False
+    view = torch.int32 if a.dtype == torch.float32 else torch.int16
+    return torch.equal(a.view(view)[~nan], b.view(view)[~nan])

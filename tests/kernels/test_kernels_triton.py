@@ -7,6 +7,8 @@ import os
 
 import pytest
 import torch
+from kernels_refs import FORMAT_CASES as CASES
+from kernels_refs import same_bits
 
 import quant_kernels as qk
 
@@ -14,24 +16,6 @@ triton = pytest.importorskip("triton")
 # the interpreter runs kernels in numpy, which warns on the inf/NaN inputs these tests feed it on purpose
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-CASES = [
-    {"num_bits": 8},  # per-tensor dynamic: elementwise kernel
-    {"num_bits": 8, "axis": 0},
-    {"num_bits": 8, "axis": -1},  # per-column static
-    {"num_bits": 4, "block_sizes": {-1: 32}},
-    {"num_bits": 8, "block_sizes": {-1: 64}, "narrow_range": True},
-    {"num_bits": 4, "block_sizes": {-1: 32}, "unsigned": True},
-    {"num_bits": (4, 3)},
-    {"num_bits": (4, 3), "block_sizes": {-1: None}},
-    {"num_bits": (5, 2), "block_sizes": {-1: None}},
-    {"num_bits": (4, 3), "block_sizes": {-1: 32, -2: 16}},
-    {"num_bits": (2, 1), "block_sizes": {-1: 16}, "scale_bits": (4, 3)},
-    {"num_bits": (4, 3), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
-    {"num_bits": (3, 2), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
-    {"num_bits": (2, 3), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
-    {"num_bits": (2, 1), "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
-    {"num_bits": 8, "block_sizes": {-1: 32}, "scale_bits": (8, 0)},
-]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # CPU tensors can only run Triton kernels through the interpreter; with CUDA (and no
 # TRITON_INTERPRET) the gpu tests below compare the compiled kernels instead.
@@ -39,15 +23,6 @@ interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs TRITON_INTERPRET=1 (set by conftest without CUDA)",
 )
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality, except that any NaN equals any NaN."""
-    nan = torch.isnan(a)
-    if not torch.equal(nan, torch.isnan(b)):
-        return False
-    view = torch.int32 if a.dtype == torch.float32 else torch.int16
-    return torch.equal(a.view(view)[~nan], b.view(view)[~nan])
 
 
 def _input(dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
@@ -83,7 +58,7 @@ def test_triton_interpreter_equals_reference(kwargs, static, dtype):
     ref = _run(x, kwargs, static, "reference")
     out = _run(x, kwargs, static, "triton")
     assert out.dtype == dtype and out.shape == x.shape
-    assert _same_bits(ref, out)
+    assert same_bits(ref, out)
 
 
 # (shape, kwargs): tiles and rows that do not divide the shape, and each scale shape of the tile kernel
@@ -162,8 +137,8 @@ def test_triton_scales_and_odd_shapes(shape, kwargs, mode, dtype):
     ref_y, ref_scale = fake_quantize_reference(x, plan)
     y, scale = fake_quantize_triton(x, plan)
     assert y.dtype == dtype and y.shape == x.shape and scale.shape == ref_scale.shape
-    assert _same_bits(ref_y, y)
-    assert _same_bits(ref_scale, scale)
+    assert same_bits(ref_y, y)
+    assert same_bits(ref_scale, scale)
 
 
 @interpreter
@@ -195,8 +170,8 @@ def test_cuda_triton_equals_reference(kwargs, dtype):
     for static in (False, True):
         ref = _run(x, kwargs, static, "reference")
         out = _run(x, kwargs, static, "auto")
-        assert _same_bits(ref, out), (kwargs, static)
-        assert _same_bits(ref.cpu(), _run(x.cpu(), kwargs, static, "reference"))
+        assert same_bits(ref, out), (kwargs, static)
+        assert same_bits(ref.cpu(), _run(x.cpu(), kwargs, static, "reference"))
 
 
 @pytest.mark.gpu

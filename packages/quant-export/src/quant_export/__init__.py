@@ -4,7 +4,9 @@
 ``verify_onnx`` compares it in onnxruntime with the PyTorch fake-quant model, and
 ``build_engine`` turns it into a TensorRT engine (``pip install quant-export[tensorrt]``), and
 ``export_hf_checkpoint`` writes a quantized transformers model as a unified Hugging Face
-checkpoint (safetensors with real codes and scales, KV-cache scales) for vLLM and TensorRT-LLM.
+checkpoint (safetensors with real codes and scales, KV-cache scales) for vLLM and TensorRT-LLM,
+and ``export_tensorrt_llm_checkpoint`` writes TensorRT-LLM's own checkpoint (``config.json`` +
+``rank{r}.safetensors``) for ``trtllm-build``.
 """
 
 from quant_export._version import __version__
@@ -12,6 +14,10 @@ from quant_export.hf_checkpoint import export_hf_checkpoint
 from quant_export.onnx_export import export_onnx
 from quant_export.quantizers import UnsupportedFormatError
 from quant_export.tensorrt_engine import build_engine
+from quant_export.tensorrt_llm import (
+    export_tensorrt_llm_checkpoint,
+    validate_tensorrt_llm_checkpoint,
+)
 from quant_export.verify import VerifyReport, verify_onnx
 
 __all__ = [
@@ -21,5 +27,7 @@ __all__ = [
     "build_engine",
     "export_hf_checkpoint",
     "export_onnx",
+    "export_tensorrt_llm_checkpoint",
+    "validate_tensorrt_llm_checkpoint",
     "verify_onnx",
 ]

@@ -1,4 +1,4 @@
-"""The ``quant-export`` command line: ``onnx`` (a quantized PyTorch model to ONNX), ``engine`` (ONNX to TensorRT) and ``hf`` (a unified Hugging Face checkpoint).
+"""The ``quant-export`` command line: ``onnx`` (a quantized PyTorch model to ONNX), ``engine`` (ONNX to TensorRT), ``hf`` (a unified Hugging Face checkpoint) and ``trtllm`` (a TensorRT-LLM checkpoint).
 
 Models are named as ``package.module:function`` and imported; no text is ever evaluated.
 """
@@ -50,6 +50,19 @@ with quant_core.save() into the factory's model first.
 
 example:
   quant-export hf --model my_project.models:quantized_llama --output llama-fp8 --dtype bfloat16
+"""
+
+
+TRTLLM_HELP = """\
+Write a quantized transformers model as a TensorRT-LLM checkpoint for `trtllm-build
+--checkpoint_dir`: config.json (TensorRT-LLM's PretrainedConfig), one rank{r}.safetensors per
+rank (--tp x --pp of them; fused attention.qkv, mlp.fc / gate / proj, their
+weights_scaling_factor / activation_scaling_factor / prequant_scaling_factor ... and
+kv_cache_scaling_factor) and, for a model mixing formats, quant_cfg.json. --decoder-type names the family as ModelOpt does (llama for
+Llama / Mistral / Qwen2 / Qwen3 / Mixtral, qwen, gpt). The folder is validated before it appears.
+
+example:
+  quant-export trtllm --model my_project.models:quantized_llama --output llama-fp8-tp2 --tp 2
 """
 
 
@@ -124,6 +137,68 @@ def _run_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_trtllm(args: argparse.Namespace) -> int:
+    from quant_export.tensorrt_llm import export_tensorrt_llm_checkpoint
+
+    model, _ = _load_model(args)
+    path = export_tensorrt_llm_checkpoint(
+        model,
+        args.decoder_type,
+        getattr(torch, args.dtype),
+        args.output,
+        inference_tensor_parallel=args.tp,
+        inference_pipeline_parallel=args.pp,
+        smoothquant_plugin=args.smoothquant_plugin,
+    )
+    ranks = args.tp * args.pp
+    print(f"wrote {path} ({ranks} rank{'s' if ranks > 1 else ''})")
+    return 0
+
+
+def _add_trtllm_command(sub: Any) -> None:
+    """The ``trtllm`` subcommand: a TensorRT-LLM checkpoint with ``--tp`` ranks."""
+    cmd = sub.add_parser(
+        "trtllm",
+        help="write a TensorRT-LLM checkpoint (trtllm-build input) with tensor-parallel ranks",
+        description=TRTLLM_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_arguments(cmd, output_help="checkpoint directory to write")
+    cmd.add_argument("--decoder-type", default="llama", help="llama, qwen, mistral, mixtral, gpt")
+    _add_dtype_argument(cmd, default="float16")
+    cmd.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    cmd.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
+    cmd.add_argument(
+        "--smoothquant-plugin",
+        action="store_true",
+        help="INT8 SmoothQuant as W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN (smoothing in the norms)",
+    )
+    cmd.set_defaults(run=_run_trtllm)
+
+
+def _run_trtllm_validate(args: argparse.Namespace) -> int:
+    from quant_export.tensorrt_llm import validate_tensorrt_llm_checkpoint
+
+    cfg = validate_tensorrt_llm_checkpoint(args.checkpoint_dir)
+    quant, mapping = cfg["quantization"], cfg["mapping"]
+    print(
+        f"{args.checkpoint_dir}: valid TensorRT-LLM checkpoint ({cfg['architecture']}, "
+        f"quant_algo {quant.get('quant_algo')}, kv_cache_quant_algo "
+        f"{quant.get('kv_cache_quant_algo')}, tp {mapping['tp_size']} x pp {mapping['pp_size']})"
+    )
+    return 0
+
+
+def _add_trtllm_validate_command(sub: Any) -> None:
+    """The ``trtllm-validate`` subcommand: check a TensorRT-LLM checkpoint folder."""
+    cmd = sub.add_parser(
+        "trtllm-validate",
+        help="check a TensorRT-LLM checkpoint folder (config.json, rank files, tensors)",
+    )
+    cmd.add_argument("checkpoint_dir", help="folder holding config.json and rank*.safetensors")
+    cmd.set_defaults(run=_run_trtllm_validate)
+
+
 def _run_engine(args: argparse.Namespace) -> int:
     from quant_export.tensorrt_engine import build_engine
 
@@ -144,6 +219,16 @@ def _add_model_arguments(cmd: argparse.ArgumentParser, output_help: str) -> None
     cmd.add_argument("--model", required=True, help="factory as package.module:function")
     cmd.add_argument("--output", required=True, help=output_help)
     cmd.add_argument("--checkpoint", help="quantizer state saved with quant_core.save()")
+
+
+def _add_dtype_argument(cmd: argparse.ArgumentParser, default: str) -> None:
+    """--dtype: the type of the tensors a checkpoint leaves unquantized."""
+    cmd.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=default,
+        help=f"type of the tensors left unquantized (default {default})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,13 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(hf_cmd, output_help="checkpoint directory to write")
-    hf_cmd.add_argument(
-        "--dtype",
-        choices=("bfloat16", "float16", "float32"),
-        default="bfloat16",
-        help="type of the tensors left unquantized (default bfloat16)",
-    )
+    _add_dtype_argument(hf_cmd, default="bfloat16")
     hf_cmd.set_defaults(run=_run_hf)
+    _add_trtllm_command(sub)
+    _add_trtllm_validate_command(sub)
     return parser
 
 

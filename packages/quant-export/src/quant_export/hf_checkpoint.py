@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -264,8 +264,14 @@ def _umask() -> int:
     return mask
 
 
-def _install(staging: Path, export_dir: Path, written: list[str]) -> None:
-    """Move the staged files into place: one rename of the folder, or per file with ``os.replace``."""
+def install(
+    staging: Path, export_dir: Path, written: list[str], stale: str = "model*.safetensors*"
+) -> None:
+    """Move the staged files into place: one rename of the folder, or per file with ``os.replace``.
+
+    Files matching ``stale`` in an existing ``export_dir`` that this export did not write (shards of
+    an earlier export, which would shadow the new weights) are removed.
+    """
     mask = _umask()  # the staging folder and files are private until they are complete
     for fname in written:
         os.chmod(staging / fname, 0o666 & ~mask)
@@ -275,9 +281,38 @@ def _install(staging: Path, export_dir: Path, written: list[str]) -> None:
         return
     for fname in written:
         os.replace(staging / fname, export_dir / fname)
-    stale = {p.name for p in export_dir.glob("model*.safetensors*")} - set(written)
-    for fname in stale:  # shards or an index left by an earlier export would shadow the new weights
+    leftovers = {p.name for p in export_dir.glob(stale)} - set(written)
+    for (
+        fname
+    ) in leftovers:  # shards or an index left by an earlier export would shadow the new weights
         (export_dir / fname).unlink()
+
+
+def check_export_dir(export_dir: str | os.PathLike[str]) -> Path:
+    """``export_dir`` as a Path, after checking that it can be created or replaced."""
+    export_dir = Path(export_dir)
+    if export_dir.exists() and not export_dir.is_dir():
+        raise NotADirectoryError(f"export_dir {export_dir} exists and is not a directory")
+    if not export_dir.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {export_dir}: directory {export_dir.parent} does not exist"
+        )
+    return export_dir
+
+
+def write_atomically(
+    export_dir: Path, write: Callable[[Path], list[str]], stale: str = "model*.safetensors*"
+) -> Path:
+    """Run ``write`` (returns the file names it wrote) in a private folder beside ``export_dir``, then :func:`install` them."""
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{export_dir.name}.", suffix=".tmp", dir=export_dir.parent)
+    )
+    try:
+        install(staging, export_dir, write(staging), stale)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return export_dir
 
 
 def export_hf_checkpoint(
@@ -306,12 +341,7 @@ def export_hf_checkpoint(
             f"export_hf_checkpoint needs a transformers PreTrainedModel with a .config; got "
             f"{type(model).__name__}"
         )
-    export_dir = Path(export_dir)
-    if export_dir.exists() and not export_dir.is_dir():
-        raise NotADirectoryError(f"export_dir {export_dir} exists and is not a directory")
-    parent = export_dir.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"cannot write {export_dir}: directory {parent} does not exist")
+    export_dir = check_export_dir(export_dir)
     if share_fused_scales and any(
         isinstance(m, TensorQuantizer) and m.format.has_global_amax and m.is_enabled
         for n, m in model.named_modules()
@@ -342,11 +372,6 @@ def export_hf_checkpoint(
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(generation, "to_json_string"):
         texts["generation_config.json"] = generation.to_json_string(use_diff=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.", suffix=".tmp", dir=parent))
-    try:
-        written = _write_files(staging, collected.tensors, texts, max_shard_size)
-        _install(staging, export_dir, written)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return export_dir
+    return write_atomically(
+        export_dir, lambda staging: _write_files(staging, collected.tensors, texts, max_shard_size)
+    )

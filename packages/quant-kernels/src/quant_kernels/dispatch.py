@@ -92,14 +92,27 @@ def fake_quantize(
     unsigned: bool = False,
     narrow_range: bool = False,
     backend: str | None = None,
+    validate_amax: bool = True,
 ) -> torch.Tensor:
     """Quantize then dequantize ``x`` (same dtype and shape); static when ``amax`` is given, dynamic when not.
 
-    See the package README for the arguments. Gradients are straight-through where saturation did
+    See the package README for the arguments. ``validate_amax=False`` skips checking that ``amax``
+    and ``global_amax`` are finite and non-negative, a check that waits for the device on CUDA: for
+    callers that validated them already (``TensorQuantizer`` does when its amax is set); a bad value
+    then gives NaN or wrong outputs instead of a ValueError. Nothing else in a call reads tensor
+    values on the host. Gradients are straight-through where saturation did
     not change the value (see `ste_mask`) and zero where it did; ``amax`` gets no gradient.
     """
     plan = make_plan(
-        x, num_bits, amax, block_sizes, scale_bits, global_amax, unsigned, narrow_range
+        x,
+        num_bits,
+        amax,
+        block_sizes,
+        scale_bits,
+        global_amax,
+        unsigned,
+        narrow_range,
+        validate_amax,
     )
     if x.numel() == 0:
         return x.clone()

@@ -37,8 +37,10 @@ class QuantPlan:
         return self.amax is None
 
 
-def check_amax(amax: torch.Tensor, name: str = "amax") -> torch.Tensor:
-    """Return ``amax`` as float32 after checking it is finite and non-negative (ValueError naming it)."""
+def check_amax(amax: torch.Tensor, name: str = "amax", values: bool = True) -> torch.Tensor:
+    """Return ``amax`` as float32 after checking it is a non-empty real tensor and, with ``values``,
+    that it is finite and non-negative (ValueError naming it). The value check reads the tensor on
+    the host, which waits for the device on CUDA; ``values=False`` skips it."""
     if not isinstance(amax, torch.Tensor):
         amax = torch.tensor(amax, dtype=torch.float32)
     if amax.is_complex() or amax.dtype == torch.bool:
@@ -46,6 +48,8 @@ def check_amax(amax: torch.Tensor, name: str = "amax") -> torch.Tensor:
     amax = amax.detach().float()
     if amax.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(amax.shape)})")
+    if not values:
+        return amax
     # one pass and one device sync: NaN propagates to both ends, so this covers every bad value
     lo, hi = torch.stack(torch.aminmax(amax)).tolist()
     if math.isfinite(lo) and math.isfinite(hi) and lo >= 0:
@@ -66,8 +70,12 @@ def make_plan(
     global_amax: torch.Tensor | float | None,
     unsigned: bool,
     narrow_range: bool,
+    validate_amax: bool = True,
 ) -> QuantPlan:
-    """Check every argument of `fake_quantize` and return the plan (ValueError names the bad one)."""
+    """Check every argument of `fake_quantize` and return the plan (ValueError names the bad one).
+
+    ``validate_amax=False`` skips the value check of ``amax`` and ``global_amax`` (see `check_amax`),
+    so that no call waits for the device."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (
         torch.float32,
         torch.float16,
@@ -93,12 +101,12 @@ def make_plan(
         )
 
     shape = tuple(x.shape) if x.dim() else (1,)
-    amax_t = check_amax(amax, "amax").to(x.device) if amax is not None else None
+    amax_t = check_amax(amax, "amax", validate_amax).to(x.device) if amax is not None else None
     layout = layout_for(shape, axes, None, amax_t)
     amax_view = layout.amax_to_view(amax_t) if amax_t is not None else None
     gamax = None
     if global_amax is not None:
-        gamax = check_amax(global_amax, "global_amax").to(x.device)
+        gamax = check_amax(global_amax, "global_amax", validate_amax).to(x.device)
         if gamax.numel() != 1:
             raise ValueError(f"global_amax must have one value, got shape {tuple(gamax.shape)}")
         gamax = gamax.reshape(())

@@ -10,7 +10,9 @@ storing the scales they use for the caller, so no torch pass runs over the scale
   (static), compute and store the scales, quantize, store. This is the hot path for INT4/INT8
   blocks, FP8 per token, NVFP4, MX.
 * `_tiles_kernel`: any other grouping (per tensor, per column, 2D blocks) over 2D tiles (16 x 256
-  on wide tensors). Dynamic amaxes for it are reduced by torch first. The constexpr flags
+  on wide tensors). Dynamic amaxes for it (and NVFP4's dynamic global amax) come from a two-stage
+  reduction first: `_tile_amax_kernel` takes max |x| per tile, torch the max over each group's
+  tiles (an array 4096 times smaller than x). The constexpr flags
   ``ROWS_VARY`` / ``COLS_VARY`` say whether a tile spans several groups down / across, so a tile
   loads one amax (per tensor, or blocks holding whole tiles), a ``[1, BN]`` row of them (per
   column), a ``[BM, 1]`` column (per row) or, for 2D blocks crossing the tile, one per element.
@@ -202,6 +204,37 @@ def _tiles_kernel(
     tl.store(y_ptr + offs, _to_output(y, OUT_BF16, y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _tile_amax_kernel(
+    x_ptr,
+    partial_ptr,
+    n_rows,
+    n_cols,
+    group_h,
+    group_w,
+    TILES_H: tl.constexpr,
+    TILES_W: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """Stage 1 of the dynamic amax: max |x| (NaN if it holds a NaN) of one BM x BN tile of a group
+    (each group is TILES_H x TILES_W tiles, the last ones cut at the group's edge), stored at
+    ``partial[program row, program column]``; torch then reduces each group's tiles."""
+    pr = tl.program_id(0)
+    pc = tl.program_id(1)
+    r_end = tl.minimum((pr // TILES_H + 1) * group_h, n_rows)
+    c_end = tl.minimum((pc // TILES_W + 1) * group_w, n_cols)
+    rows = (pr // TILES_H) * group_h + (pr % TILES_H) * BM + tl.arange(0, BM)
+    cols = (pc // TILES_W) * group_w + (pc % TILES_W) * BN + tl.arange(0, BN)
+    mask = (rows < r_end)[:, None] & (cols < c_end)[None, :]
+    offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    has_nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0)
+    amax = tl.where(has_nan > 0, float("nan"), amax)
+    tl.store(partial_ptr + pr * tl.num_programs(1) + pc, amax)
+
+
 def _groups_2d(shape: tuple[int, ...], group: tuple[int, ...]) -> tuple[int, int, int, int] | None:
     """``(rows, cols, group_rows, group_cols)`` of the 2D view when every group is a rectangle of it."""
     n_cols, group_w = shape[-1], group[-1]
@@ -286,8 +319,10 @@ def fake_quantize_triton(x: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor
         return y.reshape(x.shape), scale.reshape(layout.scale_view_shape)
 
     amax = plan.amax
-    if amax is None:  # dynamic: torch reduces the amaxes first
+    if amax is None and group_w < 16:  # narrow groups (per column): torch reads them better
         amax = group_amax(layout.to_view(xc.reshape(layout.shape)), layout.reduce_dims)
+    elif amax is None:  # dynamic: the amaxes first, by a two-stage reduction
+        amax = _group_amax_2d(xc, n_rows, n_cols, group_h, group_w)
     amax = amax.contiguous()
     bn = min(_TILE_W, triton.next_power_of_2(n_cols))
     bm = min(1024, _TILE_ELEMS // bn)
@@ -322,10 +357,43 @@ def _global_scale(
     (any float32 tensor: the kernels do not read it). A dynamic plan's global amax is max |x|."""
     if plan.scale_mode != "e4m3":
         return unused
-    gamax = global_amax_of(plan, amax if amax is not None else _abs_max(xc))
-    return global_scale(gamax, plan).reshape(())
+    if amax is None and plan.global_amax is None:
+        amax = _abs_max(xc)
+    return global_scale(global_amax_of(plan, amax), plan).reshape(())
 
 
 def _abs_max(x: torch.Tensor) -> torch.Tensor:
     """max |x| over the whole tensor (float32, 0-d); NaN if any NaN."""
-    return group_amax(x.reshape(-1), (0,)).reshape(())
+    n_cols = x.shape[-1] if x.dim() else 1
+    n_rows = x.numel() // n_cols
+    return _group_amax_2d(x, n_rows, n_cols, n_rows, n_cols).reshape(())
+
+
+def _group_amax_2d(
+    x: torch.Tensor, n_rows: int, n_cols: int, group_h: int, group_w: int
+) -> torch.Tensor:
+    """max |x| per ``group_h x group_w`` rectangle of contiguous ``x`` viewed as ``(n_rows, n_cols)``,
+    as float32 ``(groups down, groups across)`` (NaN where a group holds a NaN).
+
+    Stage 1 (`_tile_amax_kernel`) reduces tiles of up to 4096 elements that each lie in one group;
+    stage 2 reduces each group's tiles in torch, over an array about 4096 times smaller than x.
+    """
+    bn = min(_TILE_W, triton.next_power_of_2(group_w))
+    bm = min(max(1, _TILE_ELEMS // bn), triton.next_power_of_2(group_h))
+    groups_r, groups_c = n_rows // group_h, n_cols // group_w
+    tiles_h, tiles_w = triton.cdiv(group_h, bm), triton.cdiv(group_w, bn)
+    partial = torch.empty(groups_r * tiles_h, groups_c * tiles_w, device=x.device)
+    _tile_amax_kernel[(groups_r * tiles_h, groups_c * tiles_w)](
+        x,
+        partial,
+        n_rows,
+        n_cols,
+        group_h,
+        group_w,
+        TILES_H=tiles_h,
+        TILES_W=tiles_w,
+        BM=bm,
+        BN=bn,
+        num_warps=_TILE_WARPS,
+    )
+    return partial.view(groups_r, tiles_h, groups_c, tiles_w).amax(dim=(1, 3))

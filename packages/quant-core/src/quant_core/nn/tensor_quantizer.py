@@ -195,6 +195,13 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("_amax", value)
         self._apply_learn_amax()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # forward trusts the stored amax (no per-call check, which would wait for the device)
+        value = state_dict.get(prefix + "_amax")
+        if value is not None:
+            _check_amax(value, self._name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_amax(self) -> None:
         """Drop amax and any statistics collected."""
         self.amax = None
@@ -282,8 +289,9 @@ class TensorQuantizer(nn.Module):
         fmt = self._format
         blocks = fmt.block_axes
         if self.is_dynamic:
-            amax_arg = None if blocks else reduce_amax(x_in, axis=attrs.axis)
-            global_amax = fmt.global_amax(amax, x_in)
+            # per-tensor and per-block amaxes (and NVFP4's global one) are taken by the kernels
+            amax_arg = None if blocks or attrs.axis is None else reduce_amax(x_in, axis=attrs.axis)
+            global_amax = fmt.global_amax(amax)
         else:
             if amax is None:
                 self._warn_uncalibrated()
@@ -299,6 +307,7 @@ class TensorQuantizer(nn.Module):
                 amax=torch.ones_like(bound.detach()),
                 unsigned=attrs.unsigned,
                 narrow_range=attrs.narrow_range,
+                validate_amax=False,
             )
             return unit * bound
         y = qk.fake_quantize(
@@ -310,6 +319,7 @@ class TensorQuantizer(nn.Module):
             global_amax=global_amax.detach() if global_amax is not None else None,
             unsigned=attrs.unsigned,
             narrow_range=attrs.narrow_range,
+            validate_amax=False,  # checked when set (amax setter, state dict), or taken from x
         )
         return y
 
