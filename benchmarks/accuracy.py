@@ -3,8 +3,8 @@
 MiniLM (all-MiniLM-L6-v2): calibrate on 128 sentences of *Emma*, evaluate on 256 sentences of
 *Pride and Prejudice*; report mean/min sentence-embedding cosine and nearest-neighbour
 agreement against fp32, calibration wall time and peak extra memory. With ``--smollm2``, also
-SmolLM2-135M perplexity on held-apart text. When ``modelopt`` imports (run with the python of
-/work/venv-modelopt), ModelOpt's config of the same name runs on the same data in the same run
+SmolLM2-135M perplexity on held-apart text. When ``modelopt`` imports (``nox -s modelopt --
+accuracy.py`` installs it beside our packages), ModelOpt's config of the same name runs on the same data in the same run
 and the table shows both and the ratio of calibration times.
 
     HF_HUB_OFFLINE=1 python benchmarks/accuracy.py [--only NAME ...] [--smollm2] [--no-modelopt]
@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,18 +138,6 @@ class PeakMemory:
 
 
 # ----- MiniLM -----------------------------------------------------------------------------------
-def use_repo_venv_packages() -> None:
-    """Let a venv without transformers (e.g. /work/venv-modelopt) import it from the repo's .venv.
-
-    The repo's site-packages go last on ``sys.path``, so this venv's own torch and ModelOpt win.
-    """
-    if importlib.util.find_spec("transformers") is not None:
-        return
-    root = Path(__file__).resolve().parents[1]
-    for site in sorted(root.glob(".venv/lib/python3*/site-packages")):
-        sys.path.append(str(site))
-
-
 # ----- running one toolkit on one case ------------------------------------------------------------
 @dataclass
 class Result:
@@ -351,7 +337,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     theirs = None if args.no_modelopt else modelopt_toolkit()
-    use_repo_venv_packages()
 
     def pick(cases: list[Case]) -> list[Case]:
         return [c for c in cases if not args.only or any(o in c.label for o in args.only)]

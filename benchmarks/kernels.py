@@ -1,7 +1,7 @@
 """Throughput of quant_kernels.fake_quantize: format x granularity x dtype x backend on a 4096x4096 tensor.
 
 Prints a markdown table of elements/s and GB/s (bytes read + written, median of several runs).
-When nvidia-modelopt imports (e.g. run with /work/venv-modelopt/bin/python), ModelOpt's
+When nvidia-modelopt imports (``nox -s modelopt -- kernels.py`` installs it), ModelOpt's
 TensorQuantizer is timed on the same tensor in the same run and the ratio ours/theirs printed.
 On a CUDA machine the Triton backend is timed too, with the fraction of the bandwidth a plain
 device copy of the same tensor reaches.

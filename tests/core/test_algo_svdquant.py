@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from algo_refs import int_quant
+from torch import nn
 
+import quant_core as mtq
 from quant_core.algorithms.svdquant import low_rank_split, svdquant_search
 from quant_core.algorithms.weights import BlockFormat
 
@@ -43,10 +47,6 @@ def test_svdquant_search_output_error_below_plain_quantization():
 
 
 def test_svdquant_model_error_below_plain_nvfp4():
-    import copy
-
-    import quant_core as mtq
-
     torch.manual_seed(17)
     model = torch.nn.Sequential(torch.nn.Linear(128, 64)).eval()
     with torch.no_grad():
@@ -120,3 +120,29 @@ def test_svdquant_model_on_input_dim_below_block():
     m, svd = error({"method": "svdquant", "lowrank": 4})
     assert m[0].weight_quantizer.amax.shape == (32, 1)
     assert svd < 0.5 * plain
+
+
+def test_svdquant_model_saved_and_restored_into_a_fresh_model_is_bit_identical(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    fresh = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    model = copy.deepcopy(fresh)
+    data = [torch.randn(32, 128, generator=gen) for _ in range(2)]
+    config = {
+        **copy.deepcopy(dict(mtq.NVFP4_DEFAULT_CFG)),
+        "algorithm": {"method": "svdquant", "lowrank": 4},
+    }
+    mtq.quantize(model, config, lambda m: [m(b) for b in data])
+    a, b = model[0].low_rank_branch
+    x = torch.randn(8, 128, generator=gen)
+    with torch.no_grad():
+        want = model(x)
+        # the branch really contributes: without it the output moves
+        model[0].set_low_rank_branch(None, None)
+        assert not torch.equal(model(x), want)
+        model[0].set_low_rank_branch(a, b)
+    mtq.save(model, tmp_path / "svd.safetensors")
+    restored = mtq.restore(copy.deepcopy(fresh), tmp_path / "svd.safetensors")
+    assert torch.equal(restored[0].low_rank_branch[0], a)
+    with torch.no_grad():
+        assert torch.equal(restored(x), want)

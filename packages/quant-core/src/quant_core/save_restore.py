@@ -56,6 +56,10 @@ def quantizer_state(model: nn.Module) -> dict[str, Any]:
         for name, m in model.named_modules()
         if getattr(m, "_quant_original_key", None) is not None
     }
+    for name, info in modules.items():
+        branch = getattr(model.get_submodule(name), "low_rank_branch", None)
+        if branch is not None:
+            info["low_rank"] = [list(branch[0].shape), list(branch[1].shape)]
     sequential = {
         name: len(q) for name, q, _p in iter_quantizers(model) if isinstance(q, SequentialQuantizer)
     }
@@ -106,6 +110,11 @@ def restore_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Modul
                 f"module {name!r} converts to {_qualname(type(module))} now, but was saved as {info['quantized']}; "
                 "register the same quantized class before restoring"
             )
+        if (
+            "low_rank" in info
+        ):  # SVDQuant's branch: recreated here, its values come with the weights
+            shape_a, shape_b = info["low_rank"]
+            module.set_low_rank_branch(torch.zeros(shape_a), torch.zeros(shape_b))
     for name, stages in state.get("sequential", {}).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -14,7 +14,6 @@ import onnx_graphsurgeon as gs
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _MOVEMENT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
-_COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 def _same_constant(a: gs.Tensor | None, b: gs.Tensor | None) -> bool:

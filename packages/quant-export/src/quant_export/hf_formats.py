@@ -185,7 +185,7 @@ def export_linear(name: str, module: nn.Module) -> LayerExport | None:
         out["pre_quant_scale"] = i_spec.pre_quant_scale.float().reshape(-1)
         if algo == "NVFP4":
             algo = "NVFP4_AWQ"
-    if hasattr(module, "svdquant_lora_a"):
+    if getattr(module, "low_rank_branch", None) is not None:
         if not algo.startswith("NVFP4"):
             raise _unsupported(name, f"SVDQuant low-rank branch on a {algo} layer")
         algo = "NVFP4_SVD"

@@ -85,7 +85,9 @@ def register_transformers_classes(modules: Iterable[ModuleType]) -> list[str]:
 
 
 def register_model(model: nn.Module) -> list[str]:
-    """Map the classes of a transformers model's own modeling module(s); quantize does this itself now."""
+    """Register the quantized-module mappings for the classes of ``model``'s transformers modeling
+    module(s); returns the names registered. ``quantize`` runs it on the model it is given (through
+    quant-core's model hook), so calling it by hand is only needed to map classes before that."""
     names = {
         type(m).__module__
         for m in model.modules()

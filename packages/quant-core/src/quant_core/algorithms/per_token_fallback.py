@@ -64,16 +64,6 @@ class InputError:
         return math.inf if noise <= 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
     @property
-    def static_sqnr_db(self) -> float:
-        """SQNR (dB) of the layer output with the static per-tensor input quantizer."""
-        return self._db(self.signal, self.static)
-
-    @property
-    def per_token_sqnr_db(self) -> float:
-        """SQNR (dB) of the layer output with per-token dynamic input quantization."""
-        return self._db(self.signal, self.per_token)
-
-    @property
     def gain_db(self) -> float:
         """How much per-token scaling lowers the output error, in dB (``inf`` when it removes it)."""
         return 0.0 if self.static <= 0 else self._db(self.static, self.per_token)

@@ -70,16 +70,6 @@ def svdquant_search(
     return s[i, 0], lora_a[i], lora_b[i], res_q[i]
 
 
-def _low_rank_branch(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-    """Forward hook: add ``(x · pre_quant_scale) A^T B^T``, the high-precision low-rank branch."""
-    x = args[0]
-    pqs = module.input_quantizer.pre_quant_scale
-    if pqs is not None:
-        x = x * pqs.to(x.dtype)
-    a, b = module.svdquant_lora_a.to(x.dtype), module.svdquant_lora_b.to(x.dtype)
-    return output + (x @ a.T) @ b.T
-
-
 @register_algorithm("svdquant")
 def svdquant(
     model: nn.Module,
@@ -91,8 +81,8 @@ def svdquant(
     """The ``svdquant`` algorithm on every quantized Linear weight.
 
     Each layer gets AWQ-style smoothing (``α`` searched over ``alphas`` values), a rank-``lowrank``
-    branch kept in high precision (buffers ``svdquant_lora_a``/``svdquant_lora_b``, added by a
-    forward hook) and its weight replaced by the residual that the weight quantizer quantizes.
+    branch kept in high precision (``QuantModule.set_low_rank_branch``: part of the module's state,
+    so ``save`` / ``restore`` keep it) and its weight replaced by the residual that the weight quantizer quantizes.
     """
     if lowrank < 1 or alphas < 1:
         raise ValueError(f"svdquant: lowrank and alphas must be >= 1, got {lowrank}, {alphas}")
@@ -119,8 +109,4 @@ def svdquant(
             apply_input_scale(module, s, stats[name].amax, recalibrate=False)
             module.weight.sub_((lora_b @ lora_a).to(module.weight.dtype))
             calibrate_weight(module)
-            module.register_buffer("svdquant_lora_a", lora_a.contiguous())
-            module.register_buffer("svdquant_lora_b", lora_b.contiguous())
-        if not getattr(module, "_svdquant_hooked", False):
-            module.register_forward_hook(_low_rank_branch)
-            module._svdquant_hooked = True
+            module.set_low_rank_branch(lora_a, lora_b)

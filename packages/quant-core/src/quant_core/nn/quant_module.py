@@ -20,6 +20,36 @@ class QuantModule(nn.Module):
     def _setup(self) -> None:
         raise NotImplementedError
 
+    @property
+    def low_rank_branch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """SVDQuant's high-precision branch ``(lora_a (rank, in), lora_b (out, rank))``, or None."""
+        a, b = self._buffers.get("svdquant_lora_a"), self._buffers.get("svdquant_lora_b")
+        return None if a is None or b is None else (a, b)
+
+    def set_low_rank_branch(self, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None) -> None:
+        """Add ``(x · input pre-quant scale) lora_aᵀ lora_bᵀ`` to the module's output (SVDQuant), or
+        remove the branch (None). The factors are buffers (``svdquant_lora_a`` / ``svdquant_lora_b``),
+        so they travel with ``state_dict``; ``save`` / ``restore`` record and recreate the branch."""
+        for name, value in (("svdquant_lora_a", lora_a), ("svdquant_lora_b", lora_b)):
+            self._buffers.pop(name, None)
+            if value is not None:
+                self.register_buffer(name, value.detach().contiguous())
+        if lora_a is not None and _add_low_rank_branch not in self._forward_hooks.values():
+            self.register_forward_hook(_add_low_rank_branch)  # a no-op once the branch is removed
+
+
+def _add_low_rank_branch(module: QuantModule, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: ``output + (x · pre_quant_scale) Aᵀ Bᵀ`` (the branch runs on the unquantized input)."""
+    branch = module.low_rank_branch
+    if branch is None:
+        return output
+    x = args[0]
+    pqs = module.input_quantizer.pre_quant_scale
+    if pqs is not None:
+        x = x * pqs.to(x.dtype)
+    a, b = branch[0].to(x.dtype), branch[1].to(x.dtype)
+    return output + (x @ a.T) @ b.T
+
 
 class QuantInputBase(QuantModule):
     """Quantizes the first input and the output (the output quantizer starts disabled)."""
