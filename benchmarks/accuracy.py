@@ -291,7 +291,7 @@ def minilm_table(cases: list[Case], theirs: Any | None) -> list[str]:
 def smollm_table(cases: list[Case], theirs: Any | None) -> list[str]:
     from quant_llm.calib_data import tokenize_windows
     from quant_llm.evaluation import perplexity
-    from quant_llm.real_models import load_smollm2
+    from quant_llm.testing.real_models import load_smollm2
 
     model, tokenizer = load_smollm2()
     calib_ids = tokenize_windows(tokenizer, austen_text("emma"), 512, 32)

@@ -21,7 +21,7 @@ from quant_llm import (
     perplexity,
     with_kv_cache,
 )
-from quant_llm.real_models import load_smollm2
+from quant_llm.testing.real_models import load_smollm2
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -26,7 +26,7 @@ import torch
 import quant_core as mtq
 from quant_export import export_tensorrt_llm_checkpoint
 from quant_llm import with_kv_cache
-from quant_llm.real_models import load_smollm2
+from quant_llm.testing.real_models import load_smollm2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "export"))
 from trtllm_reader import rebuild

@@ -28,7 +28,7 @@ def quantized_mlp():
 def quantized_tiny_llama():
     """Factory used by the hf CLI test: a tiny Llama with FP8 weights, activations and KV cache."""
     import quant_llm
-    from quant_llm.tiny_models import random_token_batches, tiny_model
+    from quant_llm.testing.tiny_models import random_token_batches, tiny_model
 
     model = tiny_model("llama")
     batches = random_token_batches()

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 quant_llm = pytest.importorskip("quant_llm")
 from hf_decode import dequantize_hf  # noqa: E402
 
-from quant_llm.tiny_models import random_token_batches, tiny_model  # noqa: E402
+from quant_llm.testing.tiny_models import random_token_batches, tiny_model  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

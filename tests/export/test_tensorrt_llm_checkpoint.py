@@ -27,7 +27,7 @@ from quant_export import (
 
 transformers = pytest.importorskip("transformers")
 quant_llm = pytest.importorskip("quant_llm")
-from quant_llm.tiny_models import random_token_batches, tiny_model  # noqa: E402
+from quant_llm.testing.tiny_models import random_token_batches, tiny_model  # noqa: E402
 
 WIDE = {"hidden_size": 256, "intermediate_size": 512}  # INT4 groups of 128 at tp 2
 NARROW = {"hidden_size": 128, "intermediate_size": 256}

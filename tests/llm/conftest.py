@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant_llm.tiny_models import random_token_batches
+from quant_llm.testing.tiny_models import random_token_batches
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from quant_llm import (
     get_calib_dataloader,
     perplexity,
 )
-from quant_llm.tiny_models import tiny_model
+from quant_llm.testing.tiny_models import tiny_model
 
 DATA = Path(__file__).parents[2].parent / "shared" / "data"
 

@@ -8,7 +8,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 import quant_core as mtq
 from quant_llm import INT8_KV_CFG
-from quant_llm.tiny_models import tiny_model
+from quant_llm.testing.tiny_models import tiny_model
 
 E4M3_MAX = 448.0
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import quant_core as mtq
 from quant_llm import all_experts_forward_loop, experts_without_tokens
-from quant_llm.tiny_models import tiny_model
+from quant_llm.testing.tiny_models import tiny_model
 
 NUM_EXPERTS = 4
 

@@ -10,7 +10,7 @@ import torch
 import quant_core as mtq
 from quant_core.conversion import iter_tensor_quantizers
 from quant_llm import with_kv_cache
-from quant_llm.tiny_models import FAMILIES, tiny_model
+from quant_llm.testing.tiny_models import FAMILIES, tiny_model
 
 _DECODER = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _GATED_MLP = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

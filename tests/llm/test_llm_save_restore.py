@@ -7,7 +7,7 @@ import torch
 
 import quant_core as mtq
 from quant_llm import with_kv_cache
-from quant_llm.tiny_models import tiny_model
+from quant_llm.testing.tiny_models import tiny_model
 
 CONFIG = with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_KV_CFG)
 

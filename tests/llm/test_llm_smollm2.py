@@ -42,7 +42,7 @@ pytestmark = [
     ],
 )
 def test_fp8_weights_activations_and_kv_cache_perplexity_close_to_fp32(config, kv_config, bound):
-    from quant_llm.real_models import load_smollm2
+    from quant_llm.testing.real_models import load_smollm2
 
     torch.set_num_threads(2)
     model, tokenizer = load_smollm2()
