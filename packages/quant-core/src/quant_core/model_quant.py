@@ -1,4 +1,4 @@
-"""The user-facing entry points: quantize, calibrate, fold_weight, postprocess_amax."""
+"""The user-facing entry points: quantize, calibrate, fold_weight, postprocess_amax (and ModelOpt's helpers)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant_core.algorithms import get_algorithm
+from quant_core.config.algorithm_configs import algorithm_spec
 from quant_core.config.schema import validate_config
 from quant_core.conversion import (
     QuantCfgEntry,
@@ -18,6 +19,11 @@ from quant_core.conversion import (
     iter_tensor_quantizers,
     replace_quant_modules,
     set_quantizer_by_cfg,
+)
+from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model_quant names
+    compute_quantization_mse,  # noqa: F401
+    model_loop,
+    temporarily_fold_weights,  # noqa: F401
 )
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.plugins import prepare_model
@@ -60,7 +66,7 @@ def quantize(
 def _algorithm_specs(algorithm: Any) -> list[tuple[str, dict[str, Any]]]:
     specs = algorithm if isinstance(algorithm, list) else [algorithm]
     out = []
-    for spec in specs:
+    for spec in map(algorithm_spec, specs):
         if spec is None:
             continue
         if isinstance(spec, str):
@@ -130,6 +136,7 @@ def calibrate(
     model: nn.Module, algorithm: Any = "max", forward_loop: ForwardLoop | None = None
 ) -> nn.Module:
     """Run calibration ``algorithm`` (a name, ``{"method": name, **options}``, None, or a list) on ``model``."""
+    forward_loop = model_loop(forward_loop)
     for method, options in _algorithm_specs(algorithm):
         fn = get_algorithm(method)
         loop = _LoopGuard(model, forward_loop, method) if forward_loop is not None else None

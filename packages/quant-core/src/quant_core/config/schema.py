@@ -307,9 +307,12 @@ class QuantizeConfig(BaseModel):
         normalize_quant_cfg(v)
         return v
 
-    @field_validator("algorithm")
+    @field_validator("algorithm", mode="before")
     @classmethod
     def _check_algorithm(cls, v: Any) -> Any:
+        from quant_core.config.algorithm_configs import algorithm_spec
+
+        v = [algorithm_spec(s) for s in v] if isinstance(v, list) else algorithm_spec(v)
         for spec in v if isinstance(v, list) else [v]:
             if spec is None or isinstance(spec, str):
                 continue
