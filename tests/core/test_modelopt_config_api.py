@@ -119,3 +119,79 @@ def test_algorithm_config_classes_stand_for_their_dicts() -> None:
     assert float(model[0].input_quantizer.amax) == pytest.approx(float(data.abs().max()))
     with pytest.raises(ValueError, match="does not take option"):
         mtq.calibrate(model, mtq.AWQLiteCalibConfig(debug=True), lambda m: m(data))
+
+
+def _lm() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.fc1, model.fc2, model.lm_head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+    return model
+
+
+def _states(model: nn.Module) -> dict[str, tuple]:
+    return {
+        name: (q.is_enabled, q.num_bits, q.axis, q.block_sizes)
+        for name, q in model.named_modules()
+        if isinstance(q, mtq.TensorQuantizer)
+    }
+
+
+def _apply(cfg) -> dict[str, tuple]:
+    model = _lm()  # never run: these tests read quantizer states only
+    mtq.replace_quant_module(model)
+    mtq.set_quantizer_by_cfg(model, cfg)
+    return _states(model)
+
+
+def test_builtin_quant_cfg_is_modelopt_entry_list() -> None:
+    entries = list(mtq.INT8_DEFAULT_CFG["quant_cfg"])
+    # ModelOpt 0.47.0's INT8_DEFAULT_CFG starts with these three entries.
+    assert entries[:3] == [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+        {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
+    ]
+    assert {"quantizer_name": "*", "parent_class": "nn.BatchNorm2d", "enable": False} in entries
+
+
+def test_dict_edit_of_an_existing_pattern_keeps_its_place_like_the_dict_shape() -> None:
+    cfg = mtq.INT8_DEFAULT_CFG.copy()
+    legacy = dict(cfg["quant_cfg"].items())  # the same config in the classic dict shape
+    new = {"num_bits": 4, "block_sizes": {-1: 8}}
+    cfg["quant_cfg"]["*weight_quantizer"] = new
+    legacy["*weight_quantizer"] = new
+    states = _apply(cfg["quant_cfg"])
+    assert states == _apply(legacy)
+    assert states["lm_head.weight_quantizer"][0] is False  # "*lm_head*" (later) still wins
+    assert states["fc1.weight_quantizer"] == (True, 4, None, {-1: 8})
+
+
+def test_append_and_star_entries_apply_after_the_others() -> None:
+    cfg = mtq.INT8_DEFAULT_CFG.copy()
+    cfg["quant_cfg"].append({"quantizer_name": "*fc2*", "enable": False})
+    states = _apply(cfg["quant_cfg"])
+    assert not states["fc2.weight_quantizer"][0] and states["fc1.weight_quantizer"][0]
+    cfg["quant_cfg"]["*"] = {"enable": False}  # as in the dict shape: a new key, applied last
+    assert not any(s[0] for s in _apply(cfg["quant_cfg"]).values())
+    assert (
+        cfg["quant_cfg"]["default"] == {"enable": False}
+        and cfg["quant_cfg"][0]["quantizer_name"] == "*"
+    )
+
+
+def test_nested_dict_edit_writes_through_and_builtins_stay_read_only() -> None:
+    cfg = mtq.INT8_DEFAULT_CFG.copy()
+    cfg["quant_cfg"]["*input_quantizer"]["enable"] = False
+    cfg["quant_cfg"]["*weight_quantizer"]["num_bits"] = 4
+    assert cfg["quant_cfg"][2] == {
+        "quantizer_name": "*input_quantizer",
+        "cfg": {"num_bits": 8, "axis": None},
+        "enable": False,
+    }
+    states = _apply(cfg["quant_cfg"])
+    assert not states["fc1.input_quantizer"][0] and states["fc1.weight_quantizer"][:2] == (True, 4)
+    with pytest.raises(TypeError, match="read-only"):
+        mtq.INT8_DEFAULT_CFG["quant_cfg"].append({"quantizer_name": "*", "enable": True})
+    with pytest.raises(TypeError, match="read-only"):
+        mtq.INT8_DEFAULT_CFG["quant_cfg"]["*weight_quantizer"]["num_bits"] = 4
+    assert mtq.INT8_DEFAULT_CFG["quant_cfg"]["*weight_quantizer"] == {"num_bits": 8, "axis": 0}

@@ -14,8 +14,12 @@ from typing import Any, NoReturn
 
 def thaw(value: Any) -> Any:
     """Deep-copy a (possibly frozen) config value into plain mutable dicts and lists."""
+    from quant_core.config.entry_list import QuantCfgList
+
     if isinstance(value, dict):
         return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, QuantCfgList):
+        return QuantCfgList(thaw(v) for v in value)
     if isinstance(value, list):
         return [thaw(v) for v in value]
     return value
@@ -70,6 +74,10 @@ class FrozenList(list):
 
 def freeze(value: Any) -> Any:
     """Recursively turn dicts and lists into their read-only counterparts."""
+    from quant_core.config.entry_list import FrozenQuantCfgList, QuantCfgList
+
+    if isinstance(value, QuantCfgList):
+        return FrozenQuantCfgList(freeze(v) for v in value)
     if isinstance(value, dict):
         return FrozenDict({k: freeze(v) for k, v in value.items()})
     if isinstance(value, list):

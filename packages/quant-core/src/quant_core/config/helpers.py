@@ -28,8 +28,10 @@ def _legacy_entries(key: Any, value: Any) -> list[dict[str, Any]]:
             {**_legacy_entries(sub, attrs)[0], "parent_class": key} for sub, attrs in value.items()
         ]
     if isinstance(value, Mapping):
-        cfg = {k: v for k, v in value.items() if k != "enable"} or None
-        entry = {"quantizer_name": key, "cfg": cfg}
+        cfg = {k: v for k, v in value.items() if k != "enable"}
+        entry: dict[str, Any] = (
+            {"quantizer_name": key, "cfg": cfg} if cfg else {"quantizer_name": key}
+        )
         if "enable" in value:
             entry["enable"] = value["enable"]
         return [entry]

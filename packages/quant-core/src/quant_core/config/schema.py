@@ -38,6 +38,16 @@ class QuantizerAttributeConfig(BaseModel):
     calibrator: Literal["max", "histogram", "percentile", "mse", "entropy"] = "max"
     trt_high_precision_dtype: Literal["Float", "Half", "BFloat16"] = "Float"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_enable_alone(cls, values: Any) -> Any:
+        if isinstance(values, Mapping) and dict(values) == {"enable": True}:
+            raise ValueError(
+                "{'enable': True} alone is not a quantizer config (as in ModelOpt): give the format "
+                "too, or use an entry {'quantizer_name': ..., 'enable': True} to re-enable"
+            )
+        return values
+
     @field_validator("num_bits", mode="before")
     @classmethod
     def _num_bits(cls, v: Any) -> Any:
