@@ -21,9 +21,9 @@ from quant_core.conversion import (
     set_quantizer_by_cfg,
 )
 from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model_quant names
-    compute_quantization_mse,  # noqa: F401
+    compute_quantization_mse,
     model_loop,
-    temporarily_fold_weights,  # noqa: F401
+    temporarily_fold_weights,
 )
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.plugins import prepare_model
