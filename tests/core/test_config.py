@@ -11,6 +11,7 @@ from torch import nn
 
 import quant_core as mtq
 from quant_core.config import QuantizerAttributeConfig, normalize_quant_cfg, validate_config
+from quant_core.config.entry_list import QuantCfgList
 from quant_core.conversion import iter_quantizers
 
 
@@ -103,8 +104,9 @@ def test_builtin_constants_are_read_only_and_copies_are_deep_and_plain():
         copy.copy(mtq.FP8_DEFAULT_CFG),
         copy.deepcopy(mtq.FP8_DEFAULT_CFG),
     ):
-        assert type(clone) is dict and type(clone["quant_cfg"]) is dict
-        assert type(clone["quant_cfg"]["*weight_quantizer"]) is dict
+        # quant_cfg is ModelOpt 0.47's entry list, editable by pattern as the dict shape was.
+        assert type(clone) is dict and type(clone["quant_cfg"]) is QuantCfgList
+        assert all(type(e) is dict for e in clone["quant_cfg"])
         clone["quant_cfg"]["*weight_quantizer"]["num_bits"] = 8
     assert mtq.FP8_DEFAULT_CFG["quant_cfg"]["*weight_quantizer"]["num_bits"] == (4, 3)
     json.dumps(mtq.FP8_DEFAULT_CFG)  # still an ordinary JSON-able dict

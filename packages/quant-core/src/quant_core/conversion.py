@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import MethodType
 from typing import Any
 
 from torch import nn
@@ -33,24 +35,41 @@ def unregister(original_cls: type) -> None:
     QuantModuleRegistry.unregister(original_cls)
 
 
-def convert_module(module: nn.Module, quantized_cls: type) -> None:
+def _check_forward(module: nn.Module, name: str) -> None:
+    """Refuse a module whose ``forward`` was replaced on the instance (it would bypass the quantizers)."""
+    if "forward" in vars(module) and not hasattr(module, "_hf_hook"):
+        raise ValueError(
+            f"module {name or type(module).__name__!r} ({type(module).__name__}) has its forward replaced "
+            "on the instance, so its quantized forward would never run; remove the patch before "
+            "quantize (accelerate hooks are supported)"
+        )
+
+
+def convert_module(module: nn.Module, quantized_cls: type, name: str = "") -> None:
     """Turn ``module`` into ``quantized_cls`` in place (same parameters, buffers and hooks) and set it up."""
+    _check_forward(module, name)
     original = type(module)
     module.__class__ = quantized_cls
+    if hasattr(module, "_hf_hook") and "_old_forward" in vars(module):
+        # accelerate's hook calls module._old_forward: point it at the quantized forward.
+        module._old_forward = MethodType(quantized_cls.forward, module)
     module._quant_original_key = QuantModuleRegistry.get_key(original)  # type: ignore[assignment]
     module._setup()
 
 
 def replace_quant_modules(model: nn.Module) -> list[str]:
     """Convert every registered module of ``model`` in place; returns the names converted."""
-    converted = []
+    todo = []
     for name, module in list(model.named_modules()):
         if getattr(module, "_quant_original_key", None) is not None:
             continue
         quantized_cls = QuantModuleRegistry.get(type(module))
         if quantized_cls is not None:
-            convert_module(module, quantized_cls)
-            converted.append(name)
+            _check_forward(module, name)  # before converting anything
+            todo.append((name, module, quantized_cls))
+    for name, module, quantized_cls in todo:
+        convert_module(module, quantized_cls, name)
+    converted = [name for name, _m, _c in todo]
     name_quantizers(model)
     return converted
 
@@ -171,3 +190,132 @@ def disable_quantizer(model: nn.Module, wildcard_or_filter: str | Callable[[str]
     """Disable the quantizers whose full name matches the wildcard or filter function."""
     for _name, quantizer, _parent in _select(model, wildcard_or_filter):
         quantizer.disable()
+
+
+# ----- ModelOpt 0.47's finer-grained setters and context managers ---------------------------------
+
+
+def replace_quant_module(model: nn.Module, version: Any = None, registry: Any = None) -> None:
+    """Convert every registered module of ``model`` to its quantized class (ModelOpt's name; no config applied).
+
+    ``version`` and ``registry`` exist for ModelOpt's signature; only the default registry is used.
+    """
+    from quant_core.plugins import prepare_model
+
+    if registry not in (None, QuantModuleRegistry):
+        raise ValueError("replace_quant_module uses quant_core's QuantModuleRegistry only")
+    if any(isinstance(m, (TensorQuantizer, SequentialQuantizer)) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} is already quantized (it holds quantizers)")
+    prepare_model(model)
+    replace_quant_modules(model)
+
+
+def _select_in(model: nn.Module, wildcard_or_filter: Any, parent_class: type | None):
+    for name, quantizer, parent in _select(model, wildcard_or_filter):
+        if parent_class is None or isinstance(parent, parent_class):
+            yield name, quantizer, parent
+
+
+def set_quantizer_attributes_partial(
+    quant_model: nn.Module,
+    wildcard_or_filter_func: str | Callable[[str], bool],
+    partial_attributes: dict[str, Any] | list[dict[str, Any]],
+    parent_class: type[nn.Module] | None = None,
+) -> None:
+    """Merge the attributes named in a dict into the matching quantizers (a dict is broadcast to every stage).
+
+    A list sets each stage of a matching SequentialQuantizer; it never turns a TensorQuantizer into one.
+    """
+    if not isinstance(partial_attributes, (dict, list)) or (
+        isinstance(partial_attributes, list)
+        and not all(isinstance(a, dict) for a in partial_attributes)
+    ):
+        raise ValueError(
+            f"partial_attributes must be a dict or a list of dicts, got {partial_attributes!r}"
+        )
+    for name, quantizer, _parent in _select_in(quant_model, wildcard_or_filter_func, parent_class):
+        if isinstance(partial_attributes, list) and not isinstance(quantizer, SequentialQuantizer):
+            raise ValueError(
+                f"a list of attributes needs a SequentialQuantizer, but {name} is a TensorQuantizer"
+            )
+        quantizer.set_from_attribute_config(partial_attributes)
+    name_quantizers(quant_model)
+
+
+def set_quantizer_attributes_full(
+    quant_model: nn.Module,
+    wildcard_or_filter_func: str | Callable[[str], bool],
+    attributes: QuantizerAttributeConfig | list[QuantizerAttributeConfig],
+    parent_class: type[nn.Module] | None = None,
+) -> None:
+    """Replace all attributes of the matching quantizers (unnamed fields take their defaults).
+
+    A list makes each match a SequentialQuantizer with one stage per config.
+    """
+    items = attributes if isinstance(attributes, list) else [attributes]
+    if not items or not all(isinstance(a, QuantizerAttributeConfig) for a in items):
+        raise ValueError(
+            "attributes must be a QuantizerAttributeConfig or a non-empty list of them, "
+            f"got {attributes!r}"
+        )
+    cfg = tuple(items) if isinstance(attributes, list) else attributes
+    for name, quantizer, parent in _select_in(quant_model, wildcard_or_filter_func, parent_class):
+        _set_cfg(parent, name.rsplit(".", 1)[-1], quantizer, cfg)
+    name_quantizers(quant_model)
+
+
+def _snapshot(q: TensorQuantizer) -> tuple[Any, ...]:
+    amax = q.amax.detach().clone() if q.amax is not None else None
+    return q.attribute_config, amax, q._if_quant, q._if_calib
+
+
+def _restore(q: TensorQuantizer, saved: tuple[Any, ...]) -> None:
+    attrs, amax, if_quant, if_calib = saved
+    q.set_from_attribute_config(attrs)
+    if q.amax is None and amax is not None:
+        q.amax = amax  # dropped by a format change inside the context
+    q._if_quant, q._if_calib = if_quant, if_calib
+
+
+@contextmanager
+def preserve_quantizer_attributes_context(quant_model: nn.Module) -> Iterator[None]:
+    """Restore every quantizer's attributes (and TensorQuantizer / SequentialQuantizer type) on exit.
+
+    An amax calibrated inside the context is kept; one dropped by a format change comes back.
+    """
+    saved = {}
+    for name, quantizer, _parent in iter_quantizers(quant_model):
+        stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
+        saved[name] = (isinstance(quantizer, SequentialQuantizer), [_snapshot(q) for q in stages])
+    try:
+        yield
+    finally:
+        for name, quantizer, parent in list(iter_quantizers(quant_model)):
+            if name not in saved:
+                continue
+            sequential, stages = saved[name]
+            if sequential != isinstance(quantizer, SequentialQuantizer) or (
+                sequential and len(quantizer) != len(stages)
+            ):
+                fresh = [TensorQuantizer(s[0]) for s in stages]
+                quantizer = SequentialQuantizer(*fresh) if sequential else fresh[0]
+                setattr(parent, name.rsplit(".", 1)[-1], quantizer)
+            for q, state in zip(quantizer if sequential else [quantizer], stages):
+                _restore(q, state)
+        name_quantizers(quant_model)
+
+
+@contextmanager
+def set_quantizer_by_cfg_context(quant_model: nn.Module, quant_cfg: Any) -> Iterator[None]:
+    """Apply ``quant_cfg`` for the duration of the block, then restore every quantizer's attributes.
+
+    Multi-stage (list) ``cfg`` entries are refused, as in ModelOpt.
+    """
+    entries = normalize_quant_cfg(quant_cfg)
+    if any(isinstance(e.cfg, tuple) for e in entries):
+        raise ValueError(
+            "set_quantizer_by_cfg_context takes single-config entries only (no attribute lists)"
+        )
+    with preserve_quantizer_attributes_context(quant_model):
+        set_quantizer_by_cfg(quant_model, entries)
+        yield

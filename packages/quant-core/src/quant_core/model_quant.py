@@ -1,4 +1,4 @@
-"""The user-facing entry points: quantize, calibrate, fold_weight, postprocess_amax."""
+"""The user-facing entry points: quantize, calibrate, fold_weight, postprocess_amax (and ModelOpt's helpers)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant_core.algorithms import get_algorithm
+from quant_core.config.algorithm_configs import algorithm_spec
 from quant_core.config.schema import validate_config
 from quant_core.conversion import (
     QuantCfgEntry,
@@ -18,6 +19,12 @@ from quant_core.conversion import (
     iter_tensor_quantizers,
     replace_quant_modules,
     set_quantizer_by_cfg,
+)
+from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model_quant names
+    compute_quantization_mse,
+    fold_weight,
+    model_loop,
+    temporarily_fold_weights,
 )
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.plugins import prepare_model
@@ -60,7 +67,7 @@ def quantize(
 def _algorithm_specs(algorithm: Any) -> list[tuple[str, dict[str, Any]]]:
     specs = algorithm if isinstance(algorithm, list) else [algorithm]
     out = []
-    for spec in specs:
+    for spec in map(algorithm_spec, specs):
         if spec is None:
             continue
         if isinstance(spec, str):
@@ -128,6 +135,7 @@ def calibrate(
     model: nn.Module, algorithm: Any = "max", forward_loop: ForwardLoop | None = None
 ) -> nn.Module:
     """Run calibration ``algorithm`` (a name, ``{"method": name, **options}``, None, or a list) on ``model``."""
+    forward_loop = model_loop(forward_loop)
     for method, options in _algorithm_specs(algorithm):
         fn = get_algorithm(method)
         loop = _LoopGuard(model, forward_loop, method) if forward_loop is not None else None
@@ -145,27 +153,6 @@ def calibrate(
             _reset_calibration_state(model)
             raise
     return model
-
-
-def fold_weight(model: nn.Module) -> None:
-    """Write fake-quantized weights into the parameters and turn the weight quantizers off.
-
-    Outputs are unchanged and forward passes get faster; the folded model can no longer be
-    calibrated again or trained with QAT on its original weights.
-    """
-    for module in model.modules():
-        quantizer = getattr(module, "weight_quantizer", None)
-        weight = getattr(module, "weight", None)
-        if quantizer is None or not isinstance(weight, torch.Tensor):
-            continue
-        if hasattr(module, "fold_weight"):
-            module.fold_weight()
-            continue
-        if quantizer.is_enabled or quantizer.pre_quant_scale is not None:
-            with torch.no_grad():
-                weight.data.copy_(quantizer(weight))
-            quantizer.disable()
-            quantizer.pre_quant_scale = None
 
 
 def postprocess_amax(

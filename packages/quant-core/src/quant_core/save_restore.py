@@ -104,7 +104,7 @@ def restore_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Modul
                 raise ValueError(
                     f"module {name!r} ({type(module).__name__}) has no registered quantized class"
                 )
-            convert_module(module, quantized_cls)
+            convert_module(module, quantized_cls, name)
         if _qualname(type(module)) != info["quantized"]:
             raise ValueError(
                 f"module {name!r} converts to {_qualname(type(module))} now, but was saved as {info['quantized']}; "

@@ -253,6 +253,8 @@ def group_amax(xv: torch.Tensor, reduce_dims: tuple[int, ...]) -> torch.Tensor:
     dims = sorted(reduce_dims, reverse=True)
     if not dims:  # every axis kept: each element is its own group
         return xv.float().abs()
+    if not xv.is_cuda and xv.is_floating_point() and xv.element_size() == 1:
+        xv = xv.float()  # CPU max/min have no float8 kernels
     if xv.is_cuda:
         lo, hi = torch.aminmax(xv, dim=dims[0], keepdim=True)
     else:

@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from quant_core.config.builtin import _default_disabled_quantizer_cfg
+from quant_core.config.entry_list import QuantCfgList
 from quant_core.config.frozen import freeze, thaw
+from quant_core.config.helpers import entry_dicts
 
 KV_PATTERN = "*[kv]_bmm_quantizer"
 
@@ -30,13 +32,20 @@ def with_kv_cache(config: Mapping[str, Any], kv_config: Mapping[str, Any]) -> di
     """A copy of ``config`` that also quantizes the KV cache as ``kv_config`` says.
 
     The KV entries (without their ``"default"``) go before ``config``'s default exclusions
-    (LM head, routers, vision towers, ...), so those exclusions still win. Both configs must use
-    the dict shape of ``quant_cfg``.
+    (LM head, routers, vision towers, ...), so those exclusions still win. Each config may use
+    either shape of ``quant_cfg``; the result has the dict shape.
     """
     base, kv = thaw(dict(config)), thaw(dict(kv_config))
     for name, cfg in (("config", base), ("kv_config", kv)):
-        if not isinstance(cfg.get("quant_cfg"), dict):
-            raise TypeError(f"with_kv_cache: {name}['quant_cfg'] must be a dict of patterns")
+        quant_cfg = cfg.get("quant_cfg")
+        if isinstance(quant_cfg, (list, tuple)):  # ModelOpt 0.47's entry list: as {pattern: value}
+            pairs = QuantCfgList(entry_dicts(quant_cfg)).items()
+            quant_cfg = {k: dict(v) if isinstance(v, Mapping) else v for k, v in pairs}
+            cfg["quant_cfg"] = quant_cfg
+        if not isinstance(quant_cfg, dict):
+            raise TypeError(
+                f"with_kv_cache: {name}['quant_cfg'] must be a dict of patterns or a list of entries"
+            )
     exclusions = {
         k: v
         for k, v in base["quant_cfg"].items()

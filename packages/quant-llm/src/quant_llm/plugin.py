@@ -131,7 +131,7 @@ def register() -> None:
     """Register quant-llm's mappings and its model hook with quant-core (run by the plugin entry point)."""
     from transformers.pytorch_utils import Conv1D
 
-    from quant_core.plugins import register_model_hook
+    from quant_core.plugins import register_feature, register_model_hook
     from quant_llm.hf_attention import register_kv_attention_function
     from quant_llm.hf_linear import QuantConv1D
 
@@ -142,3 +142,23 @@ def register() -> None:
     register_transformers_classes(_imported_modeling_modules())
     _register_parallel_layers()
     register_model_hook(prepare_model)
+    register_feature("plugins.huggingface", huggingface_names)
+
+
+def huggingface_names() -> dict[str, object]:
+    """quant-llm's objects under ModelOpt's ``quantization.plugins.huggingface`` names."""
+    from quant_llm.hf_attention import QuantAttentionMixin, quant_attention_class
+    from quant_llm.hf_linear import QuantConv1D
+    from quant_llm.hf_moe import QuantFusedExperts, quant_experts_class
+
+    return {
+        # ModelOpt's per-kind "map this model's classes" hooks; register_model maps them all.
+        "register_hf_attentions_on_the_fly": register_model,
+        "register_sparse_moe_on_the_fly": register_model,
+        "register_fused_experts_on_the_fly": register_model,
+        "QuantConv1D": QuantConv1D,
+        "QuantAttentionMixin": QuantAttentionMixin,
+        "QuantFusedExperts": QuantFusedExperts,
+        "quant_attention_class": quant_attention_class,
+        "quant_experts_class": quant_experts_class,
+    }

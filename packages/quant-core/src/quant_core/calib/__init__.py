@@ -6,6 +6,7 @@ from typing import Any
 
 from quant_core.calib.histogram import HistogramCalibrator
 from quant_core.calib.max import MaxCalibrator, reduce_amax
+from quant_core.calib.mse import MseCalibrator
 
 Calibrator = MaxCalibrator | HistogramCalibrator
 
@@ -18,4 +19,11 @@ def make_calibrator(attrs: Any, block_sizes: dict[int, int | None] | None) -> Ca
     return HistogramCalibrator(method=method, num_bits=attrs.num_bits, unsigned=attrs.unsigned)
 
 
-__all__ = ["Calibrator", "HistogramCalibrator", "MaxCalibrator", "make_calibrator", "reduce_amax"]
+__all__ = [
+    "Calibrator",
+    "HistogramCalibrator",
+    "MaxCalibrator",
+    "MseCalibrator",
+    "make_calibrator",
+    "reduce_amax",
+]

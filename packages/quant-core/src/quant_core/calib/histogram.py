@@ -16,25 +16,37 @@ class HistogramCalibrator:
 
     def __init__(
         self,
-        method: Method = "entropy",
         num_bits: int | tuple[int, int] = 8,
+        axis: int | tuple[int, ...] | None = None,
         unsigned: bool = False,
         num_bins: int = 2048,
+        grow_method: str | None = None,
+        skip_zeros: bool = False,
+        torch_hist: bool = True,
+        *,
+        method: Method = "entropy",
         percentile: float = 99.99,
     ):
+        """ModelOpt's signature plus the default ``method`` / ``percentile`` used by ``compute_amax()``.
+
+        Per-tensor only (``axis=None``); ``grow_method`` and ``torch_hist`` pick ModelOpt's histogram
+        implementation and have no effect here (the range always grows by re-binning).
+        """
+        if axis is not None:
+            raise ValueError(f"HistogramCalibrator is per-tensor only, got axis={axis!r}")
         if method not in ("percentile", "mse", "entropy"):
             raise ValueError(f"histogram method must be percentile, mse or entropy, got {method!r}")
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {percentile}")
         self.method, self.num_bits, self.unsigned = method, num_bits, unsigned
-        self.num_bins, self.percentile = num_bins, percentile
+        self.num_bins, self.percentile, self.skip_zeros = num_bins, percentile, skip_zeros
         self._hist: torch.Tensor | None = None
         self._max = 0.0
 
     def collect(self, x: torch.Tensor) -> None:
         """Add |x| to the histogram, widening its range (and re-binning) when x exceeds it."""
         a = x.detach().abs().float().flatten()
-        a = a[torch.isfinite(a)]
+        a = a[torch.isfinite(a) & (a != 0)] if self.skip_zeros else a[torch.isfinite(a)]
         if a.numel() == 0:
             return
         new_max = float(a.max())
@@ -56,14 +68,22 @@ class HistogramCalibrator:
             self._max / self.num_bins
         )
 
-    def compute_amax(self) -> torch.Tensor | None:
-        """The amax chosen by this calibrator's method, or None when nothing was collected."""
+    def compute_amax(
+        self, method: Method | None = None, *, percentile: float | None = None
+    ) -> torch.Tensor | None:
+        """The amax chosen by ``method`` (default: this calibrator's), or None when nothing was collected."""
         if self._hist is None or self._hist.sum() == 0:
             return None
-        chooser = {"percentile": self._percentile, "mse": self._mse, "entropy": self._entropy}[
-            self.method
-        ]
-        return torch.tensor(float(chooser()), dtype=torch.float32)
+        choosers = {"percentile": self._percentile, "mse": self._mse, "entropy": self._entropy}
+        method = method or self.method
+        if method not in choosers:
+            raise ValueError(f"histogram method must be percentile, mse or entropy, got {method!r}")
+        saved = self.percentile
+        self.percentile = saved if percentile is None else percentile
+        try:
+            return torch.tensor(float(choosers[method]()), dtype=torch.float32)
+        finally:
+            self.percentile = saved
 
     def _percentile(self) -> float:
         cdf = torch.cumsum(self._hist, 0) / self._hist.sum()

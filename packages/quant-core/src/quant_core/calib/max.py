@@ -21,16 +21,29 @@ class MaxCalibrator:
 
     def __init__(
         self,
+        num_bits: int | tuple[int, int] = 8,
         axis: int | tuple[int, ...] | None = None,
+        unsigned: bool = False,
+        track_amax: bool = False,
+        *,
         block_sizes: dict[int, int | None] | None = None,
     ):
-        self.axis = axis
+        """ModelOpt's signature; ``axis`` keeps one amax per index, ``track_amax`` records each batch's amax."""
+        self.num_bits, self.axis, self.unsigned = num_bits, axis, unsigned
         self.block_sizes = block_sizes or None
         self._amax: torch.Tensor | None = None
+        self._amaxs: list[torch.Tensor] | None = [] if track_amax else None
+
+    @property
+    def amaxs(self) -> list[torch.Tensor] | None:
+        """The amax of each batch collected (with ``track_amax``), else None."""
+        return self._amaxs
 
     def collect(self, x: torch.Tensor) -> None:
         """Fold one tensor into the running amax (shape mismatches between batches are an error)."""
         amax = reduce_amax(x, axis=self.axis, block_sizes=self.block_sizes)
+        if self._amaxs is not None:
+            self._amaxs.append(amax.cpu())
         if self._amax is None:
             self._amax = amax.clone()
         elif self._amax.shape != amax.shape:
@@ -48,3 +61,5 @@ class MaxCalibrator:
     def reset(self) -> None:
         """Forget everything collected."""
         self._amax = None
+        if self._amaxs is not None:
+            self._amaxs = []

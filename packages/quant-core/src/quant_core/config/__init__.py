@@ -1,5 +1,7 @@
 """Quantization configs: the validated schema, the built-in ``*_CFG`` dicts and ``choices``."""
 
+from quant_core.config.algorithm_configs import *  # noqa: F403
+from quant_core.config.algorithm_configs import __all__ as _algorithm_names
 from quant_core.config.builtin import (
     FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG,
     FP8_AFFINE_KV_CFG,
@@ -27,6 +29,13 @@ from quant_core.config.builtin import (
     W4A16_NVFP4_CFG,
     _default_disabled_quantizer_cfg,
     choices,
+)
+from quant_core.config.helpers import (
+    find_quant_cfg_entry_by_path,
+    load_config,
+    need_calibration,
+    normalize_quant_cfg_list,
+    update_quant_cfg_with_kv_cache_quant,
 )
 from quant_core.config.schema import (
     QuantCfgEntry,
@@ -70,4 +79,10 @@ __all__ = [
     "normalize_quant_cfg",
     "parse_attributes",
     "validate_config",
+    "find_quant_cfg_entry_by_path",
+    "load_config",
+    "need_calibration",
+    "normalize_quant_cfg_list",
+    "update_quant_cfg_with_kv_cache_quant",
+    *(n for n in _algorithm_names if n != "algorithm_spec"),
 ]

@@ -1,7 +1,8 @@
 """The built-in configs, with the same quantizer attributes as ModelOpt's configs of the same name.
 
 Each is a read-only dict (see :mod:`quant_core.config.frozen`): ``cfg.copy()`` gives an editable
-deep copy. Every config ends with the default-disabled patterns (LM heads, MoE routers and gates,
+deep copy. ``quant_cfg`` is ModelOpt 0.47's ordered entry list that also takes the classic
+``quant_cfg[pattern] = attributes`` edit (see :mod:`quant_core.config.entry_list`). Every config ends with the default-disabled patterns (LM heads, MoE routers and gates,
 embeddings, BatchNorm, output layers, vision towers). Configs with ``"algorithm": "max"`` and static
 per-tensor inputs (INT8_DEFAULT_CFG, FP8_DEFAULT_CFG, ...) get max's per-token fallback: inputs whose
 calibration tokens defeat one per-tensor amax become per-token dynamic (see
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from quant_core.config.entry_list import QuantCfgList
 from quant_core.config.frozen import freeze
+from quant_core.config.helpers import entry_dicts
 
 _default_disabled_quantizer_cfg: dict[str, Any] = {
     "nn.BatchNorm1d": {"*": {"enable": False}},
@@ -57,14 +60,20 @@ def _mx(num_bits: int | tuple[int, int]) -> dict[str, Any]:
     }
 
 
+def _entries(quant_cfg: dict[str, Any]) -> QuantCfgList:
+    return QuantCfgList(entry_dicts(quant_cfg))
+
+
 def _cfg(weight: Any, inp: Any, algorithm: Any) -> dict[str, Any]:
     return freeze(
         {
-            "quant_cfg": {
-                "*weight_quantizer": weight,
-                "*input_quantizer": inp,
-                **_default_disabled_quantizer_cfg,
-            },
+            "quant_cfg": _entries(
+                {
+                    "*weight_quantizer": weight,
+                    "*input_quantizer": inp,
+                    **_default_disabled_quantizer_cfg,
+                }
+            ),
             "algorithm": algorithm,
         }
     )
@@ -73,7 +82,7 @@ def _cfg(weight: Any, inp: Any, algorithm: Any) -> dict[str, Any]:
 def _kv(attrs: dict[str, Any]) -> dict[str, Any]:
     return freeze(
         {
-            "quant_cfg": {"*[kv]_bmm_quantizer": attrs, "default": {"enable": False}},
+            "quant_cfg": _entries({"*[kv]_bmm_quantizer": attrs, "default": {"enable": False}}),
             "algorithm": "max",
         }
     )

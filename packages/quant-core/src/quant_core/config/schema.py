@@ -39,6 +39,16 @@ class QuantizerAttributeConfig(BaseModel):
     calibrator: Literal["max", "histogram", "percentile", "mse", "entropy"] = "max"
     trt_high_precision_dtype: Literal["Float", "Half", "BFloat16"] = "Float"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_enable_alone(cls, values: Any) -> Any:
+        if isinstance(values, Mapping) and dict(values) == {"enable": True}:
+            raise ValueError(
+                "{'enable': True} alone is not a quantizer config (as in ModelOpt): give the format "
+                "too, or use an entry {'quantizer_name': ..., 'enable': True} to re-enable"
+            )
+        return values
+
     @field_validator("num_bits", mode="before")
     @classmethod
     def _num_bits(cls, v: Any) -> Any:
@@ -314,9 +324,12 @@ class QuantizeConfig(BaseModel):
         normalize_quant_cfg(v)
         return v
 
-    @field_validator("algorithm")
+    @field_validator("algorithm", mode="before")
     @classmethod
     def _check_algorithm(cls, v: Any) -> Any:
+        from quant_core.config.algorithm_configs import algorithm_spec
+
+        v = [algorithm_spec(s) for s in v] if isinstance(v, list) else algorithm_spec(v)
         for spec in v if isinstance(v, list) else [v]:
             if spec is None or isinstance(spec, str):
                 continue

@@ -1,6 +1,7 @@
 """Quantized modules, TensorQuantizer and the module registry."""
 
-from quant_core.nn.modules import (
+from quant_core.nn import modules
+from quant_core.nn.builtin_modules import (
     BMM,
     MatMul,
     QuantBMM,
@@ -12,12 +13,15 @@ from quant_core.nn.modules import (
     QuantConvTranspose3d,
     QuantLinear,
 )
+from quant_core.nn.modules import *  # noqa: F403
 from quant_core.nn.quant_module import QuantInputBase, QuantLinearConvBase, QuantModule
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 __all__ = [
+    *modules.__all__,
+    "modules",
     "BMM",
     "MatMul",
     "QuantBMM",

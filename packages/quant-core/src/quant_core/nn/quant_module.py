@@ -15,7 +15,43 @@ WEIGHT_DEFAULT = QuantizerAttributeConfig(num_bits=8, axis=0)
 
 
 class QuantModule(nn.Module):
-    """Base of the quantized modules; ``_setup`` creates the quantizers after in-place conversion."""
+    """Base of the quantized modules; ``_setup`` creates the quantizers after in-place conversion.
+
+    Built directly (``QuantLinear(8, 8)``), a quantized module takes its original class's
+    arguments plus ModelOpt's ``quant_desc_input`` / ``quant_desc_weight`` / ``quant_desc_output``
+    (attribute configs or dicts for those quantizers) and is set up at once.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        quant_desc_input: Any = None,
+        quant_desc_weight: Any = None,
+        quant_desc_output: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        from quant_core.nn.registry import QuantModuleRegistry
+
+        super().__init__(*args, **kwargs)
+        original = QuantModuleRegistry.original_of(type(self)) or next(
+            c for c in type(self).__mro__ if not issubclass(c, QuantModule)
+        )
+        self._quant_original_key = QuantModuleRegistry.get_key(original)
+        self._setup()
+        descs = {
+            "input": quant_desc_input,
+            "weight": quant_desc_weight,
+            "output": quant_desc_output,
+        }
+        for role, desc in descs.items():
+            if desc is None:
+                continue
+            quantizer = getattr(self, f"{role}_quantizer", None)
+            if quantizer is None:
+                raise ValueError(
+                    f"{type(self).__name__} has no {role}_quantizer for quant_desc_{role}"
+                )
+            quantizer.set_from_attribute_config(desc)
 
     def _setup(self) -> None:
         raise NotImplementedError

@@ -20,9 +20,14 @@ class SequentialQuantizer(nn.Sequential):
         super().__init__(*quantizers)
 
     def set_from_attribute_config(
-        self, cfgs: list[QuantizerAttributeConfig | dict[str, Any]]
+        self,
+        cfgs: list[QuantizerAttributeConfig | dict[str, Any]]
+        | QuantizerAttributeConfig
+        | dict[str, Any],
     ) -> None:
-        """Set each stage from the matching attribute config (the lengths must agree)."""
+        """Set each stage from the matching attribute config (the lengths must agree); one config applies to every stage."""
+        if not isinstance(cfgs, (list, tuple)):
+            cfgs = [cfgs] * len(self)
         if len(cfgs) != len(self):
             raise ValueError(f"SequentialQuantizer has {len(self)} stages, got {len(cfgs)} configs")
         for quantizer, cfg in zip(self, cfgs):

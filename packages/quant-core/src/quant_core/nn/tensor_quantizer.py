@@ -30,6 +30,7 @@ from quant_core.calib import Calibrator, MaxCalibrator, make_calibrator, reduce_
 from quant_core.config.schema import QuantizerAttributeConfig, parse_attributes
 from quant_core.nn import onnx_qdq
 from quant_core.nn.describe import describe_quantizer
+from quant_core.nn.quantizer_api import ModelOptQuantizerAPI
 
 
 def _check_amax(value: torch.Tensor, name: str) -> None:
@@ -39,7 +40,7 @@ def _check_amax(value: torch.Tensor, name: str) -> None:
         )
 
 
-class TensorQuantizer(nn.Module):
+class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
     """Fake-quantizes tensors with the format in its attributes (ModelOpt's TensorQuantizer API)."""
 
     def __init__(
@@ -248,12 +249,18 @@ class TensorQuantizer(nn.Module):
         if not self.is_dynamic:
             self._calibrator.collect(x)
 
-    def load_calib_amax(self) -> None:
-        """Set amax from the statistics collected (no-op when nothing was collected)."""
+    def load_calib_amax(self, *args: Any, strict: bool = False, **kwargs: Any) -> None:
+        """Set amax from the statistics collected; ``*args, **kwargs`` go to the calibrator's
+        ``compute_amax`` (e.g. ``method="percentile", percentile=99.9`` for a histogram).
+
+        Nothing collected leaves amax unchanged, or raises with ``strict=True``.
+        """
         source = self._global_calibrator if self.is_dynamic else self._calibrator
         if source is None:
             return
-        amax = source.compute_amax()
+        amax = source.compute_amax(*args, **kwargs)
+        if amax is None and strict:
+            raise RuntimeError(f"calibrator of {self._name or 'quantizer'} has seen no tensor")
         if amax is not None:
             self.amax = amax.to(self.amax.device) if self.amax is not None else amax
         source.reset()

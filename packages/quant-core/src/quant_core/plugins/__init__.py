@@ -20,7 +20,7 @@ GROUP = "quant_core.plugins"
 _loaded = False
 _lock = threading.RLock()
 _features: dict[str, Callable[..., Any]] = {}
-_FEATURE_PACKAGES = {"auto_quantize": "quant-llm"}
+_FEATURE_PACKAGES = {"auto_quantize": "quant-llm", "plugins.huggingface": "quant-llm"}
 _failures: dict[str, str] = {}
 _model_hooks: list[Callable[[Any], Any]] = []
 

@@ -1,0 +1,114 @@
+"""ModelOpt's per-algorithm config classes (``MaxCalibConfig``, ``SmoothQuantCalibConfig``, ...).
+
+Each is a validated pydantic model usable wherever an ``algorithm`` is accepted (``mtq.calibrate``,
+a config's ``"algorithm"``). Only the fields a user sets are passed on to the algorithm, under
+quant's option names; a field the algorithm here does not implement is refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class QuantizeAlgorithmConfig(BaseModel):
+    """Base of the algorithm configs; ``method=None`` means no calibration."""
+
+    model_config = ConfigDict(extra="forbid")
+    _renames: ClassVar[dict[str, str]] = {}
+
+    method: None = None
+
+    def to_spec(self) -> dict[str, Any] | None:
+        """The ``{"method": name, **options}`` dict this config stands for (None for no calibration)."""
+        if self.method is None:
+            return None
+        options = self.model_dump(exclude_unset=True, exclude={"method"})
+        return {"method": self.method, **{self._renames.get(k, k): v for k, v in options.items()}}
+
+
+class MaxCalibConfig(QuantizeAlgorithmConfig):
+    """Max calibration: amax is the running maximum of |x|."""
+
+    method: Literal["max"] = "max"
+    distributed_sync: bool | None = True
+
+
+class MseCalibConfig(QuantizeAlgorithmConfig):
+    """Weight amax searched for the least quantization MSE."""
+
+    method: Literal["mse"] = "mse"
+    step_size: float | None = None
+    start_multiplier: float | None = None
+    stop_multiplier: float | None = None
+    distributed_sync: bool | None = True
+
+
+class SmoothQuantCalibConfig(QuantizeAlgorithmConfig):
+    """SmoothQuant: migrate activation outliers into the weights (``alpha`` = migration strength)."""
+
+    method: Literal["smoothquant"] = "smoothquant"
+    alpha: float | None = None
+
+
+class AWQLiteCalibConfig(QuantizeAlgorithmConfig):
+    """AWQ-lite: per-channel activation-aware scale search in steps of ``alpha_step``."""
+
+    method: Literal["awq_lite"] = "awq_lite"
+    alpha_step: float | None = 0.1
+    debug: bool | None = None
+
+
+class AWQClipCalibConfig(QuantizeAlgorithmConfig):
+    """AWQ-clip: per-block clipping-ratio search from 1 down to ``min_clip_ratio``."""
+
+    method: Literal["awq_clip"] = "awq_clip"
+    max_co_batch_size: int | None = None
+    max_tokens_per_batch: int | None = None
+    min_clip_ratio: float | None = 0.5
+    shrink_step: float | None = 0.05
+    debug: bool | None = None
+
+
+class AWQFullCalibConfig(AWQLiteCalibConfig, AWQClipCalibConfig):
+    """AWQ-full: AWQ-lite scale search followed by AWQ-clip (the fields of both)."""
+
+    method: Literal["awq_full"] = "awq_full"
+
+
+class SVDQuantConfig(QuantizeAlgorithmConfig):
+    """SVDQuant: a rank-``lowrank`` high-precision branch beside each quantized weight."""
+
+    method: Literal["svdquant"] = "svdquant"
+    lowrank: int | None = 32
+    skip_layers: list[str] | None = None
+
+
+class GPTQCalibConfig(QuantizeAlgorithmConfig):
+    """GPTQ: error-compensating weight rounding with the inverse Hessian (``perc_damp`` dampening)."""
+
+    method: Literal["gptq"] = "gptq"
+    _renames: ClassVar[dict[str, str]] = {"perc_damp": "percdamp"}
+    perc_damp: float | None = 0.01
+    block_size: int | None = 128
+    fused: bool = False
+
+
+def algorithm_spec(spec: Any) -> Any:
+    """A config object as its ``{"method", ...}`` dict; anything else unchanged."""
+    return spec.to_spec() if isinstance(spec, QuantizeAlgorithmConfig) else spec
+
+
+__all__ = [
+    "AWQClipCalibConfig",
+    "AWQFullCalibConfig",
+    "AWQLiteCalibConfig",
+    "GPTQCalibConfig",
+    "MaxCalibConfig",
+    "MseCalibConfig",
+    "QuantizeAlgorithmConfig",
+    "SVDQuantConfig",
+    "SmoothQuantCalibConfig",
+    "algorithm_spec",
+]
