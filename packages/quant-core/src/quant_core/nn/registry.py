@@ -77,5 +77,13 @@ class _Registry:
         """Every original class with a mapping."""
         return list({**self._library, **self._user})
 
+    def original_of(self, quantized_cls: type) -> type | None:
+        """The original class a quantized class was registered for (user mappings first)."""
+        for table in (self._user, self._library):
+            for original, (_key, qcls) in table.items():
+                if qcls is quantized_cls:
+                    return original
+        return None
+
 
 QuantModuleRegistry = _Registry()
