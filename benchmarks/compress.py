@@ -102,8 +102,9 @@ def main() -> None:
     """Measure each format and print the markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="INT4_BLOCK128,INT8,FP8,NVFP4")
-    parser.add_argument("--windows", type=int, default=2, help="evaluation windows of 1024 tokens")
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=2, help="evaluation windows")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
+    parser.add_argument("--reps", type=int, default=1)
     parser.add_argument(
         "--kernels-only", action="store_true", help="only the per-layer kernel table"
     )
@@ -117,7 +118,7 @@ def main() -> None:
     text = (DATA / "austen_prideprejudice.txt").read_text("utf-8")
 
     def ppl(model) -> float:
-        return perplexity(model, tokenizer, text, seq_len=1024, num_windows=args.windows)
+        return perplexity(model, tokenizer, text, seq_len=args.seq_len, num_windows=args.windows)
 
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -151,7 +152,7 @@ def main() -> None:
 
     base_decode, base_prefill = rows[0][4], rows[0][5]
     print(
-        f"\nSmolLM2-135M, {args.windows}x1023 tokens of Pride and Prejudice; loadavg {os.getloadavg()}"
+        f"\nSmolLM2-135M, {args.windows}x{args.seq_len - 1} tokens of Pride and Prejudice; loadavg {os.getloadavg()}"
     )
     print(
         "| model (backend) | weight bytes vs fp32 | ppl fake-quant | ppl compressed | Δ | decode tok/s (vs fp32) | prefill tok/s (vs fp32) |"
