@@ -28,7 +28,7 @@ class Backend:
         """Whether this backend can hold ``weight`` (shape [out, in]) in format ``fmt``."""
         return True
 
-    def pack(self, qt: qk.QuantizedTensor) -> dict[str, torch.Tensor]:
+    def pack(self, qt: qk.QuantizedTensor, meta: CodesMeta) -> dict[str, torch.Tensor]:
         """Buffers (name -> tensor) this backend keeps for the weight."""
         raise NotImplementedError
 
@@ -46,6 +46,13 @@ class CodesMeta:
     template: qk.QuantizedTensor  # plan, dtype; its tensors are placeholders (shape only)
     shape: tuple[int, ...]
     input_amax: torch.Tensor | None = None  # static per-tensor E4M3 activation amax, if any
+    block: int | None = None  # weight block size along the input axis
+
+    @property
+    def padded_in(self) -> int:
+        """Input features rounded up to whole blocks (a partial last block is zero-padded)."""
+        k = self.shape[1]
+        return k if self.block is None else -(-k // self.block) * self.block
 
 
 def _unpack(codes: torch.Tensor, element: qk.ElementFormat, shape: tuple[int, ...]) -> torch.Tensor:
@@ -69,7 +76,7 @@ class DequantBackend(Backend):
 
     name = "dequant"
 
-    def pack(self, qt: qk.QuantizedTensor) -> dict[str, torch.Tensor]:
+    def pack(self, qt: qk.QuantizedTensor, meta: CodesMeta) -> dict[str, torch.Tensor]:
         out = {"codes": qt.packed_codes(), "scale": qt.scale}
         if qt.global_scale is not None:
             out["global_scale"] = qt.global_scale.reshape(())
@@ -85,7 +92,8 @@ class Int4CpuBackend(Backend):
     """Signed INT4 blocks along the input axis on CPU: ``aten._weight_int4pack_mm_for_cpu``.
 
     The kernel computes ``(q - 8) * scale + zero`` per group; symmetric codes ``c`` map exactly to
-    ``q = c + 8`` with ``zero = 0``. Activations: float32, bfloat16, float16.
+    ``q = c + 8`` with ``zero = 0``. Activations: float32, bfloat16, float16. A partial last block
+    (SmolLM2's 576 inputs in blocks of 128) is padded with code 0 and zero activations: exact.
     """
 
     name = "int4pack_cpu"
@@ -93,29 +101,29 @@ class Int4CpuBackend(Backend):
     _convert = staticmethod(lambda q: torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
 
     def supports(self, fmt: WeightFormat, weight: torch.Tensor, meta: CodesMeta) -> bool:
-        n, k = weight.shape
+        n = weight.shape[0]
         return (
             fmt.scale_bits is None
             and not fmt.element.unsigned
             and fmt.block in (32, 64, 128, 256)
-            and k % fmt.block == 0
             and n % 8 == 0
         )
 
-    def pack(self, qt: qk.QuantizedTensor) -> dict[str, torch.Tensor]:
-        n = qt.codes.shape[0]
-        q = (qt.codes.to(torch.int32) + 8).contiguous()
+    def pack(self, qt: qk.QuantizedTensor, meta: CodesMeta) -> dict[str, torch.Tensor]:
+        n, k = qt.codes.shape
         scale = qt.scale.reshape(n, -1).float().t()  # [groups, n]
+        q = F.pad(qt.codes.to(torch.int32), (0, meta.padded_in - k)) + 8
         sz = torch.stack((scale, torch.zeros_like(scale)), dim=-1).contiguous()
-        return {"codes": self._convert(q), "scale": sz}
+        return {"codes": self._convert(q.contiguous()), "scale": sz}
 
     def matmul(
         self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
     ) -> torch.Tensor:
-        k = meta.shape[1]
-        group = k // buffers["scale"].shape[0]
+        k, kp = meta.shape[1], meta.padded_in
         x2 = x.reshape(-1, k)
-        y = self._mm(x2.contiguous(), buffers["codes"], group, buffers["scale"].to(x.dtype))
+        if kp != k:
+            x2 = F.pad(x2, (0, kp - k))
+        y = self._mm(x2.contiguous(), buffers["codes"], meta.block, buffers["scale"].to(x.dtype))
         return y.reshape(*x.shape[:-1], -1)
 
 
@@ -137,23 +145,29 @@ class Int4CudaBackend(Int4CpuBackend):
         return y.to(x.dtype)
 
 
-class Int8CpuBackend(Backend):
-    """Per-output-channel INT8 weights on CPU: ``torch._weight_int8pack_mm``."""
+class Int8CpuBackend(DequantBackend):
+    """Per-output-channel INT8 weights on CPU: ``torch._weight_int8pack_mm`` for up to ``MAX_ROWS`` rows.
+
+    Measured (benchmarks/compress.py, 1536x576 layer): faster than dequantize-then-matmul at one
+    token, many times slower at 2048, so larger inputs dequantize.
+    """
 
     name = "int8pack_cpu"
+    MAX_ROWS = 16
 
     def supports(self, fmt: WeightFormat, weight: torch.Tensor, meta: CodesMeta) -> bool:
         return not fmt.element.unsigned and fmt.axis == 0 and fmt.scale_bits is None
-
-    def pack(self, qt: qk.QuantizedTensor) -> dict[str, torch.Tensor]:
-        return {"codes": qt.codes.contiguous(), "scale": qt.scale.reshape(-1).float()}
 
     def matmul(
         self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
     ) -> torch.Tensor:
         k = meta.shape[1]
+        if x.numel() // k > self.MAX_ROWS:
+            return super().matmul(x, buffers, meta)
         y = torch._weight_int8pack_mm(
-            x.reshape(-1, k).contiguous(), buffers["codes"], buffers["scale"].to(x.dtype)
+            x.reshape(-1, k).contiguous(),
+            buffers["codes"],
+            buffers["scale"].reshape(-1).to(x.dtype),
         )
         return y.reshape(*x.shape[:-1], -1)
 

@@ -64,12 +64,12 @@ class CompressedLinear(nn.Module):
         qt = weight_codes(wq, weight)
         template = qk.QuantizedTensor(qt.codes[:0], qt.scale[:0], None, qt.plan, qt.dtype)
         self.meta = CodesMeta(
-            template, tuple(weight.shape), _static_input_amax(source.input_quantizer)
+            template, tuple(weight.shape), _static_input_amax(source.input_quantizer), fmt.block
         )
         self.backend: Backend = select_backend(fmt, weight, self.meta)
         self.format_key = fmt.key
         self.in_features, self.out_features = source.in_features, source.out_features
-        for key, value in self.backend.pack(qt).items():
+        for key, value in self.backend.pack(qt, self.meta).items():
             self.register_buffer(key, value.contiguous())
         self.bias = source.bias
         self.input_quantizer = source.input_quantizer
