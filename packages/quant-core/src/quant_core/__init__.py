@@ -2,6 +2,7 @@
 
 from quant_core import algorithms, calib, config, model_calib, nn, opt, tensor_quant, utils
 from quant_core._version import __version__
+from quant_core.compress import compress
 from quant_core.config import *  # noqa: F403  the built-in *_CFG dicts
 from quant_core.config import QuantizeConfig, QuantizerAttributeConfig, choices
 from quant_core.config.algorithm_configs import *  # noqa: F403  ModelOpt's algorithm config classes
@@ -52,6 +53,7 @@ __all__ = [
     "calib",
     "calibrate",
     "choices",
+    "compress",
     "config",
     "disable_quantizer",
     "enable_quantizer",

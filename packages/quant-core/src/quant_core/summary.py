@@ -46,7 +46,16 @@ def quant_summary(model: nn.Module) -> str:
     )
     note = f", {switched} switched to per-token dynamic by calibration" if switched else ""
     lines.append(f"{len(rows) - 1} quantizers, {enabled} enabled{note}")
-    return "\n".join(lines)
+    return "\n".join(lines + _compressed_lines(model))
+
+
+def _compressed_lines(model: nn.Module) -> list[str]:
+    """One line per compressed linear: its weight format and matmul backend."""
+    from quant_core.compress import CompressedLinear
+
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
+    lines = [f"{n}.weight  compressed {m.format_key}  backend {m.backend.name}" for n, m in found]
+    return lines + ([f"{len(found)} compressed linears"] if found else [])
 
 
 def print_quant_summary(model: nn.Module) -> None:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 from quant_export._version import __version__
 from quant_export.hf_formats import KV_QUANTIZERS, LayerExport, export_kv_scales, export_linear
-from quant_export.quantizers import UnsupportedFormatError
+from quant_export.quantizers import UnsupportedFormatError, refuse_compressed
 from quant_export.shared_inputs import share_nvfp4_global_amax, shared_input_groups
 
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -331,6 +331,7 @@ def export_hf_checkpoint(
     fused engine kernels need. Raises UnsupportedFormatError, naming the layer and quantizer, for
     any active quantizer without a checkpoint form. Returns the directory.
     """
+    refuse_compressed(model)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES.values())}, got {dtype}")
     if max_shard_size <= 0:

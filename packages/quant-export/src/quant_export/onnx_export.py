@@ -25,7 +25,7 @@ from torch import nn
 
 from quant_export.cleanup import clean
 from quant_export.lowering import TRT_DOMAIN, Lowering
-from quant_export.quantizers import MARKER_DOMAIN, marked_quantizers
+from quant_export.quantizers import MARKER_DOMAIN, marked_quantizers, refuse_compressed
 
 TRACE_OPSET = 20
 _EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf's 2 GiB limit, with room for the graph
@@ -158,6 +158,7 @@ def export_onnx(
     ``target`` is ``"onnxruntime"`` (standard ops only) or ``"tensorrt"`` (also TensorRT's FP4/MXFP8
     custom ops). Returns the written path.
     """
+    refuse_compressed(model)
     path = check_writable(path)
     args = _as_tuple(sample_inputs)
     flat = _flat_inputs(args)

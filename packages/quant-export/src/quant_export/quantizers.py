@@ -103,6 +103,19 @@ def spec_of(name: str, quantizer: TensorQuantizer) -> QuantizerSpec:
     )
 
 
+def refuse_compressed(model: nn.Module) -> None:
+    """Raise UnsupportedFormatError if ``model`` holds `mtq.compress`-ed layers (export reads fake-quant weights)."""
+    from quant_core.compress import CompressedLinear
+
+    names = [n for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
+    if names:
+        raise UnsupportedFormatError(
+            f"layer {names[0]} (and {len(names) - 1} more) was compressed with mtq.compress; export "
+            "reads fake-quant layers: export before mtq.compress, or restore the quantized model "
+            "(mtq.restore) and export that"
+        )
+
+
 def active_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
     """Quantizers that change their input (enabled, or carrying a pre-quant scale), by module name."""
     found = []

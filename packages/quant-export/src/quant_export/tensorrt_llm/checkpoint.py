@@ -26,7 +26,7 @@ from tqdm import tqdm
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 from quant_export.hf_checkpoint import DTYPES, check_export_dir, write_atomically
 from quant_export.hf_formats import KV_QUANTIZERS, export_kv_scales
-from quant_export.quantizers import UnsupportedFormatError
+from quant_export.quantizers import UnsupportedFormatError, refuse_compressed
 from quant_export.tensorrt_llm import smoothquant_plugin as smoothquant_plugin_layout
 from quant_export.tensorrt_llm.config import check_parallel, pretrained_config
 from quant_export.tensorrt_llm.experts import export_experts, split_experts
@@ -305,6 +305,7 @@ def export_tensorrt_llm_checkpoint(
     ``p * tp + t``). Raises ValueError (architecture, parallel sizes) or UnsupportedFormatError (a format
     TensorRT-LLM cannot hold) before anything is written. Returns the directory.
     """
+    refuse_compressed(model)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES.values())}, got {dtype}")
     hf = getattr(model, "config", None)

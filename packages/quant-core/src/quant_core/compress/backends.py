@@ -1,0 +1,219 @@
+"""Matmul backends for compressed linears, chosen by weight format and device from one registry.
+
+A backend turns a layer's `QuantizedTensor` into the buffers it keeps (``pack``) and computes
+``x @ W.T`` from them (``matmul``). `select_backend` looks up ``(format key, device type)``; every
+pair without an entry dequantizes on the fly (`DequantBackend`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+import quant_kernels as qk
+from quant_core.compress.formats import WeightFormat
+
+__all__ = ["BACKENDS", "Backend", "DequantBackend", "register_backend", "select_backend"]
+
+
+class Backend:
+    """Stores a quantized weight in its kernel's layout and multiplies activations by it."""
+
+    name: ClassVar[str] = "base"
+
+    def supports(self, fmt: WeightFormat, weight: torch.Tensor, meta: CodesMeta) -> bool:
+        """Whether this backend can hold ``weight`` (shape [out, in]) in format ``fmt``."""
+        return True
+
+    def pack(self, qt: qk.QuantizedTensor, meta: CodesMeta) -> dict[str, torch.Tensor]:
+        """Buffers (name -> tensor) this backend keeps for the weight."""
+        raise NotImplementedError
+
+    def matmul(
+        self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
+    ) -> torch.Tensor:
+        """``x @ W.T`` in x's dtype (bias not added)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CodesMeta:
+    """What dequantization needs besides the buffers: the codes' plan, shape and dtype."""
+
+    template: qk.QuantizedTensor  # plan, dtype; its tensors are placeholders (shape only)
+    shape: tuple[int, ...]
+    input_amax: torch.Tensor | None = None  # static per-tensor E4M3 activation amax, if any
+    block: int | None = None  # weight block size along the input axis
+
+    @property
+    def padded_in(self) -> int:
+        """Input features rounded up to whole blocks (a partial last block is zero-padded)."""
+        k = self.shape[1]
+        return k if self.block is None else -(-k // self.block) * self.block
+
+
+def _unpack(codes: torch.Tensor, element: qk.ElementFormat, shape: tuple[int, ...]) -> torch.Tensor:
+    if element.is_int and element.bits == 4:
+        return qk.unpack_int4(codes, signed=not element.unsigned).reshape(shape)
+    if element.name == "e2m1":
+        return qk.unpack_fp4(codes).reshape(shape)
+    return codes
+
+
+def dequantize(buffers: dict[str, torch.Tensor], meta: CodesMeta) -> torch.Tensor:
+    """The weight from packed codes and scales through quant-kernels' `dequantize_codes`."""
+    t = meta.template
+    codes = _unpack(buffers["codes"], t.element, meta.shape)
+    qt = replace(t, codes=codes, scale=buffers["scale"], global_scale=buffers.get("global_scale"))
+    return qk.dequantize_codes(qt)
+
+
+class DequantBackend(Backend):
+    """Any format, any device: dequantize the packed weight, then ``F.linear``."""
+
+    name = "dequant"
+
+    def pack(self, qt: qk.QuantizedTensor, meta: CodesMeta) -> dict[str, torch.Tensor]:
+        out = {"codes": qt.packed_codes(), "scale": qt.scale}
+        if qt.global_scale is not None:
+            out["global_scale"] = qt.global_scale.reshape(())
+        return out
+
+    def matmul(
+        self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
+    ) -> torch.Tensor:
+        return F.linear(x, dequantize(buffers, meta).to(x.dtype))
+
+
+class Int4CpuBackend(Backend):
+    """Signed INT4 blocks along the input axis on CPU: ``aten._weight_int4pack_mm_for_cpu``.
+
+    The kernel computes ``(q - 8) * scale + zero`` per group; symmetric codes ``c`` map exactly to
+    ``q = c + 8`` with ``zero = 0``. Activations: float32, bfloat16, float16. A partial last block
+    (SmolLM2's 576 inputs in blocks of 128) is padded with code 0 and zero activations: exact.
+    """
+
+    name = "int4pack_cpu"
+    _mm = staticmethod(lambda *a: torch.ops.aten._weight_int4pack_mm_for_cpu(*a))
+    _convert = staticmethod(lambda q: torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+
+    def supports(self, fmt: WeightFormat, weight: torch.Tensor, meta: CodesMeta) -> bool:
+        n = weight.shape[0]
+        return (
+            fmt.scale_bits is None
+            and not fmt.element.unsigned
+            and fmt.block in (32, 64, 128, 256)
+            and n % 8 == 0
+        )
+
+    def pack(self, qt: qk.QuantizedTensor, meta: CodesMeta) -> dict[str, torch.Tensor]:
+        n, k = qt.codes.shape
+        scale = qt.scale.reshape(n, -1).float().t()  # [groups, n]
+        q = F.pad(qt.codes.to(torch.int32), (0, meta.padded_in - k)) + 8
+        sz = torch.stack((scale, torch.zeros_like(scale)), dim=-1).contiguous()
+        return {"codes": self._convert(q.contiguous()), "scale": sz}
+
+    def matmul(
+        self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
+    ) -> torch.Tensor:
+        k, kp = meta.shape[1], meta.padded_in
+        x2 = x.reshape(-1, k)
+        if kp != k:
+            x2 = F.pad(x2, (0, kp - k))
+        y = self._mm(x2.contiguous(), buffers["codes"], meta.block, buffers["scale"].to(x.dtype))
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class Int4CudaBackend(Int4CpuBackend):
+    """Signed INT4 blocks on CUDA: ``aten._weight_int4pack_mm`` (bfloat16 activations)."""
+
+    name = "int4pack_cuda"
+    _mm = staticmethod(lambda *a: torch.ops.aten._weight_int4pack_mm(*a))
+
+    @staticmethod
+    def _convert(q: torch.Tensor) -> torch.Tensor:
+        packed = (q[:, 1::2] | (q[:, 0::2] << 4)).to(torch.uint8)  # high nibble first (CUDA layout)
+        return torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+
+    def matmul(
+        self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
+    ) -> torch.Tensor:
+        y = super().matmul(x.to(torch.bfloat16), buffers, meta)
+        return y.to(x.dtype)
+
+
+class Int8CpuBackend(DequantBackend):
+    """Per-output-channel INT8 weights on CPU: ``torch._weight_int8pack_mm`` for up to ``MAX_ROWS`` rows.
+
+    Measured (benchmarks/compress.py, 1536x576 layer): faster than dequantize-then-matmul at one
+    token, many times slower at 2048, so larger inputs dequantize.
+    """
+
+    name = "int8pack_cpu"
+    MAX_ROWS = 16
+
+    def supports(self, fmt: WeightFormat, weight: torch.Tensor, meta: CodesMeta) -> bool:
+        return not fmt.element.unsigned and fmt.axis == 0 and fmt.scale_bits is None
+
+    def matmul(
+        self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
+    ) -> torch.Tensor:
+        k = meta.shape[1]
+        if x.numel() // k > self.MAX_ROWS:
+            return super().matmul(x, buffers, meta)
+        y = torch._weight_int8pack_mm(
+            x.reshape(-1, k).contiguous(),
+            buffers["codes"],
+            buffers["scale"].reshape(-1).to(x.dtype),
+        )
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class Fp8CudaBackend(DequantBackend):
+    """Per-tensor FP8 E4M3 weights on CUDA: ``torch._scaled_mm`` with unit activation scale."""
+
+    name = "scaled_mm_cuda"
+
+    def supports(self, fmt: WeightFormat, weight: torch.Tensor, meta: CodesMeta) -> bool:
+        return meta.input_amax is not None  # activations already on the per-tensor E4M3 grid
+
+    def matmul(
+        self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
+    ) -> torch.Tensor:
+        k = meta.shape[1]
+        x2 = x.reshape(-1, k)
+        xs = meta.input_amax.to(x.device).float().reshape(()) / 448.0
+        xq = (x2.float() / xs).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(
+            xq,
+            buffers["codes"].t(),
+            scale_a=xs,
+            scale_b=buffers["scale"].float().reshape(()),
+            out_dtype=torch.bfloat16,
+        )
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+BACKENDS: dict[tuple[str, str], Backend] = {}
+
+
+def register_backend(format_key: str, device_type: str, backend: Backend) -> None:
+    """Use ``backend`` for weights of ``format_key`` (e.g. ``"int4/block"``) on ``device_type``."""
+    BACKENDS[(format_key, device_type)] = backend
+
+
+def select_backend(fmt: WeightFormat, weight: torch.Tensor, meta: CodesMeta) -> Backend:
+    """The registered backend for ``fmt`` on ``weight``'s device, or `DequantBackend`."""
+    backend = BACKENDS.get((fmt.key, weight.device.type))
+    if backend is not None and backend.supports(fmt, weight, meta):
+        return backend
+    return DequantBackend()
+
+
+register_backend("int4/block", "cpu", Int4CpuBackend())
+register_backend("int4/block", "cuda", Int4CudaBackend())
+register_backend("int8/channel", "cpu", Int8CpuBackend())
+register_backend("e4m3/tensor", "cuda", Fp8CudaBackend())

@@ -1,0 +1,142 @@
+"""`CompressedLinear` and `compress`: quantized linears that keep packed codes and scales."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import quant_kernels as qk
+from quant_core.compress.backends import Backend, CodesMeta, select_backend
+from quant_core.compress.formats import weight_format
+from quant_core.nn import TensorQuantizer
+from quant_core.nn.modules import QuantLinear
+
+__all__ = ["CompressedLinear", "compress", "weight_codes"]
+
+
+def weight_codes(quantizer: TensorQuantizer, weight: torch.Tensor) -> qk.QuantizedTensor:
+    """Codes and scales of ``weight`` exactly as ``quantizer`` fake-quantizes it.
+
+    Static: the calibrated amax. Dynamic block formats (NVFP4, MX): block amaxes from the weight
+    itself, NVFP4's global amax from the calibrated amax when present, else the weight's.
+    """
+    amax = quantizer.amax
+    amax = None if amax is None else amax.detach().to(weight.device)
+    global_amax = None
+    if quantizer.scale_bits == (4, 3):
+        if quantizer.is_dynamic:
+            global_amax = amax if amax is not None else weight.abs().amax().float()
+        else:
+            global_amax = amax.max()
+    return qk.quantize_to_codes(
+        weight,
+        num_bits=quantizer.num_bits,
+        amax=None if quantizer.is_dynamic else amax,
+        block_sizes=quantizer._block_axes,
+        scale_bits=quantizer.scale_bits,
+        global_amax=global_amax,
+        unsigned=quantizer.unsigned,
+        narrow_range=quantizer.narrow_range,
+    )
+
+
+def _static_input_amax(quantizer: TensorQuantizer) -> torch.Tensor | None:
+    """The per-tensor amax of a static E4M3 activation quantizer (else None)."""
+    on = quantizer.is_enabled and not quantizer.is_dynamic and quantizer.amax is not None
+    if on and quantizer.num_bits == (4, 3) and not quantizer.block_sizes and quantizer.axis is None:
+        return quantizer.amax.detach().reshape(())
+    return None
+
+
+class CompressedLinear(nn.Module):
+    """A linear layer whose weight is stored as packed codes + scales in its backend's layout.
+
+    The input and output quantizers of the source `QuantLinear` are kept and still run.
+    """
+
+    def __init__(self, source: QuantLinear):
+        super().__init__()
+        wq = source.weight_quantizer
+        fmt = weight_format(wq)
+        weight = source.weight.detach()
+        qt = weight_codes(wq, weight)
+        template = qk.QuantizedTensor(qt.codes[:0], qt.scale[:0], None, qt.plan, qt.dtype)
+        self.meta = CodesMeta(
+            template, tuple(weight.shape), _static_input_amax(source.input_quantizer), fmt.block
+        )
+        self.backend: Backend = select_backend(fmt, weight, self.meta)
+        self.format_key = fmt.key
+        self.in_features, self.out_features = source.in_features, source.out_features
+        for key, value in self.backend.pack(qt, self.meta).items():
+            self.register_buffer(key, value.contiguous())
+        self.bias = source.bias
+        self.input_quantizer = source.input_quantizer
+        self.output_quantizer = source.output_quantizer
+
+    def _packed(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_buffers(recurse=False))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Quantize the input as before, multiply by the compressed weight, add the bias."""
+        x = self.input_quantizer(input)
+        y = self.backend.matmul(x, self._packed(), self.meta)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return self.output_quantizer(y)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"format={self.format_key}, backend={self.backend.name}"
+        )
+
+
+def _check(name: str, module: QuantLinear) -> None:
+    wq = module.weight_quantizer
+    if not isinstance(wq, TensorQuantizer):
+        raise ValueError(
+            f"layer {name}: compress supports a single weight quantizer, got {type(wq).__name__}"
+        )
+    if wq.is_dynamic and not wq._block_axes:
+        raise ValueError(
+            f"layer {name}: dynamic per-tensor/per-channel weight quantizer; compress needs a calibrated "
+            "static weight format or a block format (INT8_DEFAULT_CFG, INT4_BLOCKWISE_WEIGHT_ONLY_CFG, "
+            "NVFP4_DEFAULT_CFG, MXFP8_DEFAULT_CFG, ...)"
+        )
+    if not wq.is_dynamic and wq.amax is None:
+        raise ValueError(
+            f"layer {name}: weight quantizer is not calibrated; run mtq.calibrate/quantize with a forward_loop first"
+        )
+    if wq.pre_quant_scale is not None:
+        raise ValueError(
+            f"layer {name}: weight pre_quant_scale is not supported by compress; quantize without weight smoothing to compress"
+        )
+
+
+def compress(model: nn.Module, config: dict[str, Any] | None = None) -> nn.Module:
+    """Replace every calibrated quantized linear with an enabled weight quantizer by a `CompressedLinear`.
+
+    ``config`` (ModelOpt's signature) is accepted and must be None: every eligible layer is
+    compressed. Refuses (ValueError naming the layer) uncalibrated or dynamic weight quantizers.
+    Returns ``model``, changed in place.
+    """
+    if config is not None:
+        raise ValueError(
+            f"compress config={config!r} is not supported yet; pass None to compress every quantized linear"
+        )
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear) and m.weight_quantizer.is_enabled
+    ]
+    for name, m in targets:
+        _check(name, m)
+    modules = dict(model.named_modules())
+    for name, m in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        with torch.no_grad():
+            setattr(parent, attr, CompressedLinear(m))
+    return model

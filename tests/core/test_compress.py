@@ -1,0 +1,136 @@
+"""mtq.compress: packed codes + scales whose forward equals the fake-quant forward (float64 reference)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quant_core as mtq
+from quant_core.compress import CompressedLinear
+
+# (config, expected backend on CPU, relative tolerance of |y - ref| against (|x| @ |W|^T))
+# Float32 accumulation over K=320 inputs: error <= K * 2**-24 * (|x| @ |W|^T) ~ 1.9e-5; 2e-5 bounds it.
+# K=320 is 2.5 blocks of 128: INT4's partial last block is padded for the int4pack kernel.
+FORMATS = {
+    "INT8": ("INT8_DEFAULT_CFG", "int8pack_cpu", 2e-5),
+    "INT4_BLOCK": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4pack_cpu", 2e-5),
+    "FP8": ("FP8_DEFAULT_CFG", "dequant", 2e-5),
+    "NVFP4": ("NVFP4_DEFAULT_CFG", "dequant", 2e-5),
+    "MXFP8": ("MXFP8_DEFAULT_CFG", "dequant", 2e-5),
+    "MXFP4": ("MXFP4_DEFAULT_CFG", "dequant", 2e-5),
+}
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(320, 64), nn.GELU(), nn.Linear(64, 32))
+
+
+def _quantized(cfg_name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    model = _model(seed)
+    x = torch.randn(4, 7, 320)
+    mtq.quantize(model, getattr(mtq, cfg_name), forward_loop=lambda m: m(x))
+    return model, x
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_compressed_forward_matches_float64_fake_quant(fmt: str) -> None:
+    cfg, backend, rtol = FORMATS[fmt]
+    model, x = _quantized(cfg)
+    first = model[0]
+    with torch.no_grad():
+        xq = first.input_quantizer(x)
+        wq = first.weight_quantizer(first.weight)
+        ref = F.linear(xq.double(), wq.double(), first.bias.double())
+        bound = xq.double().abs() @ wq.double().abs().t()
+        fake_out = model(x)
+    mtq.compress(model)
+    layer = model[0]
+    assert isinstance(layer, CompressedLinear) and layer.backend.name == backend
+    assert not any(isinstance(p, nn.Parameter) and p.dim() == 2 for p in layer.parameters())
+    with torch.no_grad():
+        y = layer(x)
+        out = model(x)
+    assert (y.double() - ref).abs().le(rtol * bound + 1e-6).all()
+    with torch.no_grad():  # two rows: INT8's int8pack kernel path (larger inputs dequantize)
+        y_small = layer(x[0, :2])
+    assert (y_small.double() - ref[0, :2]).abs().le(rtol * bound[0, :2] + 1e-6).all()
+    torch.testing.assert_close(out, fake_out, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_bf16_activations_match_fake_quant() -> None:
+    model, x = _quantized("INT4_BLOCKWISE_WEIGHT_ONLY_CFG")
+    wq = model[0].weight_quantizer(model[0].weight).detach()
+    ref = F.linear(x.bfloat16().double(), wq.double(), model[0].bias.double())
+    mtq.compress(model)
+    y = model[0].to(torch.bfloat16)(x.bfloat16())
+    # bf16 output rounding (2**-8 relative) on top of the bf16 scales' rounding
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_resident_bytes_shrink() -> None:
+    model, _ = _quantized("INT4_BLOCKWISE_WEIGHT_ONLY_CFG")
+    mtq.compress(model)
+    packed = sum(b.numel() * b.element_size() for b in model[0].buffers(recurse=False))
+    # 64 rows of 320 inputs padded to 3 blocks of 128: 4-bit codes, one fp32 (scale, zero) per block
+    assert packed == 64 * 384 // 2 + 64 * 3 * 2 * 4  # 0.17x the 81,920 fp32 bytes
+
+
+def test_refuses_uncalibrated_and_dynamic_weights() -> None:
+    model, _ = _quantized("INT8_DEFAULT_CFG")
+    model[0].weight_quantizer.reset_amax()
+    with pytest.raises(ValueError, match=r"layer 0: weight quantizer is not calibrated"):
+        mtq.compress(model)
+    model = _model()
+    cfg = {
+        "quant_cfg": {"*weight_quantizer": {"num_bits": 8, "axis": 0, "type": "dynamic"}},
+        "algorithm": "max",
+    }
+    mtq.quantize(model, cfg, forward_loop=lambda m: m(torch.randn(2, 320)))
+    with pytest.raises(ValueError, match=r"layer 0: dynamic per-tensor/per-channel weight"):
+        mtq.compress(model)
+
+
+@pytest.mark.parametrize("fmt", ["INT4_BLOCK", "NVFP4"])
+def test_state_dict_round_trip(fmt: str) -> None:
+    """A compressed model's state_dict restores into another compressed model of the same shape."""
+    cfg = FORMATS[fmt][0]
+    source, x = _quantized(cfg, seed=0)
+    mtq.compress(source)
+    buf = io.BytesIO()
+    torch.save(source.state_dict(), buf)
+    target, _ = _quantized(cfg, seed=1)
+    mtq.compress(target)
+    with torch.no_grad():
+        assert not torch.equal(target(x), source(x))
+        target.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_summary_shows_backend() -> None:
+    model, _ = _quantized("INT4_BLOCKWISE_WEIGHT_ONLY_CFG")
+    mtq.compress(model)
+    text = mtq.quant_summary(model)
+    assert "int4pack_cpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "fmt,backend", [("FP8", "scaled_mm_cuda"), ("INT4_BLOCK", "int4pack_cuda")]
+)
+def test_cuda_backends_match_fake_quant(fmt: str, backend: str) -> None:
+    cfg = FORMATS[fmt][0]
+    model, x = _quantized(cfg)
+    model, x = model.cuda(), x.cuda()
+    with torch.no_grad():
+        fake = model(x)
+    mtq.compress(model)
+    assert model[0].backend.name == backend
+    with torch.no_grad():
+        out = model(x)
+    # bf16 kernel output: 2**-8 relative rounding
+    torch.testing.assert_close(out.float(), fake, rtol=2e-2, atol=2e-2 * fake.abs().max().item())

@@ -1,0 +1,32 @@
+"""Export refuses models compressed by mtq.compress, naming the layer and what to do instead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import quant_core as mtq
+from quant_export import UnsupportedFormatError, export_hf_checkpoint, export_onnx
+from quant_export.tensorrt_llm import export_tensorrt_llm_checkpoint
+
+
+def _compressed() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    x = torch.randn(2, 64)
+    mtq.quantize(model, mtq.INT8_DEFAULT_CFG, forward_loop=lambda m: m(x))
+    return mtq.compress(model), x
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "hf", "trtllm"])
+def test_export_refuses_compressed_model(exporter: str, tmp_path) -> None:
+    model, x = _compressed()
+    calls = {
+        "onnx": lambda: export_onnx(model, x, tmp_path / "m.onnx"),
+        "hf": lambda: export_hf_checkpoint(model, tmp_path / "hf"),
+        "trtllm": lambda: export_tensorrt_llm_checkpoint(model, tmp_path / "trt"),
+    }
+    with pytest.raises(UnsupportedFormatError, match=r"layer 0 .*export before mtq.compress"):
+        calls[exporter]()
+    assert not any(tmp_path.iterdir())
