@@ -140,8 +140,11 @@ def register() -> None:
     register_transformers_classes(_imported_modeling_modules())
     _register_parallel_layers()
     register_model_hook(prepare_model)
-<<<<<<< HEAD
     register_feature("plugins.huggingface", huggingface_names)
+    from quant_llm import auto_quantize as aq
+
+    for name in ("auto_quantize", "get_auto_quantize_config", "plot_sensitivity"):
+        register_feature(name, getattr(aq, name))
 
 
 def huggingface_names() -> dict[str, object]:
@@ -161,10 +164,3 @@ def huggingface_names() -> dict[str, object]:
         "quant_attention_class": quant_attention_class,
         "quant_experts_class": quant_experts_class,
     }
-=======
-    from quant_core.plugins import register_feature
-    from quant_llm import auto_quantize as aq
-
-    for name in ("auto_quantize", "get_auto_quantize_config", "plot_sensitivity"):
-        register_feature(name, getattr(aq, name))
->>>>>>> f754b8c (auto_quantize: per-layer format search (gradient/KL scores, q/k/v gate/up experts groups, exact milp under effective-bits or byte budgets, costs from FORMATS), replay config, summary table, plot_sensitivity; mtq.auto_quantize/get_auto_quantize_config/plot_sensitivity through the plugin)
