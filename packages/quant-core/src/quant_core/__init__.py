@@ -36,7 +36,7 @@ from quant_core.model_quant import (
     temporarily_fold_weights,
 )
 from quant_core.nn import QuantModuleRegistry, SequentialQuantizer, TensorQuantizer
-from quant_core.plugins import auto_quantize
+from quant_core.plugins import auto_quantize, get_auto_quantize_config, plot_sensitivity
 from quant_core.save_restore import quantizer_state, restore, restore_quantizer_state, save
 from quant_core.summary import print_quant_summary, quant_summary
 
@@ -50,6 +50,8 @@ __all__ = [
     "__version__",
     "algorithms",
     "auto_quantize",
+    "get_auto_quantize_config",
+    "plot_sensitivity",
     "calib",
     "calibrate",
     "choices",

@@ -143,6 +143,10 @@ def register() -> None:
     _register_parallel_layers()
     register_model_hook(prepare_model)
     register_feature("plugins.huggingface", huggingface_names)
+    from quant_llm import auto_quantize as aq
+
+    for name in ("auto_quantize", "get_auto_quantize_config", "plot_sensitivity"):
+        register_feature(name, getattr(aq, name))
 
 
 def huggingface_names() -> dict[str, object]:

@@ -20,7 +20,12 @@ GROUP = "quant_core.plugins"
 _loaded = False
 _lock = threading.RLock()
 _features: dict[str, Callable[..., Any]] = {}
-_FEATURE_PACKAGES = {"auto_quantize": "quant-llm", "plugins.huggingface": "quant-llm"}
+_FEATURE_PACKAGES = {
+    "auto_quantize": "quant-llm",
+    "get_auto_quantize_config": "quant-llm",
+    "plot_sensitivity": "quant-llm",
+    "plugins.huggingface": "quant-llm",
+}
 _failures: dict[str, str] = {}
 _model_hooks: list[Callable[[Any], Any]] = []
 
@@ -83,3 +88,13 @@ def get_feature(name: str) -> Callable[..., Any]:
 def auto_quantize(*args: Any, **kwargs: Any) -> Any:
     """Search a per-layer mix of formats (provided by quant-llm; see its documentation)."""
     return get_feature("auto_quantize")(*args, **kwargs)
+
+
+def get_auto_quantize_config(*args: Any, **kwargs: Any) -> Any:
+    """The replay config of an auto_quantize search state (provided by quant-llm)."""
+    return get_feature("get_auto_quantize_config")(*args, **kwargs)
+
+
+def plot_sensitivity(*args: Any, **kwargs: Any) -> Any:
+    """Write a PNG of an auto_quantize search's scores (provided by quant-llm)."""
+    return get_feature("plot_sensitivity")(*args, **kwargs)

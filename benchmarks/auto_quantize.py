@@ -1,0 +1,200 @@
+"""AutoQuantize on real SmolLM2-135M: the searched mix vs uniform formats and random mixes of the same budget.
+
+Scores on *Emma*, evaluates perplexity on held-apart *Pride and Prejudice*. Candidates are weight-only
+INT4 block-128 (4.125 bits), INT8 per-channel (8 bits) and unquantized (16 bits); for each budget the
+table lists the searched mix, each uniform format that fits, and the mean of 5 random mixes that
+fill the same budget (a milp with random scores). When ``modelopt`` is importable (``nox -s
+modelopt -- auto_quantize.py``) it also runs ModelOpt's ``auto_quantize`` on the same model, candidates, budget and
+batches; its bits are recounted with quant's table (ModelOpt counts INT4 block-128 as 4.0 bits, not
+4.125).
+
+    python benchmarks/auto_quantize.py [--budgets 5,6,8] [--windows 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import quant_core as mtq
+from quant_llm import get_calib_dataloader, perplexity
+from quant_llm.auto_quantize.solver import solve
+from quant_llm.real_models import load_smollm2
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FORMATS = ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_WEIGHT_ONLY_CFG", None]
+
+
+def forward_step(model, batch):
+    return model(**batch)
+
+
+def loss_func(output, batch):
+    return F.cross_entropy(output.logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten())
+
+
+def mix_config(choice: dict[str, str]) -> dict:
+    """Weight-only config quantizing each layer with its chosen format's weight quantizer (max calibration)."""
+    quant_cfg: dict = {"*": {"enable": False}}
+    for layer, fmt in choice.items():
+        if fmt != "None":
+            quant_cfg[f"{layer}.weight_quantizer"] = getattr(mtq, fmt)["quant_cfg"][
+                "*weight_quantizer"
+            ]
+    return {"quant_cfg": quant_cfg, "algorithm": "max"}
+
+
+def random_mix(state: dict, budget_bits: float, seed: int) -> tuple[dict[str, str], float]:
+    """A random choice per group that fills the budget: milp with random scores."""
+    keys = list(state["groups"])
+    cands = state["candidates"]
+    params = {n: v["params"] for n, v in state["layers"].items()}
+    costs = np.array(
+        [
+            [
+                sum(params[n] * state["candidate_bits"][n][i] for n in state["groups"][k])
+                for i in range(len(cands))
+            ]
+            for k in keys
+        ]
+    )
+    rng = np.random.default_rng(seed)
+    picks = solve(rng.random(costs.shape), costs, budget_bits * sum(params.values()))
+    choice = {n: cands[picks[gi]] for gi, k in enumerate(keys) for n in state["groups"][k]}
+    bits = sum(costs[gi, i] for gi, i in enumerate(picks)) / sum(params.values())
+    return choice, float(bits)
+
+
+def modelopt_search(
+    fp, budget: float, loader, steps: int, state: dict
+) -> tuple[object, dict[str, str], float]:
+    """ModelOpt's auto_quantize on a copy of ``fp``: (its model, its choice in our layer names, seconds)."""
+    import modelopt.torch.quantization as mq
+
+    start = time.perf_counter()
+    model, mo_state = mq.auto_quantize(
+        copy.deepcopy(fp),
+        constraints={"effective_bits": budget},
+        quantization_formats=FORMATS[:-1],
+        data_loader=loader,
+        forward_step=forward_step,
+        loss_func=loss_func,
+        num_calib_steps=steps,
+        num_score_steps=steps,
+    )
+    seconds = time.perf_counter() - start
+    recipe = {
+        k.removesuffix(".quant_recipe"): str(v).split("(")[0]
+        for k, v in mo_state["best"]["recipe"].items()
+    }
+    choice = {}
+    for names in state["groups"].values():
+        picked = next(recipe[n] for n in names if n in recipe)
+        choice.update(dict.fromkeys(names, picked if picked in FORMATS else "None"))
+    return model, choice, seconds
+
+
+def bits_of(state: dict, choice: dict[str, str]) -> float:
+    """Effective bits of a choice under quant's format table."""
+    params = {n: v["params"] for n, v in state["layers"].items()}
+    used = sum(
+        params[n] * state["candidate_bits"][n][state["candidates"].index(c)]
+        for n, c in choice.items()
+    )
+    return used / sum(params.values())
+
+
+def main() -> None:
+    """Search at each budget and print the comparison table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="5,6,8")
+    parser.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="calibration and score batches (2x512 tokens)"
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    random.seed(0)
+    fp, tokenizer = load_smollm2()
+    loader = list(get_calib_dataloader(tokenizer, DATA / "austen_emma.txt", 2 * args.steps, 512, 2))
+    text = (DATA / "austen_prideprejudice.txt").read_text("utf-8")
+
+    def ppl(model) -> float:
+        return perplexity(model, tokenizer, text, seq_len=512, num_windows=args.windows)
+
+    def ppl_of(choice: dict[str, str]) -> float:
+        return ppl(mtq.quantize(copy.deepcopy(fp), mix_config(choice)))
+
+    base = ppl(fp)
+    rows = [("fp32", 16.0, base, "", "")]
+    uniform: dict[str, tuple[float, float]] = {}
+    for b in args.budgets.split(","):
+        budget = float(b)
+        start = time.perf_counter()
+        model, state = mtq.auto_quantize(
+            copy.deepcopy(fp),
+            {"effective_bits": budget},
+            FORMATS,
+            loader,
+            forward_step,
+            loss_func,
+            num_calib_steps=args.steps,
+            num_score_steps=args.steps,
+            verbose=False,
+        )
+        search_s = time.perf_counter() - start
+        rows.append(
+            (f"searched @{budget:g}", state["effective_bits"], ppl(model), f"{search_s:.1f}", "")
+        )
+        del model
+        for fmt in FORMATS[:-1]:
+            bits = state["candidate_bits"][next(iter(state["layers"]))][FORMATS.index(fmt)]
+            if bits <= budget:
+                if fmt not in uniform:
+                    uniform[fmt] = (bits, ppl_of(dict.fromkeys(state["layers"], fmt)))
+                rows.append((f"  uniform {fmt.removesuffix('_CFG')}", *uniform[fmt], "", ""))
+        if importlib.util.find_spec("modelopt") is not None:
+            mo_model, mo_choice, mo_s = modelopt_search(fp, budget, loader, args.steps, state)
+            rows.append(
+                (
+                    f"  ModelOpt 0.47 @{budget:g}",
+                    bits_of(state, mo_choice),
+                    ppl(mo_model),
+                    f"{mo_s:.1f}",
+                    "",
+                )
+            )
+            del mo_model
+        mixes = [random_mix(state, budget, seed) for seed in range(5)]
+        ppls = [ppl_of(choice) for choice, _bits in mixes]
+        rows.append(
+            (
+                f"  random mixes (5) @{budget:g}",
+                float(np.mean([b for _c, b in mixes])),
+                float(np.mean(ppls)),
+                "",
+                f"{min(ppls):.3f}..{max(ppls):.3f}",
+            )
+        )
+        print(rows[-1], flush=True)
+    print(
+        f"\nSmolLM2-135M: score on Emma ({args.steps}x2x512 tokens), perplexity on Pride and Prejudice ({args.windows}x511 tokens)"
+    )
+    print(
+        f"| {'mix':<32} | {'eff. bits':>9} | {'perplexity':>10} | {'search s':>8} | {'random range':>14} |"
+    )
+    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 16}|")
+    for name, bits, p, s, rng in rows:
+        print(f"| {name:<32} | {bits:>9.3f} | {p:>10.3f} | {s:>8} | {rng:>14} |")
+
+
+if __name__ == "__main__":
+    main()

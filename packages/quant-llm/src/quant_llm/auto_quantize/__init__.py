@@ -1,0 +1,137 @@
+"""AutoQuantize: search the per-layer mix of formats with the least loss under a size budget.
+
+``model, search_state = auto_quantize(model, constraints={"effective_bits": 4.8}, quantization_formats=[...],
+data_loader=..., forward_step=..., loss_func=...)``; also reachable as ``mtq.auto_quantize``. Modules:
+``candidates`` (resolve + calibrate), ``scoring``, ``grouping``, ``solver`` (milp), ``state``
+(search state, replay config), ``report`` (summary, plot).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import quant_core as mtq
+from quant_llm.auto_quantize.candidates import (
+    calibrate_candidates,
+    resolve_formats,
+    searchable_layers,
+    weight_bits,
+    weight_params,
+)
+from quant_llm.auto_quantize.grouping import group_layers
+from quant_llm.auto_quantize.report import plot_sensitivity, summary_table
+from quant_llm.auto_quantize.scoring import SCORE_METHODS, gradient_scores, kl_scores
+from quant_llm.auto_quantize.solver import solve
+from quant_llm.auto_quantize.state import get_auto_quantize_config, replay_config
+
+__all__ = ["auto_quantize", "get_auto_quantize_config", "plot_sensitivity", "summary_table"]
+
+
+def _budget(constraints: dict[str, float], params: int) -> float:
+    """The budget in weight bits over the searched layers."""
+    unknown = set(constraints) - {"effective_bits", "weight_bytes"}
+    if unknown or len(constraints) != 1:
+        raise ValueError(
+            f"constraints must be exactly one of {{'effective_bits': b}} or {{'weight_bytes': n}}, got {constraints}"
+        )
+    if "effective_bits" in constraints:
+        return float(constraints["effective_bits"]) * params
+    return float(constraints["weight_bytes"]) * 8
+
+
+def auto_quantize(
+    model: nn.Module,
+    constraints: dict[str, float],
+    quantization_formats: Iterable[str | dict[str, Any] | None],
+    data_loader: Iterable[Any],
+    forward_step: Callable[[nn.Module, Any], Any],
+    loss_func: Callable[[Any, Any], torch.Tensor] | None = None,
+    num_calib_steps: int = 512,
+    num_score_steps: int = 128,
+    method: str = "gradient",
+    verbose: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Quantize ``model`` in place with the searched mix; returns ``(model, search_state)``.
+
+    ``constraints``: ``{"effective_bits": b}`` (mean bits per weight of the searched layers, 16 for
+    unquantized ones) or ``{"weight_bytes": n}``. Layers a candidate config leaves off (its
+    ``*lm_head*`` exclusion, ...) are not searched; list them in a config dict to search them.
+    ``method``: ``"gradient"`` (needs ``loss_func``) or ``"kl"`` (logits KL).
+    """
+    if method not in SCORE_METHODS:
+        raise ValueError(f"method={method!r}; choose one of {SCORE_METHODS}")
+    if method == "gradient" and loss_func is None:
+        raise ValueError("method='gradient' needs loss_func(output, batch) -> scalar loss")
+    candidates = resolve_formats(quantization_formats)
+    calib = list(itertools.islice(data_loader, num_calib_steps))
+    score = list(itertools.islice(data_loader, num_score_steps))
+    if not calib or not score:
+        raise ValueError(
+            "data_loader gave no batch; auto_quantize needs calibration and score batches"
+        )
+
+    def forward_loop(m: nn.Module) -> None:
+        with torch.no_grad():
+            for batch in calib:
+                forward_step(m, batch)
+
+    copies = calibrate_candidates(model, candidates, forward_loop)
+    layers = searchable_layers(copies)
+    groups = group_layers(list(layers))
+    if method == "gradient":
+        per_layer = gradient_scores(model, layers, score, forward_step, loss_func, verbose)
+    else:
+        per_layer = kl_scores(model, layers, score, forward_step, verbose)
+    params = {n: weight_params(model.get_submodule(n)) for n in layers}
+    bits = {n: [16.0 if c is None else weight_bits(c) for c in per] for n, per in layers.items()}
+    keys = list(groups)
+    scores = np.array(
+        [[sum(per_layer[n][i] for n in groups[k]) for i in range(len(candidates))] for k in keys]
+    )
+    costs = np.array(
+        [
+            [sum(params[n] * bits[n][i] for n in groups[k]) for i in range(len(candidates))]
+            for k in keys
+        ]
+    )
+    total = sum(params.values())
+    budget = _budget(constraints, total)
+    try:
+        picks = solve(scores, costs, budget)
+    except ValueError as err:
+        raise ValueError(
+            f"auto_quantize: {err} (in weight bits; cheapest effective bits {costs.min(axis=1).sum() / total:.4f})"
+        ) from None
+    choice = {n: picks[gi] for gi, k in enumerate(keys) for n in groups[k]}
+    config = replay_config(
+        {n: layers[n][i] for n, i in choice.items()},
+        [candidates[i][1]["algorithm"] for i in sorted(set(picks)) if candidates[i][1] is not None],
+    )
+    used = float(sum(costs[gi, i] for gi, i in enumerate(picks)))
+    state = {
+        "candidates": [name for name, _ in candidates],
+        "candidate_bits": bits,
+        "layers": {
+            n: {"params": params[n], "group": next(k for k in keys if n in groups[k])}
+            for n in layers
+        },
+        "groups": groups,
+        "scores": {k: scores[gi].tolist() for gi, k in enumerate(keys)},
+        "method": method,
+        "constraints": dict(constraints),
+        "choice": {n: candidates[i][0] for n, i in choice.items()},
+        "effective_bits": used / total,
+        "weight_bytes": used / 8,
+        "config": config,
+    }
+    del copies, layers
+    mtq.quantize(model, config, forward_loop)
+    if verbose:
+        print(summary_table(state))
+    return model, state
