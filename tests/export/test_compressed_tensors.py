@@ -42,6 +42,7 @@ CASES = {
     "qwen2_int4_gptq": ("qwen2", GPTQ_INT4, "pack-quantized"),
     "llama_nvfp4": ("llama", mtq.NVFP4_DEFAULT_CFG, "nvfp4-pack-quantized"),
     "qwen2_w4a16_nvfp4": ("qwen2", mtq.W4A16_NVFP4_CFG, "nvfp4-pack-quantized"),
+    "llama_nvfp4_awq": ("llama", mtq.NVFP4_AWQ_LITE_CFG, "nvfp4-pack-quantized"),
     "mixtral_fp8": ("mixtral", FP8, "float-quantized"),
 }
 
@@ -185,7 +186,8 @@ def test_awq_scales_are_resmoothed_and_folded_so_no_pre_quant_scale_is_stored(tm
 
 def test_unfoldable_pre_quant_scales_and_bad_groups_are_refused(tmp_path):
     model = _model("llama")
-    _calibrate(model, mtq.NVFP4_AWQ_LITE_CFG)  # NVFP4's two-level scales cannot take row factors
+    # o_proj's scale would have to go into v_proj's rows, which the quantized V cache reads
+    _calibrate(model, quant_llm.with_kv_cache(mtq.INT4_AWQ_CFG, mtq.FP8_KV_CFG))
     with pytest.raises(UnsupportedFormatError, match=r"o_proj.*cannot be folded.*modelopt"):
         export_compressed_tensors(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()

@@ -51,38 +51,8 @@ from quant_export.hf_checkpoint import (
 from quant_export.hf_formats import KV_QUANTIZERS, input_kind, weight_kind
 from quant_export.prequant_fold import fold_pre_quant_scales
 from quant_export.quantizers import QuantizerSpec, UnsupportedFormatError, spec_of
+from quant_export.schemes import config_groups, scheme_of
 
-# Weight kind -> QuantizationArgs fields (a weight kind is hf_formats.weight_kind's row name).
-WEIGHT_ARGS: dict[str, dict[str, Any]] = {
-    "fp8_tensor": {"num_bits": 8, "type": "float", "strategy": "tensor"},
-    "fp8_channel": {"num_bits": 8, "type": "float", "strategy": "channel"},
-    "int8_channel": {"num_bits": 8, "type": "int", "strategy": "channel"},
-    "int4_block": {"num_bits": 4, "type": "int", "strategy": "group"},
-    "nvfp4": {
-        "num_bits": 4,
-        "type": "float",
-        "strategy": "tensor_group",
-        "group_size": 16,
-        "scale_dtype": "float8_e4m3fn",
-        "zp_dtype": "float8_e4m3fn",
-    },
-}
-# Input kind -> QuantizationArgs fields (None: weight-only).
-INPUT_ARGS: dict[str, dict[str, Any] | None] = {
-    "off": None,
-    "fp8_tensor": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False},
-    "fp8_token": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
-    "int8_tensor": {"num_bits": 8, "type": "int", "strategy": "tensor", "dynamic": False},
-    "nvfp4": {
-        "num_bits": 4,
-        "type": "float",
-        "strategy": "tensor_group",
-        "group_size": 16,
-        "dynamic": "local",
-        "scale_dtype": "float8_e4m3fn",
-        "zp_dtype": "float8_e4m3fn",
-    },
-}
 # (weight kind, input kind) -> compressed-tensors format: the combinations vLLM's
 # compressed_tensors scheme matcher and transformers' loader take.
 CT_FORMATS: dict[tuple[str, str], str] = {
@@ -150,18 +120,12 @@ def _scheme_fields(name: str, w: QuantizerSpec, i: QuantizerSpec | None, in_feat
     for spec in (w, i):
         if spec is not None and spec.pre_quant_scale is not None:
             raise _unsupported(name, f"{spec.name} has a pre_quant_scale left unfolded")
-    weights = dict(WEIGHT_ARGS[w_kind])
-    if w_kind == "int4_block":
-        weights["group_size"] = w.blocks[next(iter(w.blocks))]
-    group = weights.get("group_size")
+    group = w.blocks[next(iter(w.blocks))] if w.blocks else None
+    fields = scheme_of((w_kind, i_kind), group, CT_FORMATS[(w_kind, i_kind)])
+    group = fields["weights"].get("group_size")
     if group and in_features % group:
         raise _unsupported(name, f"input size {in_features} is not divisible by group size {group}")
-    return {
-        "weights": weights,
-        "input_activations": INPUT_ARGS[i_kind],
-        "format": CT_FORMATS[(w_kind, i_kind)],
-        "kinds": (w_kind, i_kind),
-    }
+    return {**fields, "kinds": (w_kind, i_kind)}
 
 
 def _scales(
@@ -278,30 +242,12 @@ def _kv_scales(
     return fields, tensors
 
 
-def _config_groups(layers: dict[str, CTLayer]) -> tuple[dict[str, Any], str]:
-    """config_groups (one per distinct scheme) and the checkpoint's format."""
-    schemes: list[tuple[dict, list[str]]] = []
-    for name, layer in layers.items():
-        for fields, names in schemes:
-            if fields == layer.scheme:
-                names.append(name)
-                break
-        else:
-            schemes.append((layer.scheme, [name]))
-    groups = {}
-    for index, (fields, names) in enumerate(schemes):
-        targets = ["Linear"] if len(schemes) == 1 else names
-        groups[f"group_{index}"] = {"targets": targets, **fields}
-    formats = {fields["format"] for fields, _ in schemes}
-    return groups, formats.pop() if len(formats) == 1 else "mixed-precision"
-
-
 def ct_quantization_config(
     layers: dict[str, CTLayer], ignore: list[str], kv_fields: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The ``quantization_config`` block, validated by compressed-tensors' QuantizationConfig."""
     quantization, _ = _ct()
-    groups, fmt = _config_groups(layers)
+    groups, fmt = config_groups({n: layer.scheme for n, layer in layers.items()})
     config = quantization.QuantizationConfig(
         config_groups={k: quantization.QuantizationScheme(**v) for k, v in groups.items()},
         format=fmt,

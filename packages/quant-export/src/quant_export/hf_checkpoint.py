@@ -29,8 +29,11 @@ from tqdm import tqdm
 
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 from quant_export._version import __version__
+from quant_export.engines import LOADERS, loaders_for
 from quant_export.hf_formats import KV_QUANTIZERS, LayerExport, export_kv_scales, export_linear
+from quant_export.prequant_fold import fold_pre_quant_scales
 from quant_export.quantizers import UnsupportedFormatError
+from quant_export.schemes import config_groups, scheme_of
 from quant_export.shared_inputs import share_nvfp4_global_amax, shared_input_groups
 
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -194,6 +197,15 @@ def _quant_summary(collected: _Collected) -> dict[str, Any]:
         summary["quant_algo"] = "MIXED_PRECISION"
         summary["quantized_layers"] = configs
     summary["exclude_modules"] = sorted(collected.excluded)
+    schemes = {
+        name: scheme_of(layer.kinds, layer.group_size, layer.quant_algo)
+        for name, layer in collected.layers.items()
+    }
+    if schemes:  # ModelOpt writes this too; vLLM reads it to tell W4A16 NVFP4 from W4A4
+        groups, _ = config_groups(schemes)
+        summary["config_groups"] = {
+            k: {f: v for f, v in g.items() if f != "format"} for k, g in groups.items()
+        }
     return summary
 
 
@@ -362,16 +374,25 @@ def export_hf_checkpoint(
     *,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     share_fused_scales: bool = True,
+    engine: str | None = None,
 ) -> Path:
     """Write a quantized transformers model as a unified Hugging Face checkpoint in ``export_dir``.
 
     ``dtype`` (bfloat16, float16 or float32) is the type of every tensor left unquantized; scales
-    stay float32 (NVFP4 block scales float8_e4m3fn). With ``share_fused_scales``, NVFP4 layers that
-    read the same input (q/k/v, gate/up) first get one global weight scale, in the model too, as
-    fused engine kernels need. Raises UnsupportedFormatError, naming the layer and quantizer, for
-    any active quantizer without a checkpoint form. Returns the directory.
+    stay float32 (NVFP4 block scales float8_e4m3fn). SmoothQuant / AWQ pre-quant scales of layers
+    that share an input are first resmoothed to one and folded into the preceding norm, and those
+    of ``o_proj`` / ``down_proj`` into ``v_proj`` / ``up_proj`` rows where possible
+    (:func:`~quant_export.prequant_fold.fold_pre_quant_scales`, in the model too). With
+    ``share_fused_scales``, NVFP4 layers that read the same input (q/k/v, gate/up) get one global
+    weight scale, as fused engine kernels need. ``engine`` (a key of
+    :data:`quant_export.engines.LOADERS`) requires that engine to load the result; by default at
+    least one must. Raises UnsupportedFormatError, naming the layer and quantizer, for any active
+    quantizer without a checkpoint form, or naming the engines for a format none loads.
     """
     check_export_target(model, export_dir, dtype, max_shard_size)
+    if engine is not None and engine not in LOADERS:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(LOADERS)}")
+    fold_pre_quant_scales(model, into_producers=True)
     if share_fused_scales and any(
         getattr(m, "scale_bits", None) == (4, 3) and m.is_enabled
         for n, m in model.named_modules()
@@ -388,6 +409,11 @@ def export_hf_checkpoint(
             UserWarning,
             stacklevel=2,
         )
+    algos = {layer.quant_algo for layer in collected.layers.values()}
+    if algos or summary["kv_cache_quant_algo"]:
+        loaders = loaders_for(algos, summary["kv_cache_quant_algo"], engine)
+    else:
+        loaders = list(LOADERS)
     hf_config = copy.deepcopy(model.config)
     hf_config.quantization_config = quantization_config(summary)
     hf_config.architectures = [architecture(model)]
@@ -395,7 +421,7 @@ def export_hf_checkpoint(
     producer = {"name": "quant-export", "version": __version__}
     extra = {
         "hf_quant_config.json": json.dumps(
-            {"producer": producer, "quantization": summary}, indent=4
+            {"producer": producer, "quantization": summary, "loaders": loaders}, indent=4
         )
     }
     return write_checkpoint(

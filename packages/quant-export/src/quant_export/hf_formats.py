@@ -62,6 +62,7 @@ class LayerExport:
     group_size: int | None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     quantizers: tuple[str, ...] = ()
+    kinds: tuple[str, str] = ("", "")  # (weight kind, input kind): the LINEAR_FORMATS key
 
     def layer_config(self) -> dict[str, Any]:
         """The layer's entry in ``quantized_layers`` (ModelOpt's per-layer form)."""
@@ -166,7 +167,9 @@ def export_linear(name: str, module: nn.Module) -> LayerExport | None:
     elif w_kind == "nvfp4":
         if weight.shape[-1] % 2:
             raise _unsupported(name, f"NVFP4 weight has an odd input size ({weight.shape[-1]})")
-        out["weight"] = qt.packed_codes().view(torch.uint8)
+        # -0 (code 8) is written as +0, as ModelOpt's packing does (same value)
+        codes = torch.where(qt.codes == 8, torch.zeros_like(qt.codes), qt.codes)
+        out["weight"] = qk.pack_fp4(codes).view(torch.uint8)
         out["weight_scale"] = qt.scale
         out["weight_scale_2"] = qt.global_scale.float().reshape(())
     else:
@@ -180,12 +183,17 @@ def export_linear(name: str, module: nn.Module) -> LayerExport | None:
         out["pre_quant_scale"] = i_spec.pre_quant_scale.float().reshape(-1)
         if algo == "NVFP4":
             algo = "NVFP4_AWQ"
+    elif algo == "W4A16_AWQ":
+        # TensorRT-LLM's unfused W4A16_AWQ loader reads pre_quant_scale unconditionally
+        # (tensorrt_llm/_torch/modules/linear.py, W4A16_AWQ_LinearMethod.load_weights_vanilla)
+        out["pre_quant_scale"] = torch.ones(weight.shape[-1])
     if hasattr(module, "svdquant_lora_a"):
         if not algo.startswith("NVFP4"):
             raise _unsupported(name, f"SVDQuant low-rank branch on a {algo} layer")
         algo = "NVFP4_SVD"
     quantizers = (w_spec.name,) + ((i_spec.name,) if i_spec is not None else ())
-    return LayerExport(algo, group_size, {k: v.contiguous() for k, v in out.items()}, quantizers)
+    tensors = {k: v.contiguous() for k, v in out.items()}
+    return LayerExport(algo, group_size, tensors, quantizers, (w_kind, i_kind))
 
 
 def export_kv_scales(name: str, module: nn.Module) -> tuple[str | None, dict[str, torch.Tensor]]:

@@ -12,7 +12,9 @@ ModelOpt's export does, this module
    RMSNorm / LayerNorm (its weight and bias times ``s̄``; checked numerically on the module itself),
    or, with ``into_producers``, the output rows of the layer named in :data:`ROW_PRODUCERS`
    (``down_proj`` reads ``act(gate) · up``, so ``up_proj``'s rows can take the scale; ``o_proj``
-   reads attention over ``v_proj``'s output, per KV head).
+   reads attention over ``v_proj``'s output, per KV head). A producer with per-row weight scales
+   (INT4 groups, per-channel) takes the factor exactly (same codes); one with per-tensor or
+   two-level scales (FP8, NVFP4) is re-rounded (max-recalibrated).
 
 Every step changes the model itself, so the fake-quantized model keeps computing what an exported
 checkpoint stores: norm folding is exact; resmoothing and row folding re-round the touched weights.
@@ -127,6 +129,9 @@ def _set_input_scale(module: nn.Module, new: torch.Tensor | None) -> None:
         iq.pre_quant_scale = None if new is None else new_f
         return
     module.weight.mul_(ratio.to(module.weight.dtype))
+    lora_a = getattr(module, "svdquant_lora_a", None)
+    if isinstance(lora_a, torch.Tensor):  # SVDQuant's low-rank branch reads x · pre_quant_scale too
+        lora_a.mul_(ratio.to(lora_a))
     if iq.is_enabled and not iq.is_dynamic and iq.amax is not None and iq.amax.numel() == 1:
         # |x · new| <= |x · old| · max(new / old): an upper bound of the new input amax
         iq.amax = iq.amax * (new_f / old_f).max()
@@ -179,15 +184,16 @@ def _fold_into_rows(model: nn.Module, name: str, scale: torch.Tensor) -> str | N
             model.get_submodule(name), per_kv[:, None].expand(-1, repeats, -1).reshape(-1)
         )
         scale = per_kv.reshape(-1)
+    producer.weight.mul_(scale.to(producer.weight).reshape(-1, 1))
+    if producer.bias is not None:
+        producer.bias.mul_(scale.to(producer.bias))
     wq = getattr(producer, "weight_quantizer", None)
     if isinstance(wq, TensorQuantizer) and wq.is_enabled:
         amax = wq.amax
         if wq.is_dynamic or amax is None or amax.numel() == 1 or (wq.block_sizes and wq.scale_bits):
-            return None  # per-tensor or two-level scales cannot take a per-row factor exactly
-        wq.amax = amax * scale.to(amax).reshape(-1, *[1] * (amax.dim() - 1))
-    producer.weight.mul_(scale.to(producer.weight).reshape(-1, 1))
-    if producer.bias is not None:
-        producer.bias.mul_(scale.to(producer.bias))
+            recalibrate_weight(producer)  # per-tensor / two-level scales: re-round the rows
+        else:  # per-row scales take the factor exactly: same codes, scaled scales
+            wq.amax = amax * scale.to(amax).reshape(-1, *[1] * (amax.dim() - 1))
     model.get_submodule(name).input_quantizer.pre_quant_scale = None
     return ROW_PRODUCERS[leaf]
 
@@ -198,8 +204,8 @@ def fold_pre_quant_scales(
     """Resmooth layers that share an input to one pre-quant scale and fold it where possible.
 
     ``into_producers`` also folds scales of layers without a preceding norm into the output rows
-    of their :data:`ROW_PRODUCERS` sibling; ``require`` raises UnsupportedFormatError naming the
-    layers whose scale stays. Changes ``model`` in place; returns what was done.
+    of their :data:`ROW_PRODUCERS` sibling (not into ``v_proj`` when the V cache is quantized);
+    ``require`` raises UnsupportedFormatError naming the layers whose scale stays. Changes ``model`` in place; returns what was done.
     """
     report = FoldReport()
     modules = dict(model.named_modules())
@@ -233,7 +239,8 @@ def fold_pre_quant_scales(
     if require and report.kept:
         raise UnsupportedFormatError(
             f"pre-quant scales of {', '.join(report.kept)} cannot be folded (no preceding norm, no "
-            "producer layer with per-row weight scales); the compressed-tensors layout has no "
-            "pre_quant_scale: export with the modelopt layout or quantize without SmoothQuant/AWQ"
+            "producer layer to take them, or a quantized V cache); the compressed-tensors layout "
+            "has no pre_quant_scale: export with the modelopt layout or quantize without "
+            "SmoothQuant/AWQ"
         )
     return report
