@@ -48,22 +48,21 @@ from quant_export.hf_checkpoint import (
     quantizer_names,
     write_checkpoint,
 )
-from quant_export.hf_formats import KV_QUANTIZERS, input_kind, weight_kind
+from quant_export.hf_formats import (
+    KV_QUANTIZERS,
+    LINEAR_LAYOUTS,
+    input_kind,
+    kv_specs,
+    linear_specs,
+    weight_kind,
+)
 from quant_export.prequant_fold import fold_pre_quant_scales
-from quant_export.quantizers import QuantizerSpec, UnsupportedFormatError, spec_of
+from quant_export.quantizers import QuantizerSpec, UnsupportedFormatError
 from quant_export.schemes import config_groups, scheme_of
 
 # (weight kind, input kind) -> compressed-tensors format: the combinations vLLM's
 # compressed_tensors scheme matcher and transformers' loader take.
-CT_FORMATS: dict[tuple[str, str], str] = {
-    ("fp8_tensor", "fp8_tensor"): "float-quantized",
-    ("fp8_channel", "fp8_token"): "float-quantized",
-    ("int8_channel", "int8_tensor"): "int-quantized",
-    ("int8_channel", "off"): "pack-quantized",
-    ("int4_block", "off"): "pack-quantized",
-    ("nvfp4", "nvfp4"): "nvfp4-pack-quantized",
-    ("nvfp4", "off"): "nvfp4-pack-quantized",
-}
+CT_FORMATS: dict[tuple[str, str], str] = {k: v[1] for k, v in LINEAR_LAYOUTS.items()}
 # kv element format -> (QuantizationArgs fields, bound that amax is divided by).
 KV_ARGS: dict[str, tuple[dict[str, Any], float]] = {
     "e4m3": ({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}, 448.0),
@@ -99,16 +98,6 @@ def _unsupported(name: str, why: str) -> UnsupportedFormatError:
         f"layer {name}: {why}; it has no form in the compressed-tensors checkpoint (formats: "
         f"{', '.join(sorted({f'{w}+{i}' for w, i in CT_FORMATS}))})"
     )
-
-
-def _specs(name: str, module: nn.Module) -> tuple[QuantizerSpec | None, QuantizerSpec | None]:
-    wq, iq = module.weight_quantizer, getattr(module, "input_quantizer", None)
-    for q in (wq, iq):
-        if isinstance(q, SequentialQuantizer) and q.is_enabled:
-            raise _unsupported(name, "multi-stage quantizer (SequentialQuantizer, e.g. W4A8)")
-    w = spec_of(f"{name}.weight_quantizer", wq) if isinstance(wq, TensorQuantizer) else None
-    i = spec_of(f"{name}.input_quantizer", iq) if isinstance(iq, TensorQuantizer) else None
-    return w, i
 
 
 def _scheme_fields(name: str, w: QuantizerSpec, i: QuantizerSpec | None, in_features: int) -> dict:
@@ -159,7 +148,7 @@ def _scales(
 def _compress_layer(name: str, module: nn.Module, dtype: torch.dtype) -> CTLayer | None:
     """Compress one Linear with compressed-tensors' compressor, checked against the fake-quant weight."""
     quantization, compressors = _ct()
-    w, i = _specs(name, module)
+    w, i = linear_specs(name, module, _unsupported)
     if w is None or not w.enabled:
         if i is not None and (i.enabled or i.pre_quant_scale is not None):
             raise _unsupported(
@@ -215,11 +204,8 @@ def _kv_scales(
     name: str, module: nn.Module, dtype: torch.dtype
 ) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
     """(kv_cache_scheme fields, tensors) of one attention module's k/v_bmm_quantizers."""
-    q_bmm = getattr(module, "q_bmm_quantizer", None)
-    if isinstance(q_bmm, TensorQuantizer) and q_bmm.is_enabled:
-        raise _unsupported(name, "query quantization (q_bmm_quantizer)")
-    specs = [spec_of(f"{name}.{q}", getattr(module, q)) for q in KV_QUANTIZERS]
-    if not any(s.enabled for s in specs):
+    specs = kv_specs(name, module, _unsupported)
+    if specs is None:
         return None, {}
     fields, tensors = None, {}
     for letter, spec in zip("kv", specs):
