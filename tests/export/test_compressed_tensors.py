@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 import quant_core as mtq
 from quant_export import UnsupportedFormatError
+from quant_export.checkpoint_check import validate
 from quant_export.compressed_tensors_export import export_compressed_tensors
 from quant_export.prequant_fold import fold_pre_quant_scales
 
@@ -95,6 +96,7 @@ def test_transformers_loads_the_checkpoint_and_reproduces_the_fake_quant_logits(
     assert qc["format"] == fmt
     assert "lm_head" in qc["ignore"]
     QuantizationConfig.model_validate(qc)  # compressed-tensors' own schema accepts it
+    assert validate(path)["layout"] == "compressed-tensors"  # quant-export validate
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
     float_logits = _model(family)(ids).logits
     assert (float_logits - expected).abs().max() > 1e-3  # the quantization is visible

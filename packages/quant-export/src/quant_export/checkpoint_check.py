@@ -75,7 +75,12 @@ def _check_ct(qc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]
         scale = tensors[f"{name}.weight_scale"]
         weight = tensors.get(f"{name}.weight")
         shape = tensors.get(f"{name}.weight_shape")
-        in_features = int(shape[-1]) if shape is not None else weight.shape[-1]
+        if shape is not None:
+            in_features = int(shape[-1])
+        elif weight is not None:
+            in_features = weight.shape[-1]
+        else:  # NVFP4: two E2M1 codes per uint8
+            in_features = tensors[f"{name}.weight_packed"].shape[-1] * 2
         if scale.dim() == 2 and scale.shape[-1] > 1 and in_features % scale.shape[-1]:
             raise CheckpointError(
                 f"{name}: {scale.shape[-1]} groups do not divide input size {in_features}"

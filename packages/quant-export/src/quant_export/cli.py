@@ -270,6 +270,7 @@ def _add_quantize(sub: Any) -> None:
         "--algorithm",
         help="calibration algorithm instead of the qformat's (max, gptq, awq_lite, ...)",
     )
+    cmd.add_argument("--group-size", type=int, help="INT4 weight group size (default 128)")
     cmd.add_argument("--format", choices=list(LAYOUTS), default="compressed-tensors")
     cmd.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     cmd.add_argument("--output", required=True, help="checkpoint folder to write")

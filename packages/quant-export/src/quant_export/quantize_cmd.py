@@ -22,7 +22,7 @@ from torch import nn
 # --qformat -> (built-in config name, algorithm override or None). FP8 calibrates with "max"
 # (ModelOpt's choice; the built-ins' gptq costs minutes more on a CPU): --algorithm overrides.
 QFORMATS: dict[str, tuple[str, Any]] = {
-    "fp8": ("FP8_DEFAULT_CFG", "max"),
+    "fp8": ("FP8_DEFAULT_CFG", {"method": "max", "per_token_fallback_db": None}),
     "fp8_pc_pt": ("FP8_PER_CHANNEL_PER_TOKEN_CFG", "max"),
     "int8_sq": ("INT8_SMOOTHQUANT_CFG", None),
     "int4_awq": ("INT4_AWQ_CFG", None),
@@ -32,6 +32,7 @@ QFORMATS: dict[str, tuple[str, Any]] = {
     "nvfp4_awq": ("NVFP4_AWQ_LITE_CFG", None),
     "mxfp8": ("MXFP8_DEFAULT_CFG", None),
 }
+INT4_QFORMATS = ("int4_awq", "int4_gptq")
 # --kv-cache -> built-in KV config name (quant-core, else quant-llm)
 KV_CACHES: dict[str, str | None] = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG", "none": None}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -107,8 +108,13 @@ def check_choices(qformat: str, kv_cache: str, layout: str) -> None:
         )
 
 
-def quant_config(qformat: str, kv_cache: str, algorithm: str | None = None) -> dict[str, Any]:
-    """The quant-core config of ``qformat`` with the ``kv_cache`` quantizers (and ``algorithm``)."""
+def quant_config(
+    qformat: str, kv_cache: str, algorithm: str | None = None, group_size: int | None = None
+) -> dict[str, Any]:
+    """The quant-core config of ``qformat`` with the ``kv_cache`` quantizers (and ``algorithm``).
+
+    ``group_size`` replaces the weight block size of the INT4 formats.
+    """
     import quant_core as mtq
     import quant_llm
 
@@ -117,6 +123,19 @@ def quant_config(qformat: str, kv_cache: str, algorithm: str | None = None) -> d
     config = getattr(mtq, name).copy()
     if algorithm is not None:
         config["algorithm"] = algorithm
+    if group_size is not None:
+        weight = (
+            config["quant_cfg"].get("*weight_quantizer")
+            if isinstance(config["quant_cfg"], dict)
+            else None
+        )
+        if (
+            not isinstance(weight, dict)
+            or not weight.get("block_sizes")
+            or qformat not in INT4_QFORMATS
+        ):
+            raise SystemExit(f"--group-size applies to {', '.join(INT4_QFORMATS)}, not {qformat}")
+        weight["block_sizes"] = {**weight["block_sizes"], -1: group_size}
     kv = KV_CACHES[kv_cache]
     if kv is not None:
         kv_cfg = getattr(mtq, kv, None) or getattr(quant_llm, kv)
