@@ -106,7 +106,7 @@ class Int4CpuBackend(Backend):
             fmt.scale_bits is None
             and not fmt.element.unsigned
             and fmt.block in (32, 64, 128, 256)
-            and n % 8 == 0
+            and n % 16 == 0  # _convert_weight_to_int4pack_for_cpu needs N divisible by 16
         )
 
     def pack(self, qt: qk.QuantizedTensor, meta: CodesMeta) -> dict[str, torch.Tensor]:
