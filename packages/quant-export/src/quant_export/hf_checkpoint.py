@@ -93,6 +93,10 @@ def _linear(
     layer = export_linear(name, module)
     if layer is not None:
         check_weight_stored(name, module, state)
+        if layer.quant_algo == "W4A16_AWQ" and "pre_quant_scale" not in layer.tensors:
+            # TensorRT-LLM's unfused W4A16_AWQ loader reads pre_quant_scale unconditionally
+            # (tensorrt_llm/_torch/modules/linear.py, W4A16_AWQ_LinearMethod.load_weights_vanilla)
+            layer.tensors["pre_quant_scale"] = torch.ones(module.weight.shape[-1])
         out.layers[name] = layer
         replaced[name] = layer.tensors
         out.consumed.update(layer.quantizers)

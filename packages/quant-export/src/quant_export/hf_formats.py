@@ -199,10 +199,6 @@ def export_linear(name: str, module: nn.Module) -> LayerExport | None:
         out["pre_quant_scale"] = i_spec.pre_quant_scale.float().reshape(-1)
         if algo == "NVFP4":
             algo = "NVFP4_AWQ"
-    elif algo == "W4A16_AWQ":
-        # TensorRT-LLM's unfused W4A16_AWQ loader reads pre_quant_scale unconditionally
-        # (tensorrt_llm/_torch/modules/linear.py, W4A16_AWQ_LinearMethod.load_weights_vanilla)
-        out["pre_quant_scale"] = torch.ones(weight.shape[-1])
     if getattr(module, "low_rank_branch", None) is not None:
         if not algo.startswith("NVFP4"):
             raise _unsupported(name, f"SVDQuant low-rank branch on a {algo} layer")

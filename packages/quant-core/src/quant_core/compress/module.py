@@ -34,7 +34,7 @@ def weight_codes(quantizer: TensorQuantizer, weight: torch.Tensor) -> qk.Quantiz
         weight,
         num_bits=quantizer.num_bits,
         amax=None if quantizer.is_dynamic else amax,
-        block_sizes=quantizer._block_axes,
+        block_sizes=quantizer.format.block_axes,
         scale_bits=quantizer.scale_bits,
         global_amax=global_amax,
         unsigned=quantizer.unsigned,
@@ -99,7 +99,7 @@ def _check(name: str, module: QuantLinear) -> None:
         raise ValueError(
             f"layer {name}: compress supports a single weight quantizer, got {type(wq).__name__}"
         )
-    if wq.is_dynamic and not wq._block_axes:
+    if wq.is_dynamic and not wq.format.block_axes:
         raise ValueError(
             f"layer {name}: dynamic per-tensor/per-channel weight quantizer; compress needs a calibrated "
             "static weight format or a block format (INT8_DEFAULT_CFG, INT4_BLOCKWISE_WEIGHT_ONLY_CFG, "

@@ -52,7 +52,7 @@ def format_row(quantizer: nn.Module) -> FormatSpec | None:
     q = quantizer[0] if isinstance(quantizer, SequentialQuantizer) else quantizer
     if not isinstance(q, TensorQuantizer) or not q.is_enabled:
         return None
-    blocks = q._block_axes or None
+    blocks = q.format.block_axes or None
     for spec in FORMATS.values():
         if (
             spec.num_bits == q.num_bits
