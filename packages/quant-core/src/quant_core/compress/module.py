@@ -25,11 +25,12 @@ def weight_codes(quantizer: TensorQuantizer, weight: torch.Tensor) -> qk.Quantiz
     amax = quantizer.amax
     amax = None if amax is None else amax.detach().to(weight.device)
     global_amax = None
-    if quantizer.scale_bits == (4, 3):
-        if quantizer.is_dynamic:
-            global_amax = amax if amax is not None else weight.abs().amax().float()
-        else:
-            global_amax = amax.max()
+    if quantizer.format.has_global_amax:
+        global_amax = (
+            qk.nvfp4_global_amax(calibrated=amax, x=weight)
+            if quantizer.is_dynamic
+            else qk.nvfp4_global_amax(block_amax=amax)
+        )
     return qk.quantize_to_codes(
         weight,
         num_bits=quantizer.num_bits,
