@@ -7,6 +7,7 @@ pair without an entry dequantizes on the fly (`DequantBackend`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -19,7 +20,7 @@ from quant_core.compress.formats import WeightFormat
 __all__ = ["BACKENDS", "Backend", "DequantBackend", "register_backend", "select_backend"]
 
 
-class Backend:
+class Backend(ABC):
     """Stores a quantized weight in its kernel's layout and multiplies activations by it."""
 
     name: ClassVar[str] = "base"
@@ -28,15 +29,15 @@ class Backend:
         """Whether this backend can hold ``weight`` (shape [out, in]) in format ``fmt``."""
         return True
 
+    @abstractmethod
     def pack(self, qt: qk.QuantizedTensor, meta: CodesMeta) -> dict[str, torch.Tensor]:
         """Buffers (name -> tensor) this backend keeps for the weight."""
-        raise NotImplementedError
 
+    @abstractmethod
     def matmul(
         self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
     ) -> torch.Tensor:
         """``x @ W.T`` in x's dtype (bias not added)."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
