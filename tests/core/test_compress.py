@@ -56,7 +56,7 @@ def test_compressed_forward_matches_float64_fake_quant(fmt: str) -> None:
         y = layer(x)
         out = model(x)
     assert (y.double() - ref).abs().le(rtol * bound + 1e-6).all()
-    with torch.no_grad():  # two rows: INT8's int8pack kernel path (larger inputs dequantize)
+    with torch.no_grad():  # two rows: the int8pack/int4pack kernel path (28 rows dequantize)
         y_small = layer(x[0, :2])
     assert (y_small.double() - ref[0, :2]).abs().le(rtol * bound[0, :2] + 1e-6).all()
     torch.testing.assert_close(out, fake_out, rtol=1e-4, atol=1e-4)
@@ -134,3 +134,18 @@ def test_cuda_backends_match_fake_quant(fmt: str, backend: str) -> None:
         out = model(x)
     # bf16 kernel output: 2**-8 relative rounding
     torch.testing.assert_close(out.float(), fake, rtol=2e-2, atol=2e-2 * fake.abs().max().item())
+
+
+@pytest.mark.parametrize("n", [16, 48, 64, 80, 192])
+def test_int4pack_cpu_unpack_matches_the_kernel(n: int) -> None:
+    """The layout reader recovers the codes the kernel multiplies: kernel(I) is the dequantized W^T."""
+    from quant_core.compress.backends import unpack_int4pack_cpu
+
+    k, block = 128, 32
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    assert torch.equal(unpack_int4pack_cpu(packed, n, k).to(torch.int32), q)
+    scale = torch.ones(k // block, n, 2)
+    scale[..., 1] = 0
+    w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k), packed, block, scale)
+    assert torch.equal(w_t, (q - 8).float().t())

@@ -89,15 +89,38 @@ class DequantBackend(Backend):
         return F.linear(x, dequantize(buffers, meta).to(x.dtype))
 
 
+def unpack_int4pack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Codes ``[n, k]`` (uint8, 0..15) from ``aten._convert_weight_to_int4pack_for_cpu``'s layout.
+
+    torch 2.13 lays rows out in tiles of 64 (the last tile holds the remainder): per input column a
+    tile keeps 32 bytes whose low nibbles are rows 0-31 and high nibbles rows 32-63; a partial tile
+    pairs consecutive rows in each byte. Checked against the kernel itself in the tests.
+    """
+    flat = packed.reshape(-1)
+    full = n // 64 * 64
+    parts = []
+    if full:
+        b = flat[: full * k // 2].reshape(full // 64, k, 32)
+        parts.append(torch.cat((b & 15, b >> 4), 2).transpose(1, 2).reshape(full, k))
+    if n > full:
+        b = flat[full * k // 2 :].reshape(k, (n - full) // 2)
+        parts.append(torch.stack((b & 15, b >> 4), -1).reshape(k, n - full).t())
+    return torch.cat(parts)
+
+
 class Int4CpuBackend(Backend):
     """Signed INT4 blocks along the input axis on CPU: ``aten._weight_int4pack_mm_for_cpu``.
 
     The kernel computes ``(q - 8) * scale + zero`` per group; symmetric codes ``c`` map exactly to
     ``q = c + 8`` with ``zero = 0``. Activations: float32, bfloat16, float16. A partial last block
     (SmolLM2's 576 inputs in blocks of 128) is padded with code 0 and zero activations: exact.
+    The kernel's time grows with every input row (about 1.4 ms a row on a 1536x576 layer, 2 cores),
+    so inputs of more than ``MAX_ROWS`` rows (prefill) dequantize the packed weight and run one
+    dense matmul instead (1.0 s vs 17.9 s at 2048 rows in benchmarks/compress.py).
     """
 
     name = "int4pack_cpu"
+    MAX_ROWS = 16
     _mm = staticmethod(lambda *a: torch.ops.aten._weight_int4pack_mm_for_cpu(*a))
     _convert = staticmethod(lambda q: torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
 
@@ -117,7 +140,16 @@ class Int4CpuBackend(Backend):
         sz = torch.stack((scale, torch.zeros_like(scale)), dim=-1).contiguous()
         return {"codes": self._convert(q.contiguous()), "scale": sz}
 
-    def matmul(
+    def dequantized_weight(
+        self, buffers: dict[str, torch.Tensor], meta: CodesMeta, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The ``[out, in]`` weight, ``(q - 8) * scale`` per block, in ``dtype``."""
+        (n, k), kp = meta.shape, meta.padded_in
+        q = unpack_int4pack_cpu(buffers["codes"], n, kp).to(dtype) - 8
+        scale = buffers["scale"][..., 0].t().to(dtype)  # [n, groups]
+        return (q.reshape(n, -1, meta.block) * scale[..., None]).reshape(n, kp)[:, :k]
+
+    def _kernel(
         self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
     ) -> torch.Tensor:
         k, kp = meta.shape[1], meta.padded_in
@@ -126,6 +158,13 @@ class Int4CpuBackend(Backend):
             x2 = F.pad(x2, (0, kp - k))
         y = self._mm(x2.contiguous(), buffers["codes"], meta.block, buffers["scale"].to(x.dtype))
         return y.reshape(*x.shape[:-1], -1)
+
+    def matmul(
+        self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
+    ) -> torch.Tensor:
+        if x.numel() // meta.shape[1] > self.MAX_ROWS:
+            return F.linear(x, self.dequantized_weight(buffers, meta, x.dtype))
+        return self._kernel(x, buffers, meta)
 
 
 class Int4CudaBackend(Int4CpuBackend):
@@ -142,8 +181,7 @@ class Int4CudaBackend(Int4CpuBackend):
     def matmul(
         self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
     ) -> torch.Tensor:
-        y = super().matmul(x.to(torch.bfloat16), buffers, meta)
-        return y.to(x.dtype)
+        return self._kernel(x.to(torch.bfloat16), buffers, meta).to(x.dtype)
 
 
 class Int8CpuBackend(DequantBackend):
