@@ -149,3 +149,18 @@ def test_int4pack_cpu_unpack_matches_the_kernel(n: int) -> None:
     scale[..., 1] = 0
     w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k), packed, block, scale)
     assert torch.equal(w_t, (q - 8).float().t())
+
+
+@pytest.mark.parametrize("fmt", ["INT4_BLOCK", "NVFP4", "FP8"])
+def test_save_restore_compressed_model(fmt: str, tmp_path) -> None:
+    """mtq.save writes the packed codes; mtq.restore rebuilds the compressed layers from a fresh model."""
+    source, x = _quantized(FORMATS[fmt][0], seed=0)
+    mtq.compress(source)
+    path = tmp_path / "model.safetensors"
+    mtq.save(source, path)
+    target = mtq.restore(_model(seed=1), path)
+    layer = target[0]
+    assert isinstance(layer, CompressedLinear) and layer.backend.name == FORMATS[fmt][1]
+    assert not any(isinstance(p, nn.Parameter) and p.dim() == 2 for p in layer.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quant_core.compress.module import CompressedLinear, recompress
 from quant_core.config.schema import parse_attributes
 from quant_core.conversion import (
     convert_module,
@@ -56,6 +57,9 @@ def quantizer_state(model: nn.Module) -> dict[str, Any]:
         for name, m in model.named_modules()
         if getattr(m, "_quant_original_key", None) is not None
     }
+    modules.update(
+        {n: dict(m.source) for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    )
     for name, info in modules.items():
         branch = getattr(model.get_submodule(name), "low_rank_branch", None)
         if branch is not None:
@@ -129,6 +133,11 @@ def restore_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Modul
         for key, shape in info["tensors"].items():
             value = tensors.get(f"{name}.{key}", torch.zeros(shape))
             _set_tensor(quantizer, key, value)
+    for name, info in state["modules"].items():
+        if "compressed" in info:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, recompress(model.get_submodule(name), name, info["compressed"]))
     name_quantizers(model)
     return model
 

@@ -13,7 +13,7 @@ from quant_core.compress.formats import weight_format
 from quant_core.nn import TensorQuantizer
 from quant_core.nn.modules import QuantLinear
 
-__all__ = ["CompressedLinear", "compress", "weight_codes"]
+__all__ = ["CompressedLinear", "compress", "recompress", "weight_codes"]
 
 
 def weight_codes(quantizer: TensorQuantizer, weight: torch.Tensor) -> qk.QuantizedTensor:
@@ -69,6 +69,17 @@ class CompressedLinear(nn.Module):
         )
         self.backend: Backend = select_backend(fmt, weight, self.meta)
         self.format_key = fmt.key
+        self.source = {  # what save/restore needs to rebuild this layer from a fresh model
+            "original": source._quant_original_key,
+            "quantized": f"{type(source).__module__}.{type(source).__qualname__}",
+            "compressed": {
+                "weight_quantizer": wq.attribute_config.to_json_dict(),
+                "weight_quantizer_tensors": {
+                    k: list(v.shape) for k, v in wq.named_buffers(recurse=False)
+                },
+                "backend": self.backend.name,
+            },
+        }
         self.in_features, self.out_features = source.in_features, source.out_features
         for key, value in self.backend.pack(qt, self.meta).items():
             self.register_buffer(key, value.contiguous())
@@ -141,3 +152,31 @@ def compress(model: nn.Module, config: dict[str, Any] | None = None) -> nn.Modul
         with torch.no_grad():
             setattr(parent, attr, CompressedLinear(m))
     return model
+
+
+def recompress(module: QuantLinear, name: str, record: dict[str, Any]) -> CompressedLinear:
+    """An empty `CompressedLinear` laid out as the saved ``record`` describes, for restore to fill.
+
+    ``module`` is the freshly converted `QuantLinear` (input/output quantizers already restored);
+    its weight quantizer gets the saved attributes and placeholder tensors of the saved shapes, and
+    the packed buffers computed from its (placeholder) weight are overwritten by the saved ones.
+    """
+    from quant_core.config.schema import parse_attributes
+
+    wq = module.weight_quantizer
+    wq.set_from_attribute_config(parse_attributes(record["weight_quantizer"], f" for {name}"))
+    for key, shape in record["weight_quantizer_tensors"].items():
+        if key == "_amax":
+            wq.amax = None
+            wq.amax = torch.ones(shape)
+        else:
+            wq.register_buffer(key, torch.ones(shape))
+    with torch.no_grad():
+        layer = CompressedLinear(module)
+    if layer.backend.name != record["backend"]:
+        raise ValueError(
+            f"layer {name} was saved compressed for backend {record['backend']!r}, but on "
+            f"{module.weight.device.type} it would use {layer.backend.name!r}, whose packed layout "
+            f"differs; restore onto a model on the device it was saved from"
+        )
+    return layer
