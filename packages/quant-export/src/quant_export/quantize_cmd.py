@@ -250,7 +250,7 @@ def run_quantize(args: Any) -> Report:
     """The whole job for parsed ``args``; returns the report (also printed by the CLI)."""
     import quant_core as mtq
     from quant_llm import create_forward_loop
-    from quant_llm.calib_data import _read_texts
+    from quant_llm.calib_data import read_texts
 
     check_choices(args.qformat, args.kv_cache, args.format)
     output = Path(args.output)
@@ -263,7 +263,7 @@ def run_quantize(args: Any) -> Report:
     model, tokenizer, folder, report.name = load_model(args.model)
     report.times["load"] = time.perf_counter() - start
     report.size_before = model_files_size(folder)
-    text = _read_texts(args.calib_text)
+    text = read_texts(args.calib_text)
     calib, held = _split_windows(tokenizer, text, args.seq_len, args.calib_size, args.eval_windows)
     report.ppl_tokens = held.numel() - held.shape[0]
     if args.eval_windows:

@@ -24,7 +24,7 @@ def bundled_calibration_text() -> str:
     return (importlib.resources.files("quant_llm") / "data" / BUNDLED_TEXT_NAME).read_text("utf-8")
 
 
-def _read_texts(texts_or_path: str | Path | Sequence[str] | None) -> str:
+def read_texts(texts_or_path: str | Path | Sequence[str] | None) -> str:
     """Join the calibration source into one string: bundled text, a file path, or a list of strings."""
     if texts_or_path is None:
         return bundled_calibration_text()
@@ -89,7 +89,7 @@ def get_calib_dataloader(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    windows = tokenize_windows(tokenizer, _read_texts(texts_or_path), seq_len, num_samples)
+    windows = tokenize_windows(tokenizer, read_texts(texts_or_path), seq_len, num_samples)
     dataset = TensorDataset(windows)
     return DataLoader(
         dataset,

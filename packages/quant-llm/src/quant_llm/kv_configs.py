@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from quant_core.config.builtin import _default_disabled_quantizer_cfg
+from quant_core.config import _default_disabled_quantizer_cfg  # ModelOpt's exported name
 from quant_core.config.entry_list import QuantCfgList
 from quant_core.config.frozen import freeze, thaw
 from quant_core.config.helpers import entry_dicts
