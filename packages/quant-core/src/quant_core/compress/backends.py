@@ -114,9 +114,9 @@ class Int4CpuBackend(Backend):
     The kernel computes ``(q - 8) * scale + zero`` per group; symmetric codes ``c`` map exactly to
     ``q = c + 8`` with ``zero = 0``. Activations: float32, bfloat16, float16. A partial last block
     (SmolLM2's 576 inputs in blocks of 128) is padded with code 0 and zero activations: exact.
-    The kernel's time grows with every input row (about 1.4 ms a row on a 1536x576 layer, 2 cores),
-    so inputs of more than ``MAX_ROWS`` rows (prefill) dequantize the packed weight and run one
-    dense matmul instead (1.0 s vs 17.9 s at 2048 rows in benchmarks/compress.py).
+    The kernel's time grows with every input row, so inputs of more than ``MAX_ROWS`` rows
+    (prefill) dequantize the packed weight and run one dense matmul instead (the crossover is
+    measured by ``benchmarks/compress.py``; figures in benchmarks/README.md).
     """
 
     name = "int4pack_cpu"
@@ -187,8 +187,8 @@ class Int4CudaBackend(Int4CpuBackend):
 class Int8CpuBackend(DequantBackend):
     """Per-output-channel INT8 weights on CPU: ``torch._weight_int8pack_mm`` for up to ``MAX_ROWS`` rows.
 
-    Measured (benchmarks/compress.py, 1536x576 layer): faster than dequantize-then-matmul at one
-    token, many times slower at 2048, so larger inputs dequantize.
+    The kernel beats dequantize-then-matmul for a few rows only (``benchmarks/compress.py``), so
+    larger inputs dequantize.
     """
 
     name = "int8pack_cpu"
