@@ -86,16 +86,28 @@ def _compressed_layer(cfg: dict, kernels: bool) -> torch.nn.Module:
 
 
 def kernel_table(reps: int) -> None:
-    """Registered kernel vs dequantize-then-matmul on one layer, per weight format and token count."""
-    print("\n| weight | tokens | kernel ms | dequantize+matmul ms |")
-    print("|---|---|---|---|")
-    for name in ("INT8", "INT4_BLOCK128"):
+    """Per weight format and token count: the raw kernel, dequantize-then-matmul, the backend as
+    shipped (kernel up to ``MAX_ROWS`` rows, dequantize above) and the fp32 matmul."""
+    print("\n| weight | tokens | kernel ms | dequantize+matmul ms | as shipped ms | fp32 ms |")
+    print("|---|---|---|---|---|---|")
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(576, 1536, bias=False)
+    for name in ("INT4_BLOCK128",):
         fast, slow = (_compressed_layer(FORMATS[name], k) for k in (True, False))
-        for tokens in (1, 2048):
+        backend = fast[0].backend
+        for tokens in (1, 4, 16, 64, 2048):
             x = torch.randn(tokens, 576)
+            shipped_rows = backend.MAX_ROWS
             with torch.no_grad():
-                t = [_best_time(lambda m=m, x=x: m(x), reps * 5) * 1e3 for m in (fast, slow)]
-            print(f"| {name} ({fast[0].backend.name}) | {tokens} | {t[0]:.3f} | {t[1]:.3f} |")
+                backend.MAX_ROWS = 1 << 30  # the raw kernel at every size
+                kernel = _best_time(lambda m=fast, x=x: m(x), reps * 5)
+                backend.MAX_ROWS = shipped_rows
+                t = [_best_time(lambda m=m, x=x: m(x), reps * 5) for m in (slow, fast, dense)]
+            print(
+                f"| {name} ({backend.name}) | {tokens} | {kernel * 1e3:.3f} | {t[0] * 1e3:.3f} "
+                f"| {t[1] * 1e3:.3f} | {t[2] * 1e3:.3f} |",
+                flush=True,
+            )
 
 
 def main() -> None:

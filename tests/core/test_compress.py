@@ -16,7 +16,7 @@ from quant_core.compress import CompressedLinear
 # Float32 accumulation over K=320 inputs: error <= K * 2**-24 * (|x| @ |W|^T) ~ 1.9e-5; 2e-5 bounds it.
 # K=320 is 2.5 blocks of 128: INT4's partial last block is padded for the int4pack kernel.
 FORMATS = {
-    "INT8": ("INT8_DEFAULT_CFG", "int8pack_cpu", 2e-5),
+    "INT8": ("INT8_DEFAULT_CFG", "dequant", 2e-5),
     "INT4_BLOCK": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4pack_cpu", 2e-5),
     "FP8": ("FP8_DEFAULT_CFG", "dequant", 2e-5),
     "NVFP4": ("NVFP4_DEFAULT_CFG", "dequant", 2e-5),
@@ -56,7 +56,7 @@ def test_compressed_forward_matches_float64_fake_quant(fmt: str) -> None:
         y = layer(x)
         out = model(x)
     assert (y.double() - ref).abs().le(rtol * bound + 1e-6).all()
-    with torch.no_grad():  # two rows: the int8pack/int4pack kernel path (28 rows dequantize)
+    with torch.no_grad():  # two rows: the int4pack kernel path (28 rows dequantize)
         y_small = layer(x[0, :2])
     assert (y_small.double() - ref[0, :2]).abs().le(rtol * bound[0, :2] + 1e-6).all()
     torch.testing.assert_close(out, fake_out, rtol=1e-4, atol=1e-4)

@@ -120,7 +120,7 @@ class Int4CpuBackend(Backend):
     """
 
     name = "int4pack_cpu"
-    MAX_ROWS = 16
+    MAX_ROWS = 2
     _mm = staticmethod(lambda *a: torch.ops.aten._weight_int4pack_mm_for_cpu(*a))
     _convert = staticmethod(lambda q: torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
 
@@ -184,33 +184,6 @@ class Int4CudaBackend(Int4CpuBackend):
         return self._kernel(x.to(torch.bfloat16), buffers, meta).to(x.dtype)
 
 
-class Int8CpuBackend(DequantBackend):
-    """Per-output-channel INT8 weights on CPU: ``torch._weight_int8pack_mm`` for up to ``MAX_ROWS`` rows.
-
-    The kernel beats dequantize-then-matmul for a few rows only (``benchmarks/compress.py``), so
-    larger inputs dequantize.
-    """
-
-    name = "int8pack_cpu"
-    MAX_ROWS = 16
-
-    def supports(self, fmt: WeightFormat, weight: torch.Tensor, meta: CodesMeta) -> bool:
-        return not fmt.element.unsigned and fmt.axis == 0 and fmt.scale_bits is None
-
-    def matmul(
-        self, x: torch.Tensor, buffers: dict[str, torch.Tensor], meta: CodesMeta
-    ) -> torch.Tensor:
-        k = meta.shape[1]
-        if x.numel() // k > self.MAX_ROWS:
-            return super().matmul(x, buffers, meta)
-        y = torch._weight_int8pack_mm(
-            x.reshape(-1, k).contiguous(),
-            buffers["codes"],
-            buffers["scale"].reshape(-1).to(x.dtype),
-        )
-        return y.reshape(*x.shape[:-1], -1)
-
-
 class Fp8CudaBackend(DequantBackend):
     """Per-tensor FP8 E4M3 weights on CUDA: ``torch._scaled_mm`` with unit activation scale."""
 
@@ -254,5 +227,4 @@ def select_backend(fmt: WeightFormat, weight: torch.Tensor, meta: CodesMeta) -> 
 
 register_backend("int4/block", "cpu", Int4CpuBackend())
 register_backend("int4/block", "cuda", Int4CudaBackend())
-register_backend("int8/channel", "cpu", Int8CpuBackend())
 register_backend("e4m3/tensor", "cuda", Fp8CudaBackend())
