@@ -116,7 +116,7 @@ def test_builtin_constants_are_read_only_and_copies_are_deep_and_plain():
     ("attrs", "message"),
     [
         ({"numbits": 4}, r"unknown key 'numbits' \(value 4\)"),
-        ({"num_bits": 9}, r"num_bits.*9"),
+        ({"num_bits": 17}, r"num_bits.*17"),
         ({"num_bits": (3, 3)}, r"\(3, 3\).*not a supported floating-point format"),
         (
             {"num_bits": 4, "axis": 0, "block_sizes": {-1: 128}},

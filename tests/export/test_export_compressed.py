@@ -30,3 +30,33 @@ def test_export_refuses_compressed_model(exporter: str, tmp_path) -> None:
     with pytest.raises(UnsupportedFormatError, match=r"layer 0 .*export before mtq.compress"):
         calls[exporter]()
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "hf", "trtllm"])
+@pytest.mark.parametrize(
+    ("attrs", "reason"), [({"rotate": True}, "Hadamard"), ({"backend": "int8-user"}, "backend")]
+)
+def test_export_refuses_rotated_and_custom_backend_quantizers(
+    exporter: str, attrs: dict, reason: str, tmp_path
+) -> None:
+    """A rotation or custom backend has no export form: a checkpoint without it would be wrong."""
+    from quant_llm.testing.tiny_models import tiny_model
+
+    mtq.nn.register_quant_backend("int8-user", lambda x, q: x)
+    try:
+        model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+        cfg = {"quant_cfg": {"*weight_quantizer": {"num_bits": 8, "axis": 0, **attrs}}}
+        mtq.quantize(model, {**cfg, "algorithm": "max"})
+        ids = torch.randint(0, model.config.vocab_size, (1, 8))
+        calls = {
+            "onnx": lambda: export_onnx(model, ids, tmp_path / "m.onnx"),
+            "hf": lambda: export_hf_checkpoint(model, tmp_path / "hf"),
+            "trtllm": lambda: export_tensorrt_llm_checkpoint(
+                model, "llama", export_dir=tmp_path / "trt"
+            ),
+        }
+        with pytest.raises(UnsupportedFormatError, match=rf"weight_quantizer .*{reason}"):
+            calls[exporter]()
+    finally:
+        mtq.nn.unregister_quant_backend("int8-user")
+    assert not any(tmp_path.iterdir())

@@ -28,7 +28,7 @@ def test_bad_global_amax_raises_naming_it(bad):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_bits": 9}, "num_bits"),
+        ({"num_bits": 17}, "num_bits"),
         ({"num_bits": (4, 4)}, "num_bits"),
         ({"num_bits": (4, 3), "unsigned": True}, "unsigned"),
         ({"num_bits": 8, "block_sizes": {5: 16}}, "axis"),

@@ -3,6 +3,7 @@
 Each is ``mtq.calibrate(model, {"method": name, **options}, forward_loop)``; options the
 algorithm here does not take are refused by name. ModelOpt's ``lsq``, ``local_hessian_calibrate``,
 ``nvfp4_act_headroom_calibrate`` and ``layerwise_calibrate`` are not provided.
+`enable_stats_collection` / `finish_stats_collection` are ModelOpt's manual calibration switches.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 
 from torch import nn
 
+from quant_core.calib import HistogramCalibrator, MaxCalibrator
 from quant_core.model_quant import calibrate
+from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 ForwardLoop = Callable[[nn.Module], Any] | None
 
@@ -61,4 +64,46 @@ def gptq(model: nn.Module, forward_loop: ForwardLoop = None, **options: Any) -> 
     _run("gptq", model, forward_loop, options)
 
 
-__all__ = ["awq", "gptq", "max_calibrate", "mse_calibrate", "smoothquant", "svdquant"]
+def _enabled_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+    return [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
+
+
+def enable_stats_collection(model: nn.Module) -> None:
+    """Every enabled quantizer passes its input through unquantized and collects statistics
+    (quantizers with a constant amax only stop quantizing). Run forward passes, then
+    `finish_stats_collection`."""
+    for q in _enabled_quantizers(model):
+        q.disable_quant()
+        if not q.has_constant_amax:
+            q.enable_calib()
+
+
+def finish_stats_collection(model: nn.Module, method: str | None = None, **kwargs: Any) -> None:
+    """Load each enabled quantizer's amax from the statistics it collected and quantize again.
+
+    ``method`` (``"entropy"``, ``"percentile"``, ``"mse"``) and ``kwargs`` (e.g. ``percentile=99.9``)
+    go to histogram calibrators' ``compute_amax``; ``kwargs`` alone to custom calibrators. A
+    quantizer that collected nothing keeps its amax; a constant amax is never replaced.
+    """
+    for q in _enabled_quantizers(model):
+        if not q.has_constant_amax:
+            if isinstance(q.calibrator, HistogramCalibrator) and not q.is_dynamic:
+                q.load_calib_amax(method, **kwargs)
+            elif kwargs and not isinstance(q.calibrator, MaxCalibrator):
+                q.load_calib_amax(**kwargs)
+            else:
+                q.load_calib_amax()
+        q.enable_quant()
+        q.disable_calib()
+
+
+__all__ = [
+    "awq",
+    "enable_stats_collection",
+    "finish_stats_collection",
+    "gptq",
+    "max_calibrate",
+    "mse_calibrate",
+    "smoothquant",
+    "svdquant",
+]

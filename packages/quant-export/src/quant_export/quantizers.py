@@ -91,7 +91,11 @@ class QuantizerSpec:
 
 
 def spec_of(name: str, quantizer: TensorQuantizer) -> QuantizerSpec:
-    """Snapshot the format and buffers of ``quantizer`` (named ``name`` in the model)."""
+    """Snapshot the format and buffers of ``quantizer`` (named ``name`` in the model); refuses
+    (UnsupportedFormatError) a quantizer export cannot represent (rotation, custom backend)."""
+    reason = quantizer.unexportable_reason()
+    if reason:
+        raise UnsupportedFormatError(f"quantizer {name} cannot be exported: {reason}")
     amax = quantizer.amax
     pqs = quantizer.pre_quant_scale
     return QuantizerSpec(

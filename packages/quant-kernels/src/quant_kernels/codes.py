@@ -23,7 +23,7 @@ __all__ = ["QuantizedTensor", "dequantize_codes", "quantize_to_codes"]
 class QuantizedTensor:
     """Codes and scales of one quantized tensor.
 
-    ``codes`` has x's shape: int8 (signed INT), uint8 (unsigned INT), ``float8_e4m3fn`` /
+    ``codes`` has x's shape: int8 / uint8 (INT up to 8 bits; int16 / int32 wider), ``float8_e4m3fn`` /
     ``float8_e5m2`` (FP8), or uint8 bit codes one per byte (FP6, FP4; see `packed_codes`).
     ``scale`` has one value per group, shaped as `reduce_amax` returns: float32 dequantization
     scales, ``float8_e4m3fn`` block scales (E4M3 mode; multiply by ``global_scale``), or
@@ -105,10 +105,7 @@ def quantize_to_codes(
     fp8 = element.torch_dtype in ("float8_e4m3fn", "float8_e5m2")
     if not fp8 and bool(torch.isnan(q).any()):
         raise ValueError(f"x has NaN values, which have no {element.name} code")
-    if element.is_int:
-        codes = q.to(torch.uint8 if element.unsigned else torch.int8)
-    else:
-        codes = _fp_to_bits(q, element)
+    codes = q.to(getattr(torch, element.torch_dtype)) if element.is_int else _fp_to_bits(q, element)
     codes = codes.reshape(x.shape)
     shape = layout.scale_shape
     if plan.scale_mode == "e4m3":

@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "FORMATS",
     "FP_ELEMENT_NAMES",
+    "INT_BITS",
     "SCALE_MODES",
     "ElementFormat",
     "FormatSpec",
@@ -45,8 +46,22 @@ SCALE_MODES: MappingProxyType = MappingProxyType({None: "float32", (4, 3): "e4m3
 """``scale_bits`` -> how group scales are stored: float32; E4M3 block scales under a float32
 global scale (NVFP4-style, two levels); E8M0 shared exponents (OCP MX)."""
 
+INT_BITS = range(2, 17)
+"""Integer ``num_bits`` supported: 2..16. Wider grids would need more than float32's 24-bit
+significand for exact rounding (ModelOpt takes any positive int and computes in float32 too)."""
+
+
+def _int_code_dtype(bits: int, unsigned: bool) -> str:
+    """torch dtype name of the codes of an INT grid: the narrowest of int8/uint8/int16/int32 holding it."""
+    if bits <= 8:
+        return "uint8" if unsigned else "int8"
+    return "int32" if unsigned and bits == 16 else "int16"
+
+
 # ONNX TensorProto element type of each element format's codes (None: ONNX has none).
 _ONNX_ELEMENT = {
+    "int16": "INT16",
+    "uint16": "UINT16",
     "int8": "INT8",
     "uint8": "UINT8",
     "int4": "INT4",
@@ -77,7 +92,7 @@ class ElementFormat:
 
     @classmethod
     def parse(cls, num_bits: int | tuple[int, int], unsigned: bool = False) -> ElementFormat:
-        """Element format for a ModelOpt-style ``num_bits``: an int (2..8, INT) or an (exponent, mantissa) pair."""
+        """Element format for a ModelOpt-style ``num_bits``: an int (INT, `INT_BITS`) or an (exponent, mantissa) pair."""
         key = tuple(num_bits) if isinstance(num_bits, (tuple, list)) else num_bits
         try:
             return _parse_cached(cls, key, bool(unsigned))
@@ -91,9 +106,10 @@ class ElementFormat:
                 f"num_bits must be an int or an (exponent, mantissa) pair, got {num_bits!r}"
             )
         if isinstance(num_bits, int):
-            if not 2 <= num_bits <= 8:
+            if num_bits not in INT_BITS:
                 raise ValueError(
-                    f"num_bits={num_bits} is not supported: INT formats have 2..8 bits"
+                    f"num_bits={num_bits} is not supported: INT formats have "
+                    f"{INT_BITS.start}..{INT_BITS.stop - 1} bits"
                 )
             return cls(
                 name=f"{'u' if unsigned else ''}int{num_bits}",
@@ -101,7 +117,7 @@ class ElementFormat:
                 bits=num_bits,
                 max_value=float(2 ** (num_bits - (0 if unsigned else 1)) - 1),
                 unsigned=unsigned,
-                torch_dtype="uint8" if unsigned else "int8",
+                torch_dtype=_int_code_dtype(num_bits, unsigned),
             )
         pair = tuple(num_bits) if isinstance(num_bits, (tuple, list)) else None
         if pair is None or len(pair) != 2 or pair not in _FP_LAYOUTS:

@@ -70,7 +70,8 @@ class InputError:
 
 
 def static_per_tensor_inputs(model: nn.Module) -> dict[str, nn.Linear]:
-    """Linear layers whose input quantizer is an enabled static per-tensor TensorQuantizer."""
+    """Linear layers whose input quantizer is an enabled static per-tensor TensorQuantizer (with a
+    calibrated, not constant, amax)."""
     found = {}
     for name, module in model.named_modules():
         q = getattr(module, "input_quantizer", None)
@@ -82,6 +83,7 @@ def static_per_tensor_inputs(model: nn.Module) -> dict[str, nn.Linear]:
             and q.axis is None
             and not q.block_sizes
             and not q.learn_amax
+            and not q.has_constant_amax
             and q.attribute_config.bias is None
         ):
             found[name] = module

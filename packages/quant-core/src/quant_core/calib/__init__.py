@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from quant_core.calib.calibrator import _Calibrator
 from quant_core.calib.histogram import HistogramCalibrator
 from quant_core.calib.max import MaxCalibrator, reduce_amax
 from quant_core.calib.mse import MseCalibrator
 
-Calibrator = MaxCalibrator | HistogramCalibrator
+Calibrator = MaxCalibrator | HistogramCalibrator | _Calibrator
 
 
 def make_calibrator(attrs: Any, block_sizes: dict[int, int | None] | None) -> Calibrator:
-    """The calibrator named by a quantizer's ``calibrator`` attribute ("histogram" means entropy)."""
+    """The calibrator named by a quantizer's ``calibrator`` attribute ("histogram" means entropy),
+    or ``cls(*args, **kwargs)`` for a constructor ``(cls, args, kwargs)``."""
+    if not isinstance(attrs.calibrator, str):
+        cls, args, kwargs = attrs.calibrator
+        return cls(*args, **kwargs)
     if attrs.calibrator == "max":
         return MaxCalibrator(axis=attrs.axis, block_sizes=block_sizes)
     method = "entropy" if attrs.calibrator == "histogram" else attrs.calibrator
@@ -24,6 +29,7 @@ __all__ = [
     "HistogramCalibrator",
     "MaxCalibrator",
     "MseCalibrator",
+    "_Calibrator",
     "make_calibrator",
     "reduce_amax",
 ]

@@ -111,6 +111,10 @@ def _check(name: str, module: QuantLinear) -> None:
         raise ValueError(
             f"layer {name}: compress supports a single weight quantizer, got {type(wq).__name__}"
         )
+    for role in ("weight_quantizer", "input_quantizer"):
+        reason = getattr(module, role).unexportable_reason()
+        if reason:
+            raise ValueError(f"layer {name}: cannot compress: {role} {reason}")
     if wq.is_dynamic and not wq.format.block_axes:
         raise ValueError(
             f"layer {name}: dynamic per-tensor/per-channel weight quantizer; compress needs a calibrated "

@@ -13,12 +13,59 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
-from quant_kernels.formats import FP_ELEMENT_NAMES, SCALE_MODES, QuantFormat
+from quant_kernels.formats import FP_ELEMENT_NAMES, INT_BITS, SCALE_MODES, QuantFormat
 
 FP_FORMATS = FP_ELEMENT_NAMES  # the supported (exponent, mantissa) pairs, from the format table
 SCALE_FORMATS = {bits: mode.upper() for bits, mode in SCALE_MODES.items() if bits is not None}
+
+
+CALIBRATOR_NAMES = ("max", "histogram", "percentile", "mse", "entropy")
+
+
+class RotateConfig(BaseModel):
+    """ModelOpt's ``rotate``: a normalized Hadamard transform of the last axis before quantization."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enable: bool = False
+    mode: Literal["rotate", "rotate_back"] = "rotate"
+    rotate_fp32: bool = False
+    block_size: int | None = None
+
+    @field_validator("block_size", mode="before")
+    @classmethod
+    def _block_size(cls, v: Any) -> Any:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"rotate block_size must be a positive int or None, got {v!r}")
+        if v is not None and v & (v - 1):
+            raise ValueError(f"rotate block_size must be a power of 2, got {v}")
+        return v
+
+
+def _constructor(v: Any) -> tuple[Any, tuple, dict]:
+    """ModelOpt's constructor-like ``cls`` / ``(cls,)`` / ``(cls, args)`` / ``(cls, args, kwargs)``."""
+    parts = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    if not 1 <= len(parts) <= 3 or not callable(parts[0]):
+        raise ValueError(
+            f"calibrator must be one of {CALIBRATOR_NAMES} or (cls, args, kwargs), got {v!r}"
+        )
+    cls, args, kwargs = (
+        parts[0],
+        parts[1] if len(parts) > 1 else (),
+        parts[2] if len(parts) > 2 else {},
+    )
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, Mapping):
+        raise ValueError(f"calibrator (cls, args, kwargs) needs a tuple and a dict, got {v!r}")
+    return cls, tuple(args), dict(kwargs)
 
 
 class QuantizerAttributeConfig(BaseModel):
@@ -27,7 +74,7 @@ class QuantizerAttributeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     enable: bool = True
-    num_bits: int | tuple[int, int] = 8
+    num_bits: int | tuple[int, int] | str = 8
     axis: int | tuple[int, ...] | None = None
     fake_quant: bool = True
     unsigned: bool = False
@@ -36,8 +83,13 @@ class QuantizerAttributeConfig(BaseModel):
     type: Literal["static", "dynamic"] = "static"
     block_sizes: dict[int | str, Any] | None = None
     bias: dict[int | str, Any] | None = None
-    calibrator: Literal["max", "histogram", "percentile", "mse", "entropy"] = "max"
+    calibrator: Any = "max"
     trt_high_precision_dtype: Literal["Float", "Half", "BFloat16"] = "Float"
+    rotate: bool | RotateConfig = False
+    backend: str | None = None
+    backend_extra_args: dict[str, Any] | None = None
+    use_constant_amax: bool = False
+    constant_amax: float | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -56,14 +108,39 @@ class QuantizerAttributeConfig(BaseModel):
             raise ValueError(f"num_bits must be an int or an (exponent, mantissa) pair, got {v!r}")
         if isinstance(v, list):
             v = tuple(v)
-        if isinstance(v, int) and not 2 <= v <= 8:
-            raise ValueError(f"integer num_bits must be in 2..8, got {v}")
+        if isinstance(v, int) and v not in INT_BITS:
+            raise ValueError(
+                f"integer num_bits must be in {INT_BITS.start}..{INT_BITS.stop - 1}, got {v}"
+            )
         if isinstance(v, tuple) and tuple(v) not in FP_FORMATS:
             raise ValueError(
                 f"num_bits {v!r} is not a supported floating-point format; "
                 f"supported (exponent, mantissa) pairs: {sorted(FP_FORMATS)}"
             )
         return v
+
+    @field_validator("calibrator", mode="before")
+    @classmethod
+    def _calibrator(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v not in CALIBRATOR_NAMES:
+                raise ValueError(f"calibrator must be one of {CALIBRATOR_NAMES}, got {v!r}")
+            return v
+        return _constructor(v)
+
+    @field_validator("constant_amax")
+    @classmethod
+    def _constant_amax(cls, v: float | None) -> float | None:
+        import math
+
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"constant_amax must be a positive finite value, got {v!r}")
+        return v
+
+    @field_serializer("calibrator", when_used="json")
+    def _calibrator_json(self, v: Any) -> str:
+        # A calibrator class is code: checkpoints store no code, so a restored quantizer gets "max".
+        return v if isinstance(v, str) else "max"
 
     @field_validator("axis", mode="before")
     @classmethod
@@ -149,6 +226,13 @@ class QuantizerAttributeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizerAttributeConfig:
+        if isinstance(self.num_bits, str) and self.backend is None:
+            raise ValueError(
+                f"num_bits={self.num_bits!r}: a string num_bits names a custom backend's format "
+                "and needs backend=<name registered with nn.register_quant_backend>"
+            )
+        if self.use_constant_amax and self.constant_amax is not None:
+            raise ValueError("use_constant_amax and constant_amax are mutually exclusive; set one")
         if self.block_sizes is not None and self.axis is not None:
             raise ValueError(
                 f"axis={self.axis!r} cannot be combined with block_sizes={self.block_sizes!r}"
@@ -157,7 +241,12 @@ class QuantizerAttributeConfig(BaseModel):
             raise ValueError(
                 "learn_amax needs a static per-tensor or per-channel amax (no dynamic or block quantization)"
             )
-        if self.calibrator != "max" and (self.axis is not None or self.block_sizes is not None):
+        named = isinstance(self.calibrator, str)
+        if (
+            named
+            and self.calibrator != "max"
+            and (self.axis is not None or self.block_sizes is not None)
+        ):
             raise ValueError(
                 f"calibrator {self.calibrator!r} is per-tensor only; got axis/block_sizes"
             )
@@ -168,10 +257,24 @@ class QuantizerAttributeConfig(BaseModel):
         """True when amax is computed from each input instead of calibrated."""
         return self.type == "dynamic" or (self.block_sizes or {}).get("type") == "dynamic"
 
+    @property
+    def rotate_config(self) -> RotateConfig:
+        """``rotate`` as a `RotateConfig` (``True`` means ``RotateConfig(enable=True)``)."""
+        return (
+            self.rotate
+            if isinstance(self.rotate, RotateConfig)
+            else RotateConfig(enable=self.rotate)
+        )
+
     def quant_format(self) -> QuantFormat:
-        """The format these attributes describe, parsed into quant-kernels' `QuantFormat`."""
+        """The format these attributes describe, parsed into quant-kernels' `QuantFormat`.
+
+        A custom backend's string ``num_bits`` has no table row: its granularity is parsed with
+        8-bit integer elements (what calibrators read); the backend computes the values.
+        """
+        num_bits = 8 if isinstance(self.num_bits, str) else self.num_bits
         return QuantFormat.parse(
-            self.num_bits, self.axis, self.block_sizes, self.type, self.unsigned, self.narrow_range
+            num_bits, self.axis, self.block_sizes, self.type, self.unsigned, self.narrow_range
         )
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -6,8 +6,11 @@ from typing import Any
 
 
 def format_name(quantizer: Any) -> str:
-    """A short name of the quantizer's format: INT8, FP8 E4M3, NVFP4, MXFP4, ... (its ``format.label``)."""
-    return quantizer.format.label
+    """A short name of the quantizer's format: INT8, FP8 E4M3, NVFP4, MXFP4, ... (its ``format.label``),
+    or the custom backend's name and ``num_bits``; ``rotated`` is added after a Hadamard rotation."""
+    backend = getattr(quantizer, "backend", None)
+    name = f"backend {backend!r} ({quantizer.num_bits})" if backend else quantizer.format.label
+    return name + (" rotated" if getattr(quantizer, "rotate_is_enabled", False) else "")
 
 
 def granularity(quantizer: Any) -> str:

@@ -106,12 +106,15 @@ class FoldableWeight:
     def fold_weight(self) -> None:
         """Write the fake-quantized weight into the parameter and turn the weight quantizer off."""
         quantizer = self.weight_quantizer
-        if not quantizer.is_enabled and quantizer.pre_quant_scale is None:
+        rotated = getattr(quantizer, "rotate_is_enabled", False)
+        if not quantizer.is_enabled and quantizer.pre_quant_scale is None and not rotated:
             return
         with torch.no_grad():
             self.weight.data.copy_(quantizer(self.weight))
         quantizer.disable()
         quantizer.pre_quant_scale = None
+        if rotated:  # the rotation is baked into the weight now
+            quantizer.disable_rotate()
 
 
 class QuantLinearConvBase(FoldableWeight, QuantInputBase):

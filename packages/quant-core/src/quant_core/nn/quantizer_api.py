@@ -1,4 +1,5 @@
-"""ModelOpt's TensorQuantizer methods for export and checkpointing: export_amax, step_size, modelopt state."""
+"""ModelOpt's TensorQuantizer methods that read its attributes: export_amax, step_size, modelopt state,
+constant amax, rotation and custom-backend switches, and what makes a quantizer unexportable."""
 
 from __future__ import annotations
 
@@ -6,6 +7,25 @@ import warnings
 from typing import Any
 
 import torch
+
+from quant_core.config.schema import QuantizerAttributeConfig
+from quant_core.nn.rotation import normalized_hadamard_transform
+
+
+def merge_attribute_update(
+    current: QuantizerAttributeConfig, update: dict[str, Any]
+) -> dict[str, Any]:
+    """The attributes after a partial ``update`` (ModelOpt's ``set_from_attribute_config`` with a dict).
+
+    As in ModelOpt, an update that sets ``block_sizes`` without ``axis`` clears the current
+    ``axis`` (block sizes win), and ``{"enable": False}`` alone also turns rotation off.
+    """
+    merged = {**current.model_dump(), **update}
+    if update.get("block_sizes") is not None and "axis" not in update:
+        merged["axis"] = None
+    if update == {"enable": False}:
+        merged["rotate"] = current.rotate_config.model_copy(update={"enable": False})
+    return merged
 
 
 class ModelOptQuantizerAPI:
@@ -77,3 +97,55 @@ class ModelOptQuantizerAPI:
                 self.pre_quant_scale = torch.zeros(shape)
             else:
                 self.register_buffer(key, torch.zeros(shape))
+
+    # ----- constant amax, rotation, custom backend ----------------------------------------------
+    @property
+    def has_constant_amax(self) -> bool:
+        """True with ``constant_amax`` or ``use_constant_amax``: amax is pinned, never calibrated."""
+        attrs = self.attribute_config
+        return attrs.constant_amax is not None or attrs.use_constant_amax
+
+    @property
+    def rotate_is_enabled(self) -> bool:
+        """Whether the input is Hadamard-rotated before quantization."""
+        return self.attribute_config.rotate_config.enable
+
+    @property
+    def rotate_back_is_enabled(self) -> bool:
+        """Whether the output is rotated back after quantization (``mode="rotate_back"``)."""
+        rotate = self.attribute_config.rotate_config
+        return rotate.enable and rotate.mode == "rotate_back"
+
+    def disable_rotate(self) -> None:
+        """Turn rotation off (after folding a rotated weight, whose rotation is then baked in)."""
+        if self.rotate_is_enabled:
+            rotate = self.attribute_config.rotate_config.model_copy(update={"enable": False})
+            self.set_from_attribute_config({"rotate": rotate})
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        rotate = self.attribute_config.rotate_config
+        return normalized_hadamard_transform(x, rotate.rotate_fp32, rotate.block_size)
+
+    @property
+    def backend(self) -> str | None:
+        """Name of the custom quantization backend (``nn.register_quant_backend``), or None."""
+        return self.attribute_config.backend
+
+    @property
+    def backend_extra_args(self) -> dict[str, Any]:
+        """The ``backend_extra_args`` attribute (an empty dict when unset), for backend entrypoints."""
+        return dict(self.attribute_config.backend_extra_args or {})
+
+    def unexportable_reason(self) -> str | None:
+        """Why export and ``compress`` cannot represent this quantizer, or None when they can.
+
+        A Hadamard rotation is not part of any checkpoint format here (a deployment engine would
+        not rotate the activations), and a custom backend's numerics are user code.
+        """
+        if self.rotate_is_enabled:
+            return "it Hadamard-rotates its input (rotate=...), which no export format records"
+        if self.backend is not None:
+            return (
+                f"it quantizes with the custom backend {self.backend!r}, which export cannot read"
+            )
+        return None

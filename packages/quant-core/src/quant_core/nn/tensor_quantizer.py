@@ -30,7 +30,8 @@ from quant_core.calib import Calibrator, MaxCalibrator, make_calibrator, reduce_
 from quant_core.config.schema import QuantizerAttributeConfig, parse_attributes
 from quant_core.nn import onnx_qdq
 from quant_core.nn.describe import describe_quantizer
-from quant_core.nn.quantizer_api import ModelOptQuantizerAPI
+from quant_core.nn.quant_backends import get_quant_backend
+from quant_core.nn.quantizer_api import ModelOptQuantizerAPI, merge_attribute_update
 
 
 def _check_amax(value: torch.Tensor, name: str) -> None:
@@ -68,17 +69,15 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         """Set attributes from a config; a dict updates only the keys it names."""
         if isinstance(cfg, dict):
             cfg = parse_attributes(
-                {**self._attrs.model_dump(), **cfg}, f" for {self._name or 'quantizer'}"
+                merge_attribute_update(self._attrs, cfg), f" for {self._name or 'quantizer'}"
             )
         old = self._attrs
-        if (old.num_bits, old.axis, old.block_sizes, old.type) != (
-            cfg.num_bits,
-            cfg.axis,
-            cfg.block_sizes,
-            cfg.type,
-        ):
+        fields = ("num_bits", "axis", "block_sizes", "type", "constant_amax", "use_constant_amax")
+        if any(getattr(old, f) != getattr(cfg, f) for f in fields):
             self.amax = None  # a calibrated amax belongs to the old format and granularity
         self._attrs = cfg
+        if self.has_constant_amax:
+            self.amax = cfg.constant_amax or qk.ElementFormat.parse((4, 3)).max_value
         self._format = fmt = cfg.quant_format()
         self._disabled = not cfg.enable
         self._calibrator = make_calibrator(cfg, fmt.block_axes)
@@ -243,7 +242,9 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
 
     # ----- calibration ----------------------------------------------------------------------
     def collect(self, x: torch.Tensor) -> None:
-        """Feed one tensor to this quantizer's calibrator(s)."""
+        """Feed one tensor to this quantizer's calibrator(s) (none for a constant amax)."""
+        if self.has_constant_amax:
+            return
         if self._global_calibrator is not None:
             self._global_calibrator.collect(x)
         if not self.is_dynamic:
@@ -256,7 +257,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         Nothing collected leaves amax unchanged, or raises with ``strict=True``.
         """
         source = self._global_calibrator if self.is_dynamic else self._calibrator
-        if source is None:
+        if source is None or self.has_constant_amax:
             return
         amax = source.compute_amax(*args, **kwargs)
         if amax is None and strict:
@@ -289,6 +290,8 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         attrs = self._attrs
+        if attrs.backend is not None:
+            return get_quant_backend(attrs.backend)(x, self)
         amax = self.amax
         if not self.is_dynamic and amax is not None and onnx_qdq.wants_qdq(self):
             return onnx_qdq.qdq(x, amax, self)
@@ -360,8 +363,11 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         pqs = self.pre_quant_scale
         if pqs is not None:
             x = x * pqs.to(x.dtype)
+        rotate = self._attrs.rotate_config
+        if rotate.enable:  # also when disabled, so a rotated pair of operands stays consistent
+            x = self._rotate(x)
         if self._disabled:
-            return x
+            return self._rotate(x) if rotate.enable and rotate.mode == "rotate_back" else x
         bias = self._bias(x)
         if bias is not None:
             x = x - bias
@@ -369,7 +375,8 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
             self.collect(x)
         if self._if_quant:
             x = self._quantize(x)
-        return x + bias if bias is not None else x
+        x = x + bias if bias is not None else x
+        return self._rotate(x) if rotate.enable and rotate.mode == "rotate_back" else x
 
     def extra_repr(self) -> str:
         if self._disabled:

@@ -1,6 +1,18 @@
-"""ModelOpt path ``nn.modules.tensor_quantizer``: TensorQuantizer and SequentialQuantizer."""
+"""ModelOpt path ``nn.modules.tensor_quantizer``: TensorQuantizer, SequentialQuantizer and the
+custom-backend registry."""
 
+from quant_core.nn.quant_backends import (
+    is_registered_quant_backend,
+    register_quant_backend,
+    unregister_quant_backend,
+)
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
-__all__ = ["SequentialQuantizer", "TensorQuantizer"]
+__all__ = [
+    "SequentialQuantizer",
+    "TensorQuantizer",
+    "is_registered_quant_backend",
+    "register_quant_backend",
+    "unregister_quant_backend",
+]
