@@ -1,6 +1,6 @@
 """ModelOpt's ``nn.modules`` path: every quantized module class, and the extra ones to register.
 
-Linear, ConvNd and ConvTransposeNd are registered by default. :data:`EXTRA_MODULES` maps the
+Linear, ConvNd, ConvTransposeNd and (as in ModelOpt) RNN, LSTM and GRU are registered by default. :data:`EXTRA_MODULES` maps the
 classes ModelOpt also registers (Embedding, BatchNorm, InstanceNorm, LayerNorm, pooling,
 LeakyReLU) to their quantized classes; they are not registered by default because configs'
 ``"*input_quantizer"`` pattern would then quantize every norm and pooling input. Opt in with
@@ -17,6 +17,7 @@ from quant_core.nn.modules import (
     quant_module,
     quant_norms,
     quant_pooling,
+    quant_rnn,
     tensor_quantizer,
 )
 from quant_core.nn.modules.quant_activations import *  # noqa: F403
@@ -47,6 +48,7 @@ from quant_core.nn.modules.quant_pooling import (
     QuantMaxPool2d,
     QuantMaxPool3d,
 )
+from quant_core.nn.modules.quant_rnn import *  # noqa: F403
 from quant_core.nn.modules.tensor_quantizer import *  # noqa: F403
 
 EXTRA_MODULES: dict[type[nn.Module], type[nn.Module]] = {
@@ -80,6 +82,7 @@ __all__ = sorted(
         *quant_module.__all__,
         *quant_norms.__all__,
         *quant_pooling.__all__,
+        *quant_rnn.__all__,
         *tensor_quantizer.__all__,
     }
 )
