@@ -125,7 +125,7 @@ def test_quantized_rnn_matches_float64_reference(cls: type) -> None:
     torch.testing.assert_close(got.double(), out, rtol=0, atol=2e-6)
     torch.testing.assert_close(_as_tuple(h_n)[0][0].double(), h, rtol=0, atol=2e-6)
     before = q(x)[0]
-    q.fold_weight()
+    mtq.fold_weight(q)
     assert not q.weight_ih_l0_weight_quantizer.is_enabled
     torch.testing.assert_close(q(x)[0], before, rtol=0, atol=1e-6)
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from quant_core.conversion import iter_tensor_quantizers, preserve_quantizer_attributes_context
+from quant_core.nn.modules.quant_rnn import QuantRNNBase
+from quant_core.nn.quant_module import fold_into
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
@@ -80,6 +82,9 @@ def fold_weight(model: nn.Module) -> None:
     calibrated again or trained with QAT on its original weights.
     """
     for module in model.modules():
+        if isinstance(module, QuantRNNBase):  # one quantizer per weight matrix
+            module.fold_weight()
+            continue
         quantizer = getattr(module, "weight_quantizer", None)
         weight = getattr(module, "weight", None)
         if quantizer is None or not isinstance(weight, torch.Tensor):
@@ -87,11 +92,7 @@ def fold_weight(model: nn.Module) -> None:
         if hasattr(module, "fold_weight"):
             module.fold_weight()
             continue
-        if quantizer.is_enabled or quantizer.pre_quant_scale is not None:
-            with torch.no_grad():
-                weight.data.copy_(quantizer(weight))
-            quantizer.disable()
-            quantizer.pre_quant_scale = None
+        fold_into(weight, quantizer)
 
 
 @contextmanager

@@ -100,21 +100,26 @@ class QuantInputBase(QuantModule):
         return self.output_quantizer(out)
 
 
+def fold_into(weight: torch.Tensor, quantizer: nn.Module) -> None:
+    """Write ``quantizer(weight)`` into ``weight`` and turn the quantizer off (its pre-quant scale
+    and Hadamard rotation, now baked in, too); nothing when the quantizer changes nothing."""
+    rotated = getattr(quantizer, "rotate_is_enabled", False)
+    if not quantizer.is_enabled and quantizer.pre_quant_scale is None and not rotated:
+        return
+    with torch.no_grad():
+        weight.data.copy_(quantizer(weight))
+    quantizer.disable()
+    quantizer.pre_quant_scale = None
+    if rotated:
+        quantizer.disable_rotate()
+
+
 class FoldableWeight:
     """``fold_weight`` for quantized modules with a ``weight`` parameter and a ``weight_quantizer``."""
 
     def fold_weight(self) -> None:
         """Write the fake-quantized weight into the parameter and turn the weight quantizer off."""
-        quantizer = self.weight_quantizer
-        rotated = getattr(quantizer, "rotate_is_enabled", False)
-        if not quantizer.is_enabled and quantizer.pre_quant_scale is None and not rotated:
-            return
-        with torch.no_grad():
-            self.weight.data.copy_(quantizer(self.weight))
-        quantizer.disable()
-        quantizer.pre_quant_scale = None
-        if rotated:  # the rotation is baked into the weight now
-            quantizer.disable_rotate()
+        fold_into(self.weight, self.weight_quantizer)
 
 
 class QuantLinearConvBase(FoldableWeight, QuantInputBase):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from quant_core.nn.quant_module import INPUT_DEFAULT, QuantModule
+from quant_core.nn.quant_module import INPUT_DEFAULT, QuantModule, fold_into
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
@@ -98,12 +98,7 @@ class QuantRNNBase(QuantModule):
     def fold_weight(self) -> None:
         """Write each fake-quantized weight into its parameter and turn its quantizer off."""
         for name in self._weight_names:
-            quantizer = getattr(self, f"{name}_weight_quantizer")
-            if quantizer.is_enabled or quantizer.pre_quant_scale is not None:
-                with torch.no_grad():
-                    getattr(self, name).data.copy_(quantizer(getattr(self, name)))
-                quantizer.disable()
-                quantizer.pre_quant_scale = None
+            fold_into(getattr(self, name), getattr(self, f"{name}_weight_quantizer"))
 
     def _run_direction(
         self, data: torch.Tensor, sizes: list[int], h: Hidden, layer: int, suffix: str
