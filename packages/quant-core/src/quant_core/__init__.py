@@ -1,6 +1,6 @@
 """quant-core: quantize PyTorch models with ModelOpt's API (``import quant_core as mtq``)."""
 
-from quant_core import algorithms, calib, config, model_calib, nn, opt, tensor_quant, utils
+from quant_core import algorithms, calib, config, model_calib, nn, opt, qtensor, tensor_quant, utils
 from quant_core._version import __version__
 from quant_core.compress import compress
 from quant_core.config import *  # noqa: F403  the built-in *_CFG dicts
@@ -80,6 +80,7 @@ __all__ = [
     "need_calibration",
     "normalize_quant_cfg_list",
     "opt",
+    "qtensor",
     "preserve_quantizer_attributes_context",
     "replace_quant_module",
     "set_quantizer_attributes_full",
