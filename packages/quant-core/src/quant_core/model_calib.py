@@ -1,8 +1,8 @@
 """ModelOpt's ``model_calib`` functions: each runs one calibration algorithm on a quantized model.
 
 Each is ``mtq.calibrate(model, {"method": name, **options}, forward_loop)``; options the
-algorithm here does not take are refused by name. ModelOpt's ``lsq``, ``local_hessian_calibrate``,
-``nvfp4_act_headroom_calibrate`` and ``layerwise_calibrate`` are not provided.
+algorithm here does not take are refused by name. ModelOpt's ``lsq``, ``local_hessian_calibrate`` and
+``layerwise_calibrate`` are not provided.
 `enable_stats_collection` / `finish_stats_collection` are ModelOpt's manual calibration switches.
 """
 
@@ -64,6 +64,25 @@ def gptq(model: nn.Module, forward_loop: ForwardLoop = None, **options: Any) -> 
     _run("gptq", model, forward_loop, options)
 
 
+def nvfp4_act_headroom_calibrate(
+    model: nn.Module,
+    forward_loop: ForwardLoop = None,
+    *,
+    anchor_percentile: float = 1.0,
+    upper_percentile: float = 99.99,
+    rho: float = 16384.0,
+    weight_scale_algorithm: Any = None,
+) -> None:
+    """NVFP4 input global amaxes with headroom, ``max(rho * anchor, upper)`` of the block amaxes."""
+    options = {
+        "anchor_percentile": anchor_percentile,
+        "upper_percentile": upper_percentile,
+        "rho": rho,
+        "weight_scale_algorithm": weight_scale_algorithm,
+    }
+    _run("nvfp4_act_headroom", model, forward_loop, options)
+
+
 def _enabled_quantizers(model: nn.Module) -> list[TensorQuantizer]:
     return [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
 
@@ -104,6 +123,7 @@ __all__ = [
     "gptq",
     "max_calibrate",
     "mse_calibrate",
+    "nvfp4_act_headroom_calibrate",
     "smoothquant",
     "svdquant",
 ]

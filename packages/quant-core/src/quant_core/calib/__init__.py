@@ -8,6 +8,7 @@ from quant_core.calib.calibrator import _Calibrator
 from quant_core.calib.histogram import HistogramCalibrator
 from quant_core.calib.max import MaxCalibrator, reduce_amax
 from quant_core.calib.mse import MseCalibrator
+from quant_core.calib.nvfp4_act_headroom import NVFP4ActHeadroomCalibrator
 
 Calibrator = MaxCalibrator | HistogramCalibrator | _Calibrator
 
@@ -29,6 +30,7 @@ __all__ = [
     "HistogramCalibrator",
     "MaxCalibrator",
     "MseCalibrator",
+    "NVFP4ActHeadroomCalibrator",
     "_Calibrator",
     "make_calibrator",
     "reduce_amax",

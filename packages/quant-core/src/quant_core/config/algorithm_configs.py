@@ -95,6 +95,16 @@ class GPTQCalibConfig(QuantizeAlgorithmConfig):
     fused: bool = False
 
 
+class NVFP4ActHeadroomCalibConfig(QuantizeAlgorithmConfig):
+    """NVFP4 activation global amaxes ``max(rho * anchor, upper)`` with headroom above the data."""
+
+    method: Literal["nvfp4_act_headroom"] = "nvfp4_act_headroom"
+    anchor_percentile: float = 1.0
+    upper_percentile: float = 99.99
+    rho: float = 16384.0
+    weight_scale_algorithm: dict[str, Any] | None = None
+
+
 def algorithm_spec(spec: Any) -> Any:
     """A config object as its ``{"method", ...}`` dict; anything else unchanged."""
     return spec.to_spec() if isinstance(spec, QuantizeAlgorithmConfig) else spec
@@ -107,6 +117,7 @@ __all__ = [
     "GPTQCalibConfig",
     "MaxCalibConfig",
     "MseCalibConfig",
+    "NVFP4ActHeadroomCalibConfig",
     "QuantizeAlgorithmConfig",
     "SVDQuantConfig",
     "SmoothQuantCalibConfig",
