@@ -1,8 +1,8 @@
 """ModelOpt's ``model_calib`` functions: each runs one calibration algorithm on a quantized model.
 
 Each is ``mtq.calibrate(model, {"method": name, **options}, forward_loop)``; options the
-algorithm here does not take are refused by name. ModelOpt's ``lsq``, ``local_hessian_calibrate`` and
-``layerwise_calibrate`` are not provided.
+algorithm here does not take are refused by name. ModelOpt's ``lsq`` and ``layerwise_calibrate`` are
+not provided.
 `enable_stats_collection` / `finish_stats_collection` are ModelOpt's manual calibration switches.
 """
 
@@ -64,6 +64,14 @@ def gptq(model: nn.Module, forward_loop: ForwardLoop = None, **options: Any) -> 
     _run("gptq", model, forward_loop, options)
 
 
+def local_hessian_calibrate(
+    model: nn.Module, forward_loop: ForwardLoop = None, **options: Any
+) -> None:
+    """Per-block weight amax searched for the least local-Hessian-weighted error (``step_size``,
+    ``start_multiplier``, ``stop_multiplier``, ``block_size``, ``distributed_sync``)."""
+    _run("local_hessian", model, forward_loop, options)
+
+
 def nvfp4_act_headroom_calibrate(
     model: nn.Module,
     forward_loop: ForwardLoop = None,
@@ -121,6 +129,7 @@ __all__ = [
     "enable_stats_collection",
     "finish_stats_collection",
     "gptq",
+    "local_hessian_calibrate",
     "max_calibrate",
     "mse_calibrate",
     "nvfp4_act_headroom_calibrate",

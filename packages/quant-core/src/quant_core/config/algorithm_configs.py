@@ -95,6 +95,18 @@ class GPTQCalibConfig(QuantizeAlgorithmConfig):
     fused: bool = False
 
 
+class LocalHessianCalibConfig(QuantizeAlgorithmConfig):
+    """Per-block weight amax searched for the least local-Hessian-weighted error ``d^T H_bb d``."""
+
+    method: Literal["local_hessian"] = "local_hessian"
+    step_size: float | None = 0.1
+    start_multiplier: float | None = 0.25
+    stop_multiplier: float | None = 4.0
+    fp8_scale_sweep: bool | None = False
+    block_size: int | None = None
+    distributed_sync: bool | None = True
+
+
 class NVFP4ActHeadroomCalibConfig(QuantizeAlgorithmConfig):
     """NVFP4 activation global amaxes ``max(rho * anchor, upper)`` with headroom above the data."""
 
@@ -115,6 +127,7 @@ __all__ = [
     "AWQFullCalibConfig",
     "AWQLiteCalibConfig",
     "GPTQCalibConfig",
+    "LocalHessianCalibConfig",
     "MaxCalibConfig",
     "MseCalibConfig",
     "NVFP4ActHeadroomCalibConfig",
