@@ -123,7 +123,7 @@ class ModelOptQuantizerAPI:
             self.set_from_attribute_config({"rotate": rotate})
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        rotate = self.attribute_config.rotate_config
+        rotate = self._rotation
         return normalized_hadamard_transform(x, rotate.rotate_fp32, rotate.block_size)
 
     @property

@@ -76,6 +76,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         if any(getattr(old, f) != getattr(cfg, f) for f in fields):
             self.amax = None  # a calibrated amax belongs to the old format and granularity
         self._attrs = cfg
+        self._rotation = cfg.rotate_config  # read on every forward: parsed once here
         if self.has_constant_amax:
             self.amax = cfg.constant_amax or qk.ElementFormat.parse((4, 3)).max_value
         self._format = fmt = cfg.quant_format()
@@ -363,7 +364,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         pqs = self.pre_quant_scale
         if pqs is not None:
             x = x * pqs.to(x.dtype)
-        rotate = self._attrs.rotate_config
+        rotate = self._rotation
         if rotate.enable:  # also when disabled, so a rotated pair of operands stays consistent
             x = self._rotate(x)
         if self._disabled:
