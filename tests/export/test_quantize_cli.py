@@ -111,6 +111,25 @@ def test_a_dimension_the_group_size_does_not_divide_is_one_error_line(tmp_path, 
     assert "input size 192 is not divisible by group size 128" in errors[0]
 
 
+def test_group_size_and_algorithm_reach_the_quantization(tmp_path, capsys):
+    """--group-size 64 makes 192-wide inputs exportable (block size 64 in the file); --algorithm
+    replaces the qformat's algorithm (the report names it)."""
+    folder = tmp_path / "odd"
+    tokenizer_dir = pathlib.Path(minilm.__file__).parent / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tiny_model("llama", vocab_size=tokenizer.vocab_size, hidden_size=192).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "int4"
+    args = ("--qformat", "int4_gptq", "--algorithm", "max", "--group-size", "64")
+    assert _quantize(folder, out, *args, "--eval-windows", "0") == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert group["weights"]["group_size"] == 64
+    scale = load_file(out / "model.safetensors")["model.layers.0.self_attn.q_proj.weight_scale"]
+    assert scale.shape[-1] == 192 // 64
+    assert "calibrated with max" in capsys.readouterr().out
+
+
 def test_validate_names_a_bad_scale(model_dir, tmp_path, capsys):
     out = tmp_path / "fp8"
     assert _quantize(model_dir, out, "--eval-windows", "0") == 0

@@ -11,7 +11,7 @@ formats it holds), so adding one is adding a row.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,18 +124,15 @@ def quant_config(
     if algorithm is not None:
         config["algorithm"] = algorithm
     if group_size is not None:
-        weight = (
-            config["quant_cfg"].get("*weight_quantizer")
-            if isinstance(config["quant_cfg"], dict)
-            else None
-        )
+        weight = config["quant_cfg"].get("*weight_quantizer")  # a dict or ModelOpt's entry list
         if (
-            not isinstance(weight, dict)
+            not isinstance(weight, Mapping)
             or not weight.get("block_sizes")
             or qformat not in INT4_QFORMATS
         ):
             raise SystemExit(f"--group-size applies to {', '.join(INT4_QFORMATS)}, not {qformat}")
-        weight["block_sizes"] = {**weight["block_sizes"], -1: group_size}
+        block_sizes = {**weight["block_sizes"], -1: group_size}
+        config["quant_cfg"]["*weight_quantizer"] = {**weight, "block_sizes": block_sizes}
     kv = KV_CACHES[kv_cache]
     if kv is not None:
         kv_cfg = getattr(mtq, kv, None) or getattr(quant_llm, kv)
@@ -176,6 +173,7 @@ class Report:
     qformat: str
     kv_cache: str
     layout: str
+    algorithm: str = ""
     quantized: dict[str, int] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
     size_before: int = 0
@@ -190,7 +188,8 @@ class Report:
         mb = 1e6
         out = [
             f"model      {self.name}",
-            f"quantized  {self.qformat} (KV cache {self.kv_cache}) -> {self.layout}: {self.output}",
+            f"quantized  {self.qformat} (KV cache {self.kv_cache}, calibrated with {self.algorithm}) "
+            f"-> {self.layout}: {self.output}",
             "layers     "
             + ", ".join(f"{n} {fmt}" for fmt, n in sorted(self.quantized.items()))
             + f"; left float: {', '.join(self.excluded) or 'none'}",
@@ -272,10 +271,11 @@ def run_quantize(args: Any) -> Report:
         {"input_ids": calib[i : i + 4], "attention_mask": torch.ones_like(calib[i : i + 4])}
         for i in range(0, len(calib), 4)
     ]
+    config = quant_config(args.qformat, args.kv_cache, args.algorithm, args.group_size)
+    algorithm = config.get("algorithm") or "max"
+    report.algorithm = algorithm if isinstance(algorithm, str) else algorithm.get("method", "max")
     tick = time.perf_counter()
-    mtq.quantize(
-        model, quant_config(args.qformat, args.kv_cache), create_forward_loop(model, batches)
-    )
+    mtq.quantize(model, config, create_forward_loop(model, batches))
     report.times["calibrate"] = time.perf_counter() - tick
     report.quantized, report.excluded = _summary(model)
     tick = time.perf_counter()
