@@ -17,13 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from quant_core.algorithms._blocks import to_blocks
 from quant_core.algorithms.registry import ForwardLoop
 from quant_core.algorithms.shared_inputs import SharedInputs
 from quant_core.algorithms.weights import calibrate_weight
+from quant_core.distributed import (
+    all_gather_rows,
+    all_reduce,
+    is_distributed,
+    reduce_calibrators,
+)
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
@@ -76,10 +81,10 @@ def collecting_statistics(
             q.reset_statistics()
         raise
     else:
+        if sync:
+            reduce_calibrators([c for q in active for c in _calibrators(q)])
         for q in active:
             q.load_calib_amax()
-            if sync:
-                _sync_amax(q)
     finally:
         for q in active:
             q.disable_calib()
@@ -97,12 +102,10 @@ def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
     return out
 
 
-def _sync_amax(quantizer: TensorQuantizer) -> None:
-    """Data-parallel calibration: take the max of amax over all ranks."""
-    amax = quantizer.amax
-    if amax is not None and dist.is_available() and dist.is_initialized():
-        with torch.no_grad():
-            dist.all_reduce(amax.data, op=dist.ReduceOp.MAX)
+def _calibrators(quantizer: TensorQuantizer) -> list:
+    """The calibrators a quantizer collects into (its own, and the global-amax one of NVFP4)."""
+    extra = quantizer._global_calibrator
+    return [quantizer.calibrator] if extra is None else [quantizer.calibrator, extra]
 
 
 def max_calibrate(
@@ -202,6 +205,7 @@ def collect_input_stats(
             handle.remove()
         last.clear()
         shared.release()
+    _reduce_input_stats(stats, rows=bool(samples))
     unseen = [name for name, st in stats.items() if st.count == 0]
     if unseen:
         # e.g. MoE experts that calibration routed no token to: no statistics to search with.
@@ -219,6 +223,25 @@ def collect_input_stats(
         for st in stats.values():
             st.gram = st.gram.triu() + st.gram.triu(1).T
     return stats
+
+
+def _reduce_input_stats(stats: dict[str, InputStats], rows: bool) -> None:
+    """Data-parallel calibration: every rank gets the statistics of all ranks' inputs (amax: max;
+    sums, Gram matrices and token counts: sum; sampled rows: all of them, in rank order)."""
+    if not is_distributed():
+        return
+    values = list(stats.values())
+    for st, amax in zip(values, all_reduce([st.amax for st in values], "max")):
+        st.amax = amax
+    counts = [torch.tensor(st.count, dtype=torch.int64) for st in values]
+    sums = all_reduce([st.abs_sum for st in values] + [st.gram for st in values] + counts, "sum")
+    n = len(values)
+    for i, st in enumerate(values):
+        st.abs_sum, st.gram, st.count = sums[i], sums[n + i], int(sums[2 * n + i])
+        if rows and st.amax is not None:
+            mine = torch.cat(st.samples) if st.samples else None
+            gathered = all_gather_rows(mine, st.amax.shape[-1], torch.float32)
+            st.samples = [] if gathered is None else [gathered]
 
 
 def block_diagonal_gram(x: Tensor, size: int) -> Tensor:
