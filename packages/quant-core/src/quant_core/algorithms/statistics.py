@@ -42,6 +42,7 @@ __all__ = [
     "effective_input_stats",
     "max_calibrate",
     "upper_gram",
+    "weight_quantizers",
     "weights_quantized_once",
 ]
 
@@ -68,7 +69,7 @@ def collecting_statistics(
     On normal exit the collected amax values are loaded; on an exception nothing is loaded and every
     quantizer is back in normal quantizing mode.
     """
-    weight_ids = {id(q) for q in _weight_quantizers(model)} if skip_weights else set()
+    weight_ids = {id(q) for q in weight_quantizers(model)} if skip_weights else set()
     active = [q for q in _tensor_quantizers(model) if q.is_enabled and id(q) not in weight_ids]
     for q in active:
         q.reset_statistics()
@@ -91,7 +92,8 @@ def collecting_statistics(
             q.enable_quant()
 
 
-def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+def weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+    """Every weight quantizer of ``model`` (each stage of a multi-stage one)."""
     out = []
     for module in model.modules():
         wq = getattr(module, "weight_quantizer", None)
