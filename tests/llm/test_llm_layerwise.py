@@ -78,7 +78,7 @@ def _per_layer_reference(method: dict, forward_loop, qdq: bool) -> torch.nn.Modu
         source = model if qdq else one_pass
         recorded = []
 
-        def hook(_m, args, kwargs):
+        def hook(_m, args, kwargs, recorded=recorded):
             recorded.append((args, {**kwargs, "cache": None}))
 
         handle = source.model.layers[index].register_forward_pre_hook(hook, with_kwargs=True)

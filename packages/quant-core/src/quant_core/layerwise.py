@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from quant_core.algorithms.statistics import calibrate_weights, weight_quantizers
 from quant_core.nn.tensor_quantizer import TensorQuantizer
+from quant_core.offload import weights_materialized
 
 __all__ = ["LayerwiseOptions", "decoder_layers", "layerwise_calibrate", "split_layerwise"]
 
@@ -297,19 +298,24 @@ def layerwise_calibrate(
         inputs = seq.inputs_of(0)
         for index in tqdm(range(len(layers)), desc="layerwise", leave=False):
             layer, last = layers[index], index + 1 == len(layers)
-            if not last and not qdq_from_prev:
-                with _as_in_one_pass(layer):
+            with weights_materialized(layer):
+                if not last and not qdq_from_prev:
+                    with _as_in_one_pass(layer):
+                        following = seq.inputs_of(index + 1)
+                algorithm(layer, _replay(inputs), **options)
+                if not last and qdq_from_prev:
                     following = seq.inputs_of(index + 1)
-            algorithm(layer, _replay(inputs), **options)
-            if not last and qdq_from_prev:
-                following = seq.inputs_of(index + 1)
             if not last:
                 seq.finish(index)
                 inputs = following
         rest = _outside(model, layers)
         if rest:
             seq.states[-1].recorded = inputs
-            with _as_in_one_pass(layers[-1]) if not qdq_from_prev else nullcontext():
+            with ExitStack() as stack:
+                stack.enter_context(weights_materialized(layers[-1]))
+                if not qdq_from_prev:
+                    stack.enter_context(_as_in_one_pass(layers[-1]))
                 for module in rest:
-                    algorithm(module, seq.through_last, **options)
+                    with weights_materialized(module):
+                        algorithm(module, seq.through_last, **options)
         seq.finish(len(layers) - 1)

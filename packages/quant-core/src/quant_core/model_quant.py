@@ -28,6 +28,7 @@ from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model
     temporarily_fold_weights,
 )
 from quant_core.nn.registry import QuantModuleRegistry
+from quant_core.offload import weights_materialized
 from quant_core.plugins import prepare_model
 
 ForwardLoop = Callable[[nn.Module], Any]
@@ -138,7 +139,9 @@ def calibrate(
     """Run calibration ``algorithm`` (a name, ``{"method": name, **options}``, None, or a list) on ``model``.
 
     An algorithm's ``"layerwise"`` option calibrates one decoder layer at a time
-    (see :mod:`quant_core.layerwise`).
+    (see :mod:`quant_core.layerwise`). Weights offloaded by accelerate are loaded for the
+    calibration (all of them at once, or one decoder layer's with ``layerwise``) and changed
+    ones written back (see :mod:`quant_core.offload`).
     """
     forward_loop = model_loop(forward_loop)
     for method, options in _algorithm_specs(algorithm):
@@ -151,7 +154,8 @@ def calibrate(
                     qdq = layerwise.get_qdq_activations_from_prev_layer
                     layerwise_calibrate(model, fn, forward_loop, options, qdq)
                 else:
-                    fn(model, loop, **options)
+                    with weights_materialized(model):
+                        fn(model, loop, **options)
         except TypeError as err:
             _reset_calibration_state(model)
             if "unexpected keyword argument" in str(err):
