@@ -27,6 +27,7 @@ from quant_core.plugins import load_plugins
 
 _INT8_W = {"num_bits": 8, "axis": 0}
 _INT4_W = {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}}
+_NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
 
 
 def _cfg(weight: dict, inputs: dict | None, algorithm) -> dict:
@@ -50,6 +51,7 @@ CASES = {
     ),
     "awq_full": _cfg(_INT4_W, None, {"method": "awq_full", "alpha_step": 0.25}),
     "gptq": _cfg(_INT4_W, None, "gptq"),
+    "nvfp4_act_headroom": _cfg(_NVFP4, _NVFP4, "nvfp4_act_headroom"),
 }
 HISTOGRAM_CASES = {"percentile": 2, "histogram_mse": 24}
 """Tolerance in histogram bins (of 2048): the MSE search steps 8 bins at a time (num_bins / 256)."""

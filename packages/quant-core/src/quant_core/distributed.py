@@ -8,6 +8,7 @@ same result. Without an initialized process group of more than one rank they do 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -149,12 +150,29 @@ def reduce_calibrators(calibrators: Sequence[Any]) -> None:
 
     Max calibrators: the running amax, max over ranks. Histogram calibrators: the histogram
     range (max over ranks) first, each rank's counts re-binned onto it, then the counts summed.
-    Every rank must pass the same calibrators in the same order.
+    NVFP4 headroom calibrators (fixed log2 bins): the top block amax (max), the counts (sum).
+    Other classes are named in a warning. Every rank must pass the same calibrators in the same
+    order.
     """
     if not is_distributed():
         return
     from quant_core.calib import HistogramCalibrator, MaxCalibrator
+    from quant_core.calib.nvfp4_act_headroom import NVFP4ActHeadroomCalibrator
 
+    known = (MaxCalibrator, HistogramCalibrator, NVFP4ActHeadroomCalibrator)
+    unknown = sorted({type(c).__name__ for c in calibrators if not isinstance(c, known)})
+    if unknown:
+        warnings.warn(
+            f"calibrator class(es) {unknown} have no reduction across ranks: each rank keeps the "
+            "amax of its own shard, and the ranks may disagree",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    headroom = [c for c in calibrators if isinstance(c, NVFP4ActHeadroomCalibrator)]
+    for c, top in zip(headroom, all_reduce([c._max for c in headroom], "max")):
+        c._max = top
+    for c, hist in zip(headroom, all_reduce([c._hist for c in headroom], "sum")):
+        c._hist = hist
     maxes = [c for c in calibrators if isinstance(c, MaxCalibrator)]
     for c, amax in zip(maxes, all_reduce([c._amax for c in maxes], "max")):
         c._amax = amax

@@ -41,6 +41,7 @@ __all__ = [
     "collecting_statistics",
     "effective_input_stats",
     "max_calibrate",
+    "reduce_quantizer_statistics",
     "upper_gram",
     "weight_quantizers",
     "weights_quantized_once",
@@ -83,7 +84,7 @@ def collecting_statistics(
         raise
     else:
         if sync:
-            reduce_calibrators([c for q in active for c in _calibrators(q)])
+            reduce_quantizer_statistics(active)
         for q in active:
             q.load_calib_amax()
     finally:
@@ -104,10 +105,15 @@ def weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
     return out
 
 
-def _calibrators(quantizer: TensorQuantizer) -> list:
-    """The calibrators a quantizer collects into (its own, and the global-amax one of NVFP4)."""
-    extra = quantizer._global_calibrator
-    return [quantizer.calibrator] if extra is None else [quantizer.calibrator, extra]
+def reduce_quantizer_statistics(quantizers: list[TensorQuantizer]) -> None:
+    """Data-parallel calibration: reduce what the calibrators of ``quantizers`` collected over the
+    ranks (see :func:`quant_core.distributed.reduce_calibrators`), before their amax is loaded."""
+    calibrators = []
+    for q in quantizers:
+        calibrators.append(q.calibrator)
+        if q._global_calibrator is not None:  # NVFP4's global amax
+            calibrators.append(q._global_calibrator)
+    reduce_calibrators(calibrators)
 
 
 def max_calibrate(
