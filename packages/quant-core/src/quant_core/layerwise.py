@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant_core.algorithms.statistics import calibrate_weights, weight_quantizers
+from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 from quant_core.offload import weights_materialized
 
@@ -270,9 +271,15 @@ def _outside(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
     inside = {id(m) for m in layers.modules()}
     found: list[nn.Module] = []
     for module in model.modules():
-        if id(module) in inside or isinstance(module, TensorQuantizer):
+        if id(module) in inside or isinstance(module, (TensorQuantizer, SequentialQuantizer)):
             continue
-        own = [c for c in module.children() if isinstance(c, TensorQuantizer) and c.is_enabled]
+        own = [
+            q
+            for c in module.children()
+            if isinstance(c, (TensorQuantizer, SequentialQuantizer))
+            for q in c.modules()
+            if isinstance(q, TensorQuantizer) and q.is_enabled
+        ]
         if own and not any(m in found for m in _ancestors(model, module)):
             found.append(module)
     return found
