@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from quant_core.algorithms.statistics import reduce_quantizer_statistics
 from quant_core.calib import HistogramCalibrator, MaxCalibrator
 from quant_core.model_quant import calibrate
 from quant_core.nn.tensor_quantizer import TensorQuantizer
@@ -111,7 +112,9 @@ def finish_stats_collection(model: nn.Module, method: str | None = None, **kwarg
     ``method`` (``"entropy"``, ``"percentile"``, ``"mse"``) and ``kwargs`` (e.g. ``percentile=99.9``)
     go to histogram calibrators' ``compute_amax``; ``kwargs`` alone to custom calibrators. A
     quantizer that collected nothing keeps its amax; a constant amax is never replaced.
+    Under ``torch.distributed`` the statistics are first reduced over the ranks.
     """
+    reduce_quantizer_statistics(_enabled_quantizers(model))
     for q in _enabled_quantizers(model):
         if not q.has_constant_amax:
             if isinstance(q.calibrator, HistogramCalibrator) and not q.is_dynamic:

@@ -20,6 +20,7 @@ from quant_core.conversion import (
     replace_quant_modules,
     set_quantizer_by_cfg,
 )
+from quant_core.layerwise import layerwise_calibrate, split_layerwise
 from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model_quant names
     compute_quantization_mse,
     fold_weight,
@@ -27,6 +28,7 @@ from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model
     temporarily_fold_weights,
 )
 from quant_core.nn.registry import QuantModuleRegistry
+from quant_core.offload import weights_materialized
 from quant_core.plugins import prepare_model
 
 ForwardLoop = Callable[[nn.Module], Any]
@@ -134,14 +136,26 @@ def _reset_calibration_state(model: nn.Module) -> None:
 def calibrate(
     model: nn.Module, algorithm: Any = "max", forward_loop: ForwardLoop | None = None
 ) -> nn.Module:
-    """Run calibration ``algorithm`` (a name, ``{"method": name, **options}``, None, or a list) on ``model``."""
+    """Run calibration ``algorithm`` (a name, ``{"method": name, **options}``, None, or a list) on ``model``.
+
+    An algorithm's ``"layerwise"`` option calibrates one decoder layer at a time
+    (see :mod:`quant_core.layerwise`). Weights offloaded by accelerate are loaded for the
+    calibration (all of them at once, or one decoder layer's with ``layerwise``) and changed
+    ones written back (see :mod:`quant_core.offload`).
+    """
     forward_loop = model_loop(forward_loop)
     for method, options in _algorithm_specs(algorithm):
         fn = get_algorithm(method)
+        options, layerwise = split_layerwise(method, options)
         loop = _LoopGuard(model, forward_loop, method) if forward_loop is not None else None
         try:
             with torch.no_grad():
-                fn(model, loop, **options)
+                if layerwise.enable:
+                    qdq = layerwise.get_qdq_activations_from_prev_layer
+                    layerwise_calibrate(model, fn, forward_loop, options, qdq)
+                else:
+                    with weights_materialized(model):
+                        fn(model, loop, **options)
         except TypeError as err:
             _reset_calibration_state(model)
             if "unexpected keyword argument" in str(err):

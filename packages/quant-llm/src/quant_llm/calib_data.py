@@ -140,6 +140,9 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 def _model_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its first parameter's device (weights accelerate offloaded
+    to ``meta`` do not count)."""
     for p in model.parameters():
-        return p.device
+        if not p.is_meta:
+            return p.device
     return torch.device("cpu")

@@ -17,13 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from quant_core.algorithms._blocks import to_blocks
 from quant_core.algorithms.registry import ForwardLoop
 from quant_core.algorithms.shared_inputs import SharedInputs
 from quant_core.algorithms.weights import calibrate_weight
+from quant_core.distributed import (
+    all_gather_rows,
+    all_reduce,
+    is_distributed,
+    reduce_calibrators,
+)
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
@@ -36,7 +41,9 @@ __all__ = [
     "collecting_statistics",
     "effective_input_stats",
     "max_calibrate",
+    "reduce_quantizer_statistics",
     "upper_gram",
+    "weight_quantizers",
     "weights_quantized_once",
 ]
 
@@ -63,7 +70,7 @@ def collecting_statistics(
     On normal exit the collected amax values are loaded; on an exception nothing is loaded and every
     quantizer is back in normal quantizing mode.
     """
-    weight_ids = {id(q) for q in _weight_quantizers(model)} if skip_weights else set()
+    weight_ids = {id(q) for q in weight_quantizers(model)} if skip_weights else set()
     active = [q for q in _tensor_quantizers(model) if q.is_enabled and id(q) not in weight_ids]
     for q in active:
         q.reset_statistics()
@@ -76,17 +83,18 @@ def collecting_statistics(
             q.reset_statistics()
         raise
     else:
+        if sync:
+            reduce_quantizer_statistics(active)
         for q in active:
             q.load_calib_amax()
-            if sync:
-                _sync_amax(q)
     finally:
         for q in active:
             q.disable_calib()
             q.enable_quant()
 
 
-def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+def weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+    """Every weight quantizer of ``model`` (each stage of a multi-stage one)."""
     out = []
     for module in model.modules():
         wq = getattr(module, "weight_quantizer", None)
@@ -97,12 +105,15 @@ def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
     return out
 
 
-def _sync_amax(quantizer: TensorQuantizer) -> None:
-    """Data-parallel calibration: take the max of amax over all ranks."""
-    amax = quantizer.amax
-    if amax is not None and dist.is_available() and dist.is_initialized():
-        with torch.no_grad():
-            dist.all_reduce(amax.data, op=dist.ReduceOp.MAX)
+def reduce_quantizer_statistics(quantizers: list[TensorQuantizer]) -> None:
+    """Data-parallel calibration: reduce what the calibrators of ``quantizers`` collected over the
+    ranks (see :func:`quant_core.distributed.reduce_calibrators`), before their amax is loaded."""
+    calibrators = []
+    for q in quantizers:
+        calibrators.append(q.calibrator)
+        if q._global_calibrator is not None:  # NVFP4's global amax
+            calibrators.append(q._global_calibrator)
+    reduce_calibrators(calibrators)
 
 
 def max_calibrate(
@@ -202,6 +213,7 @@ def collect_input_stats(
             handle.remove()
         last.clear()
         shared.release()
+    _reduce_input_stats(stats, rows=bool(samples))
     unseen = [name for name, st in stats.items() if st.count == 0]
     if unseen:
         # e.g. MoE experts that calibration routed no token to: no statistics to search with.
@@ -219,6 +231,25 @@ def collect_input_stats(
         for st in stats.values():
             st.gram = st.gram.triu() + st.gram.triu(1).T
     return stats
+
+
+def _reduce_input_stats(stats: dict[str, InputStats], rows: bool) -> None:
+    """Data-parallel calibration: every rank gets the statistics of all ranks' inputs (amax: max;
+    sums, Gram matrices and token counts: sum; sampled rows: all of them, in rank order)."""
+    if not is_distributed():
+        return
+    values = list(stats.values())
+    for st, amax in zip(values, all_reduce([st.amax for st in values], "max")):
+        st.amax = amax
+    counts = [torch.tensor(st.count, dtype=torch.int64) for st in values]
+    sums = all_reduce([st.abs_sum for st in values] + [st.gram for st in values] + counts, "sum")
+    n = len(values)
+    for i, st in enumerate(values):
+        st.abs_sum, st.gram, st.count = sums[i], sums[n + i], int(sums[2 * n + i])
+        if rows and st.amax is not None:
+            mine = torch.cat(st.samples) if st.samples else None
+            gathered = all_gather_rows(mine, st.amax.shape[-1], torch.float32)
+            st.samples = [] if gathered is None else [gathered]
 
 
 def block_diagonal_gram(x: Tensor, size: int) -> Tensor:

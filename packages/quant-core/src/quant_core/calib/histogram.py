@@ -50,18 +50,23 @@ class HistogramCalibrator:
         if a.numel() == 0:
             return
         new_max = float(a.max())
+        self.rebin(new_max if new_max > 0 or self._hist is not None else 1.0)
+        self._hist += torch.histc(a.cpu(), bins=self.num_bins, min=0.0, max=self._max).double()
+
+    def rebin(self, new_max: float) -> None:
+        """Widen the histogram's range to ``[0, new_max]`` (no-op when it already covers it),
+        moving the old counts to the new bins by their bin centres; an empty calibrator starts
+        an empty histogram on that range."""
         if self._hist is None:
-            self._max = new_max if new_max > 0 else 1.0
+            self._max = new_max
             self._hist = torch.zeros(self.num_bins, dtype=torch.float64)
         elif new_max > self._max:
-            # Re-bin the old counts onto the wider range by their bin centres.
             centres = (torch.arange(self.num_bins, dtype=torch.float64) + 0.5) * (
                 self._max / self.num_bins
             )
             idx = (centres / new_max * self.num_bins).long().clamp(max=self.num_bins - 1)
             wider = torch.zeros_like(self._hist).index_add_(0, idx, self._hist)
             self._hist, self._max = wider, new_max
-        self._hist += torch.histc(a.cpu(), bins=self.num_bins, min=0.0, max=self._max).double()
 
     def _centres(self) -> torch.Tensor:
         return (torch.arange(self.num_bins, dtype=torch.float64) + 0.5) * (

@@ -19,6 +19,8 @@ class QuantizeAlgorithmConfig(BaseModel):
     _renames: ClassVar[dict[str, str]] = {}
 
     method: None = None
+    layerwise: bool | dict[str, Any] | None = None
+    """Layer-by-layer calibration (see :mod:`quant_core.layerwise`)."""
 
     def to_spec(self) -> dict[str, Any] | None:
         """The ``{"method": name, **options}`` dict this config stands for (None for no calibration)."""

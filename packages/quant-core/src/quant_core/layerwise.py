@@ -1,0 +1,328 @@
+"""Layer-by-layer (sequential) calibration of models built from a stack of repeated blocks.
+
+ModelOpt 0.47's ``layerwise`` algorithm option (``{"method": "gptq", "layerwise": {"enable":
+True}}``, or ``"layerwise": True``): the calibration algorithm runs on one decoder layer at a
+time, on that layer's inputs, so only one layer's statistics (and, with offloaded weights, one
+layer's weights) are live at once.
+
+Each step runs the user's ``forward_loop`` through the whole model with the decoder layers
+patched: layers already done return placeholders on the ``meta`` device (no work), the layer just
+calibrated replays its recorded inputs to produce the real hidden states, and the next layer
+records its inputs (positional and keyword, so masks and position embeddings the parent builds
+come along) and stops the forward pass. The parent model's code therefore runs as usual; a parent
+that computes on the hidden states between layers is not supported (the placeholders say so).
+
+``get_qdq_activations_from_prev_layer`` (default False, True for ``gptq`` as in ModelOpt):
+False feeds the next layer the outputs of this layer before it is calibrated, computed as a
+whole-model calibration pass computes them (weights fake-quantized with their max calibration,
+activations not quantized), so ``max`` gives the same quantizer state as without ``layerwise``;
+True feeds it the outputs after calibration, fully quantized (and with any weights
+GPTQ/AWQ/SmoothQuant changed), so later layers see, and GPTQ compensates, earlier errors.
+Enabled quantizers outside the decoder layers (e.g. an LM head) are calibrated at the end by one
+more pass in which the last layer replays its inputs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quant_core.algorithms.statistics import calibrate_weights, weight_quantizers
+from quant_core.nn.sequential import SequentialQuantizer
+from quant_core.nn.tensor_quantizer import TensorQuantizer
+from quant_core.offload import weights_materialized
+
+__all__ = ["LayerwiseOptions", "decoder_layers", "layerwise_calibrate", "split_layerwise"]
+
+ForwardLoop = Callable[[nn.Module], Any]
+Algorithm = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class LayerwiseOptions:
+    """The ``layerwise`` algorithm option (ModelOpt's ``LayerwiseConfig`` fields quant implements)."""
+
+    enable: bool = False
+    get_qdq_activations_from_prev_layer: bool = False
+
+
+def split_layerwise(
+    method: str, options: dict[str, Any]
+) -> tuple[dict[str, Any], LayerwiseOptions]:
+    """Take the ``layerwise`` entry out of an algorithm's options and validate it.
+
+    It may be a bool or a dict of ``enable`` and ``get_qdq_activations_from_prev_layer`` (default
+    True for ``gptq``, False otherwise); ModelOpt's ``checkpoint_dir``, ``save_every`` and
+    ``calib_mutates_weights`` (resumable runs) are refused by name.
+    """
+    options = dict(options)
+    raw = options.pop("layerwise", None)
+    if raw is None or raw is False:
+        return options, LayerwiseOptions()
+    spec = {"enable": True} if raw is True else raw
+    if not isinstance(spec, dict) or not all(isinstance(k, str) for k in spec):
+        raise ValueError(f"layerwise must be a bool or a dict, got {raw!r}")
+    allowed = {"enable", "get_qdq_activations_from_prev_layer"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(
+            f"layerwise option(s) {unknown} are not implemented here (resumable per-layer "
+            f"checkpoints are not provided); allowed: {sorted(allowed)}"
+        )
+    for key, value in spec.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"layerwise.{key} must be a bool, got {value!r}")
+    qdq = spec.get("get_qdq_activations_from_prev_layer", method == "gptq")
+    return options, LayerwiseOptions(spec.get("enable", False), qdq)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers: of the ``nn.ModuleList``s whose children all share one
+    class, the one holding the most parameters (``model.layers`` of a Hugging Face decoder)."""
+    best, best_size = None, 0
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = module, size
+    if best is None:
+        raise ValueError(
+            f"layerwise calibration needs a stack of decoder layers (an nn.ModuleList of one layer "
+            f"class); {type(model).__name__} has none"
+        )
+    return best
+
+
+class _StopForward(Exception):
+    """Raised by the capturing layer to end a forward pass early; the model's patched forward
+    turns it into a ``None`` return."""
+
+
+@dataclass
+class _Layer:
+    mode: str = "original"  # original | skip | run | capture
+    recorded: list[tuple[tuple, dict]] = field(default_factory=list)
+    replay: deque = field(default_factory=deque)
+    output_meta: Any = None
+
+
+def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The layer's keyword inputs without a KV cache: replaying a layer must not append its keys
+    and values to the cache of the pass that recorded them (one pass over the whole sequence
+    attends to the same keys with or without an empty cache)."""
+    return {k: None if k in _CACHE_KWARGS else v for k, v in kwargs.items()}
+
+
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _to_meta(value: Any) -> Any:
+    """The same structure with every tensor as a ``meta`` tensor of its shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_meta(v) for v in value)
+    return value
+
+
+class _Sequencer:
+    """Patches the decoder layers and the model for skip / run / capture passes (see module doc)."""
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, forward_loop: ForwardLoop):
+        self.model, self.layers, self.forward_loop = model, layers, forward_loop
+        self.states = [_Layer() for _ in layers]
+        self._saved: list[tuple[nn.Module, Any]] = []
+
+    @contextmanager
+    def patched(self) -> Iterator[None]:
+        for module, state in zip(self.layers, self.states):
+            self._patch(module, self._layer_forward(module, state))
+        self._patch(self.model, self._model_forward(self.model))
+        try:
+            yield
+        finally:
+            for module, previous in reversed(self._saved):
+                del module.forward
+                if previous is not None:
+                    module.forward = previous
+            self._saved.clear()
+
+    def _patch(self, module: nn.Module, forward: Callable) -> None:
+        self._saved.append((module, vars(module).get("forward")))
+        module.forward = forward
+
+    def _layer_forward(self, module: nn.Module, state: _Layer) -> Callable:
+        inner = module.forward  # the class forward, or accelerate's hook wrapper
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if state.mode == "skip":
+                return _to_meta(state.output_meta)
+            if state.mode == "capture":
+                state.recorded.append((args, _without_cache(kwargs)))
+                raise _StopForward
+            if state.mode == "run":
+                if not state.replay:
+                    raise RuntimeError(
+                        "layerwise calibration: forward_loop ran more batches than on its first "
+                        "call; it must run the same batches in the same order every time"
+                    )
+                args, kwargs = state.replay.popleft()
+                out = inner(*args, **kwargs)
+                state.output_meta = _to_meta(out)
+                return out
+            return inner(*args, **kwargs)
+
+        return forward
+
+    def _model_forward(self, model: nn.Module) -> Callable:
+        inner = model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return inner(*args, **kwargs)
+            except _StopForward:
+                return None
+
+        return forward
+
+    def inputs_of(self, index: int) -> list[tuple[tuple, dict]]:
+        """Run ``forward_loop`` with layer ``index`` recording its inputs; returns them per batch.
+
+        Layer ``index - 1`` replays its recorded inputs, earlier layers are skipped."""
+        if index > 0:
+            prev = self.states[index - 1]
+            prev.mode, prev.replay = "run", deque(prev.recorded)
+        target = self.states[index]
+        target.mode, target.recorded = "capture", []
+        self.forward_loop(self.model)
+        if index > 0:
+            self._check_replayed(prev)
+        target.mode = "original"
+        if not target.recorded:
+            raise RuntimeError(
+                "layerwise calibration: forward_loop never reached decoder layer "
+                f"{index}; it must call the model on the calibration batches"
+            )
+        return target.recorded
+
+    def finish(self, index: int) -> None:
+        """Layer ``index`` is done: later passes skip it and its recorded inputs are dropped."""
+        state = self.states[index]
+        state.mode, state.recorded, state.replay = "skip", [], deque()
+
+    def through_last(self, _model: nn.Module) -> None:
+        """A forward loop for the modules outside the stack: ``forward_loop`` with every layer
+        skipped but the last, which replays its recorded inputs (so what follows sees real data)."""
+        last = self.states[-1]
+        last.mode, last.replay = "run", deque(last.recorded)
+        self.forward_loop(self.model)
+        self._check_replayed(last)
+
+    @staticmethod
+    def _check_replayed(state: _Layer) -> None:
+        if state.replay:
+            raise RuntimeError(
+                "layerwise calibration: forward_loop ran fewer batches than on its first call; "
+                "it must run the same batches in the same order every time"
+            )
+        state.mode = "original"
+
+
+@contextmanager
+def _as_in_one_pass(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module`` computes as in a whole-model calibration pass: its weights
+    fake-quantized with their max calibration, its other quantizers passing inputs through."""
+    calibrate_weights(module)
+    weights = {id(q) for q in weight_quantizers(module)}
+    enabled = [
+        q
+        for q in module.modules()
+        if isinstance(q, TensorQuantizer) and q.is_enabled and id(q) not in weights
+    ]
+    for q in enabled:
+        q.disable()
+    try:
+        yield
+    finally:
+        for q in enabled:
+            q.enable()
+
+
+def _replay(inputs: list[tuple[tuple, dict]]) -> ForwardLoop:
+    def loop(layer: nn.Module) -> None:
+        for args, kwargs in inputs:
+            layer(*args, **kwargs)
+
+    return loop
+
+
+def _outside(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    """Modules with enabled quantizers of their own outside the decoder layers, outermost first."""
+    inside = {id(m) for m in layers.modules()}
+    found: list[nn.Module] = []
+    for module in model.modules():
+        if id(module) in inside or isinstance(module, (TensorQuantizer, SequentialQuantizer)):
+            continue
+        own = [
+            q
+            for c in module.children()
+            if isinstance(c, (TensorQuantizer, SequentialQuantizer))
+            for q in c.modules()
+            if isinstance(q, TensorQuantizer) and q.is_enabled
+        ]
+        if own and not any(m in found for m in _ancestors(model, module)):
+            found.append(module)
+    return found
+
+
+def _ancestors(model: nn.Module, target: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if m is not target and any(c is target for c in m.modules())]
+
+
+def layerwise_calibrate(
+    model: nn.Module,
+    algorithm: Algorithm,
+    forward_loop: ForwardLoop,
+    options: dict[str, Any],
+    qdq_from_prev: bool,
+) -> None:
+    """Run ``algorithm(module, loop, **options)`` on each decoder layer in turn (see the module doc)."""
+    if forward_loop is None:
+        raise ValueError("layerwise calibration needs a forward_loop to capture layer inputs")
+    layers = decoder_layers(model)
+    seq = _Sequencer(model, layers, forward_loop)
+    with seq.patched():
+        inputs = seq.inputs_of(0)
+        for index in tqdm(range(len(layers)), desc="layerwise", leave=False):
+            layer, last = layers[index], index + 1 == len(layers)
+            with weights_materialized(layer):
+                if not last and not qdq_from_prev:
+                    with _as_in_one_pass(layer):
+                        following = seq.inputs_of(index + 1)
+                algorithm(layer, _replay(inputs), **options)
+                if not last and qdq_from_prev:
+                    following = seq.inputs_of(index + 1)
+            if not last:
+                seq.finish(index)
+                inputs = following
+        rest = _outside(model, layers)
+        if rest:
+            seq.states[-1].recorded = inputs
+            with ExitStack() as stack:
+                stack.enter_context(weights_materialized(layers[-1]))
+                if not qdq_from_prev:
+                    stack.enter_context(_as_in_one_pass(layers[-1]))
+                for module in rest:
+                    with weights_materialized(module):
+                        algorithm(module, seq.through_last, **options)
+        seq.finish(len(layers) - 1)
