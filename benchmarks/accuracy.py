@@ -68,6 +68,7 @@ MINILM_CASES = [
     Case(INT4, "awq_clip"),
     Case(INT4, "awq_full"),
     Case(INT4, "gptq"),
+    Case(INT4, "awq_gptq"),
     Case("INT4_AWQ_CFG"),
     Case("W4A8_AWQ_BETA_CFG"),
     Case("NVFP4_DEFAULT_CFG"),
