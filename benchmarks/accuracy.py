@@ -71,6 +71,8 @@ MINILM_CASES = [
     Case(INT4, "awq_gptq"),
     Case("INT4_AWQ_CFG"),
     Case("W4A8_AWQ_BETA_CFG"),
+    Case("W4A8_AWQ_BETA_CFG", "awq_lite"),
+    Case("W4A8_AWQ_BETA_CFG", "gptq"),
     Case("NVFP4_DEFAULT_CFG"),
     Case("W4A16_NVFP4_CFG"),
     Case("W4A16_NVFP4_CFG", "mse"),

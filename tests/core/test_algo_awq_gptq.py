@@ -53,6 +53,23 @@ def test_awq_gptq_output_error_at_most_each_alone_on_outlier_channels():
     assert errors["awq_gptq"] < 0.5 * errors["max"], errors
 
 
+def test_awq_gptq_never_worse_than_gptq_when_scaling_does_not_help():
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32)).eval()
+    gen = torch.Generator().manual_seed(9)
+    data = [torch.randn(128, 128, generator=gen, dtype=torch.float64) for _ in range(2)]
+    x = torch.cat(data)
+
+    def error(algorithm):  # float64 output error of the first layer, ||X (W_eff - W)^T||^2
+        d = (
+            effective_weight(_quantized(model, data, algorithm)[0])
+            - model[0].weight.detach().double()
+        )
+        return float((x @ d.T).square().sum())
+
+    assert error("awq_gptq") <= error("gptq") * (1 + 1e-9)
+
+
 class _SharedInput(torch.nn.Module):
     """q/k/v-like: three projections of one input, then a layer on another input."""
 

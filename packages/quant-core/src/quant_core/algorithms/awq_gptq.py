@@ -5,6 +5,12 @@ is finer (pre-quant scale ``1/s`` on the input, ``s`` on the weight); GPTQ then 
 scaled weights with error compensation, under the Gram matrix of the scaled inputs. Layers that
 read the same input (q/k/v, gate/up) get one shared scale, so they stay one GPTQ unit and export
 as one fused layer. The result exports as AWQ does: a pre-quant scale and plain quantized weights.
+
+GPTQ's error compensation already protects salient channels, and a scale chosen for
+round-to-nearest can leave GPTQ with more error than no scale (SmolLM2-135M: +15.2% perplexity
+with the scale everywhere vs +12.8% for ``gptq`` alone). So each unit is GPTQ-rounded both with
+and without its scale, and keeps whichever has the smaller output error ``tr(Δ H Δᵀ)`` on the
+calibration inputs: per unit, never worse than ``gptq`` by that measure.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from tqdm.auto import tqdm
 
 from quant_core.algorithms.awq import awq_scale_search
 from quant_core.algorithms.gptq import gptq_layers
+from quant_core.algorithms.output_error import output_error
 from quant_core.algorithms.registry import register_algorithm
 from quant_core.algorithms.statistics import (
     InputStats,
@@ -25,7 +32,7 @@ from quant_core.algorithms.statistics import (
 )
 from quant_core.algorithms.weights import apply_input_scale, kernel_format, weight_layers
 
-__all__ = ["awq_gptq", "awq_scale_units", "input_units"]
+__all__ = ["awq_gptq", "awq_scale_units", "input_units", "unit_output_error"]
 
 
 def input_units(layers: dict[str, nn.Module], stats: dict[str, InputStats]) -> list[list[str]]:
@@ -84,5 +91,44 @@ def awq_gptq(
         if kernel_format(m.weight_quantizer) is not None
     }
     stats = calibrate_with_stats(model, forward_loop, layers, gram=True)
+    originals = {n: m.weight.detach().clone() for n, m in layers.items()}
+    units = input_units(layers, stats)
+    gptq_layers(layers, stats, percdamp, block_size, act_order, clip_search)
+    plain = {n: _snapshot(m) for n, m in layers.items()}
+    plain_err = [unit_output_error(layers, u, stats, originals) for u in units]
+    with torch.no_grad():
+        for name, module in layers.items():
+            module.weight.copy_(originals[name])
     awq_scale_units(layers, stats, torch.arange(0.0, 1.0 + 1e-6, alpha_step))
     gptq_layers(layers, stats, percdamp, block_size, act_order, clip_search)
+    for unit, err in zip(units, plain_err, strict=True):
+        if unit_output_error(layers, unit, stats, originals) > err:
+            for name in unit:
+                layers[name].input_quantizer.pre_quant_scale = None
+                layers[name].load_state_dict(plain[name])
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def unit_output_error(
+    layers: dict[str, nn.Module],
+    unit: list[str],
+    stats: dict[str, InputStats],
+    originals: dict[str, torch.Tensor],
+) -> float:
+    """Summed output error ``tr(Δ H Δᵀ)`` (float64) of the layers in ``unit`` against their
+    ``originals`` weights, with ``Δ`` the quantized weight times any pre-quant scale minus the
+    original and ``H`` the Gram matrix of the raw inputs."""
+    hessian = stats[unit[0]].gram.double()
+    total = 0.0
+    with torch.no_grad():
+        for name in unit:
+            layer = layers[name]
+            weight = layer.weight_quantizer(layer.weight).double()
+            pqs = layer.input_quantizer.pre_quant_scale
+            if pqs is not None:
+                weight = weight * pqs.double().to(weight.device)
+            total += float(output_error(weight - originals[name].double(), hessian))
+    return total
