@@ -18,6 +18,16 @@ def test_random_hadamard_is_orthogonal_and_spreads_every_channel(n):
     assert float(q.abs().max()) < 0.75
 
 
+def test_random_hadamard_of_a_power_of_two_is_a_signed_sylvester_matrix():
+    from scipy.linalg import hadamard
+
+    q = random_hadamard(64, seed=4)
+    ref = torch.from_numpy(hadamard(64)).double() / 8
+    torch.testing.assert_close(q.abs(), ref.abs(), rtol=0, atol=1e-15)
+    signs = (q / ref)[:, :1]  # one sign per row
+    torch.testing.assert_close(q, signs * ref, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_rotated_model_has_the_same_logits(family):
     model = tiny_model(family, seed=1)

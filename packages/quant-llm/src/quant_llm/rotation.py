@@ -11,10 +11,10 @@ scales of one, ``lm_head`` untied) that quantizes and exports as any other.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from quant_core.nn.rotation import normalized_hadamard_transform
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "random_hadamard", "rotate_model"]
 
@@ -31,12 +31,11 @@ def random_hadamard(n: int, seed: int = 0) -> Tensor:
     if n < 1:
         raise ValueError(f"random_hadamard: need n >= 1, got {n}")
     gen = torch.Generator().manual_seed(seed)
-    k = (n & -n).bit_length() - 1  # largest power of two dividing n
-    had = torch.ones(1, 1, dtype=torch.float64)
-    for _ in range(k):
-        had = torch.cat([torch.cat([had, had], 1), torch.cat([had, -had], 1)], 0)
-    had /= math.sqrt(had.shape[0])
-    m = n >> k
+    size = n & -n  # largest power of two dividing n
+    had = torch.eye(size, dtype=torch.float64)
+    if size > 1:  # the rows of the identity, transformed: the normalized Sylvester matrix
+        had = normalized_hadamard_transform(had)
+    m = n // size
     ortho, r = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
     ortho *= torch.sign(torch.diagonal(r)).unsqueeze(0)
     signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
