@@ -10,7 +10,9 @@ GPTQ's error compensation already protects salient channels, and a scale chosen 
 round-to-nearest can leave GPTQ with more error than no scale (SmolLM2-135M: +15.2% perplexity
 with the scale everywhere vs +12.8% for ``gptq`` alone). So each unit is GPTQ-rounded both with
 and without its scale, and keeps whichever has the smaller output error ``tr(Δ H Δᵀ)`` on the
-calibration inputs: per unit, never worse than ``gptq`` by that measure.
+calibration inputs: per unit, never worse than ``gptq`` by that measure. A unit without its scale
+gets a pre-quant scale of ones (as ``awq_lite`` when no scaling wins), so that every layer exports
+as AWQ.
 """
 
 from __future__ import annotations
@@ -103,9 +105,11 @@ def awq_gptq(
     gptq_layers(layers, stats, percdamp, block_size, act_order, clip_search)
     for unit, err in zip(units, plain_err, strict=True):
         if unit_output_error(layers, unit, stats, originals) > err:
-            for name in unit:
-                layers[name].input_quantizer.pre_quant_scale = None
-                layers[name].load_state_dict(plain[name])
+            for name in unit:  # a unit scale, as awq_lite's "no scaling": every layer exports alike
+                layer = layers[name]
+                layer.input_quantizer.pre_quant_scale = None
+                layer.load_state_dict(plain[name])
+                layer.input_quantizer.pre_quant_scale = torch.ones(layer.weight.shape[1])
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
