@@ -21,6 +21,7 @@ from quant_llm import (
     perplexity,
     with_kv_cache,
 )
+from quant_llm.rotation import rotate_model
 from quant_llm.testing.real_models import load_smollm2
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -49,9 +50,18 @@ CONFIGS = {
     "INT4_AWQ_CLIP": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_clip"},
     "INT4_AWQ_FULL": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_full"},
     "INT4_GPTQ": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "gptq"},
+    "INT4_AWQ_GPTQ": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_gptq"},
+    "W4A8_AWQ": mtq.W4A8_AWQ_BETA_CFG,
+    "W4A8_AWQ_GPTQ": {**mtq.W4A8_AWQ_BETA_CFG.copy(), "algorithm": "awq_gptq"},
     "NVFP4": mtq.NVFP4_DEFAULT_CFG,
+    "NVFP4_GPTQ": {**mtq.NVFP4_DEFAULT_CFG.copy(), "algorithm": "gptq"},
+    "NVFP4_AWQ_GPTQ": {**mtq.NVFP4_DEFAULT_CFG.copy(), "algorithm": "awq_gptq"},
     "NVFP4+NVFP4_KV": with_kv_cache(mtq.NVFP4_DEFAULT_CFG, mtq.NVFP4_KV_CFG),
 }
+# "ROT_<config>": <config> after rotate_model (residual stream and values rotated, folded offline)
+CONFIGS.update(
+    {f"ROT_{name}": CONFIGS[name] for name in ("fp32", "NVFP4", "NVFP4_GPTQ", "NVFP4_AWQ_GPTQ")}
+)
 DEFAULT_CONFIGS = (
     "fp32,FP8_RTN+FP8_KV,FP8,FP8+FP8_KV,FP8+FP8_AFFINE_KV,INT4_RTN,INT4_AWQ,INT4_GPTQ,NVFP4"
 )
@@ -84,6 +94,8 @@ def main() -> None:
     for name in names:
         model, _ = load_smollm2()
         start = time.perf_counter()
+        if name.startswith("ROT_"):
+            rotate_model(model)
         try:
             if CONFIGS[name] is not None:
                 mtq.quantize(model, CONFIGS[name], create_forward_loop(model, calib))

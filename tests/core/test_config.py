@@ -42,10 +42,11 @@ def test_choices_names_every_builtin_config_and_each_validates():
         ("INT8_SMOOTHQUANT_CFG", {"num_bits": 8, "axis": 0}, "smoothquant"),
         # Deliberately not ModelOpt's "max": FP8 weights are GPTQ-rounded (see builtin.py).
         ("FP8_DEFAULT_CFG", {"num_bits": (4, 3), "axis": None}, "gptq"),
+        # Deliberately not ModelOpt's awq_lite: AWQ scales then GPTQ rounding (see builtin.py).
         (
             "INT4_AWQ_CFG",
             {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}, "enable": True},
-            {"method": "awq_lite", "alpha_step": 0.1},
+            {"method": "awq_gptq", "alpha_step": 0.1},
         ),
         (
             "NVFP4_DEFAULT_CFG",

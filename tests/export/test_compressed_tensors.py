@@ -170,7 +170,8 @@ def _linears(model):
 
 def test_awq_scales_are_resmoothed_and_folded_so_no_pre_quant_scale_is_stored(tmp_path):
     model = _model("llama")
-    _calibrate(model, mtq.INT4_AWQ_CFG)
+    # ModelOpt's awq_lite: one scale per layer, so q/k/v differ and must be resmoothed
+    _calibrate(model, {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_lite"})
     q, k = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj
     assert not torch.equal(q.input_quantizer.pre_quant_scale, k.input_quantizer.pre_quant_scale)
     report = fold_pre_quant_scales(model, into_producers=True, require=True)
@@ -181,6 +182,28 @@ def test_awq_scales_are_resmoothed_and_folded_so_no_pre_quant_scale_is_stored(tm
         for i in (0, 1)
         for p, s in (("self_attn.o_proj", "v_proj"), ("mlp.down_proj", "up_proj"))
     }
+    path = export_compressed_tensors(model, tmp_path / "ckpt", dtype=torch.float32)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "pre_quant_scale" in k]  # noqa: SIM118
+
+
+def test_shipped_int4_awq_shares_scales_so_folding_keeps_the_gptq_weights(tmp_path):
+    model = _model("llama")
+    _calibrate(model, mtq.INT4_AWQ_CFG)  # awq_gptq: one scale per input, weights on the grid
+    readers = {
+        n: m
+        for n, m in model.named_modules()
+        if n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    }
+    scaled = [n for n, m in readers.items() if m.input_quantizer.pre_quant_scale is not None]
+    assert sorted(scaled) == sorted(readers)  # every layer has a scale (ones where GPTQ alone won)
+    weights = {n: m.weight.detach().clone() for n, m in readers.items()}
+    report = fold_pre_quant_scales(model, into_producers=True, require=True)
+    assert report.resmoothed == []
+    assert sorted(n for names in report.into_norms.values() for n in names) == sorted(scaled)
+    for name, before in weights.items():  # folding into a norm leaves the GPTQ weights as they are
+        if name.endswith(("q_proj", "k_proj", "gate_proj")):  # (v/up rows take o/down's scales)
+            torch.testing.assert_close(readers[name].weight, before, rtol=0, atol=0)
     path = export_compressed_tensors(model, tmp_path / "ckpt", dtype=torch.float32)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "pre_quant_scale" in k]  # noqa: SIM118

@@ -31,7 +31,13 @@ from quant_core.algorithms.weights import (
     weight_layers,
 )
 
-__all__ = ["gptq", "gptq_quantize", "inverse_hessian_factor", "lower_triangular_inverse"]
+__all__ = [
+    "gptq",
+    "gptq_layers",
+    "gptq_quantize",
+    "inverse_hessian_factor",
+    "lower_triangular_inverse",
+]
 
 
 def inverse_hessian_factor(hessian: Tensor, percdamp: float) -> Tensor:
@@ -267,6 +273,23 @@ def gptq(
         if kernel_format(m.weight_quantizer) is not None
     }
     stats = calibrate_with_stats(model, forward_loop, layers, gram=True)
+    gptq_layers(layers, stats, percdamp, block_size, act_order, clip_search)
+
+
+def gptq_layers(
+    layers: dict[str, nn.Module],
+    stats: dict,
+    percdamp: float = 0.01,
+    block_size: int = 16,
+    act_order: bool = True,
+    clip_search: bool = True,
+) -> None:
+    """GPTQ-round the weights of ``layers`` given their input statistics ``stats`` (with Gram
+    matrices, from :func:`calibrate_with_stats`); see :func:`gptq` for the options.
+
+    Layers of one unit (same input) must share their pre-quant scale: the unit's Hessian is its
+    first layer's effective one.
+    """
     for units in tqdm(_batches(layers, stats), desc="gptq", leave=False):
         weights = torch.stack(
             [torch.cat([layers[n].weight.detach().float() for n in u]) for u in units]

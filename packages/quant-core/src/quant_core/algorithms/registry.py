@@ -19,6 +19,7 @@ _PROVIDERS = {
     "awq_clip": "quant_core.algorithms.awq",
     "awq_full": "quant_core.algorithms.awq",
     "gptq": "quant_core.algorithms.gptq",
+    "awq_gptq": "quant_core.algorithms.awq_gptq",
     "svdquant": "quant_core.algorithms.svdquant",
     "mse": "quant_core.algorithms.mse",
 }

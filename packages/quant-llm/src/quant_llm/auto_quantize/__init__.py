@@ -19,6 +19,7 @@ from torch import nn
 import quant_core as mtq
 from quant_llm.auto_quantize.candidates import (
     calibrate_candidates,
+    loop_for,
     resolve_formats,
     searchable_layers,
     weight_bits,
@@ -131,7 +132,7 @@ def auto_quantize(
         "config": config,
     }
     del copies, layers
-    mtq.quantize(model, config, forward_loop)
+    mtq.quantize(model, config, loop_for(config, forward_loop))
     if verbose:
         print(summary_table(state))
     return model, state

@@ -91,11 +91,26 @@ def calibrate_candidates(
     candidates: list[tuple[str, dict[str, Any] | None]],
     forward_loop: Callable[[nn.Module], None],
 ) -> list[nn.Module | None]:
-    """One deep copy of ``model`` quantized and calibrated with each candidate (None for the unquantized one)."""
+    """One deep copy of ``model`` quantized and calibrated with each candidate (None for the unquantized one).
+
+    A candidate that needs no data (weight-only with max: `mtq.need_calibration` is False) is
+    calibrated from its weights alone, without running ``forward_loop``.
+    """
     out: list[nn.Module | None] = []
     for _name, cfg in candidates:
-        out.append(None if cfg is None else mtq.quantize(copy.deepcopy(model), cfg, forward_loop))
+        out.append(
+            None
+            if cfg is None
+            else mtq.quantize(copy.deepcopy(model), cfg, loop_for(cfg, forward_loop))
+        )
     return out
+
+
+def loop_for(
+    config: dict[str, Any], forward_loop: Callable[[nn.Module], None]
+) -> Callable[[nn.Module], None] | None:
+    """``forward_loop`` when ``config`` calibrates activations or runs a data algorithm, else None."""
+    return forward_loop if mtq.need_calibration(config) else None
 
 
 def searchable_layers(copies: list[nn.Module | None]) -> dict[str, list[nn.Module | None]]:
