@@ -24,6 +24,7 @@ from quant_core.algorithms._blocks import to_blocks
 from quant_core.algorithms.registry import ForwardLoop
 from quant_core.algorithms.shared_inputs import SharedInputs
 from quant_core.algorithms.weights import calibrate_weight
+from quant_core.calib.degenerate import load_activation_amax
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
@@ -77,7 +78,7 @@ def collecting_statistics(
         raise
     else:
         for q in active:
-            q.load_calib_amax()
+            load_activation_amax(q)
             if sync:
                 _sync_amax(q)
     finally:
