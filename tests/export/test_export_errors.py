@@ -92,7 +92,7 @@ def test_cli_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "KeyError" in err and "decoder.7" in err and "--debug" in err
-    with pytest.raises(KeyError, match="decoder.7"):
+    with pytest.raises(KeyError, match=r"decoder\.7"):
         main([*argv, "--debug"])
 
 
