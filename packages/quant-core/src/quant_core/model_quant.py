@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -99,8 +100,10 @@ class _LoopGuard:
         def on_module(_module: nn.Module, _args: Any) -> None:
             self.seen += 1
 
+        batches = itertools.count()
+
         def on_batch(_module: nn.Module, args: Any, kwargs: Any) -> None:
-            _check_batch(bar.n, args, kwargs)
+            _check_batch(next(batches), args, kwargs)
             bar.update(1)  # a pre-hook must return None, or it replaces the inputs
 
         handles = [m.register_forward_pre_hook(on_module) for m in quant_modules]
