@@ -187,7 +187,8 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
             return
         value = torch.as_tensor(value).detach().float().clone()
         _check_amax(value, self._name)
-        check_amax_shape(value, self._attrs.axis, self._format, self._name)
+        if value.numel() > 1:  # (a constant amax is set before the format is parsed)
+            check_amax_shape(value, self._attrs.axis, self._format, self._name)
         current = self.amax
         if current is not None and current.shape == value.shape:
             with torch.no_grad():
