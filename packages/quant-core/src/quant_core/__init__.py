@@ -26,6 +26,7 @@ from quant_core.conversion import (
     set_quantizer_by_cfg_context,
     unregister,
 )
+from quant_core.diagnostics import QuantWarning
 from quant_core.model_quant import (
     CalibrationError,
     calibrate,
@@ -42,6 +43,7 @@ from quant_core.summary import print_quant_summary, quant_summary
 
 __all__ = [
     "CalibrationError",
+    "QuantWarning",
     "QuantModuleRegistry",
     "QuantizeConfig",
     "QuantizerAttributeConfig",

@@ -15,6 +15,7 @@ from quant_core.config.schema import (
     normalize_quant_cfg,
     parse_attributes,
 )
+from quant_core.config.unmatched import check_parent_classes, warn_unmatched
 from quant_core.nn.registry import QuantModuleRegistry, class_key
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
@@ -125,13 +126,16 @@ def set_quantizer_by_cfg(model: nn.Module, quant_cfg: Any) -> None:
     entries: list[QuantCfgEntry] = (
         quant_cfg if _is_entries(quant_cfg) else normalize_quant_cfg(quant_cfg)
     )
+    check_parent_classes(entries)
+    matched: set[int] = set()
     for name, quantizer, parent in list(iter_quantizers(model)):
         keys = _parent_keys(parent)
         cfg: Any = None
         enable: bool | None = None
-        for entry in entries:
+        for i, entry in enumerate(entries):
             if not entry.matches(name, keys):
                 continue
+            matched.add(i)
             if entry.cfg is not None:
                 cfg = entry.cfg
                 default = all(c.enable for c in cfg) if isinstance(cfg, tuple) else cfg.enable
@@ -145,6 +149,7 @@ def set_quantizer_by_cfg(model: nn.Module, quant_cfg: Any) -> None:
         elif enable is False:
             quantizer.disable()
     name_quantizers(model)
+    warn_unmatched(entries, matched, model)
 
 
 def _is_entries(value: Any) -> bool:

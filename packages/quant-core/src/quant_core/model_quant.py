@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -11,8 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant_core.algorithms import get_algorithm
-from quant_core.config.algorithm_configs import algorithm_spec
 from quant_core.config.schema import validate_config
+from quant_core.config.unmatched import check_parent_classes
 from quant_core.conversion import (
     QuantCfgEntry,
     iter_quantizers,
@@ -23,6 +24,7 @@ from quant_core.conversion import (
 from quant_core.layerwise import layerwise_calibrate, split_layerwise
 from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model_quant names
     compute_quantization_mse,
+    eval_mode,
     fold_weight,
     model_loop,
     temporarily_fold_weights,
@@ -30,6 +32,7 @@ from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.offload import weights_materialized
 from quant_core.plugins import prepare_model
+from quant_core.preflight import check_algorithms, check_materialized
 
 ForwardLoop = Callable[[nn.Module], Any]
 
@@ -46,8 +49,11 @@ def quantize(
     ``forward_loop(model)`` runs the calibration batches through the model; it may be None for
     configs that need no activation statistics (weight-only or dynamic formats).
     """
-    prepare_model(model)
     cfg = validate_config(config)
+    check_parent_classes(cfg.entries)
+    check_algorithms(cfg.algorithm)
+    check_materialized(model)
+    prepare_model(model)
     replace_quant_modules(model)
     if next(iter_quantizers(model), None) is None:
         registered = ", ".join(
@@ -66,24 +72,20 @@ def quantize(
     return model
 
 
-def _algorithm_specs(algorithm: Any) -> list[tuple[str, dict[str, Any]]]:
-    specs = algorithm if isinstance(algorithm, list) else [algorithm]
-    out = []
-    for spec in map(algorithm_spec, specs):
-        if spec is None:
-            continue
-        if isinstance(spec, str):
-            out.append((spec, {}))
-        elif isinstance(spec, dict) and isinstance(spec.get("method"), str):
-            options = {k: v for k, v in spec.items() if k != "method"}
-            out.append((spec["method"], options))
-        elif isinstance(spec, dict) and spec.get("method") is None:
-            continue
-        else:
-            raise ValueError(
-                f"algorithm must be a name, {{'method': name, ...}}, None or a list of those; got {spec!r}"
-            )
-    return out
+class _EmptyBatch(ValueError):
+    """A calibration batch with zero elements (raised by the batch hook, reported by _LoopGuard)."""
+
+
+def _check_batch(index: int, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Refuse a batch whose first tensor input has no elements, naming its index and shape."""
+    first = next(
+        (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None
+    )
+    if first is not None and first.numel() == 0:
+        raise _EmptyBatch(
+            f"calibration batch {index} (counting from 0) has zero size: its input has shape "
+            f"{tuple(first.shape)}"
+        )
 
 
 class _LoopGuard:
@@ -100,14 +102,22 @@ class _LoopGuard:
         def on_module(_module: nn.Module, _args: Any) -> None:
             self.seen += 1
 
-        def on_batch(_module: nn.Module, _args: Any) -> None:
+        batches = itertools.count()
+
+        def on_batch(_module: nn.Module, args: Any, kwargs: Any) -> None:
+            _check_batch(next(batches), args, kwargs)
             bar.update(1)  # a pre-hook must return None, or it replaces the inputs
 
         handles = [m.register_forward_pre_hook(on_module) for m in quant_modules]
-        handles.append(model.register_forward_pre_hook(on_batch))
+        handles.append(model.register_forward_pre_hook(on_batch, with_kwargs=True))
         before = self.seen
         try:
             result = self.forward_loop(model)
+        except _EmptyBatch as err:
+            raise CalibrationError(
+                f"{err} during '{self.method}' calibration. No statistics from this run were kept; "
+                "drop empty batches from the calibration data (e.g. DataLoader(..., drop_last=True))."
+            ) from None
         except Exception as err:
             raise CalibrationError(
                 f"forward_loop raised {type(err).__name__} during '{self.method}' calibration: {err}. "
@@ -138,35 +148,47 @@ def calibrate(
 ) -> nn.Module:
     """Run calibration ``algorithm`` (a name, ``{"method": name, **options}``, None, or a list) on ``model``.
 
-    An algorithm's ``"layerwise"`` option calibrates one decoder layer at a time
-    (see :mod:`quant_core.layerwise`). Weights offloaded by accelerate are loaded for the
-    calibration (all of them at once, or one decoder layer's with ``layerwise``) and changed
-    ones written back (see :mod:`quant_core.offload`).
+    Every algorithm and option is checked before the model is touched. Calibration runs with the
+    model in eval mode (no Dropout, BatchNorm on its running statistics); each module's
+    train/eval mode is restored afterwards. An algorithm's ``"layerwise"`` option calibrates one
+    decoder layer at a time (see :mod:`quant_core.layerwise`). Weights offloaded by accelerate are
+    loaded for the calibration (all of them at once, or one decoder layer's with ``layerwise``)
+    and changed ones written back (see :mod:`quant_core.offload`).
     """
     forward_loop = model_loop(forward_loop)
-    for method, options in _algorithm_specs(algorithm):
-        fn = get_algorithm(method)
-        options, layerwise = split_layerwise(method, options)
-        loop = _LoopGuard(model, forward_loop, method) if forward_loop is not None else None
-        try:
-            with torch.no_grad():
-                if layerwise.enable:
-                    qdq = layerwise.get_qdq_activations_from_prev_layer
-                    layerwise_calibrate(model, fn, forward_loop, options, qdq)
-                else:
-                    with weights_materialized(model):
-                        fn(model, loop, **options)
-        except TypeError as err:
-            _reset_calibration_state(model)
-            if "unexpected keyword argument" in str(err):
-                raise ValueError(
-                    f"algorithm {method!r} does not take option(s) {sorted(options)}: {err}"
-                ) from err
-            raise
-        except BaseException:
-            _reset_calibration_state(model)
-            raise
+    specs = check_algorithms(algorithm)
+    check_materialized(model)
+    with eval_mode(model):
+        for method, options in specs:
+            _run_algorithm(model, method, options, forward_loop)
     return model
+
+
+def _run_algorithm(
+    model: nn.Module, method: str, options: dict[str, Any], forward_loop: ForwardLoop | None
+) -> None:
+    """Run one algorithm; on failure every quantizer is back in normal (quantizing) mode."""
+    fn = get_algorithm(method)
+    options, layerwise = split_layerwise(method, options)
+    loop = _LoopGuard(model, forward_loop, method) if forward_loop is not None else None
+    try:
+        with torch.no_grad():
+            if layerwise.enable:
+                qdq = layerwise.get_qdq_activations_from_prev_layer
+                layerwise_calibrate(model, fn, forward_loop, options, qdq)
+            else:
+                with weights_materialized(model):
+                    fn(model, loop, **options)
+    except TypeError as err:
+        _reset_calibration_state(model)
+        if "unexpected keyword argument" in str(err):
+            raise ValueError(
+                f"algorithm {method!r} does not take option(s) {sorted(options)}: {err}"
+            ) from err
+        raise
+    except BaseException:
+        _reset_calibration_state(model)
+        raise
 
 
 def postprocess_amax(

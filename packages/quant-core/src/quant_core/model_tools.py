@@ -41,6 +41,18 @@ def model_loop(forward_loop: Callable[..., Any] | None) -> Callable[[nn.Module],
     return lambda _model: forward_loop()
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module of ``model`` in eval mode for the block, then give each its own mode back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def compute_quantization_mse(
     model: nn.Module,
     forward_loop: Callable[[nn.Module], Any],
@@ -127,3 +139,4 @@ def temporarily_fold_weights(
                 for weight, copy, quantizer, pre_quant_scale in saved:
                     weight.data.copy_(copy.to(weight.device))
                     quantizer.pre_quant_scale = pre_quant_scale
+                    quantizer._weight_folded = False

@@ -18,15 +18,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quant_core.atomic import atomic_temp
 from quant_core.compress.module import CompressedLinear, recompress
 from quant_core.config.schema import parse_attributes
 from quant_core.conversion import (
@@ -39,6 +39,7 @@ from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 from quant_core.plugins import prepare_model
+from quant_core.restore_check import check_state_fits, read_metadata_json
 
 FORMAT = "quant_core.quantizer_state"
 VERSION = 1
@@ -99,6 +100,7 @@ def _check_state(state: dict[str, Any]) -> None:
 def restore_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
     """Re-create the quantized modules and quantizers of ``state`` on ``model`` (a copy of the original)."""
     _check_state(state)
+    check_state_fits(model, state)
     prepare_model(model)
     for name, info in state["modules"].items():
         module = model.get_submodule(name)
@@ -153,9 +155,7 @@ def _set_tensor(quantizer: TensorQuantizer, key: str, value: torch.Tensor) -> No
 
 
 def _atomic_target(path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
+    return str(atomic_temp(path))
 
 
 def _publish(tmp: str, path: Path) -> None:
@@ -259,15 +259,23 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
 def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Restore a model written by :func:`save` onto ``model`` (a fresh copy of the original model)."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"cannot read {path} as a safetensors file: {err}") from None
     if _METADATA_KEY not in metadata:
         raise ValueError(
             f"{path} was not written by quant_core.save (no quantizer state in its metadata)"
         )
-    restore_quantizer_state(model, json.loads(metadata[_METADATA_KEY]))
+    quant_state = read_metadata_json(path, metadata[_METADATA_KEY], "quantizer state")
+    extra_state = read_metadata_json(path, metadata.get(_EXTRA_METADATA_KEY, "{}"), "extra state")
+    _check_state(quant_state)
+    check_state_fits(model, quant_state, shapes)
+    restore_quantizer_state(model, quant_state)
     state: dict[str, Any] = load_file(str(path))
-    for key, info in json.loads(metadata.get(_EXTRA_METADATA_KEY, "{}")).items():
+    for key, info in extra_state.items():
         state[key] = _decode_extra_state(info, state.get(key))
     expected = model.state_dict()
     written = {_view_key(v) for k, v in expected.items() if k in state and torch.is_tensor(v)}

@@ -36,6 +36,17 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a corrupted or non-object file is a CheckpointError naming it."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the file is corrupted") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def layout_of(folder: Path) -> tuple[str, dict[str, Any]]:
     """(layout name, quantization_config block) of a checkpoint folder."""
     folder = Path(folder)
@@ -44,7 +55,7 @@ def layout_of(folder: Path) -> tuple[str, dict[str, Any]]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json or model.onnx (not a checkpoint folder)")
-    qc = json.loads(config_path.read_text("utf-8")).get("quantization_config")
+    qc = read_json(config_path).get("quantization_config")
     if not isinstance(qc, dict) or "quant_method" not in qc:
         raise CheckpointError(f"{folder}: config.json has no quantization_config.quant_method")
     method = qc["quant_method"]
@@ -135,9 +146,7 @@ def validate(folder: str | Path) -> dict[str, Any]:
         ]
         ignored = qc.get("exclude_modules") or []
         hf_quant = folder / "hf_quant_config.json"
-        loaders = (
-            json.loads(hf_quant.read_text("utf-8")).get("loaders", []) if hf_quant.is_file() else []
-        )
+        loaders = read_json(hf_quant).get("loaders", []) if hf_quant.is_file() else []
     if not layers and not qc.get("kv_cache_scheme"):
         raise CheckpointError(f"{folder}: no quantized layer and no KV-cache scheme")
     return {

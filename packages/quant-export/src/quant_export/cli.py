@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -94,10 +95,17 @@ def load_factory(spec: str) -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr.isidentifier():
         raise SystemExit(f"--model must look like package.module:function, got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # as `python -m` does: a factory module in the current folder
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise SystemExit(f"cannot import {module_name!r} for --model: {err}") from err
+        raise SystemExit(
+            f"cannot import {module_name!r} for --model: {err} (searched the current folder "
+            f"{cwd} and the installed packages; run from the folder holding the module or add "
+            "its folder to PYTHONPATH)"
+        ) from err
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SystemExit(f"{spec!r}: {module_name} has no callable {attr!r}")
@@ -319,6 +327,12 @@ def _add_dtype_argument(cmd: argparse.ArgumentParser, default: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``quant-export``."""
     parser = _OneLineParser(prog="quant-export", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, print the full traceback instead of one line (anywhere on the command "
+        "line; or set QUANT_EXPORT_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     _add_quantize(sub)
 
@@ -389,12 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``quant-export``."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``quant-export``: errors print one line (with ``--debug`` or
+    ``QUANT_EXPORT_DEBUG=1``, the full traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("QUANT_EXPORT_DEBUG", "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return args.run(args)
-    except (ImportError, ValueError, OSError, RuntimeError) as err:
+    except Exception as err:
+        if debug:
+            raise
         message = " ".join(str(err).split())  # one line
+        if not isinstance(err, (ImportError, ValueError, OSError, RuntimeError)):
+            message = f"{type(err).__name__}: {message} (run with --debug for the traceback)"
         print(f"quant-export {args.command}: error: {message}", file=sys.stderr)
         return 1
 

@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from quant_core.atomic import atomic_temp
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 from quant_export._version import __version__
 from quant_export.engines import LOADERS, loaders_for
@@ -360,9 +360,7 @@ def write_atomically(
     export_dir: Path, write: Callable[[Path], list[str]], stale: str = "model*.safetensors*"
 ) -> Path:
     """Run ``write`` (returns the file names it wrote) in a private folder beside ``export_dir``, then :func:`install` them."""
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{export_dir.name}.", suffix=".tmp", dir=export_dir.parent)
-    )
+    staging = atomic_temp(export_dir, directory=True)
     try:
         install(staging, export_dir, write(staging), stale)
     finally:

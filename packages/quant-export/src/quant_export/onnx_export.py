@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +22,10 @@ import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
+from quant_core.atomic import atomic_temp
+from quant_core.model_tools import eval_mode
 from quant_export.cleanup import clean
+from quant_export.export_checks import run_on_sample, warn_folded_weights
 from quant_export.lowering import TRT_DOMAIN, Lowering
 from quant_export.quantizers import MARKER_DOMAIN, marked_quantizers, refuse_compressed
 
@@ -49,8 +51,7 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
 def save_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` to ``path`` through a temporary file and ``os.replace`` (never a partial file)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = atomic_temp(path)
     try:
         if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
             raise ValueError(
@@ -95,9 +96,7 @@ def default_dynamic_axes(
     return axes
 
 
-def _output_names(model: nn.Module, args: tuple[Any, ...]) -> list[str]:
-    with torch.no_grad():
-        out = model(**args[0]) if len(args) == 1 and isinstance(args[0], dict) else model(*args)
+def _output_names(out: Any) -> list[str]:
     if isinstance(out, torch.Tensor):
         return ["output"]
     if isinstance(out, Mapping):
@@ -163,9 +162,9 @@ def export_onnx(
     args = _as_tuple(sample_inputs)
     flat = _flat_inputs(args)
     input_names = list(input_names or [k or f"input_{i}" for i, (k, _) in enumerate(flat)])
-    modes = {m: m.training for m in model.modules()}  # restored per module afterwards
-    model.eval()
-    try:
+    warn_folded_weights(model)
+    with eval_mode(model):  # each module's train/eval mode comes back afterwards
+        sample_out = run_on_sample(model, args)
         with marked_quantizers(model) as specs:
             if not specs:
                 warnings.warn(
@@ -173,16 +172,13 @@ def export_onnx(
                     UserWarning,
                     stacklevel=2,
                 )
-            output_names = list(output_names or _output_names(model, args))
+            output_names = list(output_names or _output_names(sample_out))
             axes = dynamic_axes or default_dynamic_axes(
                 list(zip(input_names, (t for _, t in flat))), output_names
             )
             traced = _trace(
                 model, args, input_names, output_names, {k: dict(v) for k, v in axes.items()}
             )
-    finally:
-        for module, training in modes.items():
-            module.training = training
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(traced))
     lowering = Lowering(graph, specs, target)
     lowering.run()

@@ -9,10 +9,11 @@ takes each tensor's precision from the graph instead of choosing its own.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from quant_core.atomic import atomic_temp
 
 TENSORRT_MISSING = (
     "building TensorRT engines needs the tensorrt package (TensorRT 10 or newer) and an NVIDIA GPU: "
@@ -90,11 +91,9 @@ def build_engine(
         raise RuntimeError(
             f"TensorRT failed to build an engine from {onnx_path} (see its log above)"
         )
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{engine_path.name}.", suffix=".tmp", dir=engine_path.parent
-    )
+    tmp = atomic_temp(engine_path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(bytes(serialized))
         os.replace(tmp, engine_path)
     finally:

@@ -12,6 +12,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from quant_core.model_tools import eval_mode
+
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -82,8 +84,8 @@ def verify_onnx(
     """
     if optimization not in _LEVELS:
         raise ValueError(f"optimization must be one of {sorted(_LEVELS)}, got {optimization!r}")
-    model.eval()
-    expected = _torch_outputs(model, inputs)
+    with eval_mode(model):  # the user's train/eval mode comes back afterwards
+        expected = _torch_outputs(model, inputs)
     got = run_onnx(path, inputs, optimization)
     if len(got) != len(expected):
         raise ValueError(f"the graph has {len(got)} outputs, the model {len(expected)}")

@@ -239,8 +239,18 @@ def reduce_amax(
     axes, _ = normalize_block_sizes(block_sizes, x.dim())
     layout = layout_for(tuple(x.shape), axes, axis)
     if axis is None and axes is None:
+        _check_not_empty(x, list(range(x.dim())))
         return group_amax(x.reshape(-1), (0,)).reshape(())
     return group_amax(layout.to_view(x), layout.reduce_dims).reshape(layout.scale_shape)
+
+
+def _check_not_empty(x: torch.Tensor, reduce_dims: list[int]) -> None:
+    """An amax over an empty group has no value: say so instead of torch's IndexError."""
+    if x.numel() == 0 and any(x.shape[d] == 0 for d in reduce_dims):
+        raise ValueError(
+            f"cannot take the amax of an empty tensor (shape {tuple(x.shape)}): a tensor "
+            "with no elements has no maximum; skip empty tensors or give amax explicitly"
+        )
 
 
 def group_amax(xv: torch.Tensor, reduce_dims: tuple[int, ...]) -> torch.Tensor:
@@ -251,6 +261,7 @@ def group_amax(xv: torch.Tensor, reduce_dims: tuple[int, ...]) -> torch.Tensor:
     reduced first so the rest is small.
     """
     dims = sorted(reduce_dims, reverse=True)
+    _check_not_empty(xv, dims)
     if not dims:  # every axis kept: each element is its own group
         return xv.float().abs()
     if not xv.is_cuda and xv.is_floating_point() and xv.element_size() == 1:

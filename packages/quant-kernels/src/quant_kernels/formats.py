@@ -420,6 +420,11 @@ def nvfp4_global_amax(
     """
     if calibrated is not None:
         return calibrated.float().reshape(())
+    for name, t in (("block_amax", block_amax), ("x", x)):
+        if t is not None and t.numel() == 0:
+            raise ValueError(
+                f"nvfp4_global_amax: {name} is empty (shape {tuple(t.shape)}), so it has no maximum"
+            )
     if block_amax is not None:
         return block_amax.max()
     if x is not None:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 import quant_kernels as qk
 from quant_core.algorithms._blocks import num_blocks
+from quant_core.algorithms.dead_channels import fill_dead_channels
 from quant_core.algorithms.output_error import mse_amax
 from quant_core.algorithms.registry import register_algorithm
 from quant_core.algorithms.statistics import (
@@ -155,10 +156,8 @@ def gptq_quantize(
     nbatch, rows, cols = w.shape
     group = fmt.block_size(cols)
 
+    h = fill_dead_channels(h)  # dead input channels: rounded to nearest, never zeroed
     diag = h.diagonal(dim1=-2, dim2=-1)
-    dead = diag == 0
-    diag.masked_fill_(dead, 1.0)
-    w.masked_fill_(dead.unsqueeze(1), 0.0)
 
     if act_order and amax is None:
         amax = fmt.amax(w)
@@ -297,6 +296,7 @@ def gptq_layers(
         hessian = torch.stack(
             [effective_input_stats(layers[u[0]], stats[u[0]]).gram for u in units]
         )
+        hessian = fill_dead_channels(hessian, [", ".join(u) for u in units])
         quantizer = layers[units[0][0]].weight_quantizer
         fmt = kernel_format(quantizer)
         block_scaled = first_stage(quantizer).format.scale_mode != "float32"

@@ -23,6 +23,7 @@ from quant_core.algorithms._blocks import to_blocks
 from quant_core.algorithms.registry import ForwardLoop
 from quant_core.algorithms.shared_inputs import SharedInputs
 from quant_core.algorithms.weights import calibrate_weight
+from quant_core.calib.degenerate import load_activation_amax
 from quant_core.distributed import (
     all_gather_rows,
     all_reduce,
@@ -86,7 +87,7 @@ def collecting_statistics(
         if sync:
             reduce_quantizer_statistics(active)
         for q in active:
-            q.load_calib_amax()
+            load_activation_amax(q)
     finally:
         for q in active:
             q.disable_calib()

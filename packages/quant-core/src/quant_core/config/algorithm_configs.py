@@ -2,14 +2,17 @@
 
 Each is a validated pydantic model usable wherever an ``algorithm`` is accepted (``mtq.calibrate``,
 a config's ``"algorithm"``). Only the fields a user sets are passed on to the algorithm, under
-quant's option names; a field the algorithm here does not implement is refused by name.
+quant's option names; a field the algorithm here does not implement is refused by name. Numeric
+options carry their allowed ranges (``alpha`` in [0, 1], ...); ``mtq.calibrate`` and
+``mtq.quantize`` check a ``{"method": ..., **options}`` dict against them too, before changing the
+model (:mod:`quant_core.preflight`).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class QuantizeAlgorithmConfig(BaseModel):
@@ -41,9 +44,9 @@ class MseCalibConfig(QuantizeAlgorithmConfig):
     """Weight amax searched for the least quantization MSE."""
 
     method: Literal["mse"] = "mse"
-    step_size: float | None = None
-    start_multiplier: float | None = None
-    stop_multiplier: float | None = None
+    step_size: float | None = Field(None, gt=0)
+    start_multiplier: float | None = Field(None, gt=0)
+    stop_multiplier: float | None = Field(None, gt=0)
     distributed_sync: bool | None = True
 
 
@@ -51,14 +54,14 @@ class SmoothQuantCalibConfig(QuantizeAlgorithmConfig):
     """SmoothQuant: migrate activation outliers into the weights (``alpha`` = migration strength)."""
 
     method: Literal["smoothquant"] = "smoothquant"
-    alpha: float | None = None
+    alpha: float | None = Field(None, ge=0, le=1)
 
 
 class AWQLiteCalibConfig(QuantizeAlgorithmConfig):
     """AWQ-lite: per-channel activation-aware scale search in steps of ``alpha_step``."""
 
     method: Literal["awq_lite"] = "awq_lite"
-    alpha_step: float | None = 0.1
+    alpha_step: float | None = Field(0.1, gt=0, le=1)
     debug: bool | None = None
 
 
@@ -66,10 +69,10 @@ class AWQClipCalibConfig(QuantizeAlgorithmConfig):
     """AWQ-clip: per-block clipping-ratio search from 1 down to ``min_clip_ratio``."""
 
     method: Literal["awq_clip"] = "awq_clip"
-    max_co_batch_size: int | None = None
-    max_tokens_per_batch: int | None = None
-    min_clip_ratio: float | None = 0.5
-    shrink_step: float | None = 0.05
+    max_co_batch_size: int | None = Field(None, ge=1)
+    max_tokens_per_batch: int | None = Field(None, ge=1)
+    min_clip_ratio: float | None = Field(0.5, gt=0, le=1)
+    shrink_step: float | None = Field(0.05, gt=0, lt=1)
     debug: bool | None = None
 
 
@@ -83,7 +86,7 @@ class SVDQuantConfig(QuantizeAlgorithmConfig):
     """SVDQuant: a rank-``lowrank`` high-precision branch beside each quantized weight."""
 
     method: Literal["svdquant"] = "svdquant"
-    lowrank: int | None = 32
+    lowrank: int | None = Field(32, ge=1)
     skip_layers: list[str] | None = None
 
 
@@ -92,8 +95,8 @@ class GPTQCalibConfig(QuantizeAlgorithmConfig):
 
     method: Literal["gptq"] = "gptq"
     _renames: ClassVar[dict[str, str]] = {"perc_damp": "percdamp"}
-    perc_damp: float | None = 0.01
-    block_size: int | None = 128
+    perc_damp: float | None = Field(0.01, ge=0, lt=1)
+    block_size: int | None = Field(128, ge=1)
     fused: bool = False
 
 

@@ -72,7 +72,15 @@ class FrozenList(list):
 
 
 def freeze(value: Any) -> Any:
-    """Recursively turn dicts and lists into their read-only counterparts."""
+    """Recursively turn dicts and lists into their read-only counterparts.
+
+    A config (a dict with ``quant_cfg``) frozen here is a built-in one: its patterns are remembered
+    so that those matching nothing on a model are not reported (:mod:`quant_core.config.unmatched`).
+    """
+    if isinstance(value, dict) and "quant_cfg" in value:
+        from quant_core.config.unmatched import remember_builtin
+
+        remember_builtin(value["quant_cfg"])
     if isinstance(value, QuantCfgList):
         return FrozenQuantCfgList(freeze(v) for v in value)
     if isinstance(value, dict):

@@ -110,6 +110,7 @@ def fold_into(weight: torch.Tensor, quantizer: nn.Module) -> None:
         weight.data.copy_(quantizer(weight))
     quantizer.disable()
     quantizer.pre_quant_scale = None
+    quantizer._weight_folded = True  # export warns that this weight is stored unquantized
     if rotated:
         quantizer.disable_rotate()
 

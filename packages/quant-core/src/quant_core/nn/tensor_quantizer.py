@@ -32,6 +32,7 @@ from quant_core.nn import onnx_qdq
 from quant_core.nn.describe import describe_quantizer
 from quant_core.nn.quant_backends import get_quant_backend
 from quant_core.nn.quantizer_api import ModelOptQuantizerAPI, merge_attribute_update
+from quant_core.nn.shape_checks import check_amax_shape, check_pre_quant_scale
 
 
 def _check_amax(value: torch.Tensor, name: str) -> None:
@@ -186,6 +187,8 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
             return
         value = torch.as_tensor(value).detach().float().clone()
         _check_amax(value, self._name)
+        if value.numel() > 1:  # (a constant amax is set before the format is parsed)
+            check_amax_shape(value, self._attrs.axis, self._format, self._name)
         current = self.amax
         if current is not None and current.shape == value.shape:
             with torch.no_grad():
@@ -363,6 +366,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         """Apply the pre-quant scale, collect statistics when calibrating, and fake-quantize."""
         pqs = self.pre_quant_scale
         if pqs is not None:
+            check_pre_quant_scale(pqs, x, self._name)
             x = x * pqs.to(x.dtype)
         rotate = self._rotation
         if rotate.enable:  # also when disabled, so a rotated pair of operands stays consistent

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from quant_core.atomic import atomic_temp
 
 
 def summary_table(search_state: dict[str, Any]) -> str:
@@ -51,8 +52,7 @@ def plot_sensitivity(search_state: dict[str, Any], path: str | os.PathLike[str])
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = atomic_temp(path)
     try:
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)

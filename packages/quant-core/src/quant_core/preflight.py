@@ -1,0 +1,130 @@
+"""Checks that run before ``quantize`` / ``calibrate`` change anything in the model.
+
+Validate first, then mutate: an unknown algorithm, an option the algorithm does not take or one
+outside its allowed range, and a model whose tensors are on the ``meta`` device are refused
+here, naming the input and what is allowed, while the model is still untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from pydantic import ValidationError
+from torch import nn
+
+from quant_core.algorithms import get_algorithm
+from quant_core.config.algorithm_configs import QuantizeAlgorithmConfig, algorithm_spec
+from quant_core.layerwise import split_layerwise
+
+__all__ = ["algorithm_specs", "check_algorithms", "check_materialized"]
+
+
+def algorithm_specs(algorithm: Any) -> list[tuple[str, dict[str, Any]]]:
+    """``algorithm`` (a name, ``{"method": name, **options}``, a config object, None or a list) as (name, options) pairs."""
+    specs = algorithm if isinstance(algorithm, list) else [algorithm]
+    out = []
+    for spec in map(algorithm_spec, specs):
+        if spec is None:
+            continue
+        if isinstance(spec, str):
+            out.append((spec, {}))
+        elif isinstance(spec, dict) and isinstance(spec.get("method"), str):
+            options = {k: v for k, v in spec.items() if k != "method"}
+            out.append((spec["method"], options))
+        elif isinstance(spec, dict) and spec.get("method") is None:
+            continue
+        else:
+            raise ValueError(
+                f"algorithm must be a name, {{'method': name, ...}}, None or a list of those; got {spec!r}"
+            )
+    return out
+
+
+def _config_classes() -> dict[str, type[QuantizeAlgorithmConfig]]:
+    """Each algorithm config class by its method name (subclasses included)."""
+    out: dict[str, type[QuantizeAlgorithmConfig]] = {}
+    todo = list(QuantizeAlgorithmConfig.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        method = cls.model_fields["method"].default
+        if isinstance(method, str):
+            out[method] = cls
+    return out
+
+
+def _check_ranges(method: str, options: dict[str, Any]) -> None:
+    """Validate the options that ``method``'s config class declares (ranges, types)."""
+    cls = _config_classes().get(method)
+    if cls is None:
+        return
+    fields = {cls._renames.get(f, f): f for f in cls.model_fields if f != "method"}
+    known = {fields[k]: v for k, v in options.items() if k in fields and v is not None}
+    try:
+        cls.model_validate(known)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = next((k for k, f in fields.items() if f == e["loc"][0]), e["loc"][0])
+            problems.append(f"{key}={e['input']!r} is not allowed: {e['msg'].lower()}")
+        raise ValueError(f"algorithm {method!r}: " + "; ".join(problems)) from None
+
+
+def _check_signature(method: str, fn: Any, options: dict[str, Any]) -> None:
+    """Refuse options that ``fn(model, forward_loop, **options)`` does not take, naming the ones it does."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in list(params.items())[2:] if p.kind is not p.VAR_POSITIONAL]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"algorithm {method!r} does not take option(s) {unknown}; its options are {allowed}"
+        )
+
+
+def check_algorithms(algorithm: Any) -> list[tuple[str, dict[str, Any]]]:
+    """Resolve every algorithm of ``algorithm`` and check its options; returns the (name, options) pairs."""
+    specs = algorithm_specs(algorithm)
+    for method, options in specs:
+        fn = get_algorithm(method)  # an unknown name raises, listing the registered ones
+        _check_signature(method, fn, split_layerwise(method, options)[0])
+        _check_ranges(method, options)
+    return specs
+
+
+def _offloaded(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` or one of its parents carries an accelerate hook (offloaded weights live on meta)."""
+    parts = name.split(".") if name else []
+    module = model
+    for i in range(len(parts) + 1):
+        if hasattr(module, "_hf_hook"):
+            return True
+        if i < len(parts):
+            module = getattr(module, parts[i], None)
+            if module is None:
+                return False
+    return False
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model with parameters or buffers on the ``meta`` device (no values to calibrate or quantize).
+
+    Weights offloaded by accelerate (its hooks load them at forward time) are accepted.
+    """
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type != "meta":
+            continue
+        owner = name.rpartition(".")[0]
+        if _offloaded(model, owner):
+            continue
+        raise ValueError(
+            f"{type(model).__name__}.{name} is on the meta device (a shape without values), so it "
+            "cannot be quantized or calibrated. Materialize the model first: "
+            "model.to_empty(device='cpu') then model.load_state_dict(weights), or load it "
+            "without device='meta' / init_empty_weights."
+        )

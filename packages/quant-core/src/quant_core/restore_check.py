@@ -1,0 +1,92 @@
+"""Checks that a saved quantizer state fits the target model, run before ``restore`` converts anything.
+
+A restore into the wrong architecture (a missing or different module, a weight of another shape)
+is refused here, while the target model is still unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quant_core.nn.registry import QuantModuleRegistry
+
+__all__ = ["check_state_fits", "read_metadata_json"]
+
+
+def read_metadata_json(path: str | Path, text: str, what: str) -> Any:
+    """``json.loads(text)``, with an error naming the file and the record when it is not valid JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: the {what} in its metadata is not valid JSON ({err}); the file is corrupted "
+            "or was not written by quant_core.save"
+        ) from None
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_modules(model: nn.Module, modules: dict[str, Any]) -> None:
+    for name, info in modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"the saved state quantizes module {name!r}, which {type(model).__name__} does not "
+                "have: restore into a fresh copy of the same architecture the state was saved from"
+            ) from None
+        if getattr(module, "_quant_original_key", None) is not None:
+            current = type(module)
+        else:
+            current = QuantModuleRegistry.get(type(module))
+            if current is None:
+                raise ValueError(
+                    f"module {name!r} ({type(module).__name__}) has no registered quantized class, "
+                    f"but was saved as {info.get('quantized')}"
+                )
+        if _qualname(current) != info.get("quantized"):
+            raise ValueError(
+                f"module {name!r} converts to {_qualname(current)} now, but was saved as "
+                f"{info.get('quantized')}; register the same quantized class before restoring"
+            )
+
+
+def check_state_fits(
+    model: nn.Module, state: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None = None
+) -> None:
+    """Refuse ``state`` (and, with ``shapes``, the saved tensors' shapes by key) for ``model`` before any change.
+
+    Checked: every saved module exists and converts to the class it was saved as; with ``shapes``,
+    every saved tensor that the model already has has the same shape, and every saved tensor the
+    model lacks belongs to a quantizer or a converted module of the state.
+    """
+    _check_modules(model, state.get("modules", {}))
+    if shapes is None:
+        return
+    owners = set(state.get("quantizers", {})) | set(state.get("modules", {}))
+    current = model.state_dict()
+    wrong, foreign = [], []
+    for key, shape in shapes.items():
+        if key in current:
+            if isinstance(current[key], torch.Tensor) and tuple(current[key].shape) != tuple(shape):
+                wrong.append(
+                    f"{key} {tuple(shape)} saved, {tuple(current[key].shape)} in the model"
+                )
+        elif key.rpartition(".")[0] not in owners:
+            foreign.append(key)
+    if wrong or foreign:
+        details = "; ".join(
+            ([f"shape mismatch: {', '.join(wrong[:3])}"] if wrong else [])
+            + ([f"saved tensors the model has no place for: {foreign[:5]}"] if foreign else [])
+        )
+        raise ValueError(
+            f"the checkpoint does not fit {type(model).__name__} ({details}); nothing was changed. "
+            "Restore into a fresh copy of the architecture the checkpoint was saved from."
+        )
