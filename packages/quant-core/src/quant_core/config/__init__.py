@@ -1,35 +1,9 @@
 """Quantization configs: the validated schema, the built-in ``*_CFG`` dicts and ``choices``."""
 
+from quant_core.config import builtin as _builtin
 from quant_core.config.algorithm_configs import *  # noqa: F403
 from quant_core.config.algorithm_configs import __all__ as _algorithm_names
-from quant_core.config.builtin import (
-    FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG,
-    FP8_AFFINE_KV_CFG,
-    FP8_DEFAULT_CFG,
-    FP8_KV_CFG,
-    FP8_PER_CHANNEL_PER_TOKEN_CFG,
-    INT4_AWQ_CFG,
-    INT4_BLOCKWISE_WEIGHT_ONLY_CFG,
-    INT8_DEFAULT_CFG,
-    INT8_SMOOTHQUANT_CFG,
-    INT8_WEIGHT_ONLY_CFG,
-    MXFP4_DEFAULT_CFG,
-    MXFP6_DEFAULT_CFG,
-    MXFP8_DEFAULT_CFG,
-    MXINT8_DEFAULT_CFG,
-    NVFP4_AWQ_CLIP_CFG,
-    NVFP4_AWQ_FULL_CFG,
-    NVFP4_AWQ_LITE_CFG,
-    NVFP4_DEFAULT_CFG,
-    NVFP4_KV_CFG,
-    NVFP4_SVDQUANT_DEFAULT_CFG,
-    W4A8_AWQ_BETA_CFG,
-    W4A8_MXFP4_FP8_CFG,
-    W4A8_NVFP4_FP8_CFG,
-    W4A16_NVFP4_CFG,
-    _default_disabled_quantizer_cfg,
-    choices,
-)
+from quant_core.config.builtin import *  # noqa: F403
 from quant_core.config.helpers import (
     find_quant_cfg_entry_by_path,
     load_config,
@@ -48,36 +22,10 @@ from quant_core.config.schema import (
 )
 
 __all__ = [
-    "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG",
-    "FP8_AFFINE_KV_CFG",
-    "FP8_DEFAULT_CFG",
-    "FP8_KV_CFG",
-    "FP8_PER_CHANNEL_PER_TOKEN_CFG",
-    "INT4_AWQ_CFG",
-    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
-    "INT8_DEFAULT_CFG",
-    "INT8_SMOOTHQUANT_CFG",
-    "INT8_WEIGHT_ONLY_CFG",
-    "MXFP4_DEFAULT_CFG",
-    "MXFP6_DEFAULT_CFG",
-    "MXFP8_DEFAULT_CFG",
-    "MXINT8_DEFAULT_CFG",
-    "NVFP4_AWQ_CLIP_CFG",
-    "NVFP4_AWQ_FULL_CFG",
-    "NVFP4_AWQ_LITE_CFG",
-    "NVFP4_DEFAULT_CFG",
-    "NVFP4_KV_CFG",
-    "NVFP4_SVDQUANT_DEFAULT_CFG",
-    "W4A8_AWQ_BETA_CFG",
-    "W4A8_MXFP4_FP8_CFG",
-    "W4A8_NVFP4_FP8_CFG",
-    "W4A16_NVFP4_CFG",
     "QuantCfgEntry",
     "QuantizeConfig",
     "QuantizerAttributeConfig",
     "RotateConfig",
-    "_default_disabled_quantizer_cfg",
-    "choices",
     "normalize_quant_cfg",
     "parse_attributes",
     "validate_config",
@@ -88,3 +36,4 @@ __all__ = [
     "update_quant_cfg_with_kv_cache_quant",
     *(n for n in _algorithm_names if n != "algorithm_spec"),
 ]
+__all__ += _builtin.__all__

@@ -139,29 +139,33 @@ FP8_AFFINE_KV_CFG = _kv(
 )
 NVFP4_KV_CFG = _kv(dict(_NVFP4))
 
-choices: set[str] = {
+__all__ = [
+    "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG",
+    "FP8_AFFINE_KV_CFG",
+    "FP8_DEFAULT_CFG",
+    "FP8_KV_CFG",
+    "FP8_PER_CHANNEL_PER_TOKEN_CFG",
+    "INT4_AWQ_CFG",
+    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
     "INT8_DEFAULT_CFG",
     "INT8_SMOOTHQUANT_CFG",
     "INT8_WEIGHT_ONLY_CFG",
-    "FP8_DEFAULT_CFG",
-    "FP8_PER_CHANNEL_PER_TOKEN_CFG",
-    "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG",
-    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
-    "INT4_AWQ_CFG",
-    "W4A8_AWQ_BETA_CFG",
-    "NVFP4_DEFAULT_CFG",
-    "NVFP4_AWQ_LITE_CFG",
+    "MXFP4_DEFAULT_CFG",
+    "MXFP6_DEFAULT_CFG",
+    "MXFP8_DEFAULT_CFG",
+    "MXINT8_DEFAULT_CFG",
     "NVFP4_AWQ_CLIP_CFG",
     "NVFP4_AWQ_FULL_CFG",
-    "NVFP4_SVDQUANT_DEFAULT_CFG",
-    "W4A16_NVFP4_CFG",
-    "W4A8_NVFP4_FP8_CFG",
-    "MXFP8_DEFAULT_CFG",
-    "MXFP6_DEFAULT_CFG",
-    "MXFP4_DEFAULT_CFG",
-    "MXINT8_DEFAULT_CFG",
-    "W4A8_MXFP4_FP8_CFG",
-    "FP8_KV_CFG",
-    "FP8_AFFINE_KV_CFG",
+    "NVFP4_AWQ_LITE_CFG",
+    "NVFP4_DEFAULT_CFG",
     "NVFP4_KV_CFG",
-}
+    "NVFP4_SVDQUANT_DEFAULT_CFG",
+    "W4A8_AWQ_BETA_CFG",
+    "W4A8_MXFP4_FP8_CFG",
+    "W4A8_NVFP4_FP8_CFG",
+    "W4A16_NVFP4_CFG",
+    "_default_disabled_quantizer_cfg",
+    "choices",
+]
+# ModelOpt's set of built-in config names: the *_CFG entries of __all__ (one list of names).
+choices: set[str] = {name for name in __all__ if name.endswith("_CFG")}
