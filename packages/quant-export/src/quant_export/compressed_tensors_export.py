@@ -49,6 +49,8 @@ from quant_export.hf_checkpoint import (
     write_checkpoint,
 )
 from quant_export.hf_formats import (
+    E4M3_MAX,
+    KV_FORMATS,
     KV_QUANTIZERS,
     LINEAR_LAYOUTS,
     input_kind,
@@ -65,8 +67,11 @@ from quant_export.schemes import config_groups, scheme_of
 CT_FORMATS: dict[tuple[str, str], str] = {k: v[1] for k, v in LINEAR_LAYOUTS.items()}
 # kv element format -> (QuantizationArgs fields, bound that amax is divided by).
 KV_ARGS: dict[str, tuple[dict[str, Any], float]] = {
-    "e4m3": ({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}, 448.0),
-    "int8": ({"num_bits": 8, "type": "int", "strategy": "tensor", "dynamic": False}, 127.0),
+    kind: (
+        {"num_bits": 8, "type": type_, "strategy": "tensor", "dynamic": False},
+        KV_FORMATS[kind][1],
+    )
+    for kind, type_ in (("e4m3", "float"), ("int8", "int"))
 }
 
 
@@ -141,7 +146,9 @@ def _scales(
     elif kinds[1] == "nvfp4":
         if i.amax is None:
             raise _unsupported(w.name, f"input quantizer {i.name} was never calibrated")
-        out["input_global_scale"] = (6.0 * 448.0 / i.amax.float().max()).reshape(1)
+        out["input_global_scale"] = (i.element.max_value * E4M3_MAX / i.amax.float().max()).reshape(
+            1
+        )
     return fq, out
 
 

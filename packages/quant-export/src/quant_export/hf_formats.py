@@ -47,12 +47,14 @@ LINEAR_LAYOUTS: dict[tuple[str, str], tuple[str, str]] = {
     ("nvfp4", "off"): ("W4A16_NVFP4", "nvfp4-pack-quantized"),
 }
 LINEAR_FORMATS: dict[tuple[str, str], str] = {k: v[0] for k, v in LINEAR_LAYOUTS.items()}
+E4M3_MAX = qk.ElementFormat.parse((4, 3)).max_value
 # kv_cache_quant_algo of a per-tensor k/v_bmm_quantizer, by element format, and the bound its
-# k_scale / v_scale divide amax by (ModelOpt defines NVFP4 KV scales as amax / 448 too).
+# k_scale / v_scale divide amax by: the element's largest value (ModelOpt defines NVFP4 KV scales
+# by the E4M3 block-scale maximum instead).
 KV_FORMATS: dict[str, tuple[str, float]] = {
-    "e4m3": ("FP8", 448.0),
-    "int8": ("INT8", 127.0),
-    "e2m1": ("NVFP4", 448.0),
+    "e4m3": ("FP8", E4M3_MAX),
+    "int8": ("INT8", qk.ElementFormat.parse(8).max_value),
+    "e2m1": ("NVFP4", E4M3_MAX),
 }
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")
 
@@ -138,7 +140,7 @@ def _activation_scale(name: str, spec: QuantizerSpec, kind: str) -> torch.Tensor
     if spec.amax is None:
         raise _unsupported(name, f"input quantizer {spec.name} was never calibrated (amax is None)")
     amax = spec.global_amax(None) if kind == "nvfp4" else spec.amax.float().reshape(())
-    bound = spec.element.max_value * (448.0 if kind == "nvfp4" else 1.0)
+    bound = spec.element.max_value * (E4M3_MAX if kind == "nvfp4" else 1.0)
     return (amax / bound).reshape(())
 
 
