@@ -121,7 +121,7 @@ def test_layerwise_options_are_validated():
     assert split_layerwise("gptq", {"layerwise": True})[1].get_qdq_activations_from_prev_layer
     assert not split_layerwise("max", {"layerwise": True})[1].get_qdq_activations_from_prev_layer
     with pytest.raises(ValueError, match="checkpoint_dir"):
-        split_layerwise("max", {"layerwise": {"enable": True, "checkpoint_dir": "/tmp/x"}})
+        split_layerwise("max", {"layerwise": {"enable": True, "checkpoint_dir": "layerwise_ckpt"}})
     with pytest.raises(ValueError, match="must be a bool"):
         split_layerwise("max", {"layerwise": {"enable": "yes"}})
     with pytest.raises(ValueError, match="stack of decoder layers"):

@@ -122,8 +122,9 @@ def temporarily_fold_weights(
         if quantizer is None or not isinstance(weight, torch.Tensor):
             continue
         if isinstance(quantizer, SequentialQuantizer):
-            raise NotImplementedError(
-                f"temporarily_fold_weights does not support the SequentialQuantizer of {name}"
+            raise ValueError(
+                f"temporarily_fold_weights does not support the SequentialQuantizer of {name}; "
+                "it folds single-stage weight quantizers only"
             )
         if isinstance(quantizer, TensorQuantizer) and (
             quantizer.is_enabled or quantizer.pre_quant_scale is not None

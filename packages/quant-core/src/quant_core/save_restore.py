@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,18 +131,34 @@ def restore_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Modul
         quantizer = model.get_submodule(name)
         if not isinstance(quantizer, TensorQuantizer):
             raise ValueError(f"{name!r} is not a TensorQuantizer in this model")
-        quantizer.set_from_attribute_config(parse_attributes(info["attributes"], f" for {name}"))
-        quantizer.enable() if info["enabled"] else quantizer.disable()
-        for key, shape in info["tensors"].items():
-            value = tensors.get(f"{name}.{key}", torch.zeros(shape))
-            _set_tensor(quantizer, key, value)
+        _restore_quantizer(quantizer, name, info, tensors, torch.zeros)
     for name, info in state["modules"].items():
-        if "compressed" in info:
+        if "compressed" in info:  # placeholder amax of ones: the packed buffers come with the file
+            module = model.get_submodule(name)
+            record = info["compressed"]
+            wq_name = f"{name}.weight_quantizer"
+            _restore_quantizer(
+                module.weight_quantizer, wq_name, record["weight_quantizer"], {}, torch.ones
+            )
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, recompress(model.get_submodule(name), name, info["compressed"]))
+            setattr(parent, attr, recompress(module, name, record["backend"]))
     name_quantizers(model)
     return model
+
+
+def _restore_quantizer(
+    quantizer: TensorQuantizer,
+    name: str,
+    info: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    fill: Callable[[list[int]], torch.Tensor],
+) -> None:
+    """Attributes, enabled flag and tensors of one saved quantizer (``fill(shape)`` where none was saved)."""
+    quantizer.set_from_attribute_config(parse_attributes(info["attributes"], f" for {name}"))
+    quantizer.enable() if info["enabled"] else quantizer.disable()
+    for key, shape in info["tensors"].items():
+        _set_tensor(quantizer, key, tensors.get(f"{name}.{key}", fill(shape)))
 
 
 def _set_tensor(quantizer: TensorQuantizer, key: str, value: torch.Tensor) -> None:

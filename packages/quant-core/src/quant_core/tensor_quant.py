@@ -71,7 +71,7 @@ def scaled_e4m3(
 ) -> torch.Tensor:
     """FP8 E4M3 fake quantization with scale ``amax / 448`` (``amax=None``: no scaling)."""
     if (E, M) != (4, 3):
-        raise NotImplementedError(f"scaled_e4m3 supports E=4, M=3 only, got E={E}, M={M}")
+        raise ValueError(f"scaled_e4m3 supports E=4, M=3 only, got E={E}, M={M}")
     bound = torch.as_tensor(E4M3_MAX if amax is None else amax, dtype=torch.float32)
     return _with_bias(inputs, bias, lambda x: qk.fake_quantize(x, num_bits=(4, 3), amax=bound))
 

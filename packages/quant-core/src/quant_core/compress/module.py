@@ -72,10 +72,11 @@ class CompressedLinear(nn.Module):
         self.source = {  # what save/restore needs to rebuild this layer from a fresh model
             "original": source._quant_original_key,
             "quantized": f"{type(source).__module__}.{type(source).__qualname__}",
-            "compressed": {
-                "weight_quantizer": wq.attribute_config.to_json_dict(),
-                "weight_quantizer_tensors": {
-                    k: list(v.shape) for k, v in wq.named_buffers(recurse=False)
+            "compressed": {  # the weight quantizer as save_restore records every quantizer
+                "weight_quantizer": {
+                    "attributes": wq.attribute_config.to_json_dict(),
+                    "enabled": True,
+                    "tensors": {k: list(v.shape) for k, v in wq.named_buffers(recurse=False)},
                 },
                 "backend": self.backend.name,
             },
@@ -158,28 +159,15 @@ def compress(model: nn.Module, config: dict[str, Any] | None = None) -> nn.Modul
     return model
 
 
-def recompress(module: QuantLinear, name: str, record: dict[str, Any]) -> CompressedLinear:
-    """An empty `CompressedLinear` laid out as the saved ``record`` describes, for restore to fill.
-
-    ``module`` is the freshly converted `QuantLinear` (input/output quantizers already restored);
-    its weight quantizer gets the saved attributes and placeholder tensors of the saved shapes, and
-    the packed buffers computed from its (placeholder) weight are overwritten by the saved ones.
+def recompress(module: QuantLinear, name: str, backend: str) -> CompressedLinear:
+    """A `CompressedLinear` built from ``module`` (its weight quantizer restored with placeholder
+    tensors), whose packed buffers restore then overwrites; refuses a backend other than the saved one.
     """
-    from quant_core.config.schema import parse_attributes
-
-    wq = module.weight_quantizer
-    wq.set_from_attribute_config(parse_attributes(record["weight_quantizer"], f" for {name}"))
-    for key, shape in record["weight_quantizer_tensors"].items():
-        if key == "_amax":
-            wq.amax = None
-            wq.amax = torch.ones(shape)
-        else:
-            wq.register_buffer(key, torch.ones(shape))
     with torch.no_grad():
         layer = CompressedLinear(module)
-    if layer.backend.name != record["backend"]:
+    if layer.backend.name != backend:
         raise ValueError(
-            f"layer {name} was saved compressed for backend {record['backend']!r}, but on "
+            f"layer {name} was saved compressed for backend {backend!r}, but on "
             f"{module.weight.device.type} it would use {layer.backend.name!r}, whose packed layout "
             f"differs; restore onto a model on the device it was saved from"
         )
