@@ -117,3 +117,20 @@ def test_grid_primitive_equals_fake_quantize_for_many_amaxes_at_once(bits):
         qk.fake_quantize_grid(
             x, amax, QuantFormat.parse((2, 1), block_sizes={-1: 16, "scale_bits": (4, 3)})
         )
+
+
+def test_format_maxima_and_scale_modes_come_from_the_table():
+    # OCP MX spec v1.0: E4M3 max normal 448 (S.1111.110), E2M1 max 6 (S.11.1)
+    assert qk.E4M3_MAX == 448.0 and qk.E2M1_MAX == 6.0
+    assert float(torch.finfo(torch.float8_e4m3fn).max) == qk.E4M3_MAX
+    modes = {
+        name: QuantFormat.parse(
+            row.num_bits, row.axis, {**(row.block_sizes or {}), "scale_bits": row.scale_bits}
+        ).scale_mode
+        for name, row in qk.FORMATS.items()
+    }
+    assert modes["NVFP4"] is qk.ScaleMode.E4M3
+    assert modes["MXFP8"] is modes["MXINT8"] is qk.ScaleMode.E8M0
+    assert modes["INT8"] is modes["FP8"] is modes["INT4"] is qk.ScaleMode.FLOAT32
+    # per scale storage: 8-bit E4M3 / E8M0 scales, float32 otherwise
+    assert [m.storage_bits for m in qk.ScaleMode] == [32, 8, 8]

@@ -10,7 +10,7 @@ import torch
 import quant_kernels as qk
 from quant_core.config.schema import QuantizerAttributeConfig
 
-E4M3_MAX = 448.0
+E4M3_MAX = qk.E4M3_MAX  # ModelOpt's name, from the format table
 
 QUANT_DESC_8BIT_PER_TENSOR = QuantizerAttributeConfig(num_bits=8)
 QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR = QuantizerAttributeConfig(num_bits=8, unsigned=True)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import quant_kernels as qk
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 from quant_export.hf_checkpoint import (
     DEFAULT_SHARD_SIZE,
@@ -49,10 +50,12 @@ from quant_export.hf_checkpoint import (
     write_checkpoint,
 )
 from quant_export.hf_formats import (
-    E4M3_MAX,
+    E4M3,
+    INT8,
     KV_FORMATS,
     KV_QUANTIZERS,
     LINEAR_LAYOUTS,
+    Kind,
     input_kind,
     kv_specs,
     linear_specs,
@@ -64,14 +67,14 @@ from quant_export.schemes import config_groups, scheme_of
 
 # (weight kind, input kind) -> compressed-tensors format: the combinations vLLM's
 # compressed_tensors scheme matcher and transformers' loader take.
-CT_FORMATS: dict[tuple[str, str], str] = {k: v[1] for k, v in LINEAR_LAYOUTS.items()}
+CT_FORMATS: dict[tuple[Kind, Kind], str] = {k: v[1] for k, v in LINEAR_LAYOUTS.items()}
 # kv element format -> (QuantizationArgs fields, bound that amax is divided by).
-KV_ARGS: dict[str, tuple[dict[str, Any], float]] = {
-    kind: (
+KV_ARGS: dict[qk.ElementFormat, tuple[dict[str, Any], float]] = {
+    element: (
         {"num_bits": 8, "type": type_, "strategy": "tensor", "dynamic": False},
-        KV_FORMATS[kind][1],
+        KV_FORMATS[element][1],
     )
-    for kind, type_ in (("e4m3", "float"), ("int8", "int"))
+    for element, type_ in ((E4M3, "float"), (INT8, "int"))
 }
 
 
@@ -101,13 +104,13 @@ class CTLayer:
 def _unsupported(name: str, why: str) -> UnsupportedFormatError:
     return UnsupportedFormatError(
         f"layer {name}: {why}; it has no form in the compressed-tensors checkpoint (formats: "
-        f"{', '.join(sorted({f'{w}+{i}' for w, i in CT_FORMATS}))})"
+        f"{', '.join(sorted({f'{w.value}+{i.value}' for w, i in CT_FORMATS}))})"
     )
 
 
 def _scheme_fields(name: str, w: QuantizerSpec, i: QuantizerSpec | None, in_features: int) -> dict:
     w_kind = weight_kind(w, 2)
-    i_kind = "off" if i is None else input_kind(i)
+    i_kind = Kind.OFF if i is None else input_kind(i)
     if (w_kind, i_kind) not in CT_FORMATS:
         inputs = "none" if i is None or not i.enabled else i.describe()
         raise _unsupported(name, f"weight {w.describe()} with input {inputs}")
@@ -123,7 +126,7 @@ def _scheme_fields(name: str, w: QuantizerSpec, i: QuantizerSpec | None, in_feat
 
 
 def _scales(
-    w: QuantizerSpec, i: QuantizerSpec | None, weight: torch.Tensor, kinds: tuple[str, str]
+    w: QuantizerSpec, i: QuantizerSpec | None, weight: torch.Tensor, kinds: tuple[Kind, Kind]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fake-quantized weight and the scale tensors, in compressed-tensors' conventions."""
     blocks = {a % weight.dim(): b for a, b in w.blocks.items()}
@@ -131,24 +134,24 @@ def _scales(
     fq = qt.dequantize().float()
     out: dict[str, torch.Tensor] = {}
     rows = weight.shape[0]
-    if kinds[0] == "nvfp4":
+    if kinds[0] is Kind.NVFP4:
         # E4M3 block scales as float values: the compressor casts them to float8_e4m3fn itself
         out["weight_scale"] = qt.scale.float().reshape(rows, -1)
         out["weight_global_scale"] = (1.0 / qt.global_scale.float()).reshape(1)
-    elif kinds[0] == "fp8_tensor":
+    elif kinds[0] is Kind.FP8_TENSOR:
         out["weight_scale"] = qt.scale.float().reshape(1)
     else:
         out["weight_scale"] = qt.scale.float().reshape(rows, -1)
-    if kinds[1] in ("fp8_tensor", "int8_tensor"):
+    if kinds[1] in (Kind.FP8_TENSOR, Kind.INT8_TENSOR):
         if i.amax is None:
             raise _unsupported(w.name, f"input quantizer {i.name} was never calibrated")
         out["input_scale"] = (i.amax.float().reshape(()) / i.element.max_value).reshape(1)
-    elif kinds[1] == "nvfp4":
+    elif kinds[1] is Kind.NVFP4:
         if i.amax is None:
             raise _unsupported(w.name, f"input quantizer {i.name} was never calibrated")
-        out["input_global_scale"] = (i.element.max_value * E4M3_MAX / i.amax.float().max()).reshape(
-            1
-        )
+        out["input_global_scale"] = (
+            i.element.max_value * qk.E4M3_MAX / i.amax.float().max()
+        ).reshape(1)
     return fq, out
 
 
@@ -167,7 +170,7 @@ def _compress_layer(name: str, module: nn.Module, dtype: torch.dtype) -> CTLayer
     fq, scales = _scales(w, i, weight, fields["kinds"])
     # scales are stored as compressed-tensors initialises them: in the model dtype (block / global
     # scales of NVFP4 keep float8_e4m3fn / float32)
-    if fields["kinds"][0] != "nvfp4":
+    if fields["kinds"][0] is not Kind.NVFP4:
         scales = {k: v.to(dtype) if "global" not in k else v for k, v in scales.items()}
     scheme = quantization.QuantizationScheme(
         targets=["Linear"],
@@ -217,7 +220,7 @@ def _kv_scales(
     fields, tensors = None, {}
     for letter, spec in zip("kv", specs):
         per_tensor = not spec.blocks and spec.axis is None and not spec.dynamic
-        row = KV_ARGS.get(spec.element.name)
+        row = KV_ARGS.get(spec.element)
         quantizer = getattr(module, f"{letter}_bmm_quantizer")
         if not spec.enabled or row is None or not per_tensor or quantizer.attribute_config.bias:
             described = spec.describe() if spec.enabled else "disabled"

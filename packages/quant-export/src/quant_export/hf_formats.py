@@ -24,6 +24,7 @@ they are exactly what the fake-quantized model computed.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,26 +36,65 @@ import quant_kernels as qk
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 from quant_export.quantizers import QuantizerSpec, UnsupportedFormatError, spec_of
 
+
+class Kind(enum.Enum):
+    """How a Linear's weight or input is held in the Hugging Face layouts (the value names it)."""
+
+    OFF = "off"
+    FP8_TENSOR = "fp8_tensor"
+    FP8_CHANNEL = "fp8_channel"
+    FP8_TOKEN = "fp8_token"
+    INT8_CHANNEL = "int8_channel"
+    INT8_TENSOR = "int8_tensor"
+    INT4_BLOCK = "int4_block"
+    NVFP4 = "nvfp4"
+
+
+class _Grain(enum.Enum):
+    """A quantizer's granularity as the layouts distinguish it."""
+
+    TENSOR = enum.auto()  # no blocks, no axis (inputs: static too)
+    CHANNEL = enum.auto()  # no blocks, axis 0 (weights)
+    TOKEN = enum.auto()  # dynamic, one group per row: block_sizes {-1: None} (inputs)
+    LAST_BLOCKS = enum.auto()  # sized blocks along the last axis only (weights)
+    OTHER = enum.auto()
+
+
+E4M3, INT8, INT4, E2M1 = (qk.ElementFormat.parse(b) for b in ((4, 3), 8, 4, (2, 1)))
+_F32, _TWO_LEVEL = qk.ScaleMode.FLOAT32, qk.ScaleMode.E4M3
+# (element, scale format, granularity) -> kind, for weights and for inputs.
+WEIGHT_KINDS: dict[tuple[qk.ElementFormat, qk.ScaleMode, _Grain], Kind] = {
+    (E4M3, _F32, _Grain.TENSOR): Kind.FP8_TENSOR,
+    (E4M3, _F32, _Grain.CHANNEL): Kind.FP8_CHANNEL,
+    (INT8, _F32, _Grain.CHANNEL): Kind.INT8_CHANNEL,
+    (INT4, _F32, _Grain.LAST_BLOCKS): Kind.INT4_BLOCK,
+    (E2M1, _TWO_LEVEL, _Grain.LAST_BLOCKS): Kind.NVFP4,
+}
+INPUT_KINDS: dict[tuple[qk.ElementFormat, qk.ScaleMode, _Grain], Kind] = {
+    (E4M3, _F32, _Grain.TENSOR): Kind.FP8_TENSOR,
+    (INT8, _F32, _Grain.TENSOR): Kind.INT8_TENSOR,
+    **{(E4M3, mode, _Grain.TOKEN): Kind.FP8_TOKEN for mode in qk.ScaleMode},
+    **{(E2M1, _TWO_LEVEL, grain): Kind.NVFP4 for grain in (_Grain.TOKEN, _Grain.OTHER)},
+}
 # (weight kind, input kind) -> (ModelOpt quant_algo, compressed-tensors format): the layer formats
 # both Hugging Face layouts hold. Anything else raises UnsupportedFormatError.
-LINEAR_LAYOUTS: dict[tuple[str, str], tuple[str, str]] = {
-    ("fp8_tensor", "fp8_tensor"): ("FP8", "float-quantized"),
-    ("fp8_channel", "fp8_token"): ("FP8_PER_CHANNEL_PER_TOKEN", "float-quantized"),
-    ("int8_channel", "int8_tensor"): ("W8A8_SQ_PER_CHANNEL", "int-quantized"),
-    ("int8_channel", "off"): ("W8A16", "pack-quantized"),
-    ("int4_block", "off"): ("W4A16_AWQ", "pack-quantized"),
-    ("nvfp4", "nvfp4"): ("NVFP4", "nvfp4-pack-quantized"),
-    ("nvfp4", "off"): ("W4A16_NVFP4", "nvfp4-pack-quantized"),
+LINEAR_LAYOUTS: dict[tuple[Kind, Kind], tuple[str, str]] = {
+    (Kind.FP8_TENSOR, Kind.FP8_TENSOR): ("FP8", "float-quantized"),
+    (Kind.FP8_CHANNEL, Kind.FP8_TOKEN): ("FP8_PER_CHANNEL_PER_TOKEN", "float-quantized"),
+    (Kind.INT8_CHANNEL, Kind.INT8_TENSOR): ("W8A8_SQ_PER_CHANNEL", "int-quantized"),
+    (Kind.INT8_CHANNEL, Kind.OFF): ("W8A16", "pack-quantized"),
+    (Kind.INT4_BLOCK, Kind.OFF): ("W4A16_AWQ", "pack-quantized"),
+    (Kind.NVFP4, Kind.NVFP4): ("NVFP4", "nvfp4-pack-quantized"),
+    (Kind.NVFP4, Kind.OFF): ("W4A16_NVFP4", "nvfp4-pack-quantized"),
 }
-LINEAR_FORMATS: dict[tuple[str, str], str] = {k: v[0] for k, v in LINEAR_LAYOUTS.items()}
-E4M3_MAX = qk.ElementFormat.parse((4, 3)).max_value
+LINEAR_FORMATS: dict[tuple[Kind, Kind], str] = {k: v[0] for k, v in LINEAR_LAYOUTS.items()}
 # kv_cache_quant_algo of a per-tensor k/v_bmm_quantizer, by element format, and the bound its
 # k_scale / v_scale divide amax by: the element's largest value (ModelOpt defines NVFP4 KV scales
 # by the E4M3 block-scale maximum instead).
-KV_FORMATS: dict[str, tuple[str, float]] = {
-    "e4m3": ("FP8", E4M3_MAX),
-    "int8": ("INT8", qk.ElementFormat.parse(8).max_value),
-    "e2m1": ("NVFP4", E4M3_MAX),
+KV_FORMATS: dict[qk.ElementFormat, tuple[str, float]] = {
+    E4M3: ("FP8", qk.E4M3_MAX),
+    INT8: ("INT8", INT8.max_value),
+    E2M1: ("NVFP4", qk.E4M3_MAX),
 }
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")
 
@@ -67,7 +107,7 @@ class LayerExport:
     group_size: int | None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     quantizers: tuple[str, ...] = ()
-    kinds: tuple[str, str] = ("", "")  # (weight kind, input kind): the LINEAR_FORMATS key
+    kinds: tuple[Kind, Kind] = (Kind.OFF, Kind.OFF)  # (weight, input): the LINEAR_FORMATS key
 
     def layer_config(self) -> dict[str, Any]:
         """The layer's entry in ``quantized_layers`` (ModelOpt's per-layer form)."""
@@ -89,41 +129,35 @@ def _is_channel_axis(axis: Any) -> bool:
     return axis == 0 or axis == (0,)
 
 
-def weight_kind(spec: QuantizerSpec, ndim: int) -> str | None:
-    """The weight format's row in :data:`LINEAR_FORMATS` (None when the table has none)."""
-    element = spec.element.name
+def _weight_grain(spec: QuantizerSpec, ndim: int) -> _Grain:
     blocks = {a % ndim: b for a, b in spec.blocks.items()}
-    if element == "e4m3" and not blocks and spec.format.scale_mode == "float32":
+    if not blocks:
         if spec.axis is None:
-            return "fp8_tensor"
-        return "fp8_channel" if _is_channel_axis(spec.axis) else None
-    if element == "int8" and not blocks and _is_channel_axis(spec.axis):
-        return "int8_channel"
+            return _Grain.TENSOR
+        return _Grain.CHANNEL if _is_channel_axis(spec.axis) else _Grain.OTHER
     if set(blocks) == {ndim - 1} and blocks[ndim - 1]:
-        if element == "int4" and spec.format.scale_mode == "float32":
-            return "int4_block"
-        if element == "e2m1" and spec.format.has_global_amax:
-            return "nvfp4"
-    return None
+        return _Grain.LAST_BLOCKS
+    return _Grain.OTHER
 
 
-def input_kind(spec: QuantizerSpec) -> str | None:
+def _input_grain(spec: QuantizerSpec) -> _Grain:
+    if not spec.blocks and spec.axis is None and not spec.dynamic:
+        return _Grain.TENSOR
+    if spec.dynamic and spec.blocks == {-1: None}:
+        return _Grain.TOKEN
+    return _Grain.OTHER
+
+
+def weight_kind(spec: QuantizerSpec, ndim: int) -> Kind | None:
+    """The weight format's row in :data:`LINEAR_FORMATS` (None when the table has none)."""
+    return WEIGHT_KINDS.get((spec.element, spec.format.scale_mode, _weight_grain(spec, ndim)))
+
+
+def input_kind(spec: QuantizerSpec) -> Kind | None:
     """The input format's column in :data:`LINEAR_FORMATS` (None when the table has none)."""
     if not spec.enabled:
-        return "off"
-    element = spec.element.name
-    if (
-        not spec.blocks
-        and spec.axis is None
-        and spec.format.scale_mode == "float32"
-        and not spec.dynamic
-    ):
-        return {"e4m3": "fp8_tensor", "int8": "int8_tensor"}.get(element)
-    if element == "e4m3" and spec.dynamic and spec.blocks == {-1: None}:
-        return "fp8_token"
-    if element == "e2m1" and spec.format.has_global_amax:
-        return "nvfp4"
-    return None
+        return Kind.OFF
+    return INPUT_KINDS.get((spec.element, spec.format.scale_mode, _input_grain(spec)))
 
 
 def _pack_int4_rows(codes: torch.Tensor, name: str) -> torch.Tensor:
@@ -133,14 +167,15 @@ def _pack_int4_rows(codes: torch.Tensor, name: str) -> torch.Tensor:
     return qk.pack_int4(codes.t().contiguous()).t().contiguous()
 
 
-def _activation_scale(name: str, spec: QuantizerSpec, kind: str) -> torch.Tensor | None:
+def _activation_scale(name: str, spec: QuantizerSpec, kind: Kind) -> torch.Tensor | None:
     """``input_scale``: amax / format max (NVFP4: global amax / (6 * 448)); None when dynamic."""
-    if kind in ("off", "fp8_token"):
+    if kind in (Kind.OFF, Kind.FP8_TOKEN):
         return None
     if spec.amax is None:
         raise _unsupported(name, f"input quantizer {spec.name} was never calibrated (amax is None)")
-    amax = spec.global_amax(None) if kind == "nvfp4" else spec.amax.float().reshape(())
-    bound = spec.element.max_value * (E4M3_MAX if kind == "nvfp4" else 1.0)
+    nvfp4 = kind is Kind.NVFP4
+    amax = spec.global_amax(None) if nvfp4 else spec.amax.float().reshape(())
+    bound = spec.element.max_value * (qk.E4M3_MAX if nvfp4 else 1.0)
     return (amax / bound).reshape(())
 
 
@@ -166,7 +201,7 @@ def export_linear(name: str, module: nn.Module) -> LayerExport | None:
         return None
     weight = module.weight.detach().float()
     w_kind = weight_kind(w_spec, weight.dim())
-    i_kind = "off" if i_spec is None else input_kind(i_spec)
+    i_kind = Kind.OFF if i_spec is None else input_kind(i_spec)
     algo = LINEAR_FORMATS.get((w_kind, i_kind)) if w_kind and i_kind else None
     if algo is None:
         inputs = "none" if i_spec is None or not i_spec.enabled else i_spec.describe()
@@ -179,10 +214,10 @@ def export_linear(name: str, module: nn.Module) -> LayerExport | None:
     qt = w_spec.codes(weight, blocks)
     out: dict[str, torch.Tensor] = {}
     group_size = blocks.get(weight.dim() - 1)
-    if w_kind == "int4_block":
+    if w_kind is Kind.INT4_BLOCK:
         out["weight"] = _pack_int4_rows(qt.codes, name)
         out["weight_scale"] = qt.scale.float()
-    elif w_kind == "nvfp4":
+    elif w_kind is Kind.NVFP4:
         if weight.shape[-1] % 2:
             raise _unsupported(name, f"NVFP4 weight has an odd input size ({weight.shape[-1]})")
         # -0 (code 8) is written as +0, as ModelOpt's packing does (same value)
@@ -236,13 +271,13 @@ def export_kv_scales(name: str, module: nn.Module) -> tuple[str | None, dict[str
     tensors: dict[str, torch.Tensor] = {}
     for letter, spec in zip("kv", specs):
         per_tensor = not spec.blocks and spec.axis is None and not spec.dynamic
-        nvfp4 = spec.element.name == "e2m1" and spec.format.has_global_amax
-        if not spec.enabled or spec.element.name not in KV_FORMATS or not (per_tensor or nvfp4):
+        nvfp4 = spec.element == E2M1 and spec.format.has_global_amax
+        if not spec.enabled or spec.element not in KV_FORMATS or not (per_tensor or nvfp4):
             described = spec.describe() if spec.enabled else "disabled"
             raise _unsupported(name, f"KV-cache quantizer {spec.name} ({described})")
         if spec.amax is None:
             raise _unsupported(name, f"KV-cache quantizer {spec.name} was never calibrated")
-        algo, bound = KV_FORMATS[spec.element.name]
+        algo, bound = KV_FORMATS[spec.element]
         algos.add(algo)
         prefix = f"{name}.{letter}_proj." if hasattr(module, f"{letter}_proj") else f"{name}."
         tensors[f"{prefix}{letter}_scale"] = (spec.amax.float().max() / bound).reshape(())

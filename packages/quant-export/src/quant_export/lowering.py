@@ -129,9 +129,9 @@ class Lowering:
             scale = scale.permute(perm).contiguous() if scale.dim() == w.dim() else scale
             axis = perm.index(axis) if axis is not None else None
         code_init = _const(_tensor(codes, element, self.name(spec, "codes")))
-        if spec.format.scale_mode == "e4m3":
+        if spec.format.scale_mode is qk.ScaleMode.E4M3:
             self._nvfp4_weight(spec, code_init, scale, qt.global_scale, axis, block, y)
-        elif spec.format.scale_mode == "e8m0":
+        elif spec.format.scale_mode is qk.ScaleMode.E8M0:
             self._mxfp8_weight(spec, code_init, scale, axis, block, y)
         else:
             scale = scale.float() if block else scale.float().reshape(-1)
@@ -220,7 +220,7 @@ class Lowering:
         block: int,
         y: gs.Variable,
     ) -> None:
-        if self.target != "tensorrt" or spec.element.name != "e4m3":
+        if self.target != "tensorrt" or spec.element != _E4M3:
             raise self._unsupported(
                 spec, "only MXFP8 has an MX form (TensorRT's TRT_MXFP8DequantizeLinear)"
             )
@@ -243,13 +243,13 @@ class Lowering:
             self.graph.layer(op="Identity", inputs=[x], outputs=[y])
             return
         element = spec.element
-        if spec.format.scale_mode == "e4m3":
+        if spec.format.scale_mode is qk.ScaleMode.E4M3:
             return self._nvfp4_activation(spec, x, y)
-        if spec.format.scale_mode == "e8m0":
+        if spec.format.scale_mode is qk.ScaleMode.E8M0:
             return self._mxfp8_activation(spec, x, y)
         if element.onnx_dtype is None or element.packed_nibbles:
             raise self._unsupported(spec, "no QuantizeLinear form for this activation format")
-        if spec.narrow_range and spec.element.kind == "int":
+        if spec.narrow_range and spec.element.is_int:
             raise self._unsupported(spec, "QuantizeLinear has no narrow (symmetric) integer range")
         if spec.blocks:
             return self._blocked_dynamic(spec, x, y)
@@ -353,7 +353,7 @@ class Lowering:
         scaled = self.graph.layer(
             op="Div", inputs=[xb, scale], outputs=[self._var(spec, "scaled")]
         )[0]
-        if spec.element.kind == "int":
+        if spec.element.is_int:
             lo, hi = spec.element.int_range(spec.narrow_range)
             r = self.graph.layer(op="Round", inputs=[scaled], outputs=[self._var(spec, "round")])[0]
             grid = self.graph.layer(
@@ -399,7 +399,8 @@ class Lowering:
             )
         ((axis, block),) = spec.blocks.items()
         g = _scalar(
-            self.name(spec, "global_scale"), float(g_amax) / (spec.element.max_value * 448.0) or 1.0
+            self.name(spec, "global_scale"),
+            float(g_amax) / (spec.element.max_value * qk.E4M3_MAX) or 1.0,
         )
         xf4 = self._var(spec, "fp4", TensorProto.FLOAT4E2M1)
         sf8 = self._var(spec, "block_scale_e4m3", TensorProto.FLOAT8E4M3FN)
@@ -423,7 +424,7 @@ class Lowering:
         self.uses_fp4 = True
 
     def _mxfp8_activation(self, spec: QuantizerSpec, x: gs.Variable, y: gs.Variable) -> None:
-        if self.target != "tensorrt" or spec.element.name != "e4m3" or len(spec.blocks) != 1:
+        if self.target != "tensorrt" or spec.element != _E4M3 or len(spec.blocks) != 1:
             raise self._unsupported(
                 spec,
                 "MX activations export only as MXFP8 with TensorRT's "

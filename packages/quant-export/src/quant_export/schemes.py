@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-# Weight kind -> QuantizationArgs fields (a weight kind is hf_formats.weight_kind's row name).
-WEIGHT_ARGS: dict[str, dict[str, Any]] = {
-    "fp8_tensor": {"num_bits": 8, "type": "float", "strategy": "tensor"},
-    "fp8_channel": {"num_bits": 8, "type": "float", "strategy": "channel"},
-    "int8_channel": {"num_bits": 8, "type": "int", "strategy": "channel"},
-    "int4_block": {"num_bits": 4, "type": "int", "strategy": "group"},
-    "nvfp4": {
+from quant_export.hf_formats import Kind
+
+# Weight kind -> QuantizationArgs fields (a weight kind is hf_formats.weight_kind's row).
+WEIGHT_ARGS: dict[Kind, dict[str, Any]] = {
+    Kind.FP8_TENSOR: {"num_bits": 8, "type": "float", "strategy": "tensor"},
+    Kind.FP8_CHANNEL: {"num_bits": 8, "type": "float", "strategy": "channel"},
+    Kind.INT8_CHANNEL: {"num_bits": 8, "type": "int", "strategy": "channel"},
+    Kind.INT4_BLOCK: {"num_bits": 4, "type": "int", "strategy": "group"},
+    Kind.NVFP4: {
         "num_bits": 4,
         "type": "float",
         "strategy": "tensor_group",
@@ -26,12 +28,12 @@ WEIGHT_ARGS: dict[str, dict[str, Any]] = {
     },
 }
 # Input kind -> QuantizationArgs fields (None: weight-only).
-INPUT_ARGS: dict[str, dict[str, Any] | None] = {
-    "off": None,
-    "fp8_tensor": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False},
-    "fp8_token": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
-    "int8_tensor": {"num_bits": 8, "type": "int", "strategy": "tensor", "dynamic": False},
-    "nvfp4": {
+INPUT_ARGS: dict[Kind, dict[str, Any] | None] = {
+    Kind.OFF: None,
+    Kind.FP8_TENSOR: {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False},
+    Kind.FP8_TOKEN: {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
+    Kind.INT8_TENSOR: {"num_bits": 8, "type": "int", "strategy": "tensor", "dynamic": False},
+    Kind.NVFP4: {
         "num_bits": 4,
         "type": "float",
         "strategy": "tensor_group",
@@ -65,7 +67,7 @@ def config_groups(schemes_by_layer: dict[str, dict[str, Any]]) -> tuple[dict[str
     return groups, formats.pop() if len(formats) == 1 else "mixed-precision"
 
 
-def scheme_of(kinds: tuple[str, str], group_size: int | None, fmt: str) -> dict[str, Any]:
+def scheme_of(kinds: tuple[Kind, Kind], group_size: int | None, fmt: str) -> dict[str, Any]:
     """Scheme fields of a layer whose weight and input have ``kinds``; ``group_size`` for INT blocks."""
     weights = dict(WEIGHT_ARGS[kinds[0]])
     if weights["strategy"] == "group":

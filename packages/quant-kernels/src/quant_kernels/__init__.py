@@ -8,10 +8,13 @@ from quant_kernels.blocking import reduce_amax
 from quant_kernels.codes import QuantizedTensor, dequantize_codes, quantize_to_codes
 from quant_kernels.dispatch import available_backends, fake_quantize, select_backend
 from quant_kernels.formats import (
+    E2M1_MAX,
+    E4M3_MAX,
     FORMATS,
     ElementFormat,
     FormatSpec,
     QuantFormat,
+    ScaleMode,
     nvfp4_global_amax,
 )
 from quant_kernels.grid import fake_quantize_grid, fake_quantize_with_scale, grid_scale
@@ -25,11 +28,14 @@ from quant_kernels.packing import (
 )
 
 __all__ = [
+    "E2M1_MAX",
+    "E4M3_MAX",
     "FORMATS",
     "ElementFormat",
     "FormatSpec",
     "QuantFormat",
     "QuantizedTensor",
+    "ScaleMode",
     "__version__",
     "available_backends",
     "dequantize_codes",

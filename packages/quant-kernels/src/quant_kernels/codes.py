@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from quant_kernels.blocking import group_amax
-from quant_kernels.formats import ElementFormat
+from quant_kernels.formats import ElementFormat, ScaleMode
 from quant_kernels.packing import e8m0_to_float, exponent_to_e8m0, pack_fp4, pack_int4
 from quant_kernels.plan import QuantPlan, global_amax_of, make_plan
 from quant_kernels.reference import block_scales, grid_values
@@ -108,9 +108,9 @@ def quantize_to_codes(
     codes = q.to(getattr(torch, element.torch_dtype)) if element.is_int else _fp_to_bits(q, element)
     codes = codes.reshape(x.shape)
     shape = layout.scale_shape
-    if plan.scale_mode == "e4m3":
+    if plan.scale_mode is ScaleMode.E4M3:
         out_scale = stored.reshape(shape).to(torch.float8_e4m3fn)
-    elif plan.scale_mode == "e8m0":
+    elif plan.scale_mode is ScaleMode.E8M0:
         e8m0 = exponent_to_e8m0(stored).view(torch.uint8)
         e8m0 = torch.where(torch.isnan(amax_v), 255, e8m0).to(torch.uint8)  # E8M0 NaN
         out_scale = e8m0.reshape(shape).view(torch.float8_e8m0fnu)
@@ -124,9 +124,9 @@ def dequantize_codes(qt: QuantizedTensor) -> torch.Tensor:
     plan = qt.plan
     layout = plan.layout
     mode = plan.scale_mode
-    if mode == "e4m3":
+    if mode is ScaleMode.E4M3:
         scale = qt.scale.float() * qt.global_scale
-    elif mode == "e8m0":
+    elif mode is ScaleMode.E8M0:
         scale = e8m0_to_float(qt.scale)
         if plan.element.is_int:
             scale = scale * 2.0**-plan.element.mx_shift

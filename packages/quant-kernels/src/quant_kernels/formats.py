@@ -10,6 +10,7 @@ comparing ``num_bits`` / ``scale_bits`` tuples. `nvfp4_global_amax` owns NVFP4's
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "E2M1_MAX",
+    "E4M3_MAX",
     "FORMATS",
     "FP_ELEMENT_NAMES",
     "INT_BITS",
@@ -26,6 +29,7 @@ __all__ = [
     "ElementFormat",
     "FormatSpec",
     "QuantFormat",
+    "ScaleMode",
     "nvfp4_global_amax",
 ]
 
@@ -42,9 +46,30 @@ FP_ELEMENT_NAMES: MappingProxyType = MappingProxyType(
 )
 """The supported FP ``num_bits`` pairs and their names: ``{(4, 3): "E4M3", ...}``."""
 
-SCALE_MODES: MappingProxyType = MappingProxyType({None: "float32", (4, 3): "e4m3", (8, 0): "e8m0"})
-"""``scale_bits`` -> how group scales are stored: float32; E4M3 block scales under a float32
-global scale (NVFP4-style, two levels); E8M0 shared exponents (OCP MX)."""
+E4M3_MAX: float = _FP_LAYOUTS[(4, 3)][2]
+"""Largest finite FP8 E4M3 value (448): FP8 scales are amax / E4M3_MAX, and NVFP4's block scales
+are E4M3 values, so its global scale is global amax / (E2M1_MAX * E4M3_MAX)."""
+E2M1_MAX: float = _FP_LAYOUTS[(2, 1)][2]
+"""Largest finite FP4 E2M1 value (6)."""
+
+
+class ScaleMode(enum.Enum):
+    """How a format's group scales are stored (its value is the short name used in messages)."""
+
+    FLOAT32 = "float32"  # one float32 scale per tensor / channel / token / block
+    E4M3 = "e4m3"  # E4M3 block scales under a float32 global scale (NVFP4-style, two levels)
+    E8M0 = "e8m0"  # E8M0 shared exponents (OCP MX)
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits stored per scale."""
+        return 32 if self is ScaleMode.FLOAT32 else 8
+
+
+SCALE_MODES: MappingProxyType = MappingProxyType(
+    {None: ScaleMode.FLOAT32, (4, 3): ScaleMode.E4M3, (8, 0): ScaleMode.E8M0}
+)
+"""``scale_bits`` -> how group scales are stored (a `ScaleMode`)."""
 
 INT_BITS = range(2, 17)
 """Integer ``num_bits`` supported: 2..16. Wider grids would need more than float32's 24-bit
@@ -412,7 +437,7 @@ def nvfp4_global_amax(
     calibrated: torch.Tensor | None = None,
     x: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """NVFP4's per-tensor (global) amax, which sets the float32 second-level scale ``amax / (M * 448)``.
+    """NVFP4's per-tensor (global) amax, which sets the float32 second-level scale ``amax / (M * E4M3_MAX)``.
 
     The one rule every layer uses: a ``calibrated`` global amax when there is one (a dynamic
     quantizer's ``amax`` buffer holds it); else the largest per-block amax (static quantizers,
@@ -432,9 +457,6 @@ def nvfp4_global_amax(
     return None
 
 
-_SCALE_STORAGE_BITS = {"float32": 32, "e4m3": 8, "e8m0": 8}
-
-
 @dataclass(frozen=True)
 class QuantFormat:
     """One quantizer's format, parsed once from its ModelOpt-style attributes (`QuantFormat.parse`).
@@ -447,7 +469,7 @@ class QuantFormat:
     """
 
     element: ElementFormat
-    scale_mode: str = "float32"
+    scale_mode: ScaleMode = ScaleMode.FLOAT32
     blocks: tuple[tuple[int, int | None], ...] = ()
     axis: int | tuple[int, ...] | None = None
     dynamic: bool = False
@@ -513,7 +535,7 @@ class QuantFormat:
     @property
     def has_global_amax(self) -> bool:
         """True for two-level scales (NVFP4): E4M3 block scales under a per-tensor global scale."""
-        return self.scale_mode == "e4m3"
+        return self.scale_mode is ScaleMode.E4M3
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -570,11 +592,11 @@ class QuantFormat:
         """A short human-readable name: INT8, UINT4, FP8 E4M3, NVFP4, MXFP6, MXINT8, NVFP4 (block 32), ..."""
         element = self.element
         kind = "INT" if element.is_int else "FP"
-        if self.scale_mode == "float32":
+        if self.scale_mode is ScaleMode.FLOAT32:
             if element.is_int:
                 return f"{'U' if element.unsigned else ''}INT{element.bits}"
             return f"FP{element.bits} {element.name.upper()}"
-        label = f"{'MX' if self.scale_mode == 'e8m0' else 'NV'}{kind}{element.bits}"
+        label = f"{'MX' if self.scale_mode is ScaleMode.E8M0 else 'NV'}{kind}{element.bits}"
         standard = [dict(r.block_sizes or {}) for r in self._family() if r.block_sizes]
         sizes = list(self.sized_blocks.values())
         if standard and sizes and sizes != list(standard[0].values()):
@@ -591,7 +613,7 @@ class QuantFormat:
         if elems <= 1:
             return float(self.element.bits)
         family = [r for r in self._family() if r.block_sizes]
-        bits = family[0].scale_storage_bits if family else _SCALE_STORAGE_BITS[self.scale_mode]
+        bits = family[0].scale_storage_bits if family else self.scale_mode.storage_bits
         return self.element.bits + bits / elems
 
     @property

@@ -1,6 +1,6 @@
 """Fake quantization on a plain element grid, batched: many amaxes (or scales) against one tensor.
 
-For formats with float32 scales (``QuantFormat.scale_mode == "float32"``: INT and FP elements per
+For formats with float32 scales (``QuantFormat.scale_mode`` is ``ScaleMode.FLOAT32``: INT and FP elements per
 tensor, channel or block) these are exactly `fake_quantize`'s reference arithmetic, without its
 layout work: ``amax`` only has to broadcast against ``x``, so searches (MSE clipping, GPTQ's column
 loop) quantize many candidates in one call. Results are float32.
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from quant_kernels.formats import QuantFormat
+from quant_kernels.formats import QuantFormat, ScaleMode
 from quant_kernels.reference import divide, round_to_grid_
 
 __all__ = ["fake_quantize_grid", "fake_quantize_with_scale", "grid_scale"]
 
 
 def _check(fmt: QuantFormat) -> None:
-    if fmt.scale_mode != "float32":
+    if fmt.scale_mode is not ScaleMode.FLOAT32:
         raise ValueError(
-            f"{fmt.label} has {fmt.scale_mode} scales; the grid primitives take formats with "
+            f"{fmt.label} has {fmt.scale_mode.value} scales; the grid primitives take formats with "
             "float32 scales (use fake_quantize for block-scaled formats)"
         )
 

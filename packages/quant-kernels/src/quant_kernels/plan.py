@@ -8,11 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from quant_kernels.blocking import BlockLayout, layout_for, normalize_block_sizes
-from quant_kernels.formats import SCALE_MODES, ElementFormat, nvfp4_global_amax
+from quant_kernels.formats import SCALE_MODES, ElementFormat, ScaleMode, nvfp4_global_amax
 
 __all__ = ["QuantPlan", "check_amax", "global_amax_of", "make_plan"]
-
-FP8_E4M3_MAX = 448.0
 
 
 @dataclass(frozen=True)
@@ -25,7 +23,7 @@ class QuantPlan:
 
     element: ElementFormat
     layout: BlockLayout
-    scale_mode: str  # "float32", "e4m3" (two-level, NVFP4-style) or "e8m0" (MX)
+    scale_mode: ScaleMode
     lo: float
     hi: float
     amax: torch.Tensor | None
@@ -93,9 +91,9 @@ def make_plan(
             f"scale_bits={scale_bits!r} is not supported; choose one of {list(SCALE_MODES)}"
         )
     scale_mode = SCALE_MODES[scale_bits]
-    if scale_mode != "float32" and axes is None:
+    if scale_mode is not ScaleMode.FLOAT32 and axes is None:
         raise ValueError(f"scale_bits={scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
-    if global_amax is not None and scale_mode != "e4m3":
+    if global_amax is not None and scale_mode is not ScaleMode.E4M3:
         raise ValueError(
             "global_amax is only used with scale_bits=(4, 3) (NVFP4-style two-level scales)"
         )
@@ -110,7 +108,7 @@ def make_plan(
         if gamax.numel() != 1:
             raise ValueError(f"global_amax must have one value, got shape {tuple(gamax.shape)}")
         gamax = gamax.reshape(())
-    elif scale_mode == "e4m3":
+    elif scale_mode is ScaleMode.E4M3:
         gamax = nvfp4_global_amax(block_amax=amax_view)  # None when dynamic: see global_amax_of
     lo, hi = element.bounds(narrow_range)
     return QuantPlan(element, layout, scale_mode, lo, hi, amax_view, gamax)
@@ -118,6 +116,6 @@ def make_plan(
 
 def global_amax_of(plan: QuantPlan, amax: torch.Tensor) -> torch.Tensor | None:
     """The global amax a plan quantizes with, given the group ``amax`` of this call (NVFP4 only)."""
-    if plan.scale_mode != "e4m3" or plan.global_amax is not None:
+    if plan.scale_mode is not ScaleMode.E4M3 or plan.global_amax is not None:
         return plan.global_amax
     return nvfp4_global_amax(block_amax=amax)

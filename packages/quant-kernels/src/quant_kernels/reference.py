@@ -4,7 +4,7 @@ All arithmetic is float32 whatever the input dtype, in this order (the Triton ke
 operation for operation, so both paths agree bit for bit):
 
 * ``scale`` per group: ``amax / M`` (float32 scales), ``e4m3(amax / M / g) * g`` with
-  ``g = global_amax / (M * 448)`` (E4M3 scales, NVFP4), or ``2**ceil(log2(amax / M))`` (E8M0,
+  ``g = global_amax / (M * E4M3_MAX)`` (E4M3 scales, NVFP4), or ``2**ceil(log2(amax / M))`` (E8M0,
   MX, as ModelOpt), where ``M`` is the grid's largest magnitude (INT qmax, or the FP format's max).
 * ``y = grid_round(clamp(x / scale, lo, hi)) * scale``: division as in ONNX QuantizeLinear,
   explicit saturation, round half to even on the element grid. A zero scale gives zeros; NaN stays NaN.
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from quant_kernels.blocking import group_amax
-from quant_kernels.formats import ElementFormat
-from quant_kernels.plan import FP8_E4M3_MAX, QuantPlan, global_amax_of
+from quant_kernels.formats import E4M3_MAX, ElementFormat, ScaleMode
+from quant_kernels.plan import QuantPlan, global_amax_of
 
 __all__ = [
     "block_scales",
@@ -67,8 +67,8 @@ def divide(t: torch.Tensor, d: float) -> torch.Tensor:
 
 
 def global_scale(global_amax: torch.Tensor, plan: QuantPlan) -> torch.Tensor:
-    """NVFP4's float32 second-level scale ``global_amax / (M * 448)``."""
-    return divide(global_amax.float(), plan.hi * FP8_E4M3_MAX)
+    """NVFP4's float32 second-level scale ``global_amax / (M * E4M3_MAX)``."""
+    return divide(global_amax.float(), plan.hi * E4M3_MAX)
 
 
 def block_scales(
@@ -78,15 +78,15 @@ def block_scales(
 
     Returns ``(scale, stored, global_scale)``: ``stored`` is the E4M3 block scale (float32 values)
     for ``e4m3`` mode or the E8M0 shared exponent (int32, unbiased) for ``e8m0`` mode, else None;
-    ``global_scale`` is NVFP4's float32 ``global_amax / (M * 448)``.
+    ``global_scale`` is NVFP4's float32 ``global_amax / (M * E4M3_MAX)``.
     """
     top = plan.hi
-    if plan.scale_mode == "float32":
+    if plan.scale_mode is ScaleMode.FLOAT32:
         return divide(amax, top), None, None
-    if plan.scale_mode == "e4m3":
+    if plan.scale_mode is ScaleMode.E4M3:
         gscale = global_scale(global_amax, plan)
         safe = torch.where(gscale == 0, 1.0, gscale)
-        r = (divide(amax, top) / safe).clamp_(max=FP8_E4M3_MAX)
+        r = (divide(amax, top) / safe).clamp_(max=E4M3_MAX)
         stored = round_to_grid_(r, _E4M3)
         return stored * gscale, stored, gscale
     # E8M0 (as ModelOpt): scale = 2**ceil(log2(amax / M)), so amax never clips. INT grids carry an
@@ -256,9 +256,9 @@ def _clamp_is_noop(scale: torch.Tensor, plan: QuantPlan) -> bool:
     powers of two), so |x / scale| <= M * (1 + 2**-23) rounds to M at most. Saves a pass on CPU."""
     if not plan.dynamic or plan.lo > -plan.hi:
         return False
-    if plan.scale_mode == "e8m0":
+    if plan.scale_mode is ScaleMode.E8M0:
         return True
-    if plan.scale_mode != "float32" or scale.device.type != "cpu":
+    if plan.scale_mode is not ScaleMode.FLOAT32 or scale.device.type != "cpu":
         return False  # the check below reads a value on the host: on a device it would wait for it
     tiny = (scale > 0) & (scale < 2.0**-126)  # subnormal scales are too coarse for the bound
     return not bool(tiny.any())

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from quant_kernels.blocking import group_amax
+from quant_kernels.formats import E4M3_MAX, ScaleMode
 from quant_kernels.plan import QuantPlan, global_amax_of
 from quant_kernels.reference import global_scale
 
@@ -41,7 +42,8 @@ _MAX_ROW = 16384  # longest group the one-pass row kernel holds in registers
 # groups, at most 256) and 16 x 256 tiles with 4 warps beat larger programs.
 _ROW_ELEMS = 2048
 _TILE_W, _TILE_ELEMS, _TILE_WARPS = 256, 4096, 4  # widest tile, elements per tile, warps
-_SCALE_MODES = {"float32": 0, "e4m3": 1, "e8m0": 2}
+_SCALE_MODES = {ScaleMode.FLOAT32: 0, ScaleMode.E4M3: 1, ScaleMode.E8M0: 2}
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
 _MAGIC = 12582912.0  # 1.5 * 2**23: (v + c) - c rounds v half to even to a multiple of c / _MAGIC
 
 
@@ -85,7 +87,7 @@ def _scale_from_amax(amax, gscale_ptr, top, SCALE_MODE: tl.constexpr, MX_SHIFT: 
         gscale = tl.load(gscale_ptr)
         safe = tl.where(gscale == 0, 1.0, gscale)
         r = tl.math.div_rn(tl.math.div_rn(amax, top), safe)
-        r = tl.where(r > 448.0, 448.0, r)
+        r = tl.where(r > _E4M3_MAX, _E4M3_MAX, r)
         stored = _round_grid(r, False, 0.015625, 0.125)  # E4M3: min normal 2**-6, 3 mantissa bits
         scale = stored * gscale
     else:
@@ -353,9 +355,9 @@ def fake_quantize_triton(x: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor
 def _global_scale(
     plan: QuantPlan, xc: torch.Tensor, amax: torch.Tensor | None, unused: torch.Tensor
 ) -> torch.Tensor:
-    """NVFP4's float32 global scale ``global_amax / (M * 448)`` (0-d) for e4m3 plans, else ``unused``
+    """NVFP4's float32 global scale ``global_amax / (M * E4M3_MAX)`` (0-d) for e4m3 plans, else ``unused``
     (any float32 tensor: the kernels do not read it). A dynamic plan's global amax is max |x|."""
-    if plan.scale_mode != "e4m3":
+    if plan.scale_mode is not ScaleMode.E4M3:
         return unused
     if amax is None and plan.global_amax is None:
         amax = _abs_max(xc)

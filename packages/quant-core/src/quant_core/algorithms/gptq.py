@@ -299,7 +299,7 @@ def gptq_layers(
         hessian = fill_dead_channels(hessian, [", ".join(u) for u in units])
         quantizer = layers[units[0][0]].weight_quantizer
         fmt = kernel_format(quantizer)
-        block_scaled = first_stage(quantizer).format.scale_mode != "float32"
+        block_scaled = first_stage(quantizer).format.scale_mode is not qk.ScaleMode.FLOAT32
         amax = None
         if clip_search:
             # blocks: channels weighted by diag H (as good as d^T H_bb d on MiniLM, half the

@@ -107,7 +107,7 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
     del kwargs["block_sizes"]
     if global_amax is not None and qfmt.has_global_amax:
         kwargs["global_amax"] = global_amax
-    grid = qfmt if qfmt.scale_mode == "float32" else None
+    grid = qfmt if qfmt.scale_mode is qk.ScaleMode.FLOAT32 else None
 
     def quant(x: Tensor, amax: Tensor) -> Tensor:
         if grid is not None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import quant_kernels as qk
 from quant_core.calib.calibrator import _Calibrator
 
-FP8_NORMAL_RANGE = 448.0 / 2.0**-6
+FP8_NORMAL_RANGE = qk.E4M3_MAX / 2.0 ** qk.ElementFormat.parse((4, 3)).min_normal_exponent
 """Largest ratio of two normal E4M3 block scales under one global scale (28672)."""
 
 _ANCHOR_FLOOR = 1e6

@@ -197,7 +197,7 @@ class Fp8CudaBackend(DequantBackend):
     ) -> torch.Tensor:
         k = meta.shape[1]
         x2 = x.reshape(-1, k)
-        xs = meta.input_amax.to(x.device).float().reshape(()) / 448.0
+        xs = meta.input_amax.to(x.device).float().reshape(()) / qk.E4M3_MAX
         xq = (x2.float() / xs).to(torch.float8_e4m3fn)
         y = torch._scaled_mm(
             xq,

@@ -25,7 +25,7 @@ from pydantic import (
 from quant_kernels.formats import FP_ELEMENT_NAMES, INT_BITS, SCALE_MODES, QuantFormat
 
 FP_FORMATS = FP_ELEMENT_NAMES  # the supported (exponent, mantissa) pairs, from the format table
-SCALE_FORMATS = {bits: mode.upper() for bits, mode in SCALE_MODES.items() if bits is not None}
+SCALE_FORMATS = {bits: mode.value.upper() for bits, mode in SCALE_MODES.items() if bits is not None}
 
 
 CALIBRATOR_NAMES = ("max", "histogram", "percentile", "mse", "entropy")

@@ -23,13 +23,13 @@ import torch
 
 import quant_kernels as qk
 
-_FP8_MAX = qk.ElementFormat.parse((4, 3)).max_value
+_E4M3 = qk.ElementFormat.parse((4, 3))
 
 
 @torch.library.custom_op("quant_core::fp8_qdq", mutates_args=())
 def fp8_qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """FP8 E4M3 quantize-dequantize of x with a per-tensor scale (amax = 448 * scale)."""
-    return qk.fake_quantize(x, num_bits=(4, 3), amax=(scale * _FP8_MAX).to(x.device))
+    """FP8 E4M3 quantize-dequantize of x with a per-tensor scale (amax = E4M3_MAX * scale)."""
+    return qk.fake_quantize(x, num_bits=(4, 3), amax=(scale * qk.E4M3_MAX).to(x.device))
 
 
 @fp8_qdq.register_fake
@@ -63,7 +63,7 @@ class _LegacyFP8QDQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         # torch's float8 cast rounds to nearest even; the clamp saturates (as QuantizeLinear does).
-        q = (x / scale).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+        q = (x / scale).clamp(-qk.E4M3_MAX, qk.E4M3_MAX).to(torch.float8_e4m3fn)
         return (q.to(x.dtype) * scale).to(x.dtype)
 
     @staticmethod
@@ -76,13 +76,13 @@ class _LegacyFP8QDQ(torch.autograd.Function):
 def has_qdq_form(fmt: qk.QuantFormat) -> bool:
     """True for static formats with a standard Q/DQ form: INT8 (signed full range or unsigned) per
     tensor or per channel, FP8 E4M3 per tensor."""
-    if fmt.dynamic or fmt.blocks or fmt.scale_mode != "float32":
+    if fmt.dynamic or fmt.blocks or fmt.scale_mode is not qk.ScaleMode.FLOAT32:
         return False
     element = fmt.element
     if element.is_int:
         full_range = element.unsigned or not fmt.narrow_range
         return element.bits == 8 and full_range and (fmt.axis is None or isinstance(fmt.axis, int))
-    return element.name == "e4m3" and fmt.axis is None
+    return element == _E4M3 and fmt.axis is None
 
 
 def wants_qdq(quantizer: Any) -> bool:

@@ -79,7 +79,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         self._attrs = cfg
         self._rotation = cfg.rotate_config  # read on every forward: parsed once here
         if self.has_constant_amax:
-            self.amax = cfg.constant_amax or qk.ElementFormat.parse((4, 3)).max_value
+            self.amax = cfg.constant_amax or qk.E4M3_MAX
         self._format = fmt = cfg.quant_format()
         self._disabled = not cfg.enable
         self._calibrator = make_calibrator(cfg, fmt.block_axes)

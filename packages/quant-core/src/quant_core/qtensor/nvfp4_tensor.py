@@ -18,8 +18,7 @@ import quant_kernels as qk
 from quant_core.qtensor.base_qtensor import BaseQuantizedTensor
 
 _E2M1 = qk.ElementFormat.parse((2, 1))
-_E4M3_MAX = qk.ElementFormat.parse((4, 3)).max_value
-_GLOBAL_DIVISOR = _E2M1.max_value * _E4M3_MAX  # 6 * 448
+_GLOBAL_DIVISOR = qk.E2M1_MAX * qk.E4M3_MAX  # 6 * 448
 
 
 def _codes(

@@ -48,7 +48,7 @@ from torch import nn
 
 import quant_kernels as qk
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
-from quant_export.hf_formats import LayerExport, export_linear, input_kind, weight_kind
+from quant_export.hf_formats import Kind, LayerExport, export_linear, input_kind, weight_kind
 from quant_export.quantizers import UnsupportedFormatError, spec_of
 
 AWQ_ALGOS = ("W4A16_AWQ", "W4A8_AWQ")
@@ -178,9 +178,9 @@ def _w4a8_awq(name: str, module: nn.Module, dtype: torch.dtype) -> TrtLinear:
     i_spec = spec_of(f"{name}.input_quantizer", iq) if isinstance(iq, TensorQuantizer) else None
     kinds = [weight_kind(s, 2) if s.enabled else None for s in stages]
     if (
-        kinds != ["int4_block", "fp8_tensor"]
+        kinds != [Kind.INT4_BLOCK, Kind.FP8_TENSOR]
         or i_spec is None
-        or input_kind(i_spec) != "fp8_tensor"
+        or input_kind(i_spec) is not Kind.FP8_TENSOR
     ):
         described = " then ".join(s.describe() for s in stages)
         raise _unsupported(name, f"multi-stage weight quantizer {described} is not W4A8_AWQ")
