@@ -201,3 +201,24 @@ def test_modules_with_their_own_quantizers_are_calibrated():
 def test_fake_quant_false_is_refused_with_a_reason():
     with pytest.raises(ValueError, match=r"fake_quant=False.*quant-export"):
         mtq.QuantizerAttributeConfig(fake_quant=False)
+
+
+def test_quantize_parses_its_config_and_algorithm_once(cnn, images, monkeypatch):
+    from quant_core import preflight
+    from quant_core.config import schema
+
+    calls = {"normalize": 0, "algorithms": 0}
+    normalize, specs = schema.normalize_quant_cfg, preflight.algorithm_specs
+
+    def counted_normalize(quant_cfg):
+        calls["normalize"] += 1
+        return normalize(quant_cfg)
+
+    def counted_specs(algorithm):
+        calls["algorithms"] += 1
+        return specs(algorithm)
+
+    monkeypatch.setattr(schema, "normalize_quant_cfg", counted_normalize)
+    monkeypatch.setattr(preflight, "algorithm_specs", counted_specs)
+    mtq.quantize(cnn, mtq.INT8_DEFAULT_CFG, lambda m: [m(x) for x in images])
+    assert calls == {"normalize": 1, "algorithms": 1}

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant_core.algorithms import get_algorithm
-from quant_core.config.schema import validate_config
+from quant_core.config.schema import parse_config
 from quant_core.config.unmatched import check_parent_classes
 from quant_core.conversion import (
     QuantCfgEntry,
@@ -49,9 +49,9 @@ def quantize(
     ``forward_loop(model)`` runs the calibration batches through the model; it may be None for
     configs that need no activation statistics (weight-only or dynamic formats).
     """
-    cfg = validate_config(config)
-    check_parent_classes(cfg.entries)
-    check_algorithms(cfg.algorithm)
+    cfg, entries = parse_config(config)
+    check_parent_classes(entries)
+    specs = check_algorithms(cfg.algorithm)
     check_materialized(model)
     prepare_model(model)
     replace_quant_modules(model)
@@ -63,12 +63,12 @@ def quantize(
             f"no quantizable module in {type(model).__name__}: none of its modules is of a registered "
             f"class ({registered}). Register one with mtq.register(original_cls=..., quantized_cls=...)."
         )
-    set_quantizer_by_cfg(model, cfg.entries)
+    set_quantizer_by_cfg(model, entries)
     if not any(q.is_enabled for _n, q, _p in iter_quantizers(model)):
         warnings.warn(
             f"config enabled no quantizer in {type(model).__name__}", RuntimeWarning, stacklevel=2
         )
-    calibrate(model, cfg.algorithm, forward_loop)
+    _calibrate(model, specs, model_loop(forward_loop))
     return model
 
 
@@ -156,7 +156,13 @@ def calibrate(
     and changed ones written back (see :mod:`quant_core.offload`).
     """
     forward_loop = model_loop(forward_loop)
-    specs = check_algorithms(algorithm)
+    return _calibrate(model, check_algorithms(algorithm), forward_loop)
+
+
+def _calibrate(
+    model: nn.Module, specs: list[tuple[str, dict[str, Any]]], forward_loop: ForwardLoop | None
+) -> nn.Module:
+    """`calibrate` with the algorithms already parsed and checked (`check_algorithms`)."""
     check_materialized(model)
     with eval_mode(model):
         for method, options in specs:

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -423,8 +424,10 @@ class QuantizeConfig(BaseModel):
 
     @field_validator("quant_cfg")
     @classmethod
-    def _check_quant_cfg(cls, v: Any) -> Any:
-        normalize_quant_cfg(v)
+    def _check_quant_cfg(cls, v: Any, info: ValidationInfo) -> Any:
+        entries = normalize_quant_cfg(v)
+        if isinstance(info.context, dict):  # parse_config keeps them: normalized once
+            info.context["entries"] = entries
         return v
 
     @field_validator("algorithm", mode="before")
@@ -454,14 +457,20 @@ class QuantizeConfig(BaseModel):
 
 def validate_config(config: Any) -> QuantizeConfig:
     """Validate a user config dict (or QuantizeConfig); errors name the offending key and value."""
+    return parse_config(config)[0]
+
+
+def parse_config(config: Any) -> tuple[QuantizeConfig, list[QuantCfgEntry]]:
+    """`validate_config` and the normalized ``quant_cfg`` entries, normalizing ``quant_cfg`` once."""
     if isinstance(config, QuantizeConfig):
-        return config
+        return config, config.entries
     if not isinstance(config, Mapping):
         raise ValueError(
             f"config must be a dict with 'quant_cfg' and 'algorithm', got {type(config).__name__}"
         )
+    context: dict[str, Any] = {}
     try:
-        return QuantizeConfig(**config)
+        cfg = QuantizeConfig.model_validate(dict(config), context=context)
     except ValidationError as err:
         problems = []
         for e in err.errors():
@@ -471,3 +480,6 @@ def validate_config(config: Any) -> QuantizeConfig:
             else:
                 problems.append(f"{loc}: {e['msg']}")
         raise ValueError("invalid quantization config: " + "; ".join(problems)) from None
+    if "entries" not in context:  # quant_cfg left at its default is not validated
+        context["entries"] = cfg.entries
+    return cfg, context["entries"]
