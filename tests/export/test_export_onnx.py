@@ -246,3 +246,21 @@ def test_export_restores_each_module_training_flag(mlp_and_input, tmp_path):
         warnings.simplefilter("ignore")
         export_onnx(model, x, tmp_path / "m.onnx")
     assert [m.training for m in model] == [True, False, True]
+
+
+def test_export_onnx_owns_the_graph_and_never_runs_core_qdq(mlp_and_input, tmp_path, monkeypatch):
+    """export_onnx's markers decide the ONNX form: quant-core's Q/DQ path (for a plain
+    torch.onnx.export) is not entered, even untraced inside a marker."""
+    from quant_core.nn import onnx_qdq
+
+    def refuse(*args):
+        raise AssertionError("quant-core's Q/DQ path ran inside export_onnx")
+
+    monkeypatch.setattr(onnx_qdq, "qdq", refuse)
+    model, x = mlp_and_input
+    for fmt in ("int8", "fp8"):
+        cfg, _stored, level = FORMATS[fmt]
+        qmodel = quantized(model, cfg, x)
+        path = export_onnx(qmodel, x, tmp_path / f"{fmt}.onnx")
+        report = verify_onnx(path, qmodel, x, optimization=level)
+        assert report.rel_error < 1e-4, report

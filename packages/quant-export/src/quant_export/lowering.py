@@ -21,6 +21,7 @@ import torch
 from onnx import TensorProto
 
 import quant_kernels as qk
+from quant_core.nn.onnx_qdq import qdq_scale
 from quant_export.quantizers import MARKER_DOMAIN, MARKER_OP, QuantizerSpec, UnsupportedFormatError
 
 TRT_DOMAIN = "trt"
@@ -66,12 +67,6 @@ def _const(tensor: TensorProto) -> gs.Constant:
 
 def _scalar(name: str, value: float) -> gs.Constant:
     return gs.Constant(name, np.array(value, dtype=np.float32))
-
-
-def _scale_from_amax(spec: QuantizerSpec, amax: torch.Tensor) -> torch.Tensor:
-    """amax / format max, with quant-kernels' convention that an amax of 0 gives zeros."""
-    bound = spec.element.max_value
-    return torch.where(amax > 0, amax / bound, torch.ones_like(amax))
 
 
 class Lowering:
@@ -257,7 +252,7 @@ class Lowering:
             scale = self._dynamic_scale(spec, x, spec.axis)
             attrs = {"axis": spec.axis} if spec.axis is not None else {}
         else:
-            s = _scale_from_amax(spec, spec.amax).reshape(-1)
+            s = qdq_scale(spec.amax, spec.element).reshape(-1)
             scale = _const(
                 _tensor(s if s.numel() > 1 else s.reshape(()), None, self.name(spec, "scale"))
             )

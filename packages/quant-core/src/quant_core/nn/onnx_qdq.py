@@ -1,7 +1,13 @@
-"""ONNX export of INT8 and FP8 quantizers as standard QuantizeLinear/DequantizeLinear pairs.
+"""ONNX form of INT8 and FP8 quantizers under a plain ``torch.onnx.export`` of a quantized model.
 
-Under ``torch.onnx.export`` (dynamo or legacy exporter) a static quantizer with a Q/DQ form
-emits an op the exporter maps to QuantizeLinear + DequantizeLinear:
+Who decides a quantizer's ONNX form: quant-export's ``export_onnx`` swaps every quantizer for a
+marker and lowers the markers itself (``quant_export.lowering``); its markers run the quantizer
+untraced, and this module then stays out of the way (`wants_qdq` is False when the quantizer is
+not being traced). This module decides only when the exporter traces the quantizer itself, that
+is a plain ``torch.onnx.export``. Both write a static scale as `qdq_scale`.
+
+While ``torch.onnx.export`` (dynamo or legacy exporter) traces a static quantizer with a Q/DQ form,
+the quantizer emits an op the exporter maps to QuantizeLinear + DequantizeLinear:
 
 * INT8 (signed full range, or unsigned) per tensor or per channel: torch's
   ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``, which both
@@ -86,20 +92,27 @@ def has_qdq_form(fmt: qk.QuantFormat) -> bool:
 
 
 def wants_qdq(quantizer: Any) -> bool:
-    """True while exporting to ONNX and this quantizer has a standard Q/DQ form."""
+    """True while ``torch.onnx.export`` traces this quantizer and it has a standard Q/DQ form."""
     if not torch.onnx.is_in_onnx_export():
         return False
+    if not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+        return False  # run untraced (quant-export's markers): the exporter never sees these ops
     attrs = quantizer.attribute_config
     if attrs.learn_amax or attrs.bias is not None:
         return False
     return has_qdq_form(quantizer.format)
 
 
+def qdq_scale(amax: torch.Tensor, element: qk.ElementFormat) -> torch.Tensor:
+    """The scale of a static QuantizeLinear/DequantizeLinear: ``amax / element max``, and 1 where
+    amax is 0 (the quantizer's output there is 0 either way)."""
+    return torch.where(amax > 0, amax / element.max_value, torch.ones_like(amax))
+
+
 def qdq(x: torch.Tensor, amax: torch.Tensor, quantizer: Any) -> torch.Tensor:
     """Quantize-dequantize x with ops that export as QuantizeLinear/DequantizeLinear."""
     fmt = quantizer.format
-    amax = amax.detach().float().to(x.device)
-    scale = torch.where(amax > 0, amax / fmt.element.max_value, torch.ones_like(amax))
+    scale = qdq_scale(amax.detach().float().to(x.device), fmt.element)
     if not fmt.element.is_int:
         scale = scale.reshape(())
         if torch.compiler.is_exporting():
