@@ -43,10 +43,8 @@ class QuantizedTensor:
 
     def packed_codes(self) -> torch.Tensor:
         """INT4 codes two per byte (uint8) or E2M1 codes as ``float4_e2m1fn_x2``; other formats unchanged."""
-        if self.element.is_int and self.element.bits == 4:
-            return pack_int4(self.codes)
-        if self.element.name == "e2m1":
-            return pack_fp4(self.codes)
+        if self.element.packed_nibbles:  # INT4 / UINT4, or FP4 E2M1 (the one 4-bit FP element)
+            return pack_int4(self.codes) if self.element.is_int else pack_fp4(self.codes)
         return self.codes
 
     def dequantize(self) -> torch.Tensor:

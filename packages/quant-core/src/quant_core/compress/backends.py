@@ -57,11 +57,11 @@ class CodesMeta:
 
 
 def _unpack(codes: torch.Tensor, element: qk.ElementFormat, shape: tuple[int, ...]) -> torch.Tensor:
-    if element.is_int and element.bits == 4:
+    if not element.packed_nibbles:
+        return codes
+    if element.is_int:
         return qk.unpack_int4(codes, signed=not element.unsigned).reshape(shape)
-    if element.name == "e2m1":
-        return qk.unpack_fp4(codes).reshape(shape)
-    return codes
+    return qk.unpack_fp4(codes).reshape(shape)  # E2M1, the one 4-bit FP element
 
 
 def dequantize(buffers: dict[str, torch.Tensor], meta: CodesMeta) -> torch.Tensor:

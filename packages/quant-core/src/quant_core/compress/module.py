@@ -15,6 +15,8 @@ from quant_core.nn.modules import QuantLinear
 
 __all__ = ["CompressedLinear", "compress", "recompress", "weight_codes"]
 
+_E4M3 = qk.ElementFormat.parse((4, 3))
+
 
 def weight_codes(quantizer: TensorQuantizer, weight: torch.Tensor) -> qk.QuantizedTensor:
     """Codes and scales of ``weight`` exactly as ``quantizer`` fake-quantizes it.
@@ -46,7 +48,12 @@ def weight_codes(quantizer: TensorQuantizer, weight: torch.Tensor) -> qk.Quantiz
 def _static_input_amax(quantizer: TensorQuantizer) -> torch.Tensor | None:
     """The per-tensor amax of a static E4M3 activation quantizer (else None)."""
     on = quantizer.is_enabled and not quantizer.is_dynamic and quantizer.amax is not None
-    if on and quantizer.num_bits == (4, 3) and not quantizer.block_sizes and quantizer.axis is None:
+    if (
+        on
+        and quantizer.format.element == _E4M3
+        and not quantizer.block_sizes
+        and quantizer.axis is None
+    ):
         return quantizer.amax.detach().reshape(())
     return None
 

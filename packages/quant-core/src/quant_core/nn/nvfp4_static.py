@@ -39,7 +39,7 @@ class NVFP4StaticQuantizer(TensorQuantizer):
     @property
     def has_quantized_block_scale(self) -> bool:
         """True: NVFP4 block scales are E4M3."""
-        return self.format.scale_bits == (4, 3)
+        return self.format.scale_mode is qk.ScaleMode.E4M3
 
     @property
     def global_amax(self) -> torch.Tensor | None:
