@@ -207,8 +207,9 @@ def test_quantize_parses_its_config_and_algorithm_once(cnn, images, monkeypatch)
     from quant_core import preflight
     from quant_core.config import schema
 
-    calls = {"normalize": 0, "algorithms": 0}
+    calls = {"normalize": 0, "algorithms": 0, "layerwise": 0}
     normalize, specs = schema.normalize_quant_cfg, preflight.algorithm_specs
+    split = preflight.split_layerwise
 
     def counted_normalize(quant_cfg):
         calls["normalize"] += 1
@@ -218,7 +219,13 @@ def test_quantize_parses_its_config_and_algorithm_once(cnn, images, monkeypatch)
         calls["algorithms"] += 1
         return specs(algorithm)
 
+    def counted_split(method, options):
+        calls["layerwise"] += 1
+        return split(method, options)
+
     monkeypatch.setattr(schema, "normalize_quant_cfg", counted_normalize)
     monkeypatch.setattr(preflight, "algorithm_specs", counted_specs)
+    monkeypatch.setattr(preflight, "split_layerwise", counted_split)
     mtq.quantize(cnn, mtq.INT8_DEFAULT_CFG, lambda m: [m(x) for x in images])
-    assert calls == {"normalize": 1, "algorithms": 1}
+    assert calls == {"normalize": 1, "algorithms": 1, "layerwise": 1}
+    assert cnn.conv1.input_quantizer.amax is not None  # calibrated by the one parsed "max"

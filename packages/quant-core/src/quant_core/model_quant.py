@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quant_core.algorithms import get_algorithm
 from quant_core.config.schema import parse_config
 from quant_core.config.unmatched import check_parent_classes
 from quant_core.conversion import (
@@ -21,7 +20,7 @@ from quant_core.conversion import (
     replace_quant_modules,
     set_quantizer_by_cfg,
 )
-from quant_core.layerwise import layerwise_calibrate, split_layerwise
+from quant_core.layerwise import layerwise_calibrate
 from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model_quant names
     compute_quantization_mse,
     eval_mode,
@@ -32,7 +31,7 @@ from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.offload import weights_materialized
 from quant_core.plugins import prepare_model
-from quant_core.preflight import check_algorithms, check_materialized
+from quant_core.preflight import AlgorithmRun, check_algorithms, check_materialized
 
 ForwardLoop = Callable[[nn.Module], Any]
 
@@ -51,7 +50,7 @@ def quantize(
     """
     cfg, entries = parse_config(config)
     check_parent_classes(entries)
-    specs = check_algorithms(cfg.algorithm)
+    runs = check_algorithms(cfg.algorithm)
     check_materialized(model)
     prepare_model(model)
     replace_quant_modules(model)
@@ -68,7 +67,7 @@ def quantize(
         warnings.warn(
             f"config enabled no quantizer in {type(model).__name__}", RuntimeWarning, stacklevel=2
         )
-    _calibrate(model, specs, model_loop(forward_loop))
+    _calibrate(model, runs, model_loop(forward_loop))
     return model
 
 
@@ -160,22 +159,19 @@ def calibrate(
 
 
 def _calibrate(
-    model: nn.Module, specs: list[tuple[str, dict[str, Any]]], forward_loop: ForwardLoop | None
+    model: nn.Module, runs: list[AlgorithmRun], forward_loop: ForwardLoop | None
 ) -> nn.Module:
     """`calibrate` with the algorithms already parsed and checked (`check_algorithms`)."""
     check_materialized(model)
     with eval_mode(model):
-        for method, options in specs:
-            _run_algorithm(model, method, options, forward_loop)
+        for run in runs:
+            _run_algorithm(model, run, forward_loop)
     return model
 
 
-def _run_algorithm(
-    model: nn.Module, method: str, options: dict[str, Any], forward_loop: ForwardLoop | None
-) -> None:
+def _run_algorithm(model: nn.Module, run: AlgorithmRun, forward_loop: ForwardLoop | None) -> None:
     """Run one algorithm; on failure every quantizer is back in normal (quantizing) mode."""
-    fn = get_algorithm(method)
-    options, layerwise = split_layerwise(method, options)
+    method, fn, options, layerwise = run.method, run.fn, run.options, run.layerwise
     loop = _LoopGuard(model, forward_loop, method) if forward_loop is not None else None
     try:
         with torch.no_grad():

@@ -8,16 +8,29 @@ here, naming the input and what is allowed, while the model is still untouched.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 from torch import nn
 
 from quant_core.algorithms import get_algorithm
+from quant_core.algorithms.registry import Algorithm
 from quant_core.config.algorithm_configs import QuantizeAlgorithmConfig, algorithm_spec
-from quant_core.layerwise import split_layerwise
+from quant_core.layerwise import LayerwiseOptions, split_layerwise
 
-__all__ = ["algorithm_specs", "check_algorithms", "check_materialized"]
+__all__ = ["AlgorithmRun", "algorithm_specs", "check_algorithms", "check_materialized"]
+
+
+@dataclass(frozen=True)
+class AlgorithmRun:
+    """One algorithm of an ``algorithm`` spec, parsed and checked once (`check_algorithms`): its
+    name, registered function, its own options and the ``layerwise`` option taken out of them."""
+
+    method: str
+    fn: Algorithm
+    options: dict[str, Any]
+    layerwise: LayerwiseOptions
 
 
 def algorithm_specs(algorithm: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -87,14 +100,16 @@ def _check_signature(method: str, fn: Any, options: dict[str, Any]) -> None:
         )
 
 
-def check_algorithms(algorithm: Any) -> list[tuple[str, dict[str, Any]]]:
-    """Resolve every algorithm of ``algorithm`` and check its options; returns the (name, options) pairs."""
-    specs = algorithm_specs(algorithm)
-    for method, options in specs:
+def check_algorithms(algorithm: Any) -> list[AlgorithmRun]:
+    """Resolve every algorithm of ``algorithm`` and check its options; returns what to run, in order."""
+    runs = []
+    for method, options in algorithm_specs(algorithm):
         fn = get_algorithm(method)  # an unknown name raises, listing the registered ones
-        _check_signature(method, fn, split_layerwise(method, options)[0])
+        own, layerwise = split_layerwise(method, options)
+        _check_signature(method, fn, own)
         _check_ranges(method, options)
-    return specs
+        runs.append(AlgorithmRun(method, fn, own, layerwise))
+    return runs
 
 
 def _offloaded(model: nn.Module, name: str) -> bool:
