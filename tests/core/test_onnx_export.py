@@ -64,3 +64,21 @@ def test_per_channel_int8_weights_export_with_an_axis(tmp_path):
     ]
     assert sorted(s.size for s in scales) == [1, 1, 8, 32] and 0 in axes
     assert abs(run(path, x) - model(x).detach().numpy()).max() < 1e-5
+
+
+def test_dynamo_exporter_gives_fp8_qdq(tmp_path):
+    """The dynamo exporter maps quant-core's FP8 op to QuantizeLinear/DequantizeLinear with an FP8
+    zero point (the translation registered when an FP8 quantizer is configured)."""
+    pytest.importorskip("onnxscript")
+    model = quantized_mlp("FP8_DEFAULT_CFG")
+    x = torch.randn(4, 16)
+    path = str(tmp_path / "dynamo.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=True, opset_version=21)
+    graph = onnx.load(path).graph
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantize) == 4 and sum(n.op_type == "DequantizeLinear" for n in graph.node) == 4
+    tensors = {t.name: t for t in graph.initializer}
+    tensors.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant"})
+    zero_points = [tensors[n.input[2]].data_type for n in quantize]
+    assert zero_points == [onnx.TensorProto.FLOAT8E4M3FN] * 4
+    assert abs(run(path, x) - model(x).detach().numpy()).max() < 1e-5
