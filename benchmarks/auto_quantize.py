@@ -6,7 +6,9 @@ table lists the searched mix, each uniform format that fits, and the mean of 5 r
 fill the same budget (a milp with random scores). When ``modelopt`` is importable (``nox -s
 modelopt -- auto_quantize.py``) it also runs ModelOpt's ``auto_quantize`` on the same model, candidates, budget and
 batches; its bits are recounted with quant's table (ModelOpt counts INT4 block-128 as 4.0 bits, not
-4.125).
+4.125). Each search reports wall seconds, this process's CPU seconds (steadier than wall time on a
+busy machine; run with ``OMP_NUM_THREADS=1`` to compare single-thread work) and its peak resident
+memory above the start.
 
     python benchmarks/auto_quantize.py [--budgets 5,6,8] [--windows 4]
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accuracy import PeakMemory
 
 import quant_core as mtq
 from quant_llm import get_calib_dataloader, perplexity
@@ -75,22 +78,22 @@ def random_mix(state: dict, budget_bits: float, seed: int) -> tuple[dict[str, st
 
 def modelopt_search(
     fp, budget: float, loader, steps: int, state: dict
-) -> tuple[object, dict[str, str], float]:
-    """ModelOpt's auto_quantize on a copy of ``fp``: (its model, its choice in our layer names, seconds)."""
+) -> tuple[object, dict[str, str], str]:
+    """ModelOpt's auto_quantize on a copy of ``fp``: (its model, its choice in our layer names, cost)."""
     import modelopt.torch.quantization as mq
 
-    start = time.perf_counter()
-    model, mo_state = mq.auto_quantize(
-        copy.deepcopy(fp),
-        constraints={"effective_bits": budget},
-        quantization_formats=FORMATS[:-1],
-        data_loader=loader,
-        forward_step=forward_step,
-        loss_func=loss_func,
-        num_calib_steps=steps,
-        num_score_steps=steps,
-    )
-    seconds = time.perf_counter() - start
+    fresh = copy.deepcopy(fp)
+    with Cost() as cost:
+        model, mo_state = mq.auto_quantize(
+            fresh,
+            constraints={"effective_bits": budget},
+            quantization_formats=FORMATS[:-1],
+            data_loader=loader,
+            forward_step=forward_step,
+            loss_func=loss_func,
+            num_calib_steps=steps,
+            num_score_steps=steps,
+        )
     recipe = {
         k.removesuffix(".quant_recipe"): str(v).split("(")[0]
         for k, v in mo_state["best"]["recipe"].items()
@@ -99,7 +102,24 @@ def modelopt_search(
     for names in state["groups"].values():
         picked = next(recipe[n] for n in names if n in recipe)
         choice.update(dict.fromkeys(names, picked if picked in FORMATS else "None"))
-    return model, choice, seconds
+    return model, choice, str(cost)
+
+
+class Cost:
+    """Wall seconds, CPU seconds and peak extra resident MiB of the block, as ``wall / cpu / MiB``."""
+
+    def __enter__(self) -> Cost:
+        self._memory = PeakMemory().__enter__()
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+        self._memory.__exit__(*exc)
+
+    def __str__(self) -> str:
+        return f"{self.wall:.1f} / {self.cpu:.1f} / {self._memory.extra_mib:.0f}"
 
 
 def bits_of(state: dict, choice: dict[str, str]) -> float:
@@ -138,22 +158,20 @@ def main() -> None:
     uniform: dict[str, tuple[float, float]] = {}
     for b in args.budgets.split(","):
         budget = float(b)
-        start = time.perf_counter()
-        model, state = mtq.auto_quantize(
-            copy.deepcopy(fp),
-            {"effective_bits": budget},
-            FORMATS,
-            loader,
-            forward_step,
-            loss_func,
-            num_calib_steps=args.steps,
-            num_score_steps=args.steps,
-            verbose=False,
-        )
-        search_s = time.perf_counter() - start
-        rows.append(
-            (f"searched @{budget:g}", state["effective_bits"], ppl(model), f"{search_s:.1f}", "")
-        )
+        fresh = copy.deepcopy(fp)
+        with Cost() as cost:
+            model, state = mtq.auto_quantize(
+                fresh,
+                {"effective_bits": budget},
+                FORMATS,
+                loader,
+                forward_step,
+                loss_func,
+                num_calib_steps=args.steps,
+                num_score_steps=args.steps,
+                verbose=False,
+            )
+        rows.append((f"searched @{budget:g}", state["effective_bits"], ppl(model), str(cost), ""))
         del model
         for fmt in FORMATS[:-1]:
             bits = state["candidate_bits"][next(iter(state["layers"]))][FORMATS.index(fmt)]
@@ -162,13 +180,13 @@ def main() -> None:
                     uniform[fmt] = (bits, ppl_of(dict.fromkeys(state["layers"], fmt)))
                 rows.append((f"  uniform {fmt.removesuffix('_CFG')}", *uniform[fmt], "", ""))
         if importlib.util.find_spec("modelopt") is not None:
-            mo_model, mo_choice, mo_s = modelopt_search(fp, budget, loader, args.steps, state)
+            mo_model, mo_choice, mo_cost = modelopt_search(fp, budget, loader, args.steps, state)
             rows.append(
                 (
                     f"  ModelOpt 0.47 @{budget:g}",
                     bits_of(state, mo_choice),
                     ppl(mo_model),
-                    f"{mo_s:.1f}",
+                    mo_cost,
                     "",
                 )
             )
@@ -189,11 +207,11 @@ def main() -> None:
         f"\nSmolLM2-135M: score on Emma ({args.steps}x2x512 tokens), perplexity on Pride and Prejudice ({args.windows}x511 tokens)"
     )
     print(
-        f"| {'mix':<32} | {'eff. bits':>9} | {'perplexity':>10} | {'search s':>8} | {'random range':>14} |"
+        f"| {'mix':<32} | {'eff. bits':>9} | {'perplexity':>10} | {'search wall s / cpu s / peak MiB':>32} | {'random range':>14} |"
     )
-    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 16}|")
+    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 12}|{'-' * 34}|{'-' * 16}|")
     for name, bits, p, s, rng in rows:
-        print(f"| {name:<32} | {bits:>9.3f} | {p:>10.3f} | {s:>8} | {rng:>14} |")
+        print(f"| {name:<32} | {bits:>9.3f} | {p:>10.3f} | {s:>32} | {rng:>14} |")
 
 
 if __name__ == "__main__":
