@@ -1,14 +1,17 @@
-"""AutoQuantize on real SmolLM2-135M: the searched mix vs uniform formats and random mixes of the same budget.
+"""AutoQuantize on real SmolLM2-135M or MiniLM: the searched mix vs uniform formats and random mixes.
 
-Scores on *Emma*, evaluates perplexity on held-apart *Pride and Prejudice*. Candidates are weight-only
+Scores on *Emma*, evaluates on held-apart *Pride and Prejudice*: SmolLM2's perplexity
+(next-token loss), or MiniLM's mean embedding cosine to fp32 (loss 1 - cosine). Candidates are weight-only
 INT4 block-128 (4.125 bits), INT8 per-channel (8 bits) and unquantized (16 bits); for each budget the
 table lists the searched mix, each uniform format that fits, and the mean of 5 random mixes that
 fill the same budget (a milp with random scores). When ``modelopt`` is importable (``nox -s
 modelopt -- auto_quantize.py``) it also runs ModelOpt's ``auto_quantize`` on the same model, candidates, budget and
 batches; its bits are recounted with quant's table (ModelOpt counts INT4 block-128 as 4.0 bits, not
-4.125).
+4.125). Each search reports wall seconds, this process's CPU seconds (steadier than wall time on a
+busy machine; run with ``OMP_NUM_THREADS=1`` to compare single-thread work) and its peak resident
+memory above the start.
 
-    python benchmarks/auto_quantize.py [--budgets 5,6,8] [--windows 4]
+    python benchmarks/auto_quantize.py [--model smollm2|minilm] [--budgets 5,6,8] [--windows 4]
 """
 
 from __future__ import annotations
@@ -18,11 +21,17 @@ import copy
 import importlib.util
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _minilm import austen_sentences, embed, embedding_metrics, load_minilm, mean_pool
+from _minilm import batches as minilm_batches
+from accuracy import PeakMemory
 
 import quant_core as mtq
 from quant_llm import get_calib_dataloader, perplexity
@@ -74,23 +83,23 @@ def random_mix(state: dict, budget_bits: float, seed: int) -> tuple[dict[str, st
 
 
 def modelopt_search(
-    fp, budget: float, loader, steps: int, state: dict
-) -> tuple[object, dict[str, str], float]:
-    """ModelOpt's auto_quantize on a copy of ``fp``: (its model, its choice in our layer names, seconds)."""
+    task: Task, budget: float, steps: int, state: dict
+) -> tuple[object, dict[str, str], str]:
+    """ModelOpt's auto_quantize on a copy of the task's model: (its model, its choice in our names, cost)."""
     import modelopt.torch.quantization as mq
 
-    start = time.perf_counter()
-    model, mo_state = mq.auto_quantize(
-        copy.deepcopy(fp),
-        constraints={"effective_bits": budget},
-        quantization_formats=FORMATS[:-1],
-        data_loader=loader,
-        forward_step=forward_step,
-        loss_func=loss_func,
-        num_calib_steps=steps,
-        num_score_steps=steps,
-    )
-    seconds = time.perf_counter() - start
+    fresh = copy.deepcopy(task.fp)
+    with Cost() as cost:
+        model, mo_state = mq.auto_quantize(
+            fresh,
+            constraints={"effective_bits": budget},
+            quantization_formats=FORMATS[:-1],
+            data_loader=task.loader,
+            forward_step=task.forward_step,
+            loss_func=task.loss_func,
+            num_calib_steps=steps,
+            num_score_steps=steps,
+        )
     recipe = {
         k.removesuffix(".quant_recipe"): str(v).split("(")[0]
         for k, v in mo_state["best"]["recipe"].items()
@@ -99,7 +108,24 @@ def modelopt_search(
     for names in state["groups"].values():
         picked = next(recipe[n] for n in names if n in recipe)
         choice.update(dict.fromkeys(names, picked if picked in FORMATS else "None"))
-    return model, choice, seconds
+    return model, choice, str(cost)
+
+
+class Cost:
+    """Wall seconds, CPU seconds and peak extra resident MiB of the block, as ``wall / cpu / MiB``."""
+
+    def __enter__(self) -> Cost:
+        self._memory = PeakMemory().__enter__()
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+        self._memory.__exit__(*exc)
+
+    def __str__(self) -> str:
+        return f"{self.wall:.1f} / {self.cpu:.1f} / {self._memory.extra_mib:.0f}"
 
 
 def bits_of(state: dict, choice: dict[str, str]) -> float:
@@ -112,88 +138,150 @@ def bits_of(state: dict, choice: dict[str, str]) -> float:
     return used / sum(params.values())
 
 
+@dataclass
+class Task:
+    """A model to search, its score batches and loss, and the quality measure of a quantized copy."""
+
+    fp: torch.nn.Module
+    loader: list[Any]
+    forward_step: Callable[[torch.nn.Module, Any], Any]
+    loss_func: Callable[[Any, Any], torch.Tensor]
+    evaluate: Callable[[torch.nn.Module], float]
+    metric: str
+    title: str
+
+
+def smollm2_task(steps: int, windows: int) -> Task:
+    """SmolLM2-135M: next-token loss on *Emma*, perplexity on *Pride and Prejudice* (lower is better)."""
+    fp, tokenizer = load_smollm2()
+    loader = list(get_calib_dataloader(tokenizer, DATA / "austen_emma.txt", 2 * steps, 512, 2))
+    text = (DATA / "austen_prideprejudice.txt").read_text("utf-8")
+    return Task(
+        fp,
+        loader,
+        forward_step,
+        loss_func,
+        lambda model: perplexity(model, tokenizer, text, seq_len=512, num_windows=windows),
+        "perplexity",
+        f"SmolLM2-135M: score on Emma ({steps}x2x512 tokens), perplexity on Pride and Prejudice "
+        f"({windows}x511 tokens)",
+    )
+
+
+def minilm_task(steps: int, sentences: int) -> Task:
+    """all-MiniLM-L6-v2: loss 1 - cosine to the fp32 embedding on *Emma*; mean cosine on *Pride and
+    Prejudice* (higher is better)."""
+    fp, tokenizer = load_minilm()
+    calib = minilm_batches(tokenizer, austen_sentences("emma", 32 * steps), size=32)
+    loader = [{**b, "target": embed(fp, [b])} for b in calib]
+    held_out = minilm_batches(tokenizer, austen_sentences("prideprejudice", sentences), size=32)
+    ref = embed(fp, held_out)
+
+    def step(model, batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    def loss(output, batch):
+        got = mean_pool(output.last_hidden_state, batch["attention_mask"])
+        return (1 - (got * batch["target"]).sum(-1)).sum()
+
+    return Task(
+        fp,
+        loader,
+        step,
+        loss,
+        lambda model: embedding_metrics(ref, embed(model, held_out))["mean"],
+        "mean cosine",
+        f"all-MiniLM-L6-v2: score on Emma ({steps}x32 sentences), mean embedding cosine to fp32 on "
+        f"Pride and Prejudice ({sentences} sentences)",
+    )
+
+
 def main() -> None:
     """Search at each budget and print the comparison table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2")
     parser.add_argument("--budgets", default="5,6,8")
-    parser.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens")
     parser.add_argument(
-        "--steps", type=int, default=4, help="calibration and score batches (2x512 tokens)"
+        "--windows", type=int, default=4, help="SmolLM2 evaluation windows of 512 tokens"
+    )
+    parser.add_argument("--sentences", type=int, default=512, help="MiniLM evaluation sentences")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=4,
+        help="calibration and score batches (SmolLM2 2x512 tokens, MiniLM 32 sentences)",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
-    fp, tokenizer = load_smollm2()
-    loader = list(get_calib_dataloader(tokenizer, DATA / "austen_emma.txt", 2 * args.steps, 512, 2))
-    text = (DATA / "austen_prideprejudice.txt").read_text("utf-8")
+    task = (
+        smollm2_task(args.steps, args.windows)
+        if args.model == "smollm2"
+        else minilm_task(args.steps, args.sentences)
+    )
+    fp = task.fp
 
-    def ppl(model) -> float:
-        return perplexity(model, tokenizer, text, seq_len=512, num_windows=args.windows)
+    def quality_of(choice: dict[str, str]) -> float:
+        return task.evaluate(mtq.quantize(copy.deepcopy(fp), mix_config(choice)))
 
-    def ppl_of(choice: dict[str, str]) -> float:
-        return ppl(mtq.quantize(copy.deepcopy(fp), mix_config(choice)))
-
-    base = ppl(fp)
-    rows = [("fp32", 16.0, base, "", "")]
+    rows = [("fp32", 16.0, task.evaluate(fp), "", "")]
     uniform: dict[str, tuple[float, float]] = {}
     for b in args.budgets.split(","):
         budget = float(b)
-        start = time.perf_counter()
-        model, state = mtq.auto_quantize(
-            copy.deepcopy(fp),
-            {"effective_bits": budget},
-            FORMATS,
-            loader,
-            forward_step,
-            loss_func,
-            num_calib_steps=args.steps,
-            num_score_steps=args.steps,
-            verbose=False,
-        )
-        search_s = time.perf_counter() - start
+        fresh = copy.deepcopy(fp)
+        with Cost() as cost:
+            model, state = mtq.auto_quantize(
+                fresh,
+                {"effective_bits": budget},
+                FORMATS,
+                task.loader,
+                task.forward_step,
+                task.loss_func,
+                num_calib_steps=args.steps,
+                num_score_steps=args.steps,
+                verbose=False,
+            )
         rows.append(
-            (f"searched @{budget:g}", state["effective_bits"], ppl(model), f"{search_s:.1f}", "")
+            (f"searched @{budget:g}", state["effective_bits"], task.evaluate(model), str(cost), "")
         )
         del model
         for fmt in FORMATS[:-1]:
             bits = state["candidate_bits"][next(iter(state["layers"]))][FORMATS.index(fmt)]
             if bits <= budget:
                 if fmt not in uniform:
-                    uniform[fmt] = (bits, ppl_of(dict.fromkeys(state["layers"], fmt)))
+                    uniform[fmt] = (bits, quality_of(dict.fromkeys(state["layers"], fmt)))
                 rows.append((f"  uniform {fmt.removesuffix('_CFG')}", *uniform[fmt], "", ""))
         if importlib.util.find_spec("modelopt") is not None:
-            mo_model, mo_choice, mo_s = modelopt_search(fp, budget, loader, args.steps, state)
+            mo_model, mo_choice, mo_cost = modelopt_search(task, budget, args.steps, state)
             rows.append(
                 (
                     f"  ModelOpt 0.47 @{budget:g}",
                     bits_of(state, mo_choice),
-                    ppl(mo_model),
-                    f"{mo_s:.1f}",
+                    task.evaluate(mo_model),
+                    mo_cost,
                     "",
                 )
             )
             del mo_model
         mixes = [random_mix(state, budget, seed) for seed in range(5)]
-        ppls = [ppl_of(choice) for choice, _bits in mixes]
+        scores = [quality_of(choice) for choice, _bits in mixes]
         rows.append(
             (
                 f"  random mixes (5) @{budget:g}",
                 float(np.mean([b for _c, b in mixes])),
-                float(np.mean(ppls)),
+                float(np.mean(scores)),
                 "",
-                f"{min(ppls):.3f}..{max(ppls):.3f}",
+                f"{min(scores):.4f}..{max(scores):.4f}",
             )
         )
         print(rows[-1], flush=True)
+    print(f"\n{task.title}")
     print(
-        f"\nSmolLM2-135M: score on Emma ({args.steps}x2x512 tokens), perplexity on Pride and Prejudice ({args.windows}x511 tokens)"
+        f"| {'mix':<32} | {'eff. bits':>9} | {task.metric:>11} | {'search wall s / cpu s / peak MiB':>32} | {'random range':>16} |"
     )
-    print(
-        f"| {'mix':<32} | {'eff. bits':>9} | {'perplexity':>10} | {'search s':>8} | {'random range':>14} |"
-    )
-    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 16}|")
-    for name, bits, p, s, rng in rows:
-        print(f"| {name:<32} | {bits:>9.3f} | {p:>10.3f} | {s:>8} | {rng:>14} |")
+    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 13}|{'-' * 34}|{'-' * 18}|")
+    for name, bits, q, c, rng in rows:
+        print(f"| {name:<32} | {bits:>9.3f} | {q:>11.4f} | {c:>32} | {rng:>16} |")
 
 
 if __name__ == "__main__":

@@ -219,6 +219,25 @@ def test_helpers_set_enable_and_disable_by_wildcard():
     assert model[2].weight_quantizer.num_bits == (4, 3) and model[2].weight_quantizer.axis is None
 
 
+def test_exact_names_and_wildcards_apply_in_config_order():
+    """Entries naming one quantizer exactly are looked up by name; the later entry still wins."""
+    cfg = {"*weight_quantizer": {"num_bits": 8, "axis": 0}, "*input_quantizer": {"enable": False}}
+    model = mtq.quantize(mlp(), {"quant_cfg": cfg, "algorithm": None})
+    mtq.set_quantizer_by_cfg(
+        model,
+        [
+            {"quantizer_name": "0.weight_quantizer", "cfg": {"num_bits": 4, "axis": 0}},
+            {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+            {"quantizer_name": "2.weight_quantizer", "cfg": {"num_bits": 4, "axis": 0}},
+            {"quantizer_name": "2.weight_quantizer", "enable": False},
+        ],
+    )
+    first, last = model[0].weight_quantizer, model[2].weight_quantizer
+    assert (first.num_bits, first.is_enabled) == (8, True)  # the later wildcard wins
+    assert (last.num_bits, last.is_enabled) == (4, False)  # later exact names win, in order
+    assert not model[0].input_quantizer.is_enabled  # named by no entry: unchanged
+
+
 def test_attribute_config_round_trips_through_json():
     attrs = QuantizerAttributeConfig(
         num_bits=(2, 1), block_sizes={-1: 16, "type": "dynamic", "scale_bits": (4, 3)}

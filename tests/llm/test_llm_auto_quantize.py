@@ -188,3 +188,43 @@ def test_save_restore_keeps_the_result(awq_search, tmp_path):
 def test_plot_sensitivity_writes_a_png(awq_search, tmp_path):
     mtq.plot_sensitivity(awq_search[2], tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradient_scores_equal_a_float64_fisher_reference():
+    """Each group's INT8 score is sum((dL/dY * X (Wq - W)^T)^2) over the score batches, recomputed
+    here in float64 from the definition of per-channel INT8 (scale = row amax / 127, ties to even).
+    The search needs no weight gradient: the model comes back with its weights trainable and no .grad."""
+    fp = tiny_model("llama")
+    _m, state = _search(copy.deepcopy(fp), ["INT8_WEIGHT_ONLY_CFG", None], {"effective_bits": 12.0})
+    ref = copy.deepcopy(fp).double()
+    linears = {n: m for n, m in ref.named_modules() if n in state["layers"]}
+    inputs, outputs = {}, {}
+
+    def keep(name):
+        def hook(_m, args, out):
+            inputs.setdefault(name, []).append(args[0].detach())
+            out.retain_grad()
+            outputs.setdefault(name, []).append(out)
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
+    for batch in DATA[:2]:  # a list loader: the score batches are its first two
+        loss_func(forward_step(ref, batch), batch).backward()
+    for h in handles:
+        h.remove()
+    expected: dict[str, float] = {}
+    for name, m in linears.items():
+        w = m.weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True) / 127
+        delta = torch.round(w / scale) * scale - w
+        fisher = sum(
+            float(((y.grad * (x @ delta.T)) ** 2).sum())
+            for x, y in zip(inputs[name], outputs[name], strict=True)
+        )
+        group = state["layers"][name]["group"]
+        expected[group] = expected.get(group, 0.0) + fisher
+    for group, value in expected.items():
+        assert state["scores"][group][0] == pytest.approx(value, rel=1e-3), group
+        assert state["scores"][group][1] == 0.0
+    assert all(p.requires_grad and p.grad is None for p in _m.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import MethodType
@@ -127,12 +128,14 @@ def set_quantizer_by_cfg(model: nn.Module, quant_cfg: Any) -> None:
         quant_cfg if _is_entries(quant_cfg) else normalize_quant_cfg(quant_cfg)
     )
     check_parent_classes(entries)
+    by_name, patterns = _index_entries(entries)
     matched: set[int] = set()
     for name, quantizer, parent in list(iter_quantizers(model)):
         keys = _parent_keys(parent)
         cfg: Any = None
         enable: bool | None = None
-        for i, entry in enumerate(entries):
+        for i in heapq.merge(patterns, by_name.get(name, ())):  # in config order
+            entry = entries[i]
             if not entry.matches(name, keys):
                 continue
             matched.add(i)
@@ -150,6 +153,23 @@ def set_quantizer_by_cfg(model: nn.Module, quant_cfg: Any) -> None:
             quantizer.disable()
     name_quantizers(model)
     warn_unmatched(entries, matched, model)
+
+
+def _index_entries(entries: list[QuantCfgEntry]) -> tuple[dict[str, list[int]], list[int]]:
+    """Entry positions by exact quantizer name, and the positions of wildcard or callable entries.
+
+    A config with one entry per layer (an AutoQuantize replay, a recipe) then costs a lookup per
+    quantizer instead of a wildcard match against every entry.
+    """
+    by_name: dict[str, list[int]] = {}
+    patterns: list[int] = []
+    for i, entry in enumerate(entries):
+        name = entry.quantizer_name
+        if isinstance(name, str) and not any(c in name for c in "*?["):
+            by_name.setdefault(name, []).append(i)
+        else:
+            patterns.append(i)
+    return by_name, patterns
 
 
 def _is_entries(value: Any) -> bool:

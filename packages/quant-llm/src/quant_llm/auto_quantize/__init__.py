@@ -29,7 +29,11 @@ from quant_llm.auto_quantize.grouping import group_layers
 from quant_llm.auto_quantize.report import plot_sensitivity, summary_table
 from quant_llm.auto_quantize.scoring import SCORE_METHODS, gradient_scores, kl_scores
 from quant_llm.auto_quantize.solver import solve
-from quant_llm.auto_quantize.state import get_auto_quantize_config, replay_config
+from quant_llm.auto_quantize.state import (
+    get_auto_quantize_config,
+    quantizer_settings,
+    replay_config,
+)
 
 __all__ = ["auto_quantize", "get_auto_quantize_config", "plot_sensitivity", "summary_table"]
 
@@ -85,12 +89,16 @@ def auto_quantize(
     copies = calibrate_candidates(model, candidates, forward_loop)
     layers = searchable_layers(copies)
     groups = group_layers(list(layers))
+    bits = {n: [16.0 if c is None else weight_bits(c) for c in per] for n, per in layers.items()}
+    settings = {n: [quantizer_settings(c) for c in per] for n, per in layers.items()}
+    for quantized in copies:
+        if quantized is not None:  # scoring calls each layer many times: quantize weights once
+            mtq.fold_weight(quantized)
     if method == "gradient":
         per_layer = gradient_scores(model, layers, score, forward_step, loss_func, verbose)
     else:
         per_layer = kl_scores(model, layers, score, forward_step, verbose)
     params = {n: weight_params(model.get_submodule(n)) for n in layers}
-    bits = {n: [16.0 if c is None else weight_bits(c) for c in per] for n, per in layers.items()}
     keys = list(groups)
     scores = np.array(
         [[sum(per_layer[n][i] for n in groups[k]) for i in range(len(candidates))] for k in keys]
@@ -111,7 +119,7 @@ def auto_quantize(
         ) from None
     choice = {n: picks[gi] for gi, k in enumerate(keys) for n in groups[k]}
     config = replay_config(
-        {n: layers[n][i] for n, i in choice.items()},
+        {n: settings[n][i] for n, i in choice.items()},
         [candidates[i][1]["algorithm"] for i in sorted(set(picks)) if candidates[i][1] is not None],
     )
     used = float(sum(costs[gi, i] for gi, i in enumerate(picks)))

@@ -64,18 +64,33 @@ def gradient_scores(
         return forward_hook
 
     for name in layers:
-        handles.append(
-            model.get_submodule(name).register_forward_hook(hook_for(name), with_kwargs=True)
-        )
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(_inputs_need_grad, with_kwargs=True))
+        handles.append(module.register_forward_hook(hook_for(name), with_kwargs=True))
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in trainable:  # only dL/dY is needed: skip every weight gradient
+            p.requires_grad_(False)
         for batch in tqdm(batches, desc="auto_quantize: gradient scores", disable=not verbose):
-            loss = loss_func(forward_step(model, batch), batch)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+            loss_func(forward_step(model, batch), batch).backward()
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         for h in handles:
             h.remove()
     return scores
+
+
+def _inputs_need_grad(
+    _mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """With frozen weights, make a searched layer's float inputs leaves that need grad, so dL/dY flows."""
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return None
+    return tuple(
+        a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in args
+    ), kwargs
 
 
 def kl_scores(

@@ -23,14 +23,24 @@ def _attrs(q: nn.Module) -> Any:
     return q.attribute_config.model_dump(exclude_defaults=True) | {"enable": q.is_enabled}
 
 
-def replay_config(chosen: dict[str, nn.Module | None], algorithms: list[Any]) -> dict[str, Any]:
-    """A plain config quantizing each chosen layer exactly as its candidate did, everything else off."""
+def quantizer_settings(module: nn.Module | None) -> dict[str, Any] | None:
+    """A candidate layer's quantizer attributes by quantizer name (None for the unquantized candidate).
+
+    Read before scoring folds the candidates' weights, which turns their weight quantizers off.
+    """
+    if module is None:
+        return None
+    return {qname: _attrs(q) for qname, q, _parent in iter_quantizers(module)}
+
+
+def replay_config(
+    chosen: dict[str, dict[str, Any] | None], algorithms: list[Any]
+) -> dict[str, Any]:
+    """A plain config quantizing each chosen layer as its candidate did (``quantizer_settings``), rest off."""
     quant_cfg: dict[str, Any] = {"*": {"enable": False}}
-    for name, module in chosen.items():
-        if module is None:
-            continue
-        for qname, q, _parent in iter_quantizers(module):
-            quant_cfg[f"{name}.{qname}"] = _attrs(q)
+    for name, settings in chosen.items():
+        for qname, attrs in (settings or {}).items():
+            quant_cfg[f"{name}.{qname}"] = attrs
     distinct: list[Any] = []
     for algo in algorithms:
         if algo is not None and algo not in distinct:
