@@ -90,6 +90,8 @@ class QuantizerAttributeConfig(BaseModel):
     backend_extra_args: dict[str, Any] | None = None
     use_constant_amax: bool = False
     constant_amax: float | None = None
+    pass_through_bwd: bool = True
+    effective_bits: float | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -135,6 +137,13 @@ class QuantizerAttributeConfig(BaseModel):
 
         if v is not None and not (math.isfinite(v) and v > 0):
             raise ValueError(f"constant_amax must be a positive finite value, got {v!r}")
+        return v
+
+    @field_validator("effective_bits")
+    @classmethod
+    def _effective_bits(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 16:
+            raise ValueError(f"effective_bits must be in (0, 16], got {v!r}")
         return v
 
     @field_serializer("calibrator", when_used="json")

@@ -12,8 +12,9 @@ Its state is the buffers ``_amax`` and ``_pre_quant_scale`` (``_amax`` becomes a
   each input;
 * other dynamic quantizers: nothing (amax comes from each input).
 
-All numerics go through ``quant_kernels.fake_quantize``; gradients pass straight through (zero
-outside the clipping range). A static quantizer that was never calibrated warns once, naming its
+All numerics go through ``quant_kernels.fake_quantize``; gradients pass straight through, unchanged
+everywhere by default (``pass_through_bwd=True``, as in ModelOpt) or zero where the value
+saturated (``pass_through_bwd=False``). A static quantizer that was never calibrated warns once, naming its
 module, and falls back to the amax of the tensor it sees.
 """
 
@@ -334,6 +335,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
             unsigned=attrs.unsigned,
             narrow_range=attrs.narrow_range,
             validate_amax=False,  # checked when set (amax setter, state dict), or taken from x
+            pass_through_bwd=attrs.pass_through_bwd,
         )
         return y
 
