@@ -60,3 +60,25 @@ def test_export_refuses_rotated_and_custom_backend_quantizers(
     finally:
         mtq.nn.unregister_quant_backend("int8-user")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "hf", "compressed-tensors", "trtllm"])
+def test_export_refuses_nvfp4_four_over_six(exporter: str, tmp_path) -> None:
+    """Four over six's per-block M=4 choice and 6 * 256 global scale are not written: refused."""
+    from quant_export import export_compressed_tensors
+    from quant_llm.testing.tiny_models import tiny_model
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    mtq.quantize(model, mtq.NVFP4_FOUR_OVER_SIX_CFG, lambda m: m(ids))
+    calls = {
+        "onnx": lambda: export_onnx(model, ids, tmp_path / "m.onnx"),
+        "hf": lambda: export_hf_checkpoint(model, tmp_path / "hf"),
+        "compressed-tensors": lambda: export_compressed_tensors(model, tmp_path / "ct"),
+        "trtllm": lambda: export_tensorrt_llm_checkpoint(
+            model, "llama", export_dir=tmp_path / "trt"
+        ),
+    }
+    with pytest.raises(UnsupportedFormatError, match=r"weight_quantizer .*four over six"):
+        calls[exporter]()
+    assert not any(tmp_path.iterdir())

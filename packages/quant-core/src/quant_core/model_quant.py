@@ -158,10 +158,25 @@ def calibrate(
     forward_loop = model_loop(forward_loop)
     specs = check_algorithms(algorithm)
     check_materialized(model)
+    _refuse_four_over_six(model, [method for method, _ in specs])
     with eval_mode(model):
         for method, options in specs:
             _run_algorithm(model, method, options, forward_loop)
     return model
+
+
+def _refuse_four_over_six(model: nn.Module, methods: list[str]) -> None:
+    """ValueError when an algorithm other than max would calibrate a "four over six" quantizer
+    (its per-block M=4/M=6 choice is made by the format; the other algorithms search plain NVFP4)."""
+    others = [m for m in methods if m != "max"]
+    if not others:
+        return
+    for name, quantizer in iter_tensor_quantizers(model):
+        if quantizer.is_enabled and quantizer.format.four_over_six:
+            raise ValueError(
+                f"quantizer {name} is NVFP4 'four over six', which calibrates with algorithm 'max' "
+                f"only (each block picks M=4 or M=6 itself); got {others}"
+            )
 
 
 def _run_algorithm(

@@ -116,6 +116,17 @@ W4A8_AWQ_BETA_CFG = _cfg(
     "awq_gptq",
 )
 NVFP4_DEFAULT_CFG = _cfg(_NVFP4, _NVFP4, "max")
+# "Four over six" (ModelOpt: static weights, then an MSE search of the block amax multipliers 1.0
+# and 1.5): here each block picks M=6 or M=4 by the same squared error inside the format, so
+# max calibration gives the same weights.
+NVFP4_FOUR_OVER_SIX_CFG = _cfg(
+    {
+        **_NVFP4,
+        "block_sizes": {-1: 16, "type": "static", "scale_bits": (4, 3), "four_over_six": True},
+    },
+    _NVFP4,
+    "max",
+)
 NVFP4_AWQ_LITE_CFG = _cfg(_NVFP4, _NVFP4, "awq_lite")
 NVFP4_AWQ_CLIP_CFG = _cfg(_NVFP4, _NVFP4, {"method": "awq_clip"})
 NVFP4_AWQ_FULL_CFG = _cfg(_NVFP4, _NVFP4, {"method": "awq_full", "alpha_step": 0.1})
@@ -158,6 +169,7 @@ __all__ = [
     "NVFP4_AWQ_FULL_CFG",
     "NVFP4_AWQ_LITE_CFG",
     "NVFP4_DEFAULT_CFG",
+    "NVFP4_FOUR_OVER_SIX_CFG",
     "NVFP4_KV_CFG",
     "NVFP4_SVDQUANT_DEFAULT_CFG",
     "W4A8_AWQ_BETA_CFG",

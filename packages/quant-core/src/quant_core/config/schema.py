@@ -188,12 +188,24 @@ class QuantizerAttributeConfig(BaseModel):
                         f"block_sizes['scale_bits'] must be one of {sorted(SCALE_FORMATS)}, got {val!r}"
                     )
                 out[key] = val
+            elif key == "four_over_six":
+                if not isinstance(val, bool):
+                    raise ValueError(
+                        f"block_sizes['four_over_six'] must be True or False, got {val!r}"
+                    )
+                out[key] = val
             else:
                 raise ValueError(
-                    f"unknown block_sizes key {key!r}; allowed: int axes, 'type', 'scale_bits'"
+                    f"unknown block_sizes key {key!r}; allowed: int axes, 'type', 'scale_bits', "
+                    "'four_over_six'"
                 )
         if not any(isinstance(k, int) for k in out):
             raise ValueError(f"block_sizes {v!r} names no axis")
+        if out.get("four_over_six") and out.get("type") == "dynamic":
+            raise ValueError(
+                "block_sizes['four_over_six'] needs a static (calibrated) NVFP4 quantizer, got "
+                f"type 'dynamic' in {v!r} (ModelOpt's fake quantization ignores it there)"
+            )
         if out.get("type") == "dynamic" and sum(isinstance(k, int) for k in out) != 1:
             raise ValueError(
                 f"dynamic block quantization takes exactly one axis, got block_sizes={v!r}"

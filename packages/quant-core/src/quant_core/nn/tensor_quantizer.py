@@ -329,7 +329,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
             x_in,
             num_bits=attrs.num_bits,
             amax=amax_arg.detach() if amax_arg is not None else None,
-            block_sizes=blocks,
+            block_sizes=fmt.kernel_block_sizes,
             scale_bits=fmt.scale_bits,
             global_amax=global_amax.detach() if global_amax is not None else None,
             unsigned=attrs.unsigned,
