@@ -149,6 +149,11 @@ class ModelOptQuantizerAPI:
             return (
                 f"it quantizes with the custom backend {self.backend!r}, which export cannot read"
             )
+        if getattr(self, "lsq_state", None) is not None:
+            return (
+                "it learns separate quantization and dequantization block amaxes (lsq), which "
+                "the exporters and mtq.compress do not write"
+            )
         if self.format.four_over_six:
             return (
                 "it is NVFP4 'four over six' (block_sizes['four_over_six']): its per-block M=4/M=6 "
