@@ -30,6 +30,7 @@ from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model
     temporarily_fold_weights,
 )
 from quant_core.nn.registry import QuantModuleRegistry
+from quant_core.nn.rotation import check_paired_key_rotation
 from quant_core.offload import weights_materialized
 from quant_core.plugins import prepare_model
 from quant_core.preflight import check_algorithms, check_materialized
@@ -64,6 +65,7 @@ def quantize(
             f"class ({registered}). Register one with mtq.register(original_cls=..., quantized_cls=...)."
         )
     set_quantizer_by_cfg(model, cfg.entries)
+    check_paired_key_rotation(model)
     if not any(q.is_enabled for _n, q, _p in iter_quantizers(model)):
         warnings.warn(
             f"config enabled no quantizer in {type(model).__name__}", RuntimeWarning, stacklevel=2

@@ -149,6 +149,21 @@ FP8_AFFINE_KV_CFG = _kv(
     {"num_bits": (4, 3), "axis": None, "bias": {-2: None, -4: None, "type": "static"}}
 )
 NVFP4_KV_CFG = _kv(dict(_NVFP4))
+# Keys rotated by a normalized Hadamard transform before NVFP4, and queries rotated the same way
+# by a disabled q_bmm_quantizer, so q k^T is unchanged; values plain NVFP4.
+NVFP4_KV_ROTATE_CFG = freeze(
+    {
+        "quant_cfg": _entries(
+            {
+                "*q_bmm_quantizer": {"rotate": True, "enable": False},
+                "*k_bmm_quantizer": {**_NVFP4, "rotate": True},
+                "*v_bmm_quantizer": dict(_NVFP4),
+                "default": {"enable": False},
+            }
+        ),
+        "algorithm": "max",
+    }
+)
 
 __all__ = [
     "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG",
@@ -171,6 +186,7 @@ __all__ = [
     "NVFP4_DEFAULT_CFG",
     "NVFP4_FOUR_OVER_SIX_CFG",
     "NVFP4_KV_CFG",
+    "NVFP4_KV_ROTATE_CFG",
     "NVFP4_SVDQUANT_DEFAULT_CFG",
     "W4A8_AWQ_BETA_CFG",
     "W4A8_MXFP4_FP8_CFG",
