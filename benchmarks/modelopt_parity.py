@@ -50,7 +50,12 @@ def _patch_modelopt_static_nvfp4() -> None:
         y = torch.where(s == 0, 0.0, torch.where(xb >= 0, q, -q))
         return y.reshape(x.shape).to(out_dtype or x.dtype)
 
+    def cast(x, out_dtype=None):
+        q = _e2m1_round(x.float().abs())
+        return torch.where(x >= 0, q, -q).to(out_dtype or x.dtype)
+
     tk.static_blockwise_fp4_fake_quant = fake_quant
+    tk.static_blockwise_fp4_cast = cast
     tk.IS_AVAILABLE = True
     torch.cuda.device = lambda _d: contextlib.nullcontext()  # the launch's device guard
 
@@ -137,12 +142,58 @@ def _four_over_six_rows() -> list[tuple[str, str]]:
     ]
 
 
+def _lsq_rows() -> list[tuple[str, str]]:
+    import modelopt.torch.quantization as mo
+
+    import quant_core as mtq
+
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 64)
+    x = torch.randn(8, 256)
+    weight = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "static", "scale_bits": (4, 3)}}
+    algorithm = {
+        "method": "lsq",
+        "scale_algorithm": {"method": "max"},
+        "learnable_amax": ["pre", "post"],
+    }
+    theirs_cfg = {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": weight},
+        ],
+        "algorithm": algorithm,
+    }
+    ours_cfg = {
+        "quant_cfg": {"*weight_quantizer": weight, "*input_quantizer": {"enable": False}},
+        "algorithm": algorithm,
+    }
+    theirs = mo.quantize(copy.deepcopy(layer), theirs_cfg, lambda m: m(x))
+    ours = mtq.quantize(copy.deepcopy(layer), ours_cfg, lambda m: m(x))
+    w = layer.weight.detach()
+    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    rows = []
+    outputs = []
+    for model in (theirs, ours):
+        q = model.weight_quantizer
+        with torch.no_grad():  # move pre and post apart so both gradients matter
+            q.amax_pre.mul_(0.9)
+        y = q(w)
+        y.backward(upstream)
+        outputs.append((y.detach(), q.amax_pre.grad.flatten(), q.amax_post.grad.flatten()))
+    (y0, pre0, post0), (y1, pre1, post1) = outputs
+    rows.append(("LSQ NVFP4 (256x64) forward, elements equal", f"{(y0 == y1).float().mean():.2%}"))
+    for name, a, b in (("pre", pre0, pre1), ("post", post0, post1)):
+        rel = ((a - b).abs().max() / a.abs().max()).item()
+        rows.append((f"LSQ amax_{name} gradient, largest difference / largest value", f"{rel:.2e}"))
+    return rows
+
+
 def main() -> None:
     if importlib.util.find_spec("modelopt") is None:
         print("nvidia-modelopt is not installed: run `nox -s modelopt -- modelopt_parity.py`")
         return
     _patch_modelopt_static_nvfp4()
-    rows = _gradient_rows() + _four_over_six_rows()
+    rows = _gradient_rows() + _four_over_six_rows() + _lsq_rows()
     print("| check | result |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
