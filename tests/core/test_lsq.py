@@ -143,3 +143,9 @@ def test_lsq_config_class_and_refusals() -> None:
     mtq.quantize(layer, _config(INT4_BLOCKS), lambda m: m(x))
     with pytest.raises(ValueError, match="lsq"):
         mtq.compress(layer)
+
+
+def test_lsq_quantizer_describes_its_learned_amax() -> None:
+    layer, x = _layer(9)
+    mtq.quantize(layer, _config(INT4_BLOCKS, learnable_amax=["pre", "post"]), lambda m: m(x))
+    assert "lsq (post+pre) post [" in str(layer.weight_quantizer)

@@ -13,7 +13,7 @@ LSQ starts (``_lsq_global_amax``); the rounding passes the gradient where ``amax
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +21,7 @@ from torch import nn
 import quant_kernels as qk
 from quant_kernels.reference import divide, round_to_grid_
 
-if TYPE_CHECKING:
-    from quant_core.nn.tensor_quantizer import TensorQuantizer
+TensorQuantizer = nn.Module  # annotations only: a quant_core TensorQuantizer (no import cycle)
 
 LSQ_TENSORS = ("_amax_pre", "_amax_post", "_lsq_global_amax")
 
