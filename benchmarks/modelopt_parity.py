@@ -142,49 +142,60 @@ def _four_over_six_rows() -> list[tuple[str, str]]:
     ]
 
 
+_LSQ_FORMATS = {
+    "NVFP4": {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "static", "scale_bits": (4, 3)}},
+    "INT4": {"num_bits": 4, "block_sizes": {-1: 16, "type": "static"}},
+}
+_LSQ_SETTINGS = {
+    "dual": {"learnable_amax": ["pre", "post"]},
+    "tied": {"learnable_amax": ["pre", "post"], "tied_amax": True},
+    "post only": {"learnable_amax": "post"},
+    "dual, pre unrounded": {"learnable_amax": ["pre", "post"], "quantize_pre_scale": False},
+}
+
+
+def _lsq_outputs(quantize, cfg: dict, layer: nn.Module, x: torch.Tensor) -> tuple:
+    """The LSQ weight output and every learned amax's gradient, post amax moved off the start."""
+    model = quantize(copy.deepcopy(layer), cfg, lambda m: m(x))
+    q, w = model.weight_quantizer, layer.weight.detach()
+    with torch.no_grad():
+        q.amax_post.mul_(0.93)
+    y = q(w)
+    y.backward(torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
+    return y.detach(), [p.grad.flatten() for _, p in sorted(q.named_parameters())]
+
+
 def _lsq_rows() -> list[tuple[str, str]]:
     import modelopt.torch.quantization as mo
 
     import quant_core as mtq
 
-    torch.manual_seed(0)
-    layer = nn.Linear(256, 64)
-    x = torch.randn(8, 256)
-    weight = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "static", "scale_bits": (4, 3)}}
-    algorithm = {
-        "method": "lsq",
-        "scale_algorithm": {"method": "max"},
-        "learnable_amax": ["pre", "post"],
-    }
-    theirs_cfg = {
-        "quant_cfg": [
-            {"quantizer_name": "*", "enable": False},
-            {"quantizer_name": "*weight_quantizer", "cfg": weight},
-        ],
-        "algorithm": algorithm,
-    }
-    ours_cfg = {
-        "quant_cfg": {"*weight_quantizer": weight, "*input_quantizer": {"enable": False}},
-        "algorithm": algorithm,
-    }
-    theirs = mo.quantize(copy.deepcopy(layer), theirs_cfg, lambda m: m(x))
-    ours = mtq.quantize(copy.deepcopy(layer), ours_cfg, lambda m: m(x))
-    w = layer.weight.detach()
-    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
     rows = []
-    outputs = []
-    for model in (theirs, ours):
-        q = model.weight_quantizer
-        with torch.no_grad():  # move pre and post apart so both gradients matter
-            q.amax_pre.mul_(0.9)
-        y = q(w)
-        y.backward(upstream)
-        outputs.append((y.detach(), q.amax_pre.grad.flatten(), q.amax_post.grad.flatten()))
-    (y0, pre0, post0), (y1, pre1, post1) = outputs
-    rows.append(("LSQ NVFP4 (256x64) forward, elements equal", f"{(y0 == y1).float().mean():.2%}"))
-    for name, a, b in (("pre", pre0, pre1), ("post", post0, post1)):
-        rel = ((a - b).abs().max() / a.abs().max()).item()
-        rows.append((f"LSQ amax_{name} gradient, largest difference / largest value", f"{rel:.2e}"))
+    for fmt, weight in _LSQ_FORMATS.items():
+        for setting, options in _LSQ_SETTINGS.items():
+            torch.manual_seed(0)
+            layer, x = nn.Linear(256, 64), torch.randn(8, 256)
+            algorithm = {"method": "lsq", "scale_algorithm": {"method": "max"}, **options}
+            theirs_cfg = {
+                "quant_cfg": [
+                    {"quantizer_name": "*", "enable": False},
+                    {"quantizer_name": "*weight_quantizer", "cfg": weight},
+                ],
+                "algorithm": algorithm,
+            }
+            ours_cfg = {
+                "quant_cfg": {"*weight_quantizer": weight, "*input_quantizer": {"enable": False}},
+                "algorithm": algorithm,
+            }
+            y0, grads0 = _lsq_outputs(mo.quantize, theirs_cfg, layer, x)
+            y1, grads1 = _lsq_outputs(mtq.quantize, ours_cfg, layer, x)
+            rel = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(grads0, grads1))
+            rows.append(
+                (
+                    f"LSQ {fmt} ({setting}), 256x64: outputs equal / largest amax-gradient difference",
+                    f"{(y0 == y1).float().mean():.2%} / {rel:.2e}",
+                )
+            )
     return rows
 
 
