@@ -74,13 +74,18 @@ _LSQ_CFG = {
 
 @pytest.mark.parametrize("exporter", ["onnx", "hf", "compressed-tensors", "trtllm"])
 @pytest.mark.parametrize(
-    ("config", "reason"), [("NVFP4_FOUR_OVER_SIX_CFG", "four over six"), ("lsq", "lsq")]
+    ("config", "reason"),
+    [
+        ("NVFP4_FOUR_OVER_SIX_CFG", "weight_quantizer .*four over six"),
+        ("lsq", "weight_quantizer .*lsq"),
+        ("NVFP4_KV_ROTATE_CFG", "k_bmm_quantizer .*Hadamard"),
+    ],
 )
-def test_export_refuses_nvfp4_four_over_six_and_lsq(
+def test_export_refuses_nvfp4_four_over_six_lsq_and_rotated_keys(
     exporter: str, config: str, reason: str, tmp_path
 ) -> None:
-    """Four over six's per-block M=4 choice and 6 * 256 global scale, and LSQ's separate
-    quantization / dequantization amaxes, are not written: refused."""
+    """Four over six's per-block M=4 choice and 6 * 256 global scale, LSQ's separate
+    quantization / dequantization amaxes and rotated keys are not written: refused."""
     from quant_export import export_compressed_tensors
     from quant_llm.testing.tiny_models import tiny_model
 
@@ -96,6 +101,6 @@ def test_export_refuses_nvfp4_four_over_six_and_lsq(
             model, "llama", export_dir=tmp_path / "trt"
         ),
     }
-    with pytest.raises(UnsupportedFormatError, match=rf"weight_quantizer .*{reason}"):
+    with pytest.raises(UnsupportedFormatError, match=reason):
         calls[exporter]()
     assert not any(tmp_path.iterdir())
