@@ -12,7 +12,7 @@ import quant_core as mtq
 from quant_core.conversion import iter_quantizers
 
 ALL = sorted(mtq.choices)
-KV_ONLY = {"FP8_KV_CFG", "FP8_AFFINE_KV_CFG", "NVFP4_KV_CFG"}
+KV_ONLY = {"FP8_KV_CFG", "FP8_AFFINE_KV_CFG", "NVFP4_KV_CFG", "NVFP4_KV_ROTATE_CFG"}
 
 
 def enabled_names(model: torch.nn.Module) -> list[str]:

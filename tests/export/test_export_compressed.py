@@ -60,3 +60,47 @@ def test_export_refuses_rotated_and_custom_backend_quantizers(
     finally:
         mtq.nn.unregister_quant_backend("int8-user")
     assert not any(tmp_path.iterdir())
+
+
+_NVFP4_STATIC = {
+    "num_bits": (2, 1),
+    "block_sizes": {-1: 16, "type": "static", "scale_bits": (4, 3)},
+}
+_LSQ_CFG = {
+    "quant_cfg": {"*weight_quantizer": _NVFP4_STATIC},
+    "algorithm": {"method": "lsq", "scale_algorithm": {"method": "max"}},
+}
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "hf", "compressed-tensors", "trtllm"])
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ("NVFP4_FOUR_OVER_SIX_CFG", "weight_quantizer .*four over six"),
+        ("lsq", "weight_quantizer .*lsq"),
+        ("NVFP4_KV_ROTATE_CFG", "k_bmm_quantizer .*Hadamard"),
+    ],
+)
+def test_export_refuses_nvfp4_four_over_six_lsq_and_rotated_keys(
+    exporter: str, config: str, reason: str, tmp_path
+) -> None:
+    """Four over six's per-block M=4 choice and 6 * 256 global scale, LSQ's separate
+    quantization / dequantization amaxes and rotated keys are not written: refused."""
+    from quant_export import export_compressed_tensors
+    from quant_llm.testing.tiny_models import tiny_model
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    cfg = _LSQ_CFG if config == "lsq" else getattr(mtq, config)
+    mtq.quantize(model, cfg, lambda m: m(ids))
+    calls = {
+        "onnx": lambda: export_onnx(model, ids, tmp_path / "m.onnx"),
+        "hf": lambda: export_hf_checkpoint(model, tmp_path / "hf"),
+        "compressed-tensors": lambda: export_compressed_tensors(model, tmp_path / "ct"),
+        "trtllm": lambda: export_tensorrt_llm_checkpoint(
+            model, "llama", export_dir=tmp_path / "trt"
+        ),
+    }
+    with pytest.raises(UnsupportedFormatError, match=reason):
+        calls[exporter]()
+    assert not any(tmp_path.iterdir())

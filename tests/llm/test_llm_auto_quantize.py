@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import quant_core as mtq
 from quant_llm.tiny_models import random_token_batches, tiny_model
@@ -228,3 +229,14 @@ def test_gradient_scores_equal_a_float64_fisher_reference():
         assert state["scores"][group][0] == pytest.approx(value, rel=1e-3), group
         assert state["scores"][group][1] == 0.0
     assert all(p.requires_grad and p.grad is None for p in _m.parameters())
+
+
+def test_effective_bits_attribute_overrides_the_format_cost():
+    from quant_llm.auto_quantize.candidates import weight_bits
+
+    def quantized(attrs):
+        return mtq.quantize(nn.Linear(32, 8), {"quant_cfg": {"*weight_quantizer": attrs}}, None)
+
+    nvfp4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+    assert weight_bits(quantized(nvfp4)) == 4 + 8 / 16  # E2M1 codes + one E4M3 scale per 16
+    assert weight_bits(quantized({**nvfp4, "effective_bits": 4.75})) == 4.75

@@ -104,3 +104,68 @@ def test_nvfp4_and_affine_kv_configs_quantize_keys_and_values(forward_loop, cali
         for module in _attention_modules(model):
             assert module.k_bmm_quantizer.is_enabled and module.v_bmm_quantizer.is_enabled
         assert 0 < (after - before).abs().max() < 0.5 * before.abs().max()
+
+
+def test_nvfp4_kv_rotate_config_rotates_queries_and_keys_like_scipy(
+    calib_batches, forward_loop, monkeypatch
+):
+    """ModelOpt 0.47's NVFP4_KV_ROTATE_CFG: queries and keys times H / sqrt(d) (scipy's Hadamard),
+    keys and values NVFP4 with the calibrated global amax; without quantization q k^T is kept."""
+    import scipy.linalg
+
+    import quant_kernels as qk
+
+    model = tiny_model("llama", "sdpa")
+    fp32 = tiny_model("llama", "sdpa")
+    rotation_only = tiny_model("llama", "sdpa")
+    mtq.quantize(model, mtq.NVFP4_KV_ROTATE_CFG, forward_loop)
+    rotate_cfg = {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*[qk]_bmm_quantizer", "cfg": {"rotate": True}, "enable": False},
+        ],
+        "algorithm": None,
+    }
+    with pytest.warns(RuntimeWarning, match="enabled no quantizer"):  # rotation alone
+        mtq.quantize(rotation_only, rotate_cfg)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    h = torch.tensor(scipy.linalg.hadamard(head_dim) / head_dim**0.5, dtype=torch.float32)
+    global_amax = {
+        i: (m.k_bmm_quantizer.amax, m.v_bmm_quantizer.amax)
+        for i, m in enumerate(_attention_modules(model))
+    }
+    assert all(not m.q_bmm_quantizer.is_enabled for m in _attention_modules(model))
+
+    def nvfp4(x, amax):
+        return qk.fake_quantize(
+            x, num_bits=(2, 1), block_sizes={-1: 16}, scale_bits=(4, 3), global_amax=amax
+        )
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def reference_attention(module, query, key, value, mask, **kwargs):
+        k_amax, v_amax = global_amax[module.layer_idx]
+        return sdpa(module, query @ h, nvfp4(key @ h, k_amax), nvfp4(value, v_amax), mask, **kwargs)
+
+    batch = calib_batches[1]
+    with torch.no_grad():
+        plain = fp32(**batch).logits
+        rotated = rotation_only(**batch).logits
+        got = model(**batch).logits
+        monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", reference_attention)
+        expected = fp32(**batch).logits
+    torch.testing.assert_close(rotated, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-4
+
+
+def test_rotated_keys_without_rotated_queries_are_refused():
+    model = tiny_model("llama", "sdpa")
+    cfg = {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*k_bmm_quantizer", "cfg": {"rotate": True}, "enable": False},
+        ]
+    }
+    with pytest.raises(ValueError, match=r"rotates its keys .*q_bmm_quantizer"):
+        mtq.quantize(model, {**cfg, "algorithm": None})

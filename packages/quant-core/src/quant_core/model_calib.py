@@ -1,8 +1,8 @@
 """ModelOpt's ``model_calib`` functions: each runs one calibration algorithm on a quantized model.
 
 Each is ``mtq.calibrate(model, {"method": name, **options}, forward_loop)``; options the
-algorithm here does not take are refused by name. ModelOpt's ``lsq`` and ``layerwise_calibrate`` are
-not provided.
+algorithm here does not take are refused by name. ModelOpt's ``layerwise_calibrate`` is not
+provided (``{"method": ..., "layerwise": True}`` is).
 `enable_stats_collection` / `finish_stats_collection` are ModelOpt's manual calibration switches.
 """
 
@@ -92,6 +92,25 @@ def nvfp4_act_headroom_calibrate(
     _run("nvfp4_act_headroom", model, forward_loop, options)
 
 
+def lsq(
+    model: nn.Module,
+    forward_loop: ForwardLoop = None,
+    scale_algorithm: dict[str, Any] | None = None,
+    learnable_amax: list[str] | str = ("post",),
+    tied_amax: bool = False,
+    quantize_pre_scale: bool = True,
+) -> None:
+    """Calibrate weight scales with ``scale_algorithm`` (default mse), then learn the block amaxes
+    of static block weight quantizers (LSQ; see :mod:`quant_core.nn.lsq`)."""
+    lsq_options = dict(scale_algorithm=scale_algorithm, learnable_amax=learnable_amax)
+    _run(
+        "lsq",
+        model,
+        forward_loop,
+        {**lsq_options, "tied_amax": tied_amax, "quantize_pre_scale": quantize_pre_scale},
+    )
+
+
 def _enabled_quantizers(model: nn.Module) -> list[TensorQuantizer]:
     return [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
 
@@ -133,6 +152,7 @@ __all__ = [
     "finish_stats_collection",
     "gptq",
     "local_hessian_calibrate",
+    "lsq",
     "max_calibrate",
     "mse_calibrate",
     "nvfp4_act_headroom_calibrate",

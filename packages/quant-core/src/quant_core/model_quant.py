@@ -29,6 +29,7 @@ from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model
     temporarily_fold_weights,
 )
 from quant_core.nn.registry import QuantModuleRegistry
+from quant_core.nn.rotation import check_paired_key_rotation
 from quant_core.offload import weights_materialized
 from quant_core.plugins import prepare_model
 from quant_core.preflight import AlgorithmRun, check_algorithms, check_materialized
@@ -63,6 +64,7 @@ def quantize(
             f"class ({registered}). Register one with mtq.register(original_cls=..., quantized_cls=...)."
         )
     set_quantizer_by_cfg(model, entries)
+    check_paired_key_rotation(model)
     if not any(q.is_enabled for _n, q, _p in iter_quantizers(model)):
         warnings.warn(
             f"config enabled no quantizer in {type(model).__name__}", RuntimeWarning, stacklevel=2
@@ -163,10 +165,25 @@ def _calibrate(
 ) -> nn.Module:
     """`calibrate` with the algorithms already parsed and checked (`check_algorithms`)."""
     check_materialized(model)
+    _refuse_four_over_six(model, [run.method for run in runs])
     with eval_mode(model):
         for run in runs:
             _run_algorithm(model, run, forward_loop)
     return model
+
+
+def _refuse_four_over_six(model: nn.Module, methods: list[str]) -> None:
+    """ValueError when an algorithm other than max would calibrate a "four over six" quantizer
+    (its per-block M=4/M=6 choice is made by the format; the other algorithms search plain NVFP4)."""
+    others = [m for m in methods if m != "max"]
+    if not others:
+        return
+    for name, quantizer in iter_tensor_quantizers(model):
+        if quantizer.is_enabled and quantizer.format.four_over_six:
+            raise ValueError(
+                f"quantizer {name} is NVFP4 'four over six', which calibrates with algorithm 'max' "
+                f"only (each block picks M=4 or M=6 itself); got {others}"
+            )
 
 
 def _run_algorithm(model: nn.Module, run: AlgorithmRun, forward_loop: ForwardLoop | None) -> None:

@@ -36,6 +36,7 @@ from quant_core.conversion import (
     iter_tensor_quantizers,
     name_quantizers,
 )
+from quant_core.nn.lsq import LSQ_TENSORS, LSQState, enable_lsq
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
@@ -78,6 +79,8 @@ def quantizer_state(model: nn.Module) -> dict[str, Any]:
             "enabled": q.is_enabled,
             "tensors": {k: list(v.shape) for k, v in own.items()},
         }
+        if q.lsq_state is not None:
+            quantizers[name]["lsq"] = q.lsq_state.to_json()
         tensors.update({f"{name}.{k}": v.detach().clone() for k, v in own.items()})
     return {
         "format": FORMAT,
@@ -157,8 +160,12 @@ def _restore_quantizer(
     """Attributes, enabled flag and tensors of one saved quantizer (``fill(shape)`` where none was saved)."""
     quantizer.set_from_attribute_config(parse_attributes(info["attributes"], f" for {name}"))
     quantizer.enable() if info["enabled"] else quantizer.disable()
-    for key, shape in info["tensors"].items():
-        _set_tensor(quantizer, key, tensors.get(f"{name}.{key}", fill(shape)))
+    values = {k: tensors.get(f"{name}.{k}", fill(shape)) for k, shape in info["tensors"].items()}
+    if "lsq" in info:  # learned amaxes: parameters or buffers as they were
+        lsq_values = {k: values.pop(k) for k in LSQ_TENSORS if k in values}
+        enable_lsq(quantizer, LSQState.from_json(info["lsq"]), lsq_values)
+    for key, value in values.items():
+        _set_tensor(quantizer, key, value)
 
 
 def _set_tensor(quantizer: TensorQuantizer, key: str, value: torch.Tensor) -> None:

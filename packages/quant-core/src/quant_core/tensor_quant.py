@@ -1,6 +1,7 @@
 """ModelOpt's ``tensor_quant`` functions and quantizer descriptors, over ``quant_kernels.fake_quantize``.
 
-Gradients are straight-through inside the range and zero where the value saturated.
+Gradients are straight-through inside the range and zero where the value saturated, or unchanged
+everywhere with ``pass_through_bwd=True`` (these functions default to False, as ModelOpt's do).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def fake_tensor_quant(
             amax=torch.as_tensor(amax, dtype=torch.float32),
             unsigned=unsigned,
             narrow_range=narrow_range,
+            pass_through_bwd=pass_through_bwd,
         ),
     )
 
@@ -73,7 +75,13 @@ def scaled_e4m3(
     if (E, M) != (4, 3):
         raise ValueError(f"scaled_e4m3 supports E=4, M=3 only, got E={E}, M={M}")
     bound = torch.as_tensor(E4M3_MAX if amax is None else amax, dtype=torch.float32)
-    return _with_bias(inputs, bias, lambda x: qk.fake_quantize(x, num_bits=(4, 3), amax=bound))
+    return _with_bias(
+        inputs,
+        bias,
+        lambda x: qk.fake_quantize(
+            x, num_bits=(4, 3), amax=bound, pass_through_bwd=pass_through_bwd
+        ),
+    )
 
 
 __all__ = [

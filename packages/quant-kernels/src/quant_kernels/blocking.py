@@ -19,7 +19,7 @@ import torch.nn.functional as F
 __all__ = ["BlockLayout", "group_amax", "normalize_block_sizes", "reduce_amax"]
 
 # Keys ModelOpt keeps in its block_sizes dict beside the integer axes.
-_META_KEYS = ("type", "scale_bits", "scale_block_sizes")
+_META_KEYS = ("type", "scale_bits", "scale_block_sizes", "four_over_six")
 
 
 def normalize_block_sizes(
@@ -27,7 +27,8 @@ def normalize_block_sizes(
 ) -> tuple[dict[int, int | None] | None, tuple[int, int] | None]:
     """Split a ModelOpt-style block_sizes dict into ``{non-negative axis: size or None}`` and its scale_bits.
 
-    ``"type"`` is accepted and ignored (static vs dynamic is decided by whether an amax is given).
+    ``"type"`` is accepted and ignored (static vs dynamic is decided by whether an amax is given);
+    ``"four_over_six"`` is read by `quant_kernels.plan.make_plan`.
     """
     if block_sizes is None:
         return None, None

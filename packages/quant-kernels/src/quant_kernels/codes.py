@@ -13,8 +13,8 @@ import torch
 from quant_kernels.blocking import group_amax
 from quant_kernels.formats import ElementFormat, ScaleMode
 from quant_kernels.packing import e8m0_to_float, exponent_to_e8m0, pack_fp4, pack_int4
-from quant_kernels.plan import QuantPlan, global_amax_of, make_plan
-from quant_kernels.reference import block_scales, grid_values
+from quant_kernels.plan import QuantPlan, make_plan
+from quant_kernels.reference import grid_values, view_scales
 
 __all__ = ["QuantizedTensor", "dequantize_codes", "quantize_to_codes"]
 
@@ -92,7 +92,7 @@ def quantize_to_codes(
     layout = plan.layout
     xv = layout.to_view(x.detach().reshape(layout.shape))
     amax_v = plan.amax if plan.amax is not None else group_amax(xv, layout.reduce_dims)
-    scale, stored, gscale = block_scales(amax_v, plan, global_amax_of(plan, amax_v))
+    scale, stored, gscale = view_scales(xv, amax_v, plan)
     q = grid_values(xv, scale, plan)
     if (
         not plan.element.is_int

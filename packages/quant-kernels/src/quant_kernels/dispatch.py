@@ -71,6 +71,18 @@ class _StraightThrough(torch.autograd.Function):
         return grad * ste_mask(x, scale, ctx.plan), None, None
 
 
+class _PassThrough(torch.autograd.Function):
+    """Forward: fake quantization. Backward: the gradient passes unchanged everywhere (nothing saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: QuantPlan, fn: Backend) -> torch.Tensor:  # type: ignore[override]
+        return fn(x, plan)[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None, None
+
+
 def ste_mask(x: torch.Tensor, scale: torch.Tensor, plan: QuantPlan) -> torch.Tensor:
     """True where ``x / scale`` lies in the grid's range widened by half its end step (values that round
     to the end code anyway); False where saturation clipped the value, and everywhere in a zero-scale group."""
@@ -93,6 +105,7 @@ def fake_quantize(
     narrow_range: bool = False,
     backend: str | None = None,
     validate_amax: bool = True,
+    pass_through_bwd: bool = False,
 ) -> torch.Tensor:
     """Quantize then dequantize ``x`` (same dtype and shape); static when ``amax`` is given, dynamic when not.
 
@@ -102,6 +115,8 @@ def fake_quantize(
     then gives NaN or wrong outputs instead of a ValueError. Nothing else in a call reads tensor
     values on the host. Gradients are straight-through where saturation did
     not change the value (see `ste_mask`) and zero where it did; ``amax`` gets no gradient.
+    ``pass_through_bwd=True`` passes the gradient unchanged everywhere, saturated values included
+    (ModelOpt's ``pass_through_bwd``; nothing is saved for backward).
     """
     plan = make_plan(
         x,
@@ -118,5 +133,5 @@ def fake_quantize(
         return x.clone()
     _, fn = select_backend(x, plan, backend)
     if x.requires_grad and torch.is_grad_enabled():
-        return _StraightThrough.apply(x, plan, fn)
+        return (_PassThrough if pass_through_bwd else _StraightThrough).apply(x, plan, fn)
     return fn(x, plan)[0]

@@ -437,7 +437,9 @@ def nvfp4_global_amax(
     calibrated: torch.Tensor | None = None,
     x: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """NVFP4's per-tensor (global) amax, which sets the float32 second-level scale ``amax / (M * E4M3_MAX)``.
+    """NVFP4's per-tensor (global) amax, which sets the float32 second-level scale ``amax / (M * E4M3_MAX)``
+    (``amax / (M * 256)`` for "four over six", whose blocks keep their max |x| as amax and choose
+    the scale of ``amax`` or ``1.5 * amax`` in the kernels, so this rule holds for it too).
 
     The one rule every layer uses: a ``calibrated`` global amax when there is one (a dynamic
     quantizer's ``amax`` buffer holds it); else the largest per-block amax (static quantizers,
@@ -474,6 +476,7 @@ class QuantFormat:
     axis: int | tuple[int, ...] | None = None
     dynamic: bool = False
     narrow_range: bool = False
+    four_over_six: bool = False
 
     @classmethod
     def parse(
@@ -486,7 +489,7 @@ class QuantFormat:
         narrow_range: bool = False,
     ) -> QuantFormat:
         """The format of a quantizer with these attributes (ModelOpt's names; ``block_sizes`` may
-        carry ``"type"`` and ``"scale_bits"``). ValueError names a bad value."""
+        carry ``"type"``, ``"scale_bits"`` and ``"four_over_six"``). ValueError names a bad value."""
         items = tuple((block_sizes or {}).items())
         key = (
             tuple(num_bits) if isinstance(num_bits, list) else num_bits,
@@ -542,11 +545,17 @@ class QuantFormat:
         """``(lo, hi)`` of the grid in element units (see `ElementFormat.bounds`)."""
         return self.element.bounds(self.narrow_range)
 
+    @property
+    def kernel_block_sizes(self) -> dict[int | str, Any] | None:
+        """`block_axes` plus ``"four_over_six": True`` when set: ``fake_quantize``'s ``block_sizes``."""
+        axes = self.block_axes
+        return {**axes, "four_over_six": True} if axes and self.four_over_six else axes
+
     def fake_quantize_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``quant_kernels.fake_quantize`` (add ``amax`` / ``global_amax``)."""
         return {
             "num_bits": self.num_bits,
-            "block_sizes": self.block_axes,
+            "block_sizes": self.kernel_block_sizes,
             "scale_bits": self.scale_bits,
             "unsigned": self.unsigned,
             "narrow_range": self.narrow_range,
@@ -555,7 +564,8 @@ class QuantFormat:
     def global_amax(
         self, amax: torch.Tensor | None, x: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """NVFP4's global amax for a quantizer of this format holding ``amax`` (see `nvfp4_global_amax`):
+        """NVFP4's global amax for a quantizer of this format holding ``amax`` (see `nvfp4_global_amax`;
+        four over six keeps the rule and divides it by ``6 * 256`` instead of ``6 * 448``):
         a dynamic quantizer's ``amax`` is the calibrated global amax, a static one's the per-block
         amaxes. None for formats without a global scale."""
         if not self.has_global_amax:
@@ -601,7 +611,7 @@ class QuantFormat:
         sizes = list(self.sized_blocks.values())
         if standard and sizes and sizes != list(standard[0].values()):
             label += f" (block {sizes[0]})" if len(sizes) == 1 else f" (blocks {self.sized_blocks})"
-        return label
+        return label + " 4/6" if self.four_over_six else label
 
     @property
     def effective_bits(self) -> float:
@@ -640,17 +650,20 @@ def _parse_format(num_bits, axis, blocks, type_, unsigned, narrow_range) -> Quan
         raise ValueError(f"type must be 'static' or 'dynamic', got {type_!r}")
     element = ElementFormat.parse(num_bits, unsigned=unsigned)
     axes: list[tuple[int, int | None]] = []
-    scale_bits, dynamic = None, type_ == "dynamic"
+    scale_bits, dynamic, four_over_six = None, type_ == "dynamic", False
     for key, value in blocks:
         if key == "scale_bits":
             scale_bits = value
+        elif key == "four_over_six":
+            four_over_six = bool(value)
         elif key == "type":
             dynamic = dynamic or value == "dynamic"
         elif isinstance(key, int) and not isinstance(key, bool):
             axes.append((key, value))
         elif key != "scale_block_sizes" or value:
             raise ValueError(
-                f"block_sizes key {key!r} is not supported; allowed: int axes, 'type', 'scale_bits'"
+                f"block_sizes key {key!r} is not supported; allowed: int axes, 'type', 'scale_bits', "
+                "'four_over_six'"
             )
     if scale_bits not in SCALE_MODES:
         raise ValueError(
@@ -658,6 +671,17 @@ def _parse_format(num_bits, axis, blocks, type_, unsigned, narrow_range) -> Quan
         )
     if scale_bits is not None and not axes:
         raise ValueError(f"scale_bits={scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
+    if four_over_six and (SCALE_MODES[scale_bits] is not ScaleMode.E4M3 or element.name != "e2m1"):
+        raise ValueError(
+            "block_sizes['four_over_six'] needs NVFP4: num_bits=(2, 1) with scale_bits=(4, 3); "
+            f"got num_bits={num_bits!r}, scale_bits={scale_bits!r}"
+        )
     return QuantFormat(
-        element, SCALE_MODES[scale_bits], tuple(axes), axis, dynamic, bool(narrow_range)
+        element,
+        SCALE_MODES[scale_bits],
+        tuple(axes),
+        axis,
+        dynamic,
+        bool(narrow_range),
+        four_over_six,
     )

@@ -8,9 +8,19 @@ from dataclasses import dataclass
 import torch
 
 from quant_kernels.blocking import BlockLayout, layout_for, normalize_block_sizes
-from quant_kernels.formats import SCALE_MODES, ElementFormat, ScaleMode, nvfp4_global_amax
+from quant_kernels.formats import (
+    E4M3_MAX,
+    SCALE_MODES,
+    ElementFormat,
+    ScaleMode,
+    nvfp4_global_amax,
+)
 
 __all__ = ["QuantPlan", "check_amax", "global_amax_of", "make_plan"]
+
+FOUR_OVER_SIX_E4M3_MAX = 256.0
+"""NVFP4 "four over six": the E4M3 value a block scale of the global amax maps to (448 without it),
+so that a block whose amax maps to 4 instead of 6 (scale 1.5 times larger) still fits E4M3: 384."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,12 @@ class QuantPlan:
     hi: float
     amax: torch.Tensor | None
     global_amax: torch.Tensor | None
+    four_over_six: bool = False
+
+    @property
+    def scale_norm(self) -> float:
+        """The E4M3 value a block at the global amax maps to: 448, or 256 with four over six."""
+        return FOUR_OVER_SIX_E4M3_MAX if self.four_over_six else E4M3_MAX
 
     @property
     def dynamic(self) -> bool:
@@ -93,6 +109,12 @@ def make_plan(
     scale_mode = SCALE_MODES[scale_bits]
     if scale_mode is not ScaleMode.FLOAT32 and axes is None:
         raise ValueError(f"scale_bits={scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
+    four_over_six = bool((block_sizes or {}).get("four_over_six", False))
+    if four_over_six and (scale_mode is not ScaleMode.E4M3 or element.name != "e2m1"):
+        raise ValueError(
+            "block_sizes['four_over_six'] needs NVFP4: num_bits=(2, 1) with scale_bits=(4, 3); "
+            f"got num_bits={num_bits!r}, scale_bits={scale_bits!r}"
+        )
     if global_amax is not None and scale_mode is not ScaleMode.E4M3:
         raise ValueError(
             "global_amax is only used with scale_bits=(4, 3) (NVFP4-style two-level scales)"
@@ -111,7 +133,7 @@ def make_plan(
     elif scale_mode is ScaleMode.E4M3:
         gamax = nvfp4_global_amax(block_amax=amax_view)  # None when dynamic: see global_amax_of
     lo, hi = element.bounds(narrow_range)
-    return QuantPlan(element, layout, scale_mode, lo, hi, amax_view, gamax)
+    return QuantPlan(element, layout, scale_mode, lo, hi, amax_view, gamax, four_over_six)
 
 
 def global_amax_of(plan: QuantPlan, amax: torch.Tensor) -> torch.Tensor | None:

@@ -6,6 +6,9 @@ operation for operation, so both paths agree bit for bit):
 * ``scale`` per group: ``amax / M`` (float32 scales), ``e4m3(amax / M / g) * g`` with
   ``g = global_amax / (M * E4M3_MAX)`` (E4M3 scales, NVFP4), or ``2**ceil(log2(amax / M))`` (E8M0,
   MX, as ModelOpt), where ``M`` is the grid's largest magnitude (INT qmax, or the FP format's max).
+  NVFP4 "four over six" (`four_over_six_scales`): ``g = global_amax / (6 * 256)`` and each block
+  takes the scale of ``amax`` or of ``1.5 * amax`` (its max maps to 6 or to 4), whichever gives
+  the smaller sum of squared errors on the block (6 on a tie).
 * ``y = grid_round(clamp(x / scale, lo, hi)) * scale``: division as in ONNX QuantizeLinear,
   explicit saturation, round half to even on the element grid. A zero scale gives zeros; NaN stays NaN.
 """
@@ -26,9 +29,11 @@ __all__ = [
     "block_scales",
     "divide",
     "fake_quantize_reference",
+    "four_over_six_scales",
     "global_scale",
     "grid_values",
     "round_to_grid_",
+    "view_scales",
 ]
 
 _EXPONENT_MASK = 0x7F800000
@@ -67,8 +72,8 @@ def divide(t: torch.Tensor, d: float) -> torch.Tensor:
 
 
 def global_scale(global_amax: torch.Tensor, plan: QuantPlan) -> torch.Tensor:
-    """NVFP4's float32 second-level scale ``global_amax / (M * E4M3_MAX)``."""
-    return divide(global_amax.float(), plan.hi * E4M3_MAX)
+    """NVFP4's float32 second-level scale ``global_amax / (M * E4M3_MAX)`` (``M * 256`` with four over six)."""
+    return divide(global_amax.float(), plan.hi * plan.scale_norm)
 
 
 def block_scales(
@@ -96,6 +101,28 @@ def block_scales(
     unit = _ceil_log2(divide(amax, top)).clamp_(-127 - shift, 127 - shift)
     scale = torch.where(torch.isfinite(amax), _pow2(unit), float("nan"))
     return scale, unit + shift, None
+
+
+def four_over_six_scales(
+    xv: torch.Tensor, amax: torch.Tensor, plan: QuantPlan, global_amax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 "four over six" `block_scales` of the view ``xv``: per block, the scales of ``amax``
+    (its max maps to 6) or ``1.5 * amax`` (to 4), whichever gives the smaller sum of squared errors
+    of the block's fake-quantized values (6 on a tie), with ``g = global_amax / (6 * 256)``."""
+    six = block_scales(amax, plan, global_amax)
+    four = block_scales(amax * 1.5, plan, global_amax)
+    reduce = plan.layout.reduce_dims
+    x = xv.float()
+
+    def error(scale: torch.Tensor) -> torch.Tensor:
+        return (x - grid_values(x, scale, plan) * scale).square().sum(reduce, keepdim=True)
+
+    pick_four = error(four[0]) < error(six[0])
+    return (
+        torch.where(pick_four, four[0], six[0]),
+        torch.where(pick_four, four[1], six[1]),
+        six[2],
+    )
 
 
 def _pow2(unit: torch.Tensor) -> torch.Tensor:
@@ -126,7 +153,7 @@ def fake_quantize_reference(x: torch.Tensor, plan: QuantPlan) -> tuple[torch.Ten
     layout = plan.layout
     xv = layout.to_view(x.reshape(layout.shape))
     amax = plan.amax if plan.amax is not None else _amax_in_pieces(xv, layout.reduce_dims)
-    scale, _, _ = block_scales(amax, plan, global_amax_of(plan, amax))
+    scale, _, _ = view_scales(xv, amax, plan)
     clamp = not _clamp_is_noop(scale, plan)
     divisor = torch.where(scale == 0, 1.0, scale)
     out = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
@@ -136,6 +163,17 @@ def fake_quantize_reference(x: torch.Tensor, plan: QuantPlan) -> tuple[torch.Ten
         _fake_quantize_piece(xv[idx], scale[group], divisor[group], plan, clamp, out[idx], work)
     y = layout.from_view(out).reshape(x.shape)
     return (y.contiguous() if layout.padded else y), scale
+
+
+def view_scales(
+    xv: torch.Tensor, amax: torch.Tensor, plan: QuantPlan
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`block_scales` of the groups of the view ``xv`` with group amaxes ``amax`` and the plan's
+    global amax; with four over six, each block's choice (`four_over_six_scales`)."""
+    global_amax = global_amax_of(plan, amax)
+    if plan.four_over_six:
+        return four_over_six_scales(xv, amax, plan, global_amax)
+    return block_scales(amax, plan, global_amax)
 
 
 def _amax_in_pieces(xv: torch.Tensor, reduce_dims: tuple[int, ...]) -> torch.Tensor:

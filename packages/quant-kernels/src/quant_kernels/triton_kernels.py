@@ -262,6 +262,7 @@ def supports(x: torch.Tensor, plan: QuantPlan) -> bool:
     layout = plan.layout
     return (
         not layout.padded
+        and not plan.four_over_six
         and x.numel() < 2**31
         and _groups_2d(layout.shape, layout.group) is not None
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class QuantizeAlgorithmConfig(BaseModel):
@@ -122,6 +122,31 @@ class NVFP4ActHeadroomCalibConfig(QuantizeAlgorithmConfig):
     weight_scale_algorithm: dict[str, Any] | None = None
 
 
+class LSQConfig(QuantizeAlgorithmConfig):
+    """Learned step size (LSQ / Dual-LSQ): ``y = Q_ste(w / s_pre) * s_post`` per block, learning
+    the block amaxes (``s = amax / M``) of static block weight quantizers after ``scale_algorithm``
+    (``{"method": "mse" | "max" | "local_hessian", ...}``, default mse)."""
+
+    method: Literal["lsq"] = "lsq"
+    learnable_amax: list[Literal["pre", "post"]] | Literal["pre", "post"] = ["post"]
+    tied_amax: bool = False
+    quantize_pre_scale: bool = True
+    scale_algorithm: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _tied_needs_same_learning(self) -> LSQConfig:
+        learn = (
+            {self.learnable_amax}
+            if isinstance(self.learnable_amax, str)
+            else set(self.learnable_amax)
+        )
+        if self.tied_amax and learn not in (set(), {"pre", "post"}):
+            raise ValueError(
+                f"tied_amax=True requires learnable_amax [] or ['pre', 'post'], got {self.learnable_amax}"
+            )
+        return self
+
+
 def algorithm_spec(spec: Any) -> Any:
     """A config object as its ``{"method", ...}`` dict; anything else unchanged."""
     return spec.to_spec() if isinstance(spec, QuantizeAlgorithmConfig) else spec
@@ -132,6 +157,7 @@ __all__ = [
     "AWQFullCalibConfig",
     "AWQLiteCalibConfig",
     "GPTQCalibConfig",
+    "LSQConfig",
     "LocalHessianCalibConfig",
     "MaxCalibConfig",
     "MseCalibConfig",

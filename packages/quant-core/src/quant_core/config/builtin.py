@@ -116,6 +116,17 @@ W4A8_AWQ_BETA_CFG = _cfg(
     "awq_gptq",
 )
 NVFP4_DEFAULT_CFG = _cfg(_NVFP4, _NVFP4, "max")
+# "Four over six" (ModelOpt: static weights, then an MSE search of the block amax multipliers 1.0
+# and 1.5): here each block picks M=6 or M=4 by the same squared error inside the format, so
+# max calibration gives the same weights.
+NVFP4_FOUR_OVER_SIX_CFG = _cfg(
+    {
+        **_NVFP4,
+        "block_sizes": {-1: 16, "type": "static", "scale_bits": (4, 3), "four_over_six": True},
+    },
+    _NVFP4,
+    "max",
+)
 NVFP4_AWQ_LITE_CFG = _cfg(_NVFP4, _NVFP4, "awq_lite")
 NVFP4_AWQ_CLIP_CFG = _cfg(_NVFP4, _NVFP4, {"method": "awq_clip"})
 NVFP4_AWQ_FULL_CFG = _cfg(_NVFP4, _NVFP4, {"method": "awq_full", "alpha_step": 0.1})
@@ -138,6 +149,21 @@ FP8_AFFINE_KV_CFG = _kv(
     {"num_bits": (4, 3), "axis": None, "bias": {-2: None, -4: None, "type": "static"}}
 )
 NVFP4_KV_CFG = _kv(dict(_NVFP4))
+# Keys rotated by a normalized Hadamard transform before NVFP4, and queries rotated the same way
+# by a disabled q_bmm_quantizer, so q k^T is unchanged; values plain NVFP4.
+NVFP4_KV_ROTATE_CFG = freeze(
+    {
+        "quant_cfg": _entries(
+            {
+                "*q_bmm_quantizer": {"rotate": True, "enable": False},
+                "*k_bmm_quantizer": {**_NVFP4, "rotate": True},
+                "*v_bmm_quantizer": dict(_NVFP4),
+                "default": {"enable": False},
+            }
+        ),
+        "algorithm": "max",
+    }
+)
 
 __all__ = [
     "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG",
@@ -158,7 +184,9 @@ __all__ = [
     "NVFP4_AWQ_FULL_CFG",
     "NVFP4_AWQ_LITE_CFG",
     "NVFP4_DEFAULT_CFG",
+    "NVFP4_FOUR_OVER_SIX_CFG",
     "NVFP4_KV_CFG",
+    "NVFP4_KV_ROTATE_CFG",
     "NVFP4_SVDQUANT_DEFAULT_CFG",
     "W4A8_AWQ_BETA_CFG",
     "W4A8_MXFP4_FP8_CFG",

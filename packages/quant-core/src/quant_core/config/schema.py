@@ -91,6 +91,8 @@ class QuantizerAttributeConfig(BaseModel):
     backend_extra_args: dict[str, Any] | None = None
     use_constant_amax: bool = False
     constant_amax: float | None = None
+    pass_through_bwd: bool = True
+    effective_bits: float | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -138,6 +140,13 @@ class QuantizerAttributeConfig(BaseModel):
             raise ValueError(f"constant_amax must be a positive finite value, got {v!r}")
         return v
 
+    @field_validator("effective_bits")
+    @classmethod
+    def _effective_bits(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 16:
+            raise ValueError(f"effective_bits must be in (0, 16], got {v!r}")
+        return v
+
     @field_serializer("calibrator", when_used="json")
     def _calibrator_json(self, v: Any) -> str:
         # A calibrator class is code: checkpoints store no code, so a restored quantizer gets "max".
@@ -180,12 +189,24 @@ class QuantizerAttributeConfig(BaseModel):
                         f"block_sizes['scale_bits'] must be one of {sorted(SCALE_FORMATS)}, got {val!r}"
                     )
                 out[key] = val
+            elif key == "four_over_six":
+                if not isinstance(val, bool):
+                    raise ValueError(
+                        f"block_sizes['four_over_six'] must be True or False, got {val!r}"
+                    )
+                out[key] = val
             else:
                 raise ValueError(
-                    f"unknown block_sizes key {key!r}; allowed: int axes, 'type', 'scale_bits'"
+                    f"unknown block_sizes key {key!r}; allowed: int axes, 'type', 'scale_bits', "
+                    "'four_over_six'"
                 )
         if not any(isinstance(k, int) for k in out):
             raise ValueError(f"block_sizes {v!r} names no axis")
+        if out.get("four_over_six") and out.get("type") == "dynamic":
+            raise ValueError(
+                "block_sizes['four_over_six'] needs a static (calibrated) NVFP4 quantizer, got "
+                f"type 'dynamic' in {v!r} (ModelOpt's fake quantization ignores it there)"
+            )
         if out.get("type") == "dynamic" and sum(isinstance(k, int) for k in out) != 1:
             raise ValueError(
                 f"dynamic block quantization takes exactly one axis, got block_sizes={v!r}"

@@ -30,10 +30,19 @@ def granularity(quantizer: Any) -> str:
 
 
 def amax_range(quantizer: Any) -> str:
-    """The amax range as text, or why there is none."""
+    """The amax range as text (LSQ: of the dequantization amax), or why there is none."""
+    lsq = getattr(quantizer, "lsq_state", None)
+    if lsq is not None:
+        learned = "+".join(lsq.learnable_amax) or "frozen"
+        return f"lsq ({learned}) post {amax_text(quantizer.amax_post)}"
     amax = quantizer.amax
     if amax is None:
         return "dynamic" if quantizer.is_dynamic else "uncalibrated"
+    return amax_text(amax)
+
+
+def amax_text(amax: Any) -> str:
+    """``hi`` or ``[lo, hi]`` of an amax tensor."""
     lo, hi = float(amax.detach().min()), float(amax.detach().max())
     return f"{hi:.4g}" if lo == hi else f"[{lo:.4g}, {hi:.4g}]"
 

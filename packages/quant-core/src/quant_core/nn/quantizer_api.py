@@ -140,12 +140,23 @@ class ModelOptQuantizerAPI:
         """Why export and ``compress`` cannot represent this quantizer, or None when they can.
 
         A Hadamard rotation is not part of any checkpoint format here (a deployment engine would
-        not rotate the activations), and a custom backend's numerics are user code.
+        not rotate the activations), a custom backend's numerics are user code, and NVFP4 "four
+        over six" scales are not written by any exporter (ModelOpt's ``compress`` refuses it too).
         """
         if self.rotate_is_enabled:
             return "it Hadamard-rotates its input (rotate=...), which no export format records"
         if self.backend is not None:
             return (
                 f"it quantizes with the custom backend {self.backend!r}, which export cannot read"
+            )
+        if getattr(self, "lsq_state", None) is not None:
+            return (
+                "it learns separate quantization and dequantization block amaxes (lsq), which "
+                "the exporters and mtq.compress do not write"
+            )
+        if self.format.four_over_six:
+            return (
+                "it is NVFP4 'four over six' (block_sizes['four_over_six']): its per-block M=4/M=6 "
+                "choice and 6*256 global scale are not written by the exporters or mtq.compress"
             )
         return None

@@ -61,3 +61,24 @@ def normalized_hadamard_transform(
 
 
 __all__ = ["normalized_hadamard_transform", "rotation_block_size"]
+
+
+def check_paired_key_rotation(model: torch.nn.Module) -> None:
+    """ValueError naming the attention whose ``k_bmm_quantizer`` rotates keys while it has no
+    ``q_bmm_quantizer`` rotating queries the same way: only both together keep ``q k^T`` (as
+    ``NVFP4_KV_ROTATE_CFG`` sets them)."""
+    for name, module in model.named_modules():
+        key = getattr(module, "k_bmm_quantizer", None)
+        attrs = getattr(key, "attribute_config", None)
+        if attrs is None or not attrs.rotate_config.enable:
+            continue
+        query = getattr(module, "q_bmm_quantizer", None)
+        query_rotation = getattr(getattr(query, "attribute_config", None), "rotate_config", None)
+        if query_rotation != attrs.rotate_config:
+            missing = "no q_bmm_quantizer" if query is None else "a q_bmm_quantizer that does not"
+            raise ValueError(
+                f"attention {name or type(module).__name__} rotates its keys (k_bmm_quantizer "
+                f"rotate={attrs.rotate_config}) but has {missing} rotate its queries the same way, "
+                "so q k^T would change; rotate '*q_bmm_quantizer' too (NVFP4_KV_ROTATE_CFG does; "
+                "quant-llm's Hugging Face and Megatron attentions have a q_bmm_quantizer)"
+            )

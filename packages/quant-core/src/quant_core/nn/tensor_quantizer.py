@@ -12,8 +12,9 @@ Its state is the buffers ``_amax`` and ``_pre_quant_scale`` (``_amax`` becomes a
   each input;
 * other dynamic quantizers: nothing (amax comes from each input).
 
-All numerics go through ``quant_kernels.fake_quantize``; gradients pass straight through (zero
-outside the clipping range). A static quantizer that was never calibrated warns once, naming its
+All numerics go through ``quant_kernels.fake_quantize``; gradients pass straight through, unchanged
+everywhere by default (``pass_through_bwd=True``, as in ModelOpt) or zero where the value
+saturated (``pass_through_bwd=False``). A static quantizer that was never calibrated warns once, naming its
 module, and falls back to the amax of the tensor it sees.
 """
 
@@ -30,6 +31,7 @@ from quant_core.calib import Calibrator, MaxCalibrator, make_calibrator, reduce_
 from quant_core.config.schema import QuantizerAttributeConfig, parse_attributes
 from quant_core.nn import onnx_qdq
 from quant_core.nn.describe import describe_quantizer
+from quant_core.nn.lsq import LSQState, disable_lsq, enable_lsq, learnable_set, lsq_forward
 from quant_core.nn.quant_backends import get_quant_backend
 from quant_core.nn.quantizer_api import ModelOptQuantizerAPI, merge_attribute_update
 from quant_core.nn.shape_checks import check_amax_shape, check_pre_quant_scale
@@ -61,6 +63,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         self._calibrator: Calibrator = MaxCalibrator()
         self._global_calibrator: MaxCalibrator | None = None
         self._disabled = False
+        self._lsq: LSQState | None = None
         self.set_from_attribute_config(quant_attribute_cfg or QuantizerAttributeConfig())
         if amax is not None:
             self.amax = amax
@@ -76,6 +79,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         fields = ("num_bits", "axis", "block_sizes", "type", "constant_amax", "use_constant_amax")
         if any(getattr(old, f) != getattr(cfg, f) for f in fields):
             self.amax = None  # a calibrated amax belongs to the old format and granularity
+            disable_lsq(self)
         self._attrs = cfg
         self._rotation = cfg.rotate_config  # read on every forward: parsed once here
         if self.has_constant_amax:
@@ -207,9 +211,45 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_amax(self) -> None:
-        """Drop amax and any statistics collected."""
+        """Drop amax (and LSQ's learned amaxes) and any statistics collected."""
         self.amax = None
+        disable_lsq(self)
         self.reset_statistics()
+
+    # ----- learned step size (ModelOpt's lsq; see quant_core.nn.lsq) -------------------------
+    def enable_lsq(
+        self,
+        quantize_scales: bool | None = None,
+        learnable_amax: list[str] | str = ("post",),
+        tied_amax: bool = False,
+        quantize_pre_scale: bool = True,
+    ) -> None:
+        """Learn the block amaxes: pre (quantize) and post (dequantize) start from the calibrated
+        amax; ``quantize_scales`` (default: NVFP4) rounds the block scales to E4M3."""
+        learn = learnable_set(learnable_amax)
+        if tied_amax and learn not in ((), ("post", "pre")):
+            raise ValueError(
+                f"tied_amax=True needs learnable_amax [] or ['pre', 'post'], got {learnable_amax!r}"
+            )
+        rounded = self._format.has_global_amax if quantize_scales is None else quantize_scales
+        enable_lsq(self, LSQState(learn, tied_amax, bool(rounded), quantize_pre_scale))
+
+    @property
+    def lsq_state(self) -> LSQState | None:
+        """The LSQ settings when the quantizer learns its block amaxes, else None."""
+        return self._lsq
+
+    @property
+    def amax_pre(self) -> torch.Tensor | None:
+        """LSQ's quantization amax (the post amax when tied), None outside LSQ mode."""
+        if self._lsq is None:
+            return None
+        return self._amax_post if self._lsq.tied_amax else self._amax_pre
+
+    @property
+    def amax_post(self) -> torch.Tensor | None:
+        """LSQ's dequantization amax, None outside LSQ mode."""
+        return None if self._lsq is None else self._amax_post
 
     def reset_statistics(self) -> None:
         """Drop the statistics collected so far (amax stays until `load_calib_amax`)."""
@@ -296,6 +336,8 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         attrs = self._attrs
         if attrs.backend is not None:
             return get_quant_backend(attrs.backend)(x, self)
+        if self._lsq is not None:
+            return lsq_forward(self, x)
         amax = self.amax
         if not self.is_dynamic and amax is not None and onnx_qdq.wants_qdq(self):
             return onnx_qdq.qdq(x, amax, self)
@@ -328,12 +370,13 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
             x_in,
             num_bits=attrs.num_bits,
             amax=amax_arg.detach() if amax_arg is not None else None,
-            block_sizes=blocks,
+            block_sizes=fmt.kernel_block_sizes,
             scale_bits=fmt.scale_bits,
             global_amax=global_amax.detach() if global_amax is not None else None,
             unsigned=attrs.unsigned,
             narrow_range=attrs.narrow_range,
             validate_amax=False,  # checked when set (amax setter, state dict), or taken from x
+            pass_through_bwd=attrs.pass_through_bwd,
         )
         return y
 

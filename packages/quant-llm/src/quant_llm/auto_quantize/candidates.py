@@ -76,8 +76,16 @@ def _weight_quantizer(unit: nn.Module) -> nn.Module | None:
 
 
 def weight_bits(unit: nn.Module) -> float:
-    """Effective bits per weight element of a searched unit (16 when its weight is not quantized)."""
-    row = format_row(_weight_quantizer(unit))
+    """Effective bits per weight element of a searched unit: the weight quantizer's
+    ``effective_bits`` attribute when set (ModelOpt's per-format cost override), else its format
+    row's; 16 when its weight is not quantized."""
+    quantizer = _weight_quantizer(unit)
+    first = quantizer[0] if isinstance(quantizer, SequentialQuantizer) else quantizer
+    if isinstance(first, TensorQuantizer) and first.is_enabled:
+        override = first.attribute_config.effective_bits
+        if override is not None:
+            return override
+    row = format_row(quantizer)
     return UNQUANTIZED_BITS if row is None else row.effective_bits
 
 
