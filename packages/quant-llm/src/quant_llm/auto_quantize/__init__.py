@@ -94,6 +94,7 @@ def auto_quantize(
     for quantized in copies:
         if quantized is not None:  # scoring calls each layer many times: quantize weights once
             mtq.fold_weight(quantized)
+    del copies  # scoring needs only the searched layers of each copy, not its embeddings or head
     if method == "gradient":
         per_layer = gradient_scores(model, layers, score, forward_step, loss_func, verbose)
     else:
@@ -139,7 +140,7 @@ def auto_quantize(
         "weight_bytes": used / 8,
         "config": config,
     }
-    del copies, layers
+    del layers
     mtq.quantize(model, config, loop_for(config, forward_loop))
     if verbose:
         print(summary_table(state))
