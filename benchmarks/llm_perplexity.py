@@ -46,7 +46,7 @@ CONFIGS = {
     ),
     "INT8_SMOOTHQUANT": mtq.INT8_SMOOTHQUANT_CFG,
     "INT4_RTN": _rtn(mtq.INT4_AWQ_CFG),  # same quantizers, no AWQ search
-    "INT4_AWQ": mtq.INT4_AWQ_CFG,  # as shipped: awq_gptq
+    "INT4_AWQ": mtq.INT4_AWQ_CFG,  # as shipped: awq_gptq, layer by layer
     "INT4_AWQ_LITE": {
         **mtq.INT4_AWQ_CFG.copy(),
         "algorithm": {"method": "awq_lite", "alpha_step": 0.1},
@@ -54,8 +54,16 @@ CONFIGS = {
     "INT4_AWQ_CLIP": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_clip"},
     "INT4_AWQ_FULL": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_full"},
     "INT4_GPTQ": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "gptq"},
-    "INT4_AWQ_GPTQ": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_gptq"},
-    "W4A8_AWQ": mtq.W4A8_AWQ_BETA_CFG,  # as shipped: awq_gptq
+    "INT4_AWQ_GPTQ": {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_gptq"},  # whole model at once
+    "INT4_GPTQ_LAYERWISE": {
+        **mtq.INT4_AWQ_CFG.copy(),
+        "algorithm": {"method": "gptq", "layerwise": True},
+    },
+    "W4A8_AWQ": mtq.W4A8_AWQ_BETA_CFG,  # as shipped: awq_gptq, layer by layer
+    "W4A8_AWQ_LITE": {  # ModelOpt's W4A8_AWQ_BETA_CFG calibration
+        **mtq.W4A8_AWQ_BETA_CFG.copy(),
+        "algorithm": {"method": "awq_lite", "alpha_step": 0.1},
+    },
     "W4A8_AWQ_GPTQ": {**mtq.W4A8_AWQ_BETA_CFG.copy(), "algorithm": "awq_gptq"},
     "NVFP4": mtq.NVFP4_DEFAULT_CFG,
     "NVFP4_GPTQ": {**mtq.NVFP4_DEFAULT_CFG.copy(), "algorithm": "gptq"},

@@ -49,7 +49,7 @@ def test_choices_names_every_builtin_config_and_each_validates():
         (
             "INT4_AWQ_CFG",
             {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}, "enable": True},
-            {"method": "awq_gptq", "alpha_step": 0.1},
+            {"method": "awq_gptq", "alpha_step": 0.1, "layerwise": "auto"},
         ),
         (
             "NVFP4_DEFAULT_CFG",

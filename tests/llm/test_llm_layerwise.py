@@ -98,7 +98,11 @@ def _per_layer_reference(method: dict, forward_loop, qdq: bool) -> torch.nn.Modu
 @pytest.mark.filterwarnings("ignore:quantizer .* never calibrated")
 @pytest.mark.parametrize(
     ("method", "qdq"),
-    [({"method": "gptq"}, True), ({"method": "awq_lite", "alpha_step": 0.5}, False)],
+    [
+        ({"method": "gptq"}, True),
+        ({"method": "awq_gptq", "alpha_step": 0.5}, True),
+        ({"method": "awq_lite", "alpha_step": 0.5}, False),
+    ],
 )
 def test_layerwise_runs_the_algorithm_on_each_layers_own_inputs(forward_loop, method, qdq):
     got = _quantized(W4, {**method, "layerwise": True}, forward_loop)
@@ -117,8 +121,33 @@ def test_layerwise_gptq_differs_from_whole_model_gptq(forward_loop):
     assert not torch.equal(_state(whole)[last], _state(layerwise)[last])
 
 
+@pytest.mark.filterwarnings("ignore:quantizer .* never calibrated")
+def test_layerwise_auto_is_layerwise_with_a_stack_and_whole_model_without(forward_loop):
+    """INT4_AWQ_CFG's ``"layerwise": "auto"``: on a decoder stack, the same as layerwise with
+    quantized activations from the previous layer; on a model without one, the whole-model run."""
+    method = {"method": "awq_gptq", "alpha_step": 0.5}
+    auto = _quantized(W4, {**method, "layerwise": "auto"}, forward_loop)
+    _assert_same(auto, _per_layer_reference(method, forward_loop, qdq=True))
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    data = [torch.randn(16, 64) for _ in range(2)]
+    runs = []
+    for algorithm in ({**method, "layerwise": "auto"}, method):
+        model = copy.deepcopy(mlp)
+        mtq.quantize(
+            model, {**copy.deepcopy(W4), "algorithm": algorithm}, lambda m: [m(x) for x in data]
+        )
+        runs.append(model)
+    _assert_same(*runs)
+    assert not torch.equal(runs[0][0].weight, mlp[0].weight)
+
+
 def test_layerwise_options_are_validated():
     assert split_layerwise("gptq", {"layerwise": True})[1].get_qdq_activations_from_prev_layer
+    assert split_layerwise("awq_gptq", {"layerwise": True})[1].get_qdq_activations_from_prev_layer
+    auto = split_layerwise("awq_gptq", {"layerwise": "auto"})[1]
+    assert auto.enable and auto.get_qdq_activations_from_prev_layer and auto.when_stacked
     assert not split_layerwise("max", {"layerwise": True})[1].get_qdq_activations_from_prev_layer
     with pytest.raises(ValueError, match="checkpoint_dir"):
         split_layerwise("max", {"layerwise": {"enable": True, "checkpoint_dir": "layerwise_ckpt"}})

@@ -39,10 +39,17 @@ from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 from quant_core.offload import weights_materialized
 
-__all__ = ["LayerwiseOptions", "decoder_layers", "layerwise_calibrate", "split_layerwise"]
+__all__ = [
+    "LayerwiseOptions",
+    "decoder_layers",
+    "find_decoder_layers",
+    "layerwise_calibrate",
+    "split_layerwise",
+]
 
 ForwardLoop = Callable[[nn.Module], Any]
 Algorithm = Callable[..., None]
+_GPTQ_METHODS = ("gptq", "awq_gptq")  # their layers compensate the errors of earlier ones
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ class LayerwiseOptions:
 
     enable: bool = False
     get_qdq_activations_from_prev_layer: bool = False
+    when_stacked: bool = False
+    """Set by ``"layerwise": "auto"``: models without a decoder stack are calibrated whole."""
 
 
 def split_layerwise(
@@ -59,13 +68,18 @@ def split_layerwise(
     """Take the ``layerwise`` entry out of an algorithm's options and validate it.
 
     It may be a bool or a dict of ``enable`` and ``get_qdq_activations_from_prev_layer`` (default
-    True for ``gptq``, False otherwise); ModelOpt's ``checkpoint_dir``, ``save_every`` and
-    ``calib_mutates_weights`` (resumable runs) are refused by name.
+    True for the GPTQ algorithms ``gptq`` and ``awq_gptq``, False otherwise); ModelOpt's
+    ``checkpoint_dir``, ``save_every`` and ``calib_mutates_weights`` (resumable runs) are refused
+    by name. ``"auto"`` (quant's, used by the INT4 AWQ presets) is ``True`` with quantized
+    activations from the previous layer on models that have a decoder stack, and calibrates other
+    models whole.
     """
     options = dict(options)
     raw = options.pop("layerwise", None)
     if raw is None or raw is False:
         return options, LayerwiseOptions()
+    if raw == "auto":
+        return options, LayerwiseOptions(True, True, when_stacked=True)
     spec = {"enable": True} if raw is True else raw
     if not isinstance(spec, dict) or not all(isinstance(k, str) for k in spec):
         raise ValueError(f"layerwise must be a bool or a dict, got {raw!r}")
@@ -79,13 +93,24 @@ def split_layerwise(
     for key, value in spec.items():
         if not isinstance(value, bool):
             raise ValueError(f"layerwise.{key} must be a bool, got {value!r}")
-    qdq = spec.get("get_qdq_activations_from_prev_layer", method == "gptq")
+    qdq = spec.get("get_qdq_activations_from_prev_layer", method in _GPTQ_METHODS)
     return options, LayerwiseOptions(spec.get("enable", False), qdq)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder layers: of the ``nn.ModuleList``s whose children all share one
     class, the one holding the most parameters (``model.layers`` of a Hugging Face decoder)."""
+    best = find_decoder_layers(model)
+    if best is None:
+        raise ValueError(
+            f"layerwise calibration needs a stack of decoder layers (an nn.ModuleList of one layer "
+            f"class); {type(model).__name__} has none"
+        )
+    return best
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """:func:`decoder_layers`, or None when the model has no such stack."""
     best, best_size = None, 0
     for module in model.modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -95,11 +120,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:
             best, best_size = module, size
-    if best is None:
-        raise ValueError(
-            f"layerwise calibration needs a stack of decoder layers (an nn.ModuleList of one layer "
-            f"class); {type(model).__name__} has none"
-        )
     return best
 
 

@@ -20,7 +20,7 @@ from quant_core.conversion import (
     replace_quant_modules,
     set_quantizer_by_cfg,
 )
-from quant_core.layerwise import layerwise_calibrate
+from quant_core.layerwise import find_decoder_layers, layerwise_calibrate
 from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model_quant names
     compute_quantization_mse,
     eval_mode,
@@ -192,7 +192,9 @@ def _run_algorithm(model: nn.Module, run: AlgorithmRun, forward_loop: ForwardLoo
     loop = _LoopGuard(model, forward_loop, method) if forward_loop is not None else None
     try:
         with torch.no_grad():
-            if layerwise.enable:
+            if layerwise.enable and not (
+                layerwise.when_stacked and find_decoder_layers(model) is None
+            ):
                 qdq = layerwise.get_qdq_activations_from_prev_layer
                 layerwise_calibrate(model, fn, forward_loop, options, qdq)
             else:

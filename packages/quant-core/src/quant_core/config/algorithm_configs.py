@@ -22,8 +22,9 @@ class QuantizeAlgorithmConfig(BaseModel):
     _renames: ClassVar[dict[str, str]] = {}
 
     method: None = None
-    layerwise: bool | dict[str, Any] | None = None
-    """Layer-by-layer calibration (see :mod:`quant_core.layerwise`)."""
+    layerwise: bool | dict[str, Any] | Literal["auto"] | None = None
+    """Layer-by-layer calibration (see :mod:`quant_core.layerwise`); ``"auto"``: when the model
+    has a decoder stack."""
 
     def to_spec(self) -> dict[str, Any] | None:
         """The ``{"method": name, **options}`` dict this config stands for (None for no calibration)."""

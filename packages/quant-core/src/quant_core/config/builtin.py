@@ -107,13 +107,16 @@ INT4_BLOCKWISE_WEIGHT_ONLY_CFG = _cfg(
     {"num_bits": 4, "block_sizes": {-1: 128}, "enable": True}, _OFF, "max"
 )
 # The INT4 AWQ presets search AWQ scales and then GPTQ-round the scaled weights (ModelOpt:
-# awq_lite, round-to-nearest): same format, pre-quant scale and export, less error (see the
-# CHANGELOG for figures). {"method": "awq_lite", "alpha_step": 0.1} restores ModelOpt's.
-INT4_AWQ_CFG = _cfg(_INT4_BLOCK, _OFF, {"method": "awq_gptq", "alpha_step": 0.1})
+# awq_lite, round-to-nearest), one decoder layer at a time on the outputs of the layers already
+# quantized when the model has a decoder stack: same format, pre-quant scale and export, less
+# error (see the CHANGELOG for figures). {"method": "awq_lite", "alpha_step": 0.1} restores
+# ModelOpt's.
+_AWQ_GPTQ = {"method": "awq_gptq", "alpha_step": 0.1, "layerwise": "auto"}
+INT4_AWQ_CFG = _cfg(_INT4_BLOCK, _OFF, _AWQ_GPTQ)
 W4A8_AWQ_BETA_CFG = _cfg(
     [_INT4_BLOCK, {"num_bits": (4, 3), "axis": None, "enable": True}],
     {"num_bits": (4, 3), "axis": None, "enable": True},
-    "awq_gptq",
+    _AWQ_GPTQ,
 )
 NVFP4_DEFAULT_CFG = _cfg(_NVFP4, _NVFP4, "max")
 # "Four over six" (ModelOpt: static weights, then an MSE search of the block amax multipliers 1.0
