@@ -148,8 +148,8 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def modelopt(session: nox.Session) -> None:
     """Side-by-side benchmarks against ModelOpt in an environment of their own: our four packages plus
-    ModelOpt, torch pinned to the CPU build. ``nox -s modelopt -- kernels.py --threads 1`` runs one
-    script with its arguments; by default ``kernels.py``, ``accuracy.py`` and ``auto_quantize.py``."""
+    ModelOpt, torch pinned to the CPU build. ``nox -s modelopt -- kernel_throughput.py --threads 1`` runs one
+    script with its arguments; by default ``kernel_throughput.py``, ``accuracy.py`` and ``auto_quantize.py``."""
     _install_all(session, *MODELOPT_DEPS)
     _install_smollm2(session)
     session.install(*CPU_CONSTRAINTS, "--no-deps", MODELOPT)
@@ -157,7 +157,7 @@ def modelopt(session: nox.Session) -> None:
     if session.posargs:
         session.run("python", f"benchmarks/{session.posargs[0]}", *session.posargs[1:], env=env)
         return
-    for script in ("kernels.py", "accuracy.py", "auto_quantize.py"):
+    for script in ("kernel_throughput.py", "accuracy.py", "auto_quantize.py"):
         session.run("python", f"benchmarks/{script}", env=env)
 
 

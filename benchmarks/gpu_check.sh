@@ -22,5 +22,5 @@ timeout 100 python3 -m pytest tests/kernels -m "not gpu" -q -p no:cacheprovider 
     | tee "$out/kernels_tests.log"
 # 3. throughput (ours, ModelOpt's TensorQuantizer + CUDA extension, its Triton NVFP4, torchao) and
 #    one QAT step of a Llama-style block (unquantized, W4A8, NVFP4)
-timeout 180 python3 benchmarks/kernels.py --device cuda --size 8192 --dtypes bf16,fp32 \
+timeout 180 python3 benchmarks/kernel_throughput.py --device cuda --size 8192 --dtypes bf16,fp32 \
     --repeats 20 --qat 2>&1 | tee "$out/kernels_cuda.md"

@@ -1,8 +1,8 @@
-"""Other libraries' fake-quantization calls timed beside ours on a GPU (for `kernels.py`).
+"""Other libraries' fake-quantization calls timed beside ours on a GPU (for `kernel_throughput.py`).
 
 ModelOpt: its CUDA extension (`modelopt.torch.quantization.extensions`: fake_tensor_quant,
 fake_e4m3fy, the MX fused_amax_convert; built on first use, so the GPU machine needs nvcc) is what
-its `TensorQuantizer` runs on CUDA, which `kernels.py` times already; this module adds its Triton
+its `TensorQuantizer` runs on CUDA, which `kernel_throughput.py` times already; this module adds its Triton
 NVFP4 kernels (`modelopt.torch.kernels.quantization.gemm`: `fp4_fake_quant_block` for dynamic
 blocks, `static_blockwise_fp4_fake_quant` for calibrated ones). torchao: its MX and NVFP4 casts
 (`MXTensor.to_mx(...).dequantize()`, RCEIL scales = 2**ceil(log2(amax / max)) as ours;
@@ -75,7 +75,7 @@ def _torchao_fp8_tensor(x: torch.Tensor, amax: dict) -> torch.Tensor:
     return fp8.to_original_precision()
 
 
-# (format, granularity) of a kernels.py case -> [(column name, call)]
+# (format, granularity) of a kernel_throughput.py case -> [(column name, call)]
 PEERS: dict[tuple[str, str], list[tuple[str, Peer]]] = {
     ("NVFP4", "block-16 dynamic"): [
         ("ModelOpt Triton fp4_fake_quant_block", _modelopt_fp4_dynamic),

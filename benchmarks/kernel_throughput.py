@@ -1,12 +1,12 @@
 """Throughput of quant_kernels.fake_quantize: format x granularity x dtype x backend on a 4096x4096 tensor.
 
 Prints a markdown table of elements/s and GB/s (bytes read + written, median of several runs).
-When nvidia-modelopt imports (``nox -s modelopt -- kernels.py`` installs it), ModelOpt's
+When nvidia-modelopt imports (``nox -s modelopt -- kernel_throughput.py`` installs it), ModelOpt's
 TensorQuantizer is timed on the same tensor in the same run and the ratio ours/theirs printed.
 On a CUDA machine the Triton backend is timed too, with the fraction of the bandwidth a plain
 device copy of the same tensor reaches.
 
-    python benchmarks/kernels.py [--size 4096] [--repeats 5] [--dtypes fp32,bf16] [--device cpu]
+    python benchmarks/kernel_throughput.py [--size 4096] [--repeats 5] [--dtypes fp32,bf16] [--device cpu]
         [--threads 1 --clock cpu --stat min] [--qat]
 
 On a GPU it also times ModelOpt's Triton NVFP4 kernels and torchao's MX/NVFP4/float8 casts where
