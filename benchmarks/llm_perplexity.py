@@ -38,6 +38,10 @@ CONFIGS = {
     "FP8_RTN+FP8_KV": with_kv_cache(_rtn(mtq.FP8_DEFAULT_CFG), mtq.FP8_KV_CFG),
     "FP8": mtq.FP8_DEFAULT_CFG,  # GPTQ-rounded FP8 weights
     "FP8+FP8_KV": with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_KV_CFG),
+    "FP8_LAYERWISE+FP8_KV": with_kv_cache(  # GPTQ layer by layer on quantized activations
+        {**mtq.FP8_DEFAULT_CFG.copy(), "algorithm": {"method": "gptq", "layerwise": True}},
+        mtq.FP8_KV_CFG,
+    ),
     "FP8+INT8_KV": with_kv_cache(mtq.FP8_DEFAULT_CFG, INT8_KV_CFG),
     "FP8+FP8_AFFINE_KV": with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_AFFINE_KV_CFG),
     "FP8_PC_PT+FP8_KV": with_kv_cache(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG, mtq.FP8_KV_CFG),
