@@ -72,6 +72,10 @@ CONFIGS = {
     "NVFP4": mtq.NVFP4_DEFAULT_CFG,
     "NVFP4_GPTQ": {**mtq.NVFP4_DEFAULT_CFG.copy(), "algorithm": "gptq"},
     "NVFP4_AWQ_GPTQ": {**mtq.NVFP4_DEFAULT_CFG.copy(), "algorithm": "awq_gptq"},
+    "NVFP4_GPTQ_LAYERWISE": {
+        **mtq.NVFP4_DEFAULT_CFG.copy(),
+        "algorithm": {"method": "gptq", "layerwise": True},
+    },
     "NVFP4+NVFP4_KV": with_kv_cache(mtq.NVFP4_DEFAULT_CFG, mtq.NVFP4_KV_CFG),
 }
 # "ROT_<config>": <config> after rotate_model (residual stream and values rotated, folded offline)

@@ -14,7 +14,12 @@ from export_models import quantized, with_inputs
 
 import quant_core as mtq
 import quant_kernels as qk
-from quant_export import UnsupportedFormatError, export_onnx, verify_onnx
+from quant_export import (
+    UnsupportedFormatError,
+    export_onnx,
+    ort_integer_matmul_saturates,
+    verify_onnx,
+)
 from quant_export.verify import run_onnx
 
 INT4_CONV_CFG = {
@@ -159,7 +164,8 @@ def test_dynamic_per_tensor_int8_activations_fuse_into_integer_matmul(mlp_and_in
     x = x.reshape(2, 4, 256)  # 3-D input: the linears export as MatMul, which onnxruntime fuses
     qmodel = quantized(model, cfg, x)
     path = export_onnx(qmodel, x, tmp_path / "dyn.onnx")
-    assert verify_onnx(path, qmodel, x).rel_error < 1e-4
+    assert verify_onnx(path, qmodel, x, optimization="basic").rel_error < 1e-4
+    _assert_exact_fused_or_saturation_named(path, qmodel, x)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -264,3 +270,27 @@ def test_export_onnx_owns_the_graph_and_never_runs_core_qdq(mlp_and_input, tmp_p
         path = export_onnx(qmodel, x, tmp_path / f"{fmt}.onnx")
         report = verify_onnx(path, qmodel, x, optimization=level)
         assert report.rel_error < 1e-4, report
+
+
+def _assert_exact_fused_or_saturation_named(path, model, x):
+    """At optimization "all" onnxruntime fuses Q/DQ into integer matmuls: exact on CPUs whose
+    kernel does not saturate, and on the others verify_onnx names the saturation."""
+    if not ort_integer_matmul_saturates():
+        assert verify_onnx(path, model, x).rel_error < 1e-4
+        return
+    with pytest.warns(UserWarning, match="saturates on this CPU"):
+        assert verify_onnx(path, model, x).rel_error > 1e-3
+
+
+def test_saturation_probe_matches_a_saturating_integer_graph(mlp_and_input, tmp_path):
+    """Weights and activations that fill the int8 range: the fused run is exact iff the probe says
+    onnxruntime does not saturate here, and verify_onnx names the saturation otherwise."""
+    model, x = mlp_and_input
+    with torch.no_grad():
+        model[0].weight.copy_(torch.sign(model[0].weight))  # every weight code is +-127
+    x = x.abs().reshape(2, 4, 256) + 1.0  # every activation code near 127
+    cfg = with_inputs(mtq.INT8_DEFAULT_CFG, {"num_bits": 8, "axis": None})
+    qmodel = quantized(model, cfg, x)
+    path = export_onnx(qmodel, x, tmp_path / "full_range.onnx")
+    assert verify_onnx(path, qmodel, x, optimization="basic").rel_error < 1e-4
+    _assert_exact_fused_or_saturation_named(path, qmodel, x)

@@ -145,7 +145,7 @@ def restore_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Modul
             )
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, recompress(module, name, record["backend"]))
+            setattr(parent, attr, recompress(module, name, record))
     name_quantizers(model)
     return model
 

@@ -20,7 +20,7 @@ from quant_export.tensorrt_llm import (
     export_tensorrt_llm_checkpoint,
     validate_tensorrt_llm_checkpoint,
 )
-from quant_export.verify import VerifyReport, verify_onnx
+from quant_export.verify import VerifyReport, ort_integer_matmul_saturates, verify_onnx
 
 __all__ = [
     "UnsupportedFormatError",
@@ -31,6 +31,7 @@ __all__ = [
     "export_hf_checkpoint",
     "export_onnx",
     "export_tensorrt_llm_checkpoint",
+    "ort_integer_matmul_saturates",
     "validate_tensorrt_llm_checkpoint",
     "verify_onnx",
 ]

@@ -7,6 +7,7 @@ pair without an entry dequantizes on the fly (`DequantBackend`).
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import ClassVar
@@ -28,6 +29,11 @@ class Backend(ABC):
     def supports(self, fmt: WeightFormat, weight: torch.Tensor, meta: CodesMeta) -> bool:
         """Whether this backend can hold ``weight`` (shape [out, in]) in format ``fmt``."""
         return True
+
+    @property
+    def layout(self) -> str:
+        """Names the byte layout of the packed buffers; restore refuses buffers saved in another."""
+        return self.name
 
     @abstractmethod
     def pack(self, qt: qk.QuantizedTensor, meta: CodesMeta) -> dict[str, torch.Tensor]:
@@ -89,23 +95,50 @@ class DequantBackend(Backend):
         return F.linear(x, dequantize(buffers, meta).to(x.dtype))
 
 
-def unpack_int4pack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def unpack_int4pack_cpu(
+    packed: torch.Tensor, n: int, k: int, tile: int | None = None
+) -> torch.Tensor:
     """Codes ``[n, k]`` (uint8, 0..15) from ``aten._convert_weight_to_int4pack_for_cpu``'s layout.
 
-    torch 2.13 lays rows out in tiles of 64 (the last tile holds the remainder): per input column a
-    tile keeps 32 bytes whose low nibbles are rows 0-31 and high nibbles rows 32-63; a partial tile
-    pairs consecutive rows in each byte. Checked against the kernel itself in the tests.
+    torch lays rows out in tiles of ``tile`` rows (this CPU's `int4pack_cpu_tile` by default; the
+    last tile holds the remainder): per input column a tile keeps ``tile / 2`` bytes whose low
+    nibbles are its first half of rows and high nibbles the second half; a partial tile pairs
+    consecutive rows in each byte. Checked against the kernel itself in the tests.
     """
+    tile = tile or int4pack_cpu_tile()
+    if tile is None:
+        raise ValueError(
+            "this CPU's int4pack layout is not one quant knows (see int4pack_cpu_tile)"
+        )
     flat = packed.reshape(-1)
-    full = n // 64 * 64
+    full = n // tile * tile
     parts = []
     if full:
-        b = flat[: full * k // 2].reshape(full // 64, k, 32)
+        b = flat[: full * k // 2].reshape(full // tile, k, tile // 2)
         parts.append(torch.cat((b & 15, b >> 4), 2).transpose(1, 2).reshape(full, k))
     if n > full:
         b = flat[full * k // 2 :].reshape(k, (n - full) // 2)
         parts.append(torch.stack((b & 15, b >> 4), -1).reshape(k, n - full).t())
     return torch.cat(parts)
+
+
+@functools.cache
+def int4pack_cpu_tile() -> int | None:
+    """Rows per tile of ``aten._convert_weight_to_int4pack_for_cpu``'s layout on this machine.
+
+    torch picks the layout by CPU capability (tiles of 64 rows with AVX512, 32 with AVX2), so it is
+    found once by packing known codes and reading them back; None when no known layout matches
+    (then the int4pack CPU backend is not used and layers dequantize on the fly).
+    """
+    n, k = 128, 128
+    codes = torch.randint(
+        0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
+    )
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    for tile in (64, 32, 16):
+        if torch.equal(unpack_int4pack_cpu(packed, n, k, tile).to(torch.int32), codes):
+            return tile
+    return None
 
 
 class Int4CpuBackend(Backend):
@@ -131,7 +164,17 @@ class Int4CpuBackend(Backend):
             and not fmt.element.unsigned
             and fmt.block in (32, 64, 128, 256)
             and n % 16 == 0  # _convert_weight_to_int4pack_for_cpu needs N divisible by 16
+            and self._layout_known()
         )
+
+    @staticmethod
+    def _layout_known() -> bool:
+        return int4pack_cpu_tile() is not None
+
+    @property
+    def layout(self) -> str:
+        """The kernel's row tiling differs between CPUs (AVX512: 64, AVX2: 32)."""
+        return f"{self.name}/tiles-of-{int4pack_cpu_tile()}-rows"
 
     def pack(self, qt: qk.QuantizedTensor, meta: CodesMeta) -> dict[str, torch.Tensor]:
         n, k = qt.codes.shape
@@ -172,6 +215,14 @@ class Int4CudaBackend(Int4CpuBackend):
 
     name = "int4pack_cuda"
     _mm = staticmethod(lambda *a: torch.ops.aten._weight_int4pack_mm(*a))
+
+    @staticmethod
+    def _layout_known() -> bool:
+        return True
+
+    @property
+    def layout(self) -> str:
+        return self.name
 
     @staticmethod
     def _convert(q: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,7 @@ class CompressedLinear(nn.Module):
                     "tensors": {k: list(v.shape) for k, v in wq.named_buffers(recurse=False)},
                 },
                 "backend": self.backend.name,
+                "layout": self.backend.layout,
             },
         }
         self.in_features, self.out_features = source.in_features, source.out_features
@@ -166,16 +167,23 @@ def compress(model: nn.Module, config: dict[str, Any] | None = None) -> nn.Modul
     return model
 
 
-def recompress(module: QuantLinear, name: str, backend: str) -> CompressedLinear:
+def recompress(module: QuantLinear, name: str, record: dict) -> CompressedLinear:
     """A `CompressedLinear` built from ``module`` (its weight quantizer restored with placeholder
-    tensors), whose packed buffers restore then overwrites; refuses a backend other than the saved one.
-    """
+    tensors), whose packed buffers restore then overwrites; refuses a backend or packed layout
+    other than the saved one (``record``: the layer's saved ``compressed`` entry)."""
     with torch.no_grad():
         layer = CompressedLinear(module)
+    backend, layout = record["backend"], record.get("layout", record["backend"])
     if layer.backend.name != backend:
         raise ValueError(
             f"layer {name} was saved compressed for backend {backend!r}, but on "
             f"{module.weight.device.type} it would use {layer.backend.name!r}, whose packed layout "
             f"differs; restore onto a model on the device it was saved from"
+        )
+    if layer.backend.layout != layout:
+        raise ValueError(
+            f"layer {name} was saved with packed layout {layout!r}, but this machine's "
+            f"{backend!r} kernel uses {layer.backend.layout!r}; restore the uncompressed "
+            f"quantized model here and call mtq.compress on this machine"
         )
     return layer
