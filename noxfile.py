@@ -91,7 +91,8 @@ _FORBIDDEN_IN_LOWER_LAYERS = ("transformers", "onnx", "onnxruntime", "quant_llm"
 def layers(session: nox.Session, layer: str) -> None:
     """Fresh venv with only the lower layers: proves they install and work without transformers or onnx."""
     names = ("kernels",) if layer == "kernels" else ("kernels", "core")
-    session.install(*CPU_CONSTRAINTS, *_editable(*names), "pytest>=8", "numpy")
+    # scipy: the float64 Hadamard reference of the rotation tests
+    session.install(*CPU_CONSTRAINTS, *_editable(*names), "pytest>=8", "numpy", "scipy")
     probe = (
         "import importlib.util, sys\n"
         f"present = [m for m in {_FORBIDDEN_IN_LOWER_LAYERS!r} if importlib.util.find_spec(m)]\n"
