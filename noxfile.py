@@ -91,8 +91,11 @@ _FORBIDDEN_IN_LOWER_LAYERS = ("transformers", "onnx", "onnxruntime", "quant_llm"
 def layers(session: nox.Session, layer: str) -> None:
     """Fresh venv with only the lower layers: proves they install and work without transformers or onnx."""
     names = ("kernels",) if layer == "kernels" else ("kernels", "core")
-    # scipy: the float64 Hadamard reference of the rotation tests
-    session.install(*CPU_CONSTRAINTS, *_editable(*names), "pytest>=8", "numpy", "scipy")
+    # triton (quant-kernels' [triton] extra, run by its interpreter as in `tests`); scipy: the
+    # float64 Hadamard reference of the rotation tests
+    session.install(
+        *CPU_CONSTRAINTS, *_editable(*names), "triton>=3.3", "pytest>=8", "numpy", "scipy"
+    )
     probe = (
         "import importlib.util, sys\n"
         f"present = [m for m in {_FORBIDDEN_IN_LOWER_LAYERS!r} if importlib.util.find_spec(m)]\n"
@@ -104,7 +107,12 @@ def layers(session: nox.Session, layer: str) -> None:
     )
     session.run("python", "-c", probe)
     session.run(
-        "pytest", *(f"tests/{n}" for n in names), "-m", "not slow and not gpu", *session.posargs
+        "pytest",
+        *(f"tests/{n}" for n in names),
+        "-m",
+        "not slow and not gpu",
+        *session.posargs,
+        env={"TRITON_INTERPRET": "1"},
     )
 
 
