@@ -239,3 +239,40 @@ def test_bfloat16_export_stores_scales_in_the_model_dtype(tmp_path):
         got, expected = loaded(ids).logits.float(), model(ids).logits
     # bfloat16 activations and scales: about 2^-8 relative per op, a few percent of the logits
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def _global_scales(path, names: list[str]) -> list[float]:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return [f.get_tensor(f"{n}.weight_global_scale").item() for n in names]
+
+
+def test_nvfp4_fused_layers_share_one_global_scale(tmp_path):
+    """vLLM and SGLang run q/k/v and gate/up as one GEMM with the shards' largest
+    ``weight_global_scale`` (compressed_tensors_w4a4_nvfp4.py): the export gives each group one."""
+    model = _model("llama")
+    _calibrate(model, mtq.NVFP4_DEFAULT_CFG)
+    layer = "model.layers.0"
+    qkv = [f"{layer}.self_attn.{p}_proj" for p in "qkv"]
+    before = {n: model.get_submodule(n).weight_quantizer.amax.item() for n in qkv}
+    assert len(set(before.values())) > 1  # calibration leaves them different
+    path = export_compressed_tensors(model, tmp_path / "ckpt", torch.float32)
+    scales = _global_scales(path, qkv)
+    assert scales[0] == scales[1] == scales[2]
+    assert scales[0] == pytest.approx(448 * 6 / max(before.values()), rel=1e-6)
+    gate_up = _global_scales(path, [f"{layer}.mlp.{p}_proj" for p in ("gate", "up")])
+    assert gate_up[0] == gate_up[1] != _global_scales(path, [f"{layer}.self_attn.o_proj"])[0]
+
+
+def test_static_nvfp4_fused_layers_with_different_global_scales_are_refused(tmp_path):
+    from quant_export import export_hf_checkpoint
+
+    model = _model("llama")
+    _calibrate(model, mtq.NVFP4_AWQ_CLIP_CFG)  # static per-block weight amaxes
+    for export in (export_compressed_tensors, export_hf_checkpoint):
+        with pytest.raises(UnsupportedFormatError, match="one NVFP4 global weight scale"):
+            export(model, tmp_path / export.__name__, torch.float32)
+    path = export_compressed_tensors(
+        model, tmp_path / "per_layer", torch.float32, share_fused_scales=False
+    )
+    qkv = _global_scales(path, [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"])
+    assert len(set(qkv)) > 1

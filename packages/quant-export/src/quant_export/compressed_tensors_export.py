@@ -64,6 +64,7 @@ from quant_export.hf_formats import (
 from quant_export.prequant_fold import fold_pre_quant_scales
 from quant_export.quantizers import QuantizerSpec, UnsupportedFormatError
 from quant_export.schemes import config_groups, scheme_of
+from quant_export.shared_inputs import share_fused_nvfp4_scales
 
 # (weight kind, input kind) -> compressed-tensors format: the combinations vLLM's
 # compressed_tensors scheme matcher and transformers' loader take.
@@ -300,16 +301,22 @@ def export_compressed_tensors(
     dtype: torch.dtype = torch.bfloat16,
     *,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
+    share_fused_scales: bool = True,
 ) -> Path:
     """Write a quantized transformers model as a compressed-tensors checkpoint in ``export_dir``.
 
     ``dtype`` (bfloat16, float16 or float32) is the type of the unquantized tensors and of the
     scales. Pre-quant scales (SmoothQuant, AWQ) are first folded into the model (preceding norms,
-    or the producing layer's output rows); this changes the model the same way as the files.
+    or the producing layer's output rows); this changes the model the same way as the files. With
+    ``share_fused_scales``, NVFP4 layers that read the same input (q/k/v, gate/up) get one global
+    weight scale, as vLLM's and SGLang's fused kernels need
+    (:func:`~quant_export.shared_inputs.share_nvfp4_global_amax`, in the model too).
     Raises UnsupportedFormatError naming the layer for anything compressed-tensors cannot hold.
     """
     check_export_target(model, export_dir, dtype, max_shard_size)
     fold_pre_quant_scales(model, into_producers=True, require=True)
+    if share_fused_scales:
+        share_fused_nvfp4_scales(model)
     with torch.no_grad():
         layers, tensors, ignore, kv_fields = _collect(model, dtype)
     if not layers and kv_fields is None:

@@ -34,7 +34,7 @@ from quant_export.hf_formats import KV_QUANTIZERS, LayerExport, export_kv_scales
 from quant_export.prequant_fold import fold_pre_quant_scales
 from quant_export.quantizers import UnsupportedFormatError, refuse_compressed
 from quant_export.schemes import config_groups, scheme_of
-from quant_export.shared_inputs import share_nvfp4_global_amax, shared_input_groups
+from quant_export.shared_inputs import share_fused_nvfp4_scales
 
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DEFAULT_SHARD_SIZE = 5 * 2**30
@@ -396,12 +396,8 @@ def export_hf_checkpoint(
     if engine is not None and engine not in LOADERS:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(LOADERS)}")
     fold_pre_quant_scales(model, into_producers=True)
-    if share_fused_scales and any(
-        isinstance(m, TensorQuantizer) and m.format.has_global_amax and m.is_enabled
-        for n, m in model.named_modules()
-        if n.endswith("weight_quantizer")
-    ):
-        share_nvfp4_global_amax(model, shared_input_groups(model))
+    if share_fused_scales:
+        share_fused_nvfp4_scales(model)
     with torch.no_grad():
         collected = _collect(model, dtype)
     summary = _quant_summary(collected)
