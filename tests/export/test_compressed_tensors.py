@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 import quant_core as mtq
+from quant_core.diagnostics import QuantWarning
 from quant_export import UnsupportedFormatError
 from quant_export.checkpoint_check import validate
 from quant_export.compressed_tensors_export import export_compressed_tensors
@@ -271,8 +272,9 @@ def test_static_nvfp4_fused_layers_with_different_global_scales_are_refused(tmp_
     for export in (export_compressed_tensors, export_hf_checkpoint):
         with pytest.raises(UnsupportedFormatError, match="one NVFP4 global weight scale"):
             export(model, tmp_path / export.__name__, torch.float32)
-    path = export_compressed_tensors(
-        model, tmp_path / "per_layer", torch.float32, share_fused_scales=False
-    )
+    with pytest.warns(QuantWarning, match="vLLM, SGLang and TensorRT-LLM fuse these layers"):
+        path = export_compressed_tensors(
+            model, tmp_path / "per_layer", torch.float32, share_fused_scales=False
+        )
     qkv = _global_scales(path, [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"])
     assert len(set(qkv)) > 1

@@ -315,8 +315,7 @@ def export_compressed_tensors(
     """
     check_export_target(model, export_dir, dtype, max_shard_size)
     fold_pre_quant_scales(model, into_producers=True, require=True)
-    if share_fused_scales:
-        share_fused_nvfp4_scales(model)
+    share_fused_nvfp4_scales(model, share_fused_scales)
     with torch.no_grad():
         layers, tensors, ignore, kv_fields = _collect(model, dtype)
     if not layers and kv_fields is None:

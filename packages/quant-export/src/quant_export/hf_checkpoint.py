@@ -396,8 +396,7 @@ def export_hf_checkpoint(
     if engine is not None and engine not in LOADERS:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(LOADERS)}")
     fold_pre_quant_scales(model, into_producers=True)
-    if share_fused_scales:
-        share_fused_nvfp4_scales(model)
+    share_fused_nvfp4_scales(model, share_fused_scales)
     with torch.no_grad():
         collected = _collect(model, dtype)
     summary = _quant_summary(collected)

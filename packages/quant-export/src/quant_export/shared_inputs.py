@@ -10,11 +10,13 @@ which Linear layers receive the very same tensor (:func:`quant_export.prequant_f
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from quant_core.diagnostics import QuantWarning
 from quant_core.nn import TensorQuantizer
 from quant_export.prequant_fold import input_sources
 from quant_export.quantizers import UnsupportedFormatError
@@ -38,12 +40,31 @@ def _nvfp4_weight_quantizer(module: nn.Module) -> TensorQuantizer | None:
     return None
 
 
-def share_fused_nvfp4_scales(model: nn.Module) -> list[list[str]]:
+def share_fused_nvfp4_scales(model: nn.Module, share: bool = True) -> list[list[str]]:
     """:func:`share_nvfp4_global_amax` over the model's :func:`shared_input_groups` when it has
-    enabled NVFP4 weight quantizers (no forward pass otherwise); returns the groups changed."""
+    enabled NVFP4 weight quantizers (no forward pass otherwise); returns the groups changed.
+
+    With ``share=False`` nothing changes, but a warning names the groups whose global scales
+    differ: fused engine kernels (vLLM, SGLang, TensorRT-LLM) would misread them."""
     if not any(_nvfp4_weight_quantizer(m) for m in model.modules()):
         return []
-    return share_nvfp4_global_amax(model, shared_input_groups(model))
+    groups = shared_input_groups(model)
+    if share:
+        return share_nvfp4_global_amax(model, groups)
+    modules = dict(model.named_modules())
+    for names in groups:
+        quantizers = [q for n in names if (q := _nvfp4_weight_quantizer(modules[n]))]
+        amaxes = {q.format.global_amax(q.amax).item() for q in quantizers}
+        if len(amaxes) > 1:
+            warnings.warn(
+                f"layers {', '.join(names)} keep different NVFP4 global weight scales "
+                "(share_fused_scales=False): loaders that keep per-layer scales (transformers) "
+                "read them right; vLLM, SGLang and TensorRT-LLM fuse these layers with the "
+                "largest scale and would compute wrong outputs",
+                QuantWarning,
+                stacklevel=3,
+            )
+    return []
 
 
 def share_nvfp4_global_amax(model: nn.Module, groups: list[list[str]]) -> list[list[str]]:
