@@ -264,17 +264,35 @@ def test_nvfp4_fused_layers_share_one_global_scale(tmp_path):
     assert gate_up[0] == gate_up[1] != _global_scales(path, [f"{layer}.self_attn.o_proj"])[0]
 
 
-def test_static_nvfp4_fused_layers_with_different_global_scales_are_refused(tmp_path):
+def test_static_nvfp4_fused_layers_share_a_global_amax_and_keep_matching_the_model(tmp_path):
+    """Per-block calibrated NVFP4 weights (awq_clip) get the group's largest global amax as
+    ``TensorQuantizer.global_amax``: the files then equal the model's fake quantization."""
+    from hf_decode import dequantize_hf
+
     from quant_export import export_hf_checkpoint
 
     model = _model("llama")
     _calibrate(model, mtq.NVFP4_AWQ_CLIP_CFG)  # static per-block weight amaxes
-    for export in (export_compressed_tensors, export_hf_checkpoint):
-        with pytest.raises(UnsupportedFormatError, match="one NVFP4 global weight scale"):
-            export(model, tmp_path / export.__name__, torch.float32)
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    own = [model.get_submodule(n).weight_quantizer.amax.max().item() for n in qkv]
+    assert len(set(own)) > 1
     with pytest.warns(QuantWarning, match="vLLM, SGLang and TensorRT-LLM fuse these layers"):
         path = export_compressed_tensors(
             model, tmp_path / "per_layer", torch.float32, share_fused_scales=False
         )
-    qkv = _global_scales(path, [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"])
-    assert len(set(qkv)) > 1
+    assert len(set(_global_scales(path, qkv))) > 1
+    path = export_compressed_tensors(model, tmp_path / "ct", torch.float32)
+    assert _global_scales(path, qkv) == [pytest.approx(448 * 6 / max(own), rel=1e-6)] * 3
+    for n in qkv:
+        assert model.get_submodule(n).weight_quantizer.global_amax.item() == max(own)
+    hf = export_hf_checkpoint(model, tmp_path / "hf", torch.float32)
+    with safe_open(str(hf / "model.safetensors"), "pt") as f:
+        for n in qkv:
+            layer = {
+                k: f.get_tensor(f"{n}.{k}") for k in ("weight", "weight_scale", "weight_scale_2")
+            }
+            module = model.get_submodule(n)
+            with torch.no_grad():
+                fq = module.weight_quantizer(module.weight).float()
+            ulp = (torch.nextafter(fq.abs(), torch.tensor(float("inf"))) - fq.abs()).double()
+            assert ((dequantize_hf("NVFP4", layer, 16) - fq.double()).abs() <= ulp).all()

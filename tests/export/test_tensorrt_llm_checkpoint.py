@@ -58,6 +58,8 @@ CASES = {
     "w4a16_awq": ("llama", "llama", "INT4_AWQ_CFG", None, WIDE, "W4A16_AWQ"),
     "w4a8_awq": ("llama", "llama", "W4A8_AWQ_BETA_CFG", None, WIDE, "W4A8_AWQ"),
     "nvfp4": ("llama", "llama", "NVFP4_DEFAULT_CFG", None, NARROW, "NVFP4"),
+    # static per-block NVFP4 weights: fused q/k/v and gate/up share TensorQuantizer.global_amax
+    "nvfp4_static": ("llama", "llama", "NVFP4_AWQ_CLIP_CFG", None, NARROW, "NVFP4"),
     "mixed": ("llama", "llama", _mixed_cfg, "FP8_KV_CFG", WIDE, "MIXED_PRECISION"),
     "gpt2_int8_sq": ("gpt2", "gpt", "INT8_SMOOTHQUANT_CFG", "FP8_KV_CFG", {}, "W8A8_SQ_PER_CHANNEL"),
     "mixtral_fp8": ("mixtral", "llama", "FP8_DEFAULT_CFG", "FP8_KV_CFG", NARROW, "FP8"),

@@ -164,7 +164,7 @@ def _restore_quantizer(
     if "lsq" in info:  # learned amaxes: parameters or buffers as they were
         lsq_values = {k: values.pop(k) for k in LSQ_TENSORS if k in values}
         enable_lsq(quantizer, LSQState.from_json(info["lsq"]), lsq_values)
-    for key, value in values.items():
+    for key, value in sorted(values.items(), key=lambda kv: kv[0] != "_amax"):  # amax first
         _set_tensor(quantizer, key, value)
 
 
@@ -174,6 +174,8 @@ def _set_tensor(quantizer: TensorQuantizer, key: str, value: torch.Tensor) -> No
         quantizer.amax = value
     elif key == "_pre_quant_scale":
         quantizer.pre_quant_scale = value
+    elif key == "_global_amax":
+        quantizer.global_amax = value
     else:
         quantizer.register_buffer(key, value.detach().clone())
 

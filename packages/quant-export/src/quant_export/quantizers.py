@@ -41,6 +41,7 @@ class QuantizerSpec:
     format: qk.QuantFormat
     amax: torch.Tensor | None
     pre_quant_scale: torch.Tensor | None
+    shared_global_amax: torch.Tensor | None = None  # a static NVFP4 quantizer's `global_amax`
 
     # The format's attributes under the names export code reads.
     num_bits = property(lambda self: self.format.num_bits)
@@ -74,6 +75,8 @@ class QuantizerSpec:
 
     def global_amax(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """NVFP4's per-tensor amax, by the rule quant-core's TensorQuantizer uses (``qk.nvfp4_global_amax``)."""
+        if self.shared_global_amax is not None:
+            return self.shared_global_amax
         return self.format.global_amax(self.amax, x)
 
     def codes(self, w: torch.Tensor, blocks: dict[int, int]) -> qk.QuantizedTensor:
@@ -98,12 +101,14 @@ def spec_of(name: str, quantizer: TensorQuantizer) -> QuantizerSpec:
         raise UnsupportedFormatError(f"quantizer {name} cannot be exported: {reason}")
     amax = quantizer.amax
     pqs = quantizer.pre_quant_scale
+    shared = quantizer.global_amax
     return QuantizerSpec(
         name=name,
         enabled=quantizer.is_enabled,
         format=quantizer.format,
         amax=None if amax is None else amax.detach().cpu().float().clone(),
         pre_quant_scale=None if pqs is None else pqs.detach().cpu().float().clone(),
+        shared_global_amax=None if shared is None else shared.detach().cpu().float().clone(),
     )
 
 

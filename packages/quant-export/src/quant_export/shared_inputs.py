@@ -19,7 +19,6 @@ from torch import nn
 from quant_core.diagnostics import QuantWarning
 from quant_core.nn import TensorQuantizer
 from quant_export.prequant_fold import input_sources
-from quant_export.quantizers import UnsupportedFormatError
 
 
 def shared_input_groups(model: nn.Module, inputs: dict[str, Any] | None = None) -> list[list[str]]:
@@ -32,12 +31,20 @@ def shared_input_groups(model: nn.Module, inputs: dict[str, Any] | None = None) 
     return [names for names in groups.values() if len(names) > 1]
 
 
+def _is_nvfp4(q: nn.Module) -> bool:
+    # four over six (and LSQ, whose amax is None) are refused by name when collected
+    return (
+        isinstance(q, TensorQuantizer)
+        and q.is_enabled
+        and q.format.has_global_amax
+        and q.amax is not None
+        and not q.format.four_over_six
+    )
+
+
 def _nvfp4_weight_quantizer(module: nn.Module) -> TensorQuantizer | None:
     q = getattr(module, "weight_quantizer", None)
-    if isinstance(q, TensorQuantizer) and q.is_enabled and q.format.has_global_amax:
-        # four over six (and LSQ, whose amax is None) are refused by name when collected
-        return q if q.amax is not None and not q.format.four_over_six else None
-    return None
+    return q if q is not None and _is_nvfp4(q) else None
 
 
 def share_fused_nvfp4_scales(model: nn.Module, share: bool = True) -> list[list[str]]:
@@ -54,7 +61,7 @@ def share_fused_nvfp4_scales(model: nn.Module, share: bool = True) -> list[list[
     modules = dict(model.named_modules())
     for names in groups:
         quantizers = [q for n in names if (q := _nvfp4_weight_quantizer(modules[n]))]
-        amaxes = {q.format.global_amax(q.amax).item() for q in quantizers}
+        amaxes = {_effective_global_amax(q).item() for q in quantizers}
         if len(amaxes) > 1:
             warnings.warn(
                 f"layers {', '.join(names)} keep different NVFP4 global weight scales "
@@ -71,35 +78,39 @@ def share_nvfp4_global_amax(model: nn.Module, groups: list[list[str]]) -> list[l
     """Give the NVFP4 weight quantizers of each group their largest global amax; returns the groups changed.
 
     This changes the model's quantizers (as ModelOpt's export does), so the model keeps computing
-    exactly what the checkpoint stores. Static (per-block calibrated) NVFP4 weights derive their
-    global amax from their block amaxes and cannot take another without re-rounding: a group of
-    them with different global amaxes is refused (vLLM and SGLang would apply the shards' largest
-    global scale to every shard: ``weight_scale_2.max()`` / ``weight_global_scale.max()`` in their
-    ModelOpt and compressed-tensors NVFP4 linear methods).
+    exactly what the checkpoint stores: a dynamic quantizer's calibrated amax becomes the shared
+    one, a static (per-block calibrated) quantizer keeps its block amaxes and gets the shared
+    `TensorQuantizer.global_amax` (its block scales are rounded to E4M3 under it). Engines apply
+    one global scale to the fused GEMM: vLLM and SGLang take the shards' ``max()``
+    (``weight_scale_2`` in their ModelOpt and ``weight_global_scale`` in their compressed-tensors
+    NVFP4 linear methods).
     """
     modules = dict(model.named_modules())
-    changed = []
-    for names in groups:
-        members = [(n, q) for n in names if (q := _nvfp4_weight_quantizer(modules[n]))]
-        if len(members) < 2:
-            continue
-        amaxes = [q.format.global_amax(q.amax).reshape(()) for _, q in members]
-        shared = torch.stack(amaxes).max()
-        if all(a == shared for a in amaxes):
-            continue
-        static = [n for n, q in members if not q.format.dynamic]
-        if static:
-            values = ", ".join(f"{n}: {a.item():.6g}" for (n, _), a in zip(members, amaxes))
-            raise UnsupportedFormatError(
-                f"layers {', '.join(names)} read the same input, and engines run them as one "
-                f"GEMM with one NVFP4 global weight scale, but their NVFP4 weights have different "
-                f"global amaxes ({values}) and {', '.join(static)} are static (per-block amaxes "
-                "from calibration), which cannot take another global scale without re-rounding. "
-                "Calibrate these weights with max (dynamic NVFP4 weights are given the group's "
-                "global amax here), or for a loader that keeps per-layer scales (transformers) "
-                "pass share_fused_scales=False"
-            )
-        for _, q in members:
+    return [
+        names
+        for names in groups
+        if share_global_amax([getattr(modules[n], "weight_quantizer", None) for n in names])
+    ]
+
+
+def share_global_amax(quantizers: list[object]) -> bool:
+    """Give the enabled, calibrated NVFP4 quantizers in the list their largest global amax (see
+    :func:`share_nvfp4_global_amax`); True when one changed."""
+    found = [q for q in quantizers if isinstance(q, nn.Module) and _is_nvfp4(q)]
+    if len(found) < 2:
+        return False
+    amaxes = [_effective_global_amax(q) for q in found]
+    shared = torch.stack(amaxes).max()
+    if all(a == shared for a in amaxes):
+        return False
+    for q in found:
+        if q.format.dynamic:
             q.amax = shared.reshape(q.amax.shape)
-        changed.append(names)
-    return changed
+        else:
+            q.global_amax = shared
+    return True
+
+
+def _effective_global_amax(q: TensorQuantizer) -> torch.Tensor:
+    shared = q.global_amax
+    return (q.format.global_amax(q.amax) if shared is None else shared).reshape(())

@@ -31,6 +31,8 @@ def weight_codes(quantizer: TensorQuantizer, weight: torch.Tensor) -> qk.Quantiz
         global_amax = (
             qk.nvfp4_global_amax(calibrated=amax, x=weight)
             if quantizer.is_dynamic
+            else quantizer.global_amax
+            if quantizer.global_amax is not None
             else qk.nvfp4_global_amax(block_amax=amax)
         )
     return qk.quantize_to_codes(

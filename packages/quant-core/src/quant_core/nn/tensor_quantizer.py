@@ -7,7 +7,8 @@ Its state is the buffers ``_amax`` and ``_pre_quant_scale`` (``_amax`` becomes a
 
 * static quantizers: the calibrated amax per tensor (0-d), per channel (keepdim, broadcastable
   to the input) or per block (``ceil(d_i / b_i)`` per dimension, as ``quant_kernels.reduce_amax``);
-  NVFP4's global amax is then the largest block amax (``quant_kernels.nvfp4_global_amax``);
+  NVFP4's global amax is then the largest block amax (``quant_kernels.nvfp4_global_amax``)
+  unless the buffer ``_global_amax`` overrides it (`global_amax`: layers fused by engines share one);
 * dynamic NVFP4 (two-level scales): the calibrated *global* amax (0-d); block amaxes come from
   each input;
 * other dynamic quantizers: nothing (amax comes from each input).
@@ -185,6 +186,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
 
     @amax.setter
     def amax(self, value: torch.Tensor | float | None) -> None:
+        self._buffers.pop("_global_amax", None)  # a shared global amax belongs to the old amax
         if value is None:
             self._buffers.pop("_amax", None)
             self._parameters.pop("_amax", None)
@@ -202,6 +204,34 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         self._parameters.pop("_amax", None)
         self.register_buffer("_amax", value)
         self._apply_learn_amax()
+
+    @property
+    def global_amax(self) -> torch.Tensor | None:
+        """A static NVFP4 quantizer's shared global amax (0-d), or None: then the global amax is
+        the format's rule (the largest block amax). Export sets it so that layers an engine fuses
+        (q/k/v, gate/up) share one global scale; setting ``amax`` clears it."""
+        return self._buffers.get("_global_amax")
+
+    @global_amax.setter
+    def global_amax(self, value: torch.Tensor | float | None) -> None:
+        if value is None:
+            self._buffers.pop("_global_amax", None)
+            return
+        fmt, amax = self._format, self.amax
+        if fmt.dynamic or not fmt.has_global_amax or amax is None:
+            raise ValueError(
+                f"quantizer {self._name or '(unnamed)'}: global_amax is for calibrated static "
+                f"NVFP4 quantizers; this one is {fmt.label}"
+                + ("" if amax is not None else " without an amax")
+            )
+        value = torch.as_tensor(value).detach().float().reshape(()).clone()
+        _check_amax(value, self._name)
+        if value < amax.max():
+            raise ValueError(
+                f"quantizer {self._name or '(unnamed)'}: global_amax {value.item():.6g} is below "
+                f"its largest block amax {amax.max().item():.6g}"
+            )
+        self.register_buffer("_global_amax", value.to(amax.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # forward trusts the stored amax (no per-call check, which would wait for the device)
@@ -353,7 +383,8 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
                 self._warn_uncalibrated()
                 amax = reduce_amax(x_in, axis=attrs.axis, block_sizes=blocks)
             amax_arg = amax.to(x.device)
-            global_amax = fmt.global_amax(amax_arg)
+            shared = self._buffers.get("_global_amax")
+            global_amax = fmt.global_amax(amax_arg) if shared is None else shared.to(x.device)
         if attrs.learn_amax and amax_arg is not None and amax_arg.requires_grad:
             # LSQ-style: fq(x; amax) = amax * fq(x / amax; 1), so amax gets the gradient of its scale.
             bound = amax_arg.to(x_in.dtype)

@@ -18,6 +18,7 @@ from torch import nn
 
 from quant_core.algorithms.mse import recalibrate_weight
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
+from quant_export.shared_inputs import share_global_amax
 from quant_kernels import ElementFormat
 
 
@@ -71,6 +72,7 @@ def fuse_group(modules: list[nn.Module]) -> bool:
     weights = [getattr(m, "weight_quantizer", None) for m in modules]
     stages = [w[-1] if isinstance(w, SequentialQuantizer) else w for w in weights]
     changed |= share_amax(stages)
+    changed |= share_global_amax(stages)  # static NVFP4 weights (per-block amaxes)
     return changed
 
 
