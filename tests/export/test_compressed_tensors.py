@@ -296,3 +296,22 @@ def test_static_nvfp4_fused_layers_share_a_global_amax_and_keep_matching_the_mod
                 fq = module.weight_quantizer(module.weight).float()
             ulp = (torch.nextafter(fq.abs(), torch.tensor(float("inf"))) - fq.abs()).double()
             assert ((dequantize_hf("NVFP4", layer, 16) - fq.double()).abs() <= ulp).all()
+
+
+def test_gptq_nvfp4_rounds_fused_layers_under_one_global_amax_so_export_changes_nothing(tmp_path):
+    """GPTQ stacks q/k/v (and gate/up) and rounds them under the group's global amax, which it
+    stores as each layer's ``global_amax``: the export's sharing then has nothing to change."""
+    model = _model("llama")
+    _calibrate(model, {**mtq.NVFP4_DEFAULT_CFG.copy(), "algorithm": "gptq"})
+    qkv = [model.get_submodule(f"model.layers.0.self_attn.{p}_proj") for p in "qkv"]
+    shared = {m.weight_quantizer.global_amax.item() for m in qkv}
+    assert len(shared) == 1
+    assert shared.pop() == max(m.weight_quantizer.amax.max().item() for m in qkv)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    path = export_compressed_tensors(model, tmp_path / "ct", torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    names = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert len(set(_global_scales(path, names))) == 1

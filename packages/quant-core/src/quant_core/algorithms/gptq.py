@@ -210,13 +210,15 @@ def _format_key(module: nn.Module) -> qk.QuantFormat:
 
 
 def _global_amax(module: nn.Module) -> bool:
-    """Whether the layer's format has one global amax per quantize call (NVFP4): it runs alone."""
+    """Whether the layer's format has a global amax (NVFP4): its unit is a batch of its own."""
     return _format_key(module).has_global_amax
 
 
 def _alone(module: nn.Module) -> bool:
-    """Whether a layer's rows must not be stacked with another's (per-tensor or global amax)."""
-    return kernel_format(module.weight_quantizer).per_tensor or _global_amax(module)
+    """Whether a layer's rows must not be stacked with another's (one per-tensor amax). NVFP4
+    layers fed the same input are stacked: they share the unit's global amax, as the engines
+    that fuse them (q/k/v, gate/up) need."""
+    return kernel_format(module.weight_quantizer).per_tensor
 
 
 def _batches(layers: dict[str, nn.Module], stats: dict) -> list[list[list[str]]]:
@@ -312,8 +314,10 @@ def gptq_layers(
                 amax = mse_amax(weights, fmt, ratios, hessian_diag=diag)
         elif fmt.per_tensor or block_scaled:
             amax = fmt.amax(weights)
-        if amax is not None and block_scaled:
-            fmt = kernel_format(quantizer, global_amax=qk.nvfp4_global_amax(block_amax=amax))
+        global_amax = None
+        if amax is not None and block_scaled and first_stage(quantizer).format.has_global_amax:
+            global_amax = qk.nvfp4_global_amax(block_amax=amax)  # one unit per batch: its max
+            fmt = kernel_format(quantizer, global_amax=global_amax)
         with torch.no_grad():
             q, amax = gptq_quantize(
                 weights,
@@ -331,4 +335,6 @@ def gptq_layers(
                     rows = module.weight.shape[0]
                     module.weight.copy_(q[b, start : start + rows].to(module.weight.dtype))
                     set_weight_amax(module, amax[b, start : start + rows], fmt)
+                    if global_amax is not None:  # the rounding above used the unit's global
+                        first_stage(module.weight_quantizer).global_amax = global_amax
                     start += rows
