@@ -60,9 +60,8 @@ def share_fused_nvfp4_scales(model: nn.Module, share: bool = True) -> list[list[
         return share_nvfp4_global_amax(model, groups)
     modules = dict(model.named_modules())
     for names in groups:
-        quantizers = [q for n in names if (q := _nvfp4_weight_quantizer(modules[n]))]
-        amaxes = {_effective_global_amax(q).item() for q in quantizers}
-        if len(amaxes) > 1:
+        _, amaxes = _global_amaxes([getattr(modules[n], "weight_quantizer", None) for n in names])
+        if len({a.item() for a in amaxes}) > 1:
             warnings.warn(
                 f"layers {', '.join(names)} keep different NVFP4 global weight scales "
                 "(share_fused_scales=False): loaders that keep per-layer scales (transformers) "
@@ -96,10 +95,9 @@ def share_nvfp4_global_amax(model: nn.Module, groups: list[list[str]]) -> list[l
 def share_global_amax(quantizers: list[object]) -> bool:
     """Give the enabled, calibrated NVFP4 quantizers in the list their largest global amax (see
     :func:`share_nvfp4_global_amax`); True when one changed."""
-    found = [q for q in quantizers if isinstance(q, nn.Module) and _is_nvfp4(q)]
+    found, amaxes = _global_amaxes(quantizers)
     if len(found) < 2:
         return False
-    amaxes = [_effective_global_amax(q) for q in found]
     shared = torch.stack(amaxes).max()
     if all(a == shared for a in amaxes):
         return False
@@ -111,6 +109,7 @@ def share_global_amax(quantizers: list[object]) -> bool:
     return True
 
 
-def _effective_global_amax(q: TensorQuantizer) -> torch.Tensor:
-    shared = q.global_amax
-    return (q.format.global_amax(q.amax) if shared is None else shared).reshape(())
+def _global_amaxes(quantizers: list[object]) -> tuple[list[TensorQuantizer], list[torch.Tensor]]:
+    """The enabled, calibrated NVFP4 quantizers in the list and the global amax each uses."""
+    found = [q for q in quantizers if isinstance(q, nn.Module) and _is_nvfp4(q)]
+    return found, [q.effective_global_amax(q.amax).reshape(()) for q in found]

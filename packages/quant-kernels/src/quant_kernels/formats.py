@@ -459,6 +459,18 @@ def nvfp4_global_amax(
     return None
 
 
+def check_four_over_six(
+    element: ElementFormat, scale_mode: ScaleMode, num_bits: Any, scale_bits: Any
+) -> None:
+    """ValueError unless the format is NVFP4 (E2M1 elements, E4M3 block scales), the only one
+    ``block_sizes["four_over_six"]`` applies to."""
+    if scale_mode is not ScaleMode.E4M3 or element.name != "e2m1":
+        raise ValueError(
+            "block_sizes['four_over_six'] needs NVFP4: num_bits=(2, 1) with scale_bits=(4, 3); "
+            f"got num_bits={num_bits!r}, scale_bits={scale_bits!r}"
+        )
+
+
 @dataclass(frozen=True)
 class QuantFormat:
     """One quantizer's format, parsed once from its ModelOpt-style attributes (`QuantFormat.parse`).
@@ -671,11 +683,8 @@ def _parse_format(num_bits, axis, blocks, type_, unsigned, narrow_range) -> Quan
         )
     if scale_bits is not None and not axes:
         raise ValueError(f"scale_bits={scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
-    if four_over_six and (SCALE_MODES[scale_bits] is not ScaleMode.E4M3 or element.name != "e2m1"):
-        raise ValueError(
-            "block_sizes['four_over_six'] needs NVFP4: num_bits=(2, 1) with scale_bits=(4, 3); "
-            f"got num_bits={num_bits!r}, scale_bits={scale_bits!r}"
-        )
+    if four_over_six:
+        check_four_over_six(element, SCALE_MODES[scale_bits], num_bits, scale_bits)
     return QuantFormat(
         element,
         SCALE_MODES[scale_bits],

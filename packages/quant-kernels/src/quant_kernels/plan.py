@@ -13,6 +13,7 @@ from quant_kernels.formats import (
     SCALE_MODES,
     ElementFormat,
     ScaleMode,
+    check_four_over_six,
     nvfp4_global_amax,
 )
 
@@ -110,11 +111,8 @@ def make_plan(
     if scale_mode is not ScaleMode.FLOAT32 and axes is None:
         raise ValueError(f"scale_bits={scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
     four_over_six = bool((block_sizes or {}).get("four_over_six", False))
-    if four_over_six and (scale_mode is not ScaleMode.E4M3 or element.name != "e2m1"):
-        raise ValueError(
-            "block_sizes['four_over_six'] needs NVFP4: num_bits=(2, 1) with scale_bits=(4, 3); "
-            f"got num_bits={num_bits!r}, scale_bits={scale_bits!r}"
-        )
+    if four_over_six:
+        check_four_over_six(element, scale_mode, num_bits, scale_bits)
     if global_amax is not None and scale_mode is not ScaleMode.E4M3:
         raise ValueError(
             "global_amax is only used with scale_bits=(4, 3) (NVFP4-style two-level scales)"

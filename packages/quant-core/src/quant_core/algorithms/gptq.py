@@ -301,7 +301,8 @@ def gptq_layers(
         hessian = fill_dead_channels(hessian, [", ".join(u) for u in units])
         quantizer = layers[units[0][0]].weight_quantizer
         fmt = kernel_format(quantizer)
-        block_scaled = first_stage(quantizer).format.scale_mode is not qk.ScaleMode.FLOAT32
+        stage_format = first_stage(quantizer).format
+        block_scaled = stage_format.scale_mode is not qk.ScaleMode.FLOAT32
         amax = None
         if clip_search:
             # blocks: channels weighted by diag H (as good as d^T H_bb d on MiniLM, half the
@@ -315,7 +316,7 @@ def gptq_layers(
         elif fmt.per_tensor or block_scaled:
             amax = fmt.amax(weights)
         global_amax = None
-        if amax is not None and block_scaled and first_stage(quantizer).format.has_global_amax:
+        if amax is not None and stage_format.has_global_amax:  # (block scaled: NVFP4)
             global_amax = qk.nvfp4_global_amax(block_amax=amax)  # one unit per batch: its max
             fmt = kernel_format(quantizer, global_amax=global_amax)
         with torch.no_grad():

@@ -22,19 +22,11 @@ def weight_codes(quantizer: TensorQuantizer, weight: torch.Tensor) -> qk.Quantiz
     """Codes and scales of ``weight`` exactly as ``quantizer`` fake-quantizes it.
 
     Static: the calibrated amax. Dynamic block formats (NVFP4, MX): block amaxes from the weight
-    itself, NVFP4's global amax from the calibrated amax when present, else the weight's.
+    itself; NVFP4's global amax as the quantizer uses it (`TensorQuantizer.effective_global_amax`).
     """
     amax = quantizer.amax
     amax = None if amax is None else amax.detach().to(weight.device)
-    global_amax = None
-    if quantizer.format.has_global_amax:
-        global_amax = (
-            qk.nvfp4_global_amax(calibrated=amax, x=weight)
-            if quantizer.is_dynamic
-            else quantizer.global_amax
-            if quantizer.global_amax is not None
-            else qk.nvfp4_global_amax(block_amax=amax)
-        )
+    global_amax = quantizer.effective_global_amax(amax, weight)
     return qk.quantize_to_codes(
         weight,
         num_bits=quantizer.num_bits,

@@ -233,6 +233,14 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
             )
         self.register_buffer("_global_amax", value.to(amax.device))
 
+    def effective_global_amax(
+        self, amax: torch.Tensor | None, x: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The NVFP4 global amax this quantizer quantizes with when it holds ``amax``: `global_amax`
+        when set, else the format's rule (`qk.QuantFormat.global_amax`); None for other formats."""
+        shared = self._buffers.get("_global_amax")
+        return self._format.global_amax(amax, x) if shared is None else shared
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # forward trusts the stored amax (no per-call check, which would wait for the device)
         value = state_dict.get(prefix + "_amax")
@@ -377,14 +385,13 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         if self.is_dynamic:
             # per-tensor and per-block amaxes (and NVFP4's global one) are taken by the kernels
             amax_arg = None if blocks or attrs.axis is None else reduce_amax(x_in, axis=attrs.axis)
-            global_amax = fmt.global_amax(amax)
+            global_amax = self.effective_global_amax(amax)
         else:
             if amax is None:
                 self._warn_uncalibrated()
                 amax = reduce_amax(x_in, axis=attrs.axis, block_sizes=blocks)
             amax_arg = amax.to(x.device)
-            shared = self._buffers.get("_global_amax")
-            global_amax = fmt.global_amax(amax_arg) if shared is None else shared.to(x.device)
+            global_amax = self.effective_global_amax(amax_arg)
         if attrs.learn_amax and amax_arg is not None and amax_arg.requires_grad:
             # LSQ-style: fq(x; amax) = amax * fq(x / amax; 1), so amax gets the gradient of its scale.
             bound = amax_arg.to(x_in.dtype)
@@ -403,7 +410,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
             amax=amax_arg.detach() if amax_arg is not None else None,
             block_sizes=fmt.kernel_block_sizes,
             scale_bits=fmt.scale_bits,
-            global_amax=global_amax.detach() if global_amax is not None else None,
+            global_amax=global_amax.detach().to(x.device) if global_amax is not None else None,
             unsigned=attrs.unsigned,
             narrow_range=attrs.narrow_range,
             validate_amax=False,  # checked when set (amax setter, state dict), or taken from x
