@@ -21,7 +21,6 @@ from quant_core.diagnostics import QuantWarning
 from quant_export import UnsupportedFormatError
 from quant_export.checkpoint_check import validate
 from quant_export.compressed_tensors_export import export_compressed_tensors
-from quant_export.prequant_fold import fold_pre_quant_scales
 
 transformers = pytest.importorskip("transformers")
 ct = pytest.importorskip("compressed_tensors")
@@ -149,11 +148,13 @@ def _share_scale(model: torch.nn.Module) -> None:
 def test_folding_a_shared_scale_into_the_norm_keeps_the_outputs(tmp_path):
     model = _model("llama")
     _calibrate(model, mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
-    _share_scale(model)
+    _share_scale(model)  # scales set by hand after calibration: the export refuses them ...
+    with pytest.raises(UnsupportedFormatError, match=r"q_proj.*not folded.*make_deployable"):
+        export_compressed_tensors(model, tmp_path / "refused")
     ids = random_token_batches(batches=1, batch_size=2, seq_len=12, seed=5)[0]["input_ids"]
     with torch.no_grad():
         before = model(ids).logits
-        report = fold_pre_quant_scales(model)
+        report = mtq.make_deployable(model)  # ... until make_deployable folds them
         after = model(ids).logits
     assert report.resmoothed == []
     assert sorted(report.into_norms) == [
@@ -163,32 +164,43 @@ def test_folding_a_shared_scale_into_the_norm_keeps_the_outputs(tmp_path):
     ]
     assert all(m.input_quantizer.pre_quant_scale is None for m in _linears(model))
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5 * before.abs().max().item())
+    assert not mtq.make_deployable(model).changed  # a second call changes nothing
+    export_compressed_tensors(model, tmp_path / "ckpt", dtype=torch.float32)
 
 
 def _linears(model):
     return [m for n, m in model.named_modules() if n.endswith("_proj")]
 
 
-def test_awq_scales_are_resmoothed_and_folded_so_no_pre_quant_scale_is_stored(tmp_path):
+def test_different_scales_on_one_input_are_resmoothed_then_folded(tmp_path):
     model = _model("llama")
-    # ModelOpt's awq_lite: one scale per layer, so q/k/v differ and must be resmoothed
+    _calibrate(model, mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    gen = torch.Generator().manual_seed(1)
+    attn = model.model.layers[0].self_attn
+    for proj in ("q_proj", "k_proj", "v_proj"):  # one scale per layer, as ModelOpt's awq_lite
+        attn.get_submodule(proj).input_quantizer.pre_quant_scale = (
+            torch.rand(128, generator=gen) + 0.5
+        )
+    report = mtq.make_deployable(model)
+    qkv = tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    assert report.resmoothed == [qkv]
+    assert report.into_norms == {"model.layers.0.input_layernorm": qkv}
+    assert all(m.input_quantizer.pre_quant_scale is None for m in _linears(model))
+
+
+def test_awq_lite_scales_are_folded_by_calibration_so_no_pre_quant_scale_is_stored(tmp_path):
+    model = _model("llama")
+    # ModelOpt's awq_lite: one scale per layer; calibration resmooths q/k/v and folds every scale
     _calibrate(model, {**mtq.INT4_AWQ_CFG.copy(), "algorithm": "awq_lite"})
-    q, k = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj
-    assert not torch.equal(q.input_quantizer.pre_quant_scale, k.input_quantizer.pre_quant_scale)
-    report = fold_pre_quant_scales(model, into_producers=True, require=True)
-    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
-            "model.layers.0.self_attn.v_proj"] in report.resmoothed  # fmt: skip
-    assert report.into_rows == {
-        f"model.layers.{i}.{p}": s
-        for i in (0, 1)
-        for p, s in (("self_attn.o_proj", "v_proj"), ("mlp.down_proj", "up_proj"))
-    }
+    assert all(m.input_quantizer.pre_quant_scale is None for m in _linears(model))
+    norm = model.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(norm, torch.ones_like(norm))  # the q/k/v scale lives here now
     path = export_compressed_tensors(model, tmp_path / "ckpt", dtype=torch.float32)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "pre_quant_scale" in k]  # noqa: SIM118
 
 
-def test_shipped_int4_awq_shares_scales_so_folding_keeps_the_gptq_weights(tmp_path):
+def test_shipped_int4_awq_folds_into_norms_and_keeps_the_gptq_weights_on_the_grid(tmp_path):
     model = _model("llama")
     _calibrate(model, mtq.INT4_AWQ_CFG)  # awq_gptq: one scale per input, weights on the grid
     readers = {
@@ -196,15 +208,12 @@ def test_shipped_int4_awq_shares_scales_so_folding_keeps_the_gptq_weights(tmp_pa
         for n, m in model.named_modules()
         if n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
     }
-    scaled = [n for n, m in readers.items() if m.input_quantizer.pre_quant_scale is not None]
-    assert sorted(scaled) == sorted(readers)  # every layer has a scale (ones where GPTQ alone won)
-    weights = {n: m.weight.detach().clone() for n, m in readers.items()}
-    report = fold_pre_quant_scales(model, into_producers=True, require=True)
-    assert report.resmoothed == []
-    assert sorted(n for names in report.into_norms.values() for n in names) == sorted(scaled)
-    for name, before in weights.items():  # folding into a norm leaves the GPTQ weights as they are
+    assert all(m.input_quantizer.pre_quant_scale is None for m in readers.values())
+    for name, module in readers.items():  # folding into a norm leaves the GPTQ weights as they are
         if name.endswith(("q_proj", "k_proj", "gate_proj")):  # (v/up rows take o/down's scales)
-            torch.testing.assert_close(readers[name].weight, before, rtol=0, atol=0)
+            with torch.no_grad():
+                fq = module.weight_quantizer(module.weight)
+            torch.testing.assert_close(fq, module.weight, rtol=0, atol=0)
     path = export_compressed_tensors(model, tmp_path / "ckpt", dtype=torch.float32)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "pre_quant_scale" in k]  # noqa: SIM118
@@ -214,7 +223,7 @@ def test_unfoldable_pre_quant_scales_and_bad_groups_are_refused(tmp_path):
     model = _model("llama")
     # o_proj's scale would have to go into v_proj's rows, which the quantized V cache reads
     _calibrate(model, quant_llm.with_kv_cache(mtq.INT4_AWQ_CFG, mtq.FP8_KV_CFG))
-    with pytest.raises(UnsupportedFormatError, match=r"o_proj.*cannot be folded.*modelopt"):
+    with pytest.raises(UnsupportedFormatError, match=r"o_proj.*not folded.*modelopt"):
         export_compressed_tensors(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
     model = tiny_model("llama", hidden_size=192, intermediate_size=256)
@@ -249,17 +258,17 @@ def _global_scales(path, names: list[str]) -> list[float]:
 
 def test_nvfp4_fused_layers_share_one_global_scale(tmp_path):
     """vLLM and SGLang run q/k/v and gate/up as one GEMM with the shards' largest
-    ``weight_global_scale`` (compressed_tensors_w4a4_nvfp4.py): the export gives each group one."""
+    ``weight_global_scale`` (compressed_tensors_w4a4_nvfp4.py): calibration gives each group one."""
     model = _model("llama")
     _calibrate(model, mtq.NVFP4_DEFAULT_CFG)
     layer = "model.layers.0"
     qkv = [f"{layer}.self_attn.{p}_proj" for p in "qkv"]
-    before = {n: model.get_submodule(n).weight_quantizer.amax.item() for n in qkv}
-    assert len(set(before.values())) > 1  # calibration leaves them different
+    own = {n: model.get_submodule(n).weight.detach().abs().max().item() for n in qkv}
+    assert len(set(own.values())) > 1  # max calibration alone would leave them different
     path = export_compressed_tensors(model, tmp_path / "ckpt", torch.float32)
     scales = _global_scales(path, qkv)
     assert scales[0] == scales[1] == scales[2]
-    assert scales[0] == pytest.approx(448 * 6 / max(before.values()), rel=1e-6)
+    assert scales[0] == pytest.approx(448 * 6 / max(own.values()), rel=1e-6)
     gate_up = _global_scales(path, [f"{layer}.mlp.{p}_proj" for p in ("gate", "up")])
     assert gate_up[0] == gate_up[1] != _global_scales(path, [f"{layer}.self_attn.o_proj"])[0]
 
@@ -276,15 +285,18 @@ def test_static_nvfp4_fused_layers_share_a_global_amax_and_keep_matching_the_mod
     qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
     own = [model.get_submodule(n).weight_quantizer.amax.max().item() for n in qkv]
     assert len(set(own)) > 1
+    for n in qkv:
+        assert model.get_submodule(n).weight_quantizer.global_amax.item() == max(own)
+    path = export_compressed_tensors(model, tmp_path / "ct", torch.float32)
+    assert _global_scales(path, qkv) == [pytest.approx(448 * 6 / max(own), rel=1e-6)] * 3
+    q_amax = model.get_submodule(qkv[0]).weight_quantizer
+    q_amax.global_amax = q_amax.amax.max()  # one layer's own global amax, set by hand
     with pytest.warns(QuantWarning, match="vLLM, SGLang and TensorRT-LLM fuse these layers"):
         path = export_compressed_tensors(
             model, tmp_path / "per_layer", torch.float32, share_fused_scales=False
         )
     assert len(set(_global_scales(path, qkv))) > 1
-    path = export_compressed_tensors(model, tmp_path / "ct", torch.float32)
-    assert _global_scales(path, qkv) == [pytest.approx(448 * 6 / max(own), rel=1e-6)] * 3
-    for n in qkv:
-        assert model.get_submodule(n).weight_quantizer.global_amax.item() == max(own)
+    mtq.make_deployable(model)
     hf = export_hf_checkpoint(model, tmp_path / "hf", torch.float32)
     with safe_open(str(hf / "model.safetensors"), "pt") as f:
         for n in qkv:

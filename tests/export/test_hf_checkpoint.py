@@ -201,27 +201,28 @@ def test_nvfp4_global_scales_are_amax_over_6_times_448_shared_by_fused_layers(ex
     assert q == k and q != o
 
 
-def test_shared_input_groups_are_the_fused_projections():
-    from quant_export.shared_inputs import shared_input_groups
-
-    groups = sorted(sorted(g) for g in shared_input_groups(_tiny_llama()))
-    expected = []
-    for i in range(2):
-        expected.append([f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.up_proj"])
-        expected.append([f"model.layers.{i}.self_attn.{p}_proj" for p in "kqv"])
-    assert groups == sorted(expected)
-
-
-def test_nvfp4_global_scales_stay_per_layer_when_not_shared(tmp_path):
+def test_nvfp4_global_scales_are_shared_by_calibration_and_per_layer_only_on_request(tmp_path):
     model = _tiny_llama()
     mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, _forward_loop)
-    path = export_hf_checkpoint(model, tmp_path / "ckpt", share_fused_scales=False)
+    qkv = [model.model.layers[0].self_attn.get_submodule(f"{p}_proj") for p in "qkv"]
+    largest = max(m.weight.detach().abs().max() for m in qkv)
+    assert all(
+        m.weight_quantizer.amax.reshape(()) == largest for m in qkv
+    )  # shared when calibrated
+    qkv[0].weight_quantizer.amax = qkv[0].weight.detach().abs().max().reshape(1)  # edited by hand
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedFormatError, match=r"q_proj.*NVFP4 global.*make_deployable"):
+        export_hf_checkpoint(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    with pytest.warns(mtq.QuantWarning, match="share_fused_scales=False"):
+        path = export_hf_checkpoint(model, tmp_path / "ckpt", share_fused_scales=False)
     tensors = _read(path / "model.safetensors")
     for name, module in _layers(model):
-        expected = module.weight.detach().abs().max().double() / 2688
+        expected = module.weight_quantizer.amax.double().reshape(()) / 2688
         assert tensors[f"{name}.weight_scale_2"].double().item() == pytest.approx(
             expected.item(), rel=1e-6
         )
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
 @pytest.mark.parametrize("name", ["fp8", "nvfp4"])
@@ -238,7 +239,9 @@ def test_kv_scales_are_calibrated_amax_over_format_bound(exported, name):
             assert scale.double().item() == pytest.approx((amax / bound).item(), rel=1e-7)
             assert torch.isfinite(scale) and scale > 0 and scale.item() != 1.0
             seen.append(scale.item())
-    assert len(set(seen)) == len(seen)  # calibrated per layer and per k/v, never a shared default
+    # calibrated per layer, never a shared default; keys and values of one layer share the larger
+    # amax (TensorRT-LLM's one kv_cache_scaling_factor, set by calibration for every layout)
+    assert seen[0::2] == seen[1::2] and len(set(seen)) == len(seen) // 2
 
 
 def test_int4_awq_scales_are_folded_and_unfused_loaders_get_a_unit_pre_quant_scale(exported):

@@ -160,9 +160,9 @@ def test_llama_names_shapes_and_dtypes_at_tp2(exports):
     )  # INT4 pairs
     assert rank1["transformer.layers.0.attention.qkv.weight"].dtype == torch.int8
     assert rank1["transformer.layers.0.attention.qkv.weights_scaling_factor"].shape == (qkv_rows, 2)
-    assert rank1["transformer.layers.0.attention.qkv.prequant_scaling_factor"].shape == (256,)
     assert rank1["transformer.layers.0.attention.dense.weights_scaling_factor"].shape == (256, 1)
-    assert rank1["transformer.layers.0.attention.dense.prequant_scaling_factor"].shape == (128,)
+    # calibration folded the AWQ scales into input_layernorm and v_proj's rows: none is stored
+    assert not [k for k in rank1 if k.endswith("prequant_scaling_factor")]
     assert rank1["transformer.layers.0.mlp.gate.weight"].shape == (128, 256)
     assert rank1["transformer.layers.0.mlp.proj.weight"].shape == (128, 256)
     assert rank1["transformer.vocab_embedding.weight"].shape == (128, 256)
@@ -312,12 +312,18 @@ def test_bad_input_is_one_clear_line(tmp_path, make, decoder, tp, match):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("cfg", ["MXFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG", "NVFP4_AWQ_LITE_CFG"])
+@pytest.mark.parametrize(
+    "cfg", ["MXFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG", "NVFP4_AWQ_LITE_CFG+FP8_KV_CFG"]
+)
 def test_formats_tensorrt_llm_cannot_hold_are_refused(tmp_path, cfg):
+    """(NVFP4 AWQ alone now exports: calibration folds its scales. With a quantized V cache,
+    o_proj's scale cannot go into v_proj's rows and TensorRT-LLM's NVFP4 has no pre-quant scale.)"""
     model = tiny_model("llama", **NARROW)
-    mtq.quantize(
-        model, getattr(mtq, cfg), lambda m: [m(**b) for b in random_token_batches(batches=1)]
-    )
+    config, _, kv = cfg.partition("+")
+    config = getattr(mtq, config)
+    if kv:
+        config = quant_llm.with_kv_cache(config, getattr(mtq, kv))
+    mtq.quantize(model, config, lambda m: [m(**b) for b in random_token_batches(batches=1)])
     with pytest.raises(UnsupportedFormatError, match="TensorRT-LLM") as info:
         export_tensorrt_llm_checkpoint(model, "llama", torch.float16, tmp_path / "x")
     assert "layer model.layers." in str(info.value) and "Hugging Face" not in str(info.value)

@@ -169,10 +169,17 @@ def test_replay_reproduces_the_searched_model_with_awq_scales(awq_search):
     fp, model, state = awq_search
     assert "INT4_AWQ_CFG" in state["choice"].values()
     replay = mtq.quantize(copy.deepcopy(fp), mtq.get_auto_quantize_config(state), _calib_loop)
-    searched = dict(model.named_buffers())
-    scales = [n for n in searched if n.endswith("_pre_quant_scale")]
-    assert scales, "AWQ layers carry pre-quant scales"
-    for n, b in replay.named_buffers():
+    searched = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    float_params = dict(fp.named_parameters())
+    folded = [  # calibration folded the AWQ scales into the norms before the AWQ layers
+        n
+        for n, p in model.named_parameters()
+        if n.endswith("layernorm.weight") and not torch.equal(p, float_params[n])
+    ]
+    assert folded, "AWQ scales live in the norms"
+    replayed = {**dict(replay.named_parameters()), **dict(replay.named_buffers())}
+    assert replayed.keys() == searched.keys()
+    for n, b in replayed.items():
         torch.testing.assert_close(b, searched[n], rtol=0, atol=0)
     with torch.no_grad():
         assert torch.equal(model(**DATA[2]).logits, replay(**DATA[2]).logits)

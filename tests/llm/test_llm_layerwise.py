@@ -8,6 +8,7 @@ same algorithm run on each layer's own inputs, recorded independently with forwa
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -68,8 +69,8 @@ def test_layerwise_calibrates_enabled_quantizers_after_the_stack(forward_loop):
 
 def _per_layer_reference(method: dict, forward_loop, qdq: bool) -> torch.nn.Module:
     """The same algorithm on each layer alone, its inputs recorded by plain pre-hooks on the model
-    whose earlier layers are already calibrated (qdq), or on a copy with weights max-calibrated
-    (what a whole-model calibration pass computes with)."""
+    whose earlier layers are already calibrated and made deployable (qdq), or on a copy with
+    weights max-calibrated (what a whole-model calibration pass computes with)."""
     model = _quantized(W4, None, None)
     one_pass = _quantized(W4, "max", None)
     fn = get_algorithm(method["method"])
@@ -92,6 +93,10 @@ def _per_layer_reference(method: dict, forward_loop, qdq: bool) -> torch.nn.Modu
 
         with torch.no_grad():
             fn(layer, replay, **options)
+            # each layer made deployable before the next one's inputs are recorded from it
+            args, kwargs = recorded[0]
+            probe = functools.partial(layer, *args, **kwargs)
+            mtq.make_deployable(model, prefix=f"model.layers.{index}.", probe=probe)
     return model
 
 

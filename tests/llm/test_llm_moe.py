@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 import quant_core as mtq
+import quant_core.model_quant as model_quant
+from quant_core.deployable import DeployReport
 from quant_llm import all_experts_forward_loop, experts_without_tokens
 from quant_llm.testing.tiny_models import tiny_model
 
@@ -72,7 +74,7 @@ def test_experts_without_routed_tokens_are_reported_and_weights_still_calibrated
 
 
 def test_calibrating_through_all_experts_gives_every_expert_the_real_input_amax(
-    calib_batches, forward_loop
+    calib_batches, forward_loop, monkeypatch
 ):
     model = _mixtral_with_idle_experts()
     reference = copy.deepcopy(model)
@@ -83,7 +85,9 @@ def test_calibrating_through_all_experts_gives_every_expert_the_real_input_amax(
     # Activations only, so the hidden states during calibration are exactly the fp32 ones.
     config = mtq.FP8_DEFAULT_CFG.copy()
     config["quant_cfg"]["*weight_quantizer"] = {"enable": False}
-    mtq.quantize(model, config, all_experts_forward_loop(forward_loop))
+    with monkeypatch.context() as patch:  # first the statistics each expert collected
+        patch.setattr(model_quant, "make_deployable", lambda *_a, **_k: DeployReport())
+        mtq.quantize(model, config, all_experts_forward_loop(forward_loop))
     assert experts_without_tokens(model) == {
         f"model.layers.{i}.mlp.experts": [2, 3] for i in range(2)
     }
@@ -102,6 +106,15 @@ def test_calibrating_through_all_experts_gives_every_expert_the_real_input_amax(
             for e in range(NUM_EXPERTS)
         }
         assert len(downs) == NUM_EXPERTS
+    # then calibration's last step: engines run the experts with one input scale, the largest
+    largest = {
+        i: max(p.input_quantizer.amax for p in layer.mlp.experts.quant_down_proj)
+        for i, layer in enumerate(model.model.layers)
+    }
+    mtq.make_deployable(model)
+    for i, layer in enumerate(model.model.layers):
+        for p in layer.mlp.experts.quant_down_proj:
+            assert torch.equal(p.input_quantizer.amax, largest[i])
 
     # Routing of the outputs was not changed by the all-experts calibration pass.
     mtq.disable_quantizer(model, "*")

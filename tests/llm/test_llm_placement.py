@@ -137,8 +137,12 @@ def test_smoothquant_reaches_gpt2_conv1d_and_every_routed_expert(forward_loop):
     gpt2 = tiny_model("gpt2")
     mtq.quantize(gpt2, mtq.INT8_SMOOTHQUANT_CFG, forward_loop)
     for block in gpt2.transformer.h:
-        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+        for layer in (block.attn.c_proj, block.mlp.c_proj):
             assert layer.input_quantizer.pre_quant_scale is not None
+        # c_attn and c_fc read ln_1 / ln_2 (pre-norm): their scales were folded into the norms
+        for layer, norm in ((block.attn.c_attn, block.ln_1), (block.mlp.c_fc, block.ln_2)):
+            assert layer.input_quantizer.pre_quant_scale is None
+            assert not torch.equal(norm.weight, torch.ones_like(norm.weight))
 
     mixtral = tiny_model("mixtral")
     mtq.quantize(mixtral, mtq.INT8_SMOOTHQUANT_CFG, forward_loop)

@@ -26,7 +26,9 @@ from quant_core.conversion import (
     set_quantizer_by_cfg_context,
     unregister,
 )
+from quant_core.deployable import DeployReport, deployment_mismatches, make_deployable
 from quant_core.diagnostics import QuantWarning
+from quant_core.input_groups import input_groups, record_input_groups
 from quant_core.model_quant import (
     CalibrationError,
     calibrate,
@@ -43,6 +45,11 @@ from quant_core.summary import print_quant_summary, quant_summary
 
 __all__ = [
     "CalibrationError",
+    "DeployReport",
+    "deployment_mismatches",
+    "input_groups",
+    "make_deployable",
+    "record_input_groups",
     "QuantWarning",
     "QuantModuleRegistry",
     "QuantizeConfig",

@@ -24,6 +24,7 @@ more pass in which the last layer replays its inputs.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -315,11 +316,17 @@ def layerwise_calibrate(
     forward_loop: ForwardLoop,
     options: dict[str, Any],
     qdq_from_prev: bool,
+    layer_done: Callable[[str, Callable[[], Any]], None] | None = None,
 ) -> None:
-    """Run ``algorithm(module, loop, **options)`` on each decoder layer in turn (see the module doc)."""
+    """Run ``algorithm(module, loop, **options)`` on each decoder layer in turn (see the module doc).
+
+    ``layer_done(prefix, probe)`` is called with each layer's name plus a dot once it is
+    calibrated, before the next layer's inputs are computed from it; ``probe()`` runs the layer on
+    its first recorded batch."""
     if forward_loop is None:
         raise ValueError("layerwise calibration needs a forward_loop to capture layer inputs")
     layers = decoder_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
     seq = _Sequencer(model, layers, forward_loop)
     with seq.patched():
         inputs = seq.inputs_of(0)
@@ -330,6 +337,9 @@ def layerwise_calibrate(
                     with _as_in_one_pass(layer):
                         following = seq.inputs_of(index + 1)
                 algorithm(layer, _replay(inputs), **options)
+                if layer_done is not None:
+                    args, kwargs = inputs[0]
+                    layer_done(f"{names[id(layer)]}.", functools.partial(layer, *args, **kwargs))
                 if not last and qdq_from_prev:
                     following = seq.inputs_of(index + 1)
             if not last:

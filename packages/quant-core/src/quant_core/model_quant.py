@@ -20,6 +20,13 @@ from quant_core.conversion import (
     replace_quant_modules,
     set_quantizer_by_cfg,
 )
+from quant_core.deployable import make_deployable
+from quant_core.input_groups import (
+    InputRecorder,
+    forward_dummy,
+    has_record,
+    recording_input_groups,
+)
 from quant_core.layerwise import find_decoder_layers, layerwise_calibrate
 from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model_quant names
     compute_quantization_mse,
@@ -163,12 +170,20 @@ def calibrate(
 def _calibrate(
     model: nn.Module, runs: list[AlgorithmRun], forward_loop: ForwardLoop | None
 ) -> nn.Module:
-    """`calibrate` with the algorithms already parsed and checked (`check_algorithms`)."""
+    """`calibrate` with the algorithms already parsed and checked (`check_algorithms`).
+
+    The forward passes of calibration record which layers read one input
+    (:mod:`quant_core.input_groups`); at the end the model is made deployable
+    (:func:`quant_core.deployable.make_deployable`), per decoder layer under ``layerwise``."""
     check_materialized(model)
     _refuse_four_over_six(model, [run.method for run in runs])
     with eval_mode(model):
-        for run in runs:
-            _run_algorithm(model, run, forward_loop)
+        with recording_input_groups(model) as recorder:
+            for run in runs:
+                _run_algorithm(model, run, forward_loop, recorder)
+            found_late = forward_loop is None and not has_record(model) and forward_dummy(model)
+        if found_late:
+            make_deployable(model, probe=recorder.probe())
     return model
 
 
@@ -186,8 +201,20 @@ def _refuse_four_over_six(model: nn.Module, methods: list[str]) -> None:
             )
 
 
-def _run_algorithm(model: nn.Module, run: AlgorithmRun, forward_loop: ForwardLoop | None) -> None:
-    """Run one algorithm; on failure every quantizer is back in normal (quantizing) mode."""
+def _run_algorithm(
+    model: nn.Module,
+    run: AlgorithmRun,
+    forward_loop: ForwardLoop | None,
+    recorder: InputRecorder,
+) -> None:
+    """Run one algorithm; on failure every quantizer is back in normal (quantizing) mode.
+    Under ``layerwise`` each decoder layer is made deployable as soon as it is calibrated, so the
+    next layer sees the outputs the exported layer computes."""
+
+    def layer_done(prefix: str, probe: Callable[[], Any]) -> None:
+        recorder.record()
+        make_deployable(model, prefix=prefix, probe=probe)
+
     method, fn, options, layerwise = run.method, run.fn, run.options, run.layerwise
     loop = _LoopGuard(model, forward_loop, method) if forward_loop is not None else None
     try:
@@ -196,10 +223,14 @@ def _run_algorithm(model: nn.Module, run: AlgorithmRun, forward_loop: ForwardLoo
                 layerwise.when_stacked and find_decoder_layers(model) is None
             ):
                 qdq = layerwise.get_qdq_activations_from_prev_layer
-                layerwise_calibrate(model, fn, forward_loop, options, qdq)
+                layerwise_calibrate(model, fn, forward_loop, options, qdq, layer_done)
+                recorder.record()
+                make_deployable(model, probe=recorder.probe())  # what is outside the layers
             else:
                 with weights_materialized(model):
                     fn(model, loop, **options)
+                    recorder.record()
+                    make_deployable(model, probe=recorder.probe())
     except TypeError as err:
         _reset_calibration_state(model)
         if "unexpected keyword argument" in str(err):

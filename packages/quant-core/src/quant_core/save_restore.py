@@ -36,6 +36,7 @@ from quant_core.conversion import (
     iter_tensor_quantizers,
     name_quantizers,
 )
+from quant_core.input_groups import record_from_json, record_to_json
 from quant_core.nn.lsq import LSQ_TENSORS, LSQState, enable_lsq
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.sequential import SequentialQuantizer
@@ -89,6 +90,7 @@ def quantizer_state(model: nn.Module) -> dict[str, Any]:
         "sequential": sequential,
         "quantizers": quantizers,
         "tensors": tensors,
+        "input_groups": record_to_json(model),
     }
 
 
@@ -147,6 +149,7 @@ def restore_quantizer_state(model: nn.Module, state: dict[str, Any]) -> nn.Modul
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, recompress(module, name, record))
     name_quantizers(model)
+    record_from_json(model, state.get("input_groups"))
     return model
 
 

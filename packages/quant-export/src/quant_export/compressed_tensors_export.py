@@ -20,9 +20,9 @@ written (:func:`_compress_layer`). Per layer ``L``:
   ``kv_cache_scheme``.
 
 Scales are stored in the checkpoint's ``dtype``, as compressed-tensors initialises them (global
-scales stay float32). compressed-tensors has no pre-quant scale, so SmoothQuant / AWQ scales are
-folded into the model first (:func:`quant_export.prequant_fold.fold_pre_quant_scales`); a scale that
-cannot be folded raises :class:`UnsupportedFormatError`.
+scales stay float32). compressed-tensors has no pre-quant scale: calibration folds SmoothQuant / AWQ
+scales into the model (:func:`quant_core.make_deployable`); a scale it could not fold raises
+:class:`UnsupportedFormatError`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import quant_kernels as qk
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
+from quant_export.deployable_check import check_deployable
 from quant_export.hf_checkpoint import (
     DEFAULT_SHARD_SIZE,
     DTYPES,
@@ -61,10 +62,8 @@ from quant_export.hf_formats import (
     linear_specs,
     weight_kind,
 )
-from quant_export.prequant_fold import fold_pre_quant_scales
 from quant_export.quantizers import QuantizerSpec, UnsupportedFormatError
 from quant_export.schemes import config_groups, scheme_of
-from quant_export.shared_inputs import share_fused_nvfp4_scales
 
 # (weight kind, input kind) -> compressed-tensors format: the combinations vLLM's
 # compressed_tensors scheme matcher and transformers' loader take.
@@ -306,16 +305,15 @@ def export_compressed_tensors(
     """Write a quantized transformers model as a compressed-tensors checkpoint in ``export_dir``.
 
     ``dtype`` (bfloat16, float16 or float32) is the type of the unquantized tensors and of the
-    scales. Pre-quant scales (SmoothQuant, AWQ) are first folded into the model (preceding norms,
-    or the producing layer's output rows); this changes the model the same way as the files. With
-    ``share_fused_scales``, NVFP4 layers that read the same input (q/k/v, gate/up) get one global
-    weight scale, as vLLM's and SGLang's fused kernels need
-    (:func:`~quant_export.shared_inputs.share_nvfp4_global_amax`, in the model too).
-    Raises UnsupportedFormatError naming the layer for anything compressed-tensors cannot hold.
+    scales. The model is only read: calibration already folded pre-quant scales (SmoothQuant, AWQ)
+    into preceding norms or producing rows and shared the scales of fused layers
+    (:func:`quant_core.make_deployable`); a scale that could not be folded is refused (the layout
+    has none), as is a model whose fused layers disagree (with ``share_fused_scales=False``: a
+    warning). Raises UnsupportedFormatError naming the layer for anything compressed-tensors cannot
+    hold.
     """
+    check_deployable(model, share_fused_scales=share_fused_scales, pre_quant_scale=False)
     check_export_target(model, export_dir, dtype, max_shard_size)
-    fold_pre_quant_scales(model, into_producers=True, require=True)
-    share_fused_nvfp4_scales(model, share_fused_scales)
     with torch.no_grad():
         layers, tensors, ignore, kv_fields = _collect(model, dtype)
     if not layers and kv_fields is None:

@@ -29,12 +29,11 @@ from tqdm import tqdm
 from quant_core.atomic import atomic_temp
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 from quant_export._version import __version__
+from quant_export.deployable_check import check_deployable
 from quant_export.engines import LOADERS, loaders_for
 from quant_export.hf_formats import KV_QUANTIZERS, LayerExport, export_kv_scales, export_linear
-from quant_export.prequant_fold import fold_pre_quant_scales
-from quant_export.quantizers import UnsupportedFormatError, refuse_compressed
+from quant_export.quantizers import UnsupportedFormatError
 from quant_export.schemes import config_groups, scheme_of
-from quant_export.shared_inputs import share_fused_nvfp4_scales
 
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DEFAULT_SHARD_SIZE = 5 * 2**30
@@ -381,22 +380,19 @@ def export_hf_checkpoint(
     """Write a quantized transformers model as a unified Hugging Face checkpoint in ``export_dir``.
 
     ``dtype`` (bfloat16, float16 or float32) is the type of every tensor left unquantized; scales
-    stay float32 (NVFP4 block scales float8_e4m3fn). SmoothQuant / AWQ pre-quant scales of layers
-    that share an input are first resmoothed to one and folded into the preceding norm, and those
-    of ``o_proj`` / ``down_proj`` into ``v_proj`` / ``up_proj`` rows where possible
-    (:func:`~quant_export.prequant_fold.fold_pre_quant_scales`, in the model too). With
-    ``share_fused_scales``, NVFP4 layers that read the same input (q/k/v, gate/up) get one global
-    weight scale, as fused engine kernels need. ``engine`` (a key of
+    stay float32 (NVFP4 block scales float8_e4m3fn). The model is only read: calibration already
+    shared the scales of fused layers and folded pre-quant scales where it could
+    (:func:`quant_core.make_deployable`); pre-quant scales that remain are written as
+    ``pre_quant_scale``. A model whose fused layers (q/k/v, gate/up) disagree is refused, or with
+    ``share_fused_scales=False`` written with a warning. ``engine`` (a key of
     :data:`quant_export.engines.LOADERS`) requires that engine to load the result; by default at
     least one must. Raises UnsupportedFormatError, naming the layer and quantizer, for any active
     quantizer without a checkpoint form, or naming the engines for a format none loads.
     """
-    refuse_compressed(model)
+    check_deployable(model, share_fused_scales=share_fused_scales)
     check_export_target(model, export_dir, dtype, max_shard_size)
     if engine is not None and engine not in LOADERS:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(LOADERS)}")
-    fold_pre_quant_scales(model, into_producers=True)
-    share_fused_nvfp4_scales(model, share_fused_scales)
     with torch.no_grad():
         collected = _collect(model, dtype)
     summary = _quant_summary(collected)

@@ -100,6 +100,14 @@ class QuantFusedExperts(QuantModule):
             ExpertProjection(self, "down_proj", e) for e in range(self.num_experts)
         )
 
+    def sibling_input_groups(self) -> list[list[str]]:
+        """The experts' up and down projections: each set runs as one engine call (one input
+        scale), although every expert reads its own tokens (see :mod:`quant_core.input_groups`)."""
+        return [
+            [f"quant_up_proj.{e}" for e in range(self.num_experts)],
+            [f"quant_down_proj.{e}" for e in range(self.num_experts)],
+        ]
+
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         h = self.quant_up_proj[e](x)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quant_core.algorithms._blocks import from_blocks, to_blocks
-from quant_core.algorithms._moved import moved_names
 from quant_core.algorithms.output_error import (
     block_output_error,
     hessian_diag_blocks,
@@ -43,15 +42,6 @@ __all__ = [
     "relative_weight_mean",
     "scoring_block",
 ]
-
-# Moved to the shared helper modules; importable from here for code written against the old home.
-__getattr__ = moved_names(
-    __name__,
-    {
-        "output_error": "quant_core.algorithms.output_error",
-        "scaled_hessian": "quant_core.algorithms.output_error",
-    },
-)
 
 
 def awq_scales(act_mean: Tensor, alpha: Tensor, weight_mean: Tensor | None = None) -> Tensor:

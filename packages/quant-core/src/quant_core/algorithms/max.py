@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from quant_core.algorithms._moved import moved_names
 from quant_core.algorithms.per_token_fallback import (
     check_min_gain_db,
     per_token_fallback,
@@ -16,16 +15,6 @@ from quant_core.algorithms.registry import ForwardLoop, register_algorithm
 from quant_core.algorithms.statistics import max_calibrate
 
 __all__ = ["PER_TOKEN_FALLBACK_DB", "max_algorithm"]
-
-# Moved to the shared helper modules; importable from here for code written against the old home.
-__getattr__ = moved_names(
-    __name__,
-    {
-        "calibrate_weights": "quant_core.algorithms.statistics",
-        "collecting_statistics": "quant_core.algorithms.statistics",
-        "max_calibrate": "quant_core.algorithms.statistics",
-    },
-)
 
 
 PER_TOKEN_FALLBACK_DB = 9.0

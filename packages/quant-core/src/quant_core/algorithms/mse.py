@@ -9,30 +9,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quant_core.algorithms._moved import moved_names
 from quant_core.algorithms.output_error import mse_amax
 from quant_core.algorithms.registry import register_algorithm
 from quant_core.algorithms.statistics import calibrate_with_stats
 from quant_core.algorithms.weights import kernel_format, set_weight_amax, weight_layers
 
 __all__ = ["mse_calibrate"]
-
-# Moved to the shared helper modules; importable from here for code written against the old home.
-__getattr__ = moved_names(
-    __name__,
-    {
-        "BlockFormat": "quant_core.algorithms.weights",
-        "QuantFn": "quant_core.algorithms.weights",
-        "first_stage": "quant_core.algorithms.weights",
-        "kernel_format": "quant_core.algorithms.weights",
-        "set_weight_amax": "quant_core.algorithms.weights",
-        "weight_layers": "quant_core.algorithms.weights",
-        "recalibrate_weight": "quant_core.algorithms.weights:calibrate_weight",
-        "block_output_error": "quant_core.algorithms.output_error",
-        "hessian_diag_blocks": "quant_core.algorithms.output_error",
-        "mse_amax": "quant_core.algorithms.output_error",
-    },
-)
 
 
 @register_algorithm("mse")

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from quant_core.algorithms._moved import moved_names
 from quant_core.algorithms.registry import register_algorithm
 from quant_core.algorithms.statistics import calibrate_with_stats, effective_input_stats
 from quant_core.algorithms.weights import (
@@ -28,21 +27,6 @@ from quant_core.algorithms.weights import (
 )
 
 __all__ = ["search_smoothing", "smoothing_scales", "smoothquant"]
-
-# Moved to the shared helper modules; importable from here for code written against the old home.
-__getattr__ = moved_names(
-    __name__,
-    {
-        "InputStats": "quant_core.algorithms.statistics",
-        "block_diagonal_gram": "quant_core.algorithms.statistics",
-        "calibrate_with_stats": "quant_core.algorithms.statistics",
-        "collect_input_stats": "quant_core.algorithms.statistics",
-        "effective_input_stats": "quant_core.algorithms.statistics",
-        "upper_gram": "quant_core.algorithms.statistics",
-        "weights_quantized_once": "quant_core.algorithms.statistics",
-        "input_format": "quant_core.algorithms.weights",
-    },
-)
 
 
 def smoothing_scales(

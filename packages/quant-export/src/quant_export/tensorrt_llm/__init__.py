@@ -1,7 +1,7 @@
 """TensorRT-LLM checkpoints (``config.json`` + ``rank{r}.safetensors``) for ``trtllm-build``.
 
 One module per job: :mod:`.families` (HF -> TensorRT-LLM names per model family),
-:mod:`.config` (``PretrainedConfig``), :mod:`.fusion` (shared scales for fused GEMMs),
+:mod:`.config` (``PretrainedConfig``),
 :mod:`.formats` (per-format tensors of a linear layer), :mod:`.experts` (MoE layers),
 :mod:`.split` (tensor-parallel splitting), :mod:`.checkpoint` (the writer) and
 :mod:`.validate` (the validator).

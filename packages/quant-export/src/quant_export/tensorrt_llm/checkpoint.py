@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,20 +23,15 @@ from torch import nn
 from tqdm import tqdm
 
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
+from quant_export.deployable_check import check_deployable
 from quant_export.hf_checkpoint import DTYPES, check_export_dir, write_atomically
 from quant_export.hf_formats import KV_QUANTIZERS, export_kv_scales
-from quant_export.quantizers import UnsupportedFormatError, refuse_compressed
+from quant_export.quantizers import UnsupportedFormatError
 from quant_export.tensorrt_llm import smoothquant_plugin as smoothquant_plugin_layout
 from quant_export.tensorrt_llm.config import check_parallel, pretrained_config
 from quant_export.tensorrt_llm.experts import export_experts, split_experts
 from quant_export.tensorrt_llm.families import COLUMN, Family, LinearMap, family_of
 from quant_export.tensorrt_llm.formats import TrtLinear, export_trt_linear
-from quant_export.tensorrt_llm.fusion import (
-    fit_w4a8_group_scales,
-    fuse_group,
-    share_amax,
-    share_kv,
-)
 from quant_export.tensorrt_llm.split import (
     head_parts,
     split_linear,
@@ -70,38 +64,6 @@ def _layers(model: nn.Module, family: Family) -> list[nn.Module]:
             f"{type(model).__name__} has no {family.layers!r}: not a {family.architecture} model"
         )
     return list(modules[family.layers])
-
-
-def _fused_groups(family: Family, smoothquant_plugin: bool) -> list[tuple[str, ...]]:
-    """HF modules (in a layer) that must share scales: one TensorRT-LLM layer's parts, and with the
-    SmoothQuant plugin every layer quantized by the same norm (fc and gate)."""
-    groups = [lm.hf for lm in family.linears if len(lm.hf) > 1]
-    if smoothquant_plugin:
-        by_norm: dict[str, tuple[str, ...]] = {}
-        for lm in family.linears:
-            norm = smoothquant_plugin_layout.NORM_BEFORE.get(lm.trt)
-            if norm:
-                by_norm[norm] = by_norm.get(norm, ()) + lm.hf
-        groups += [g for g in by_norm.values() if len(g) > 1 and g not in groups]
-    return groups
-
-
-def _prepare(layers: list[nn.Module], family: Family, smoothquant_plugin: bool) -> bool:
-    """In-model scale sharing for fused GEMMs, KV caches and experts (:mod:`.fusion`)."""
-    changed = False
-    for layer in layers:
-        sub = dict(layer.named_modules())
-        for group in _fused_groups(family, smoothquant_plugin):
-            changed |= fuse_group([sub[n] for n in group])
-        for lm in family.linears:
-            for n in lm.hf:
-                changed |= fit_w4a8_group_scales(sub[n])
-        changed |= share_kv(sub[family.attention])
-        experts = sub.get(family.moe) if family.moe else None
-        for which in ("quant_up_proj", "quant_down_proj"):
-            projections = getattr(experts, which, None) or []
-            changed |= share_amax([getattr(p, "input_quantizer", None) for p in projections])
-    return changed
 
 
 def _check_fused(name: str, parts: list[TrtLinear]) -> None:
@@ -305,7 +267,7 @@ def export_tensorrt_llm_checkpoint(
     ``p * tp + t``). Raises ValueError (architecture, parallel sizes) or UnsupportedFormatError (a format
     TensorRT-LLM cannot hold) before anything is written. Returns the directory.
     """
-    refuse_compressed(model)
+    check_deployable(model)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES.values())}, got {dtype}")
     hf = getattr(model, "config", None)
@@ -318,14 +280,6 @@ def export_tensorrt_llm_checkpoint(
     check_parallel(hf, tp, pp)
     export_dir = check_export_dir(export_dir)
     with torch.no_grad():
-        if _prepare(_layers(model, family), family, smoothquant_plugin):
-            warnings.warn(
-                "export_tensorrt_llm_checkpoint gave layers that TensorRT-LLM fuses (q/k/v, "
-                "experts, keys/values) shared scales in the model itself; the model now computes "
-                "what the checkpoint holds",
-                UserWarning,
-                stacklevel=2,
-            )
         collected = _collect(model, family, dtype)
         if smoothquant_plugin:
             if collected.experts:
