@@ -281,7 +281,16 @@ def _add_quantize(sub: Any) -> None:
     cmd.add_argument("--group-size", type=int, help="INT4 weight group size (default 128)")
     cmd.add_argument("--format", choices=list(LAYOUTS), default="compressed-tensors")
     cmd.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    cmd.add_argument("--output", required=True, help="checkpoint folder to write")
+    cmd.add_argument(
+        "--output",
+        required=True,
+        help="checkpoint folder to write (outside --model; replaced in one rename when complete)",
+    )
+    cmd.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output folder that holds files this tool did not write",
+    )
     cmd.set_defaults(run=_run_quantize)
     for name, run, text in (
         ("inspect", _run_inspect, "describe a checkpoint folder"),

