@@ -250,9 +250,8 @@ def _run_validate(args: argparse.Namespace) -> int:
     from quant_export.checkpoint_check import validate
 
     info = validate(args.folder)
-    print(
-        f"{args.folder}: valid {info['layout']} checkpoint, {len(info['layers'])} quantized layers"
-    )
+    layers = f", {len(info['layers'])} quantized layers" if info["layers"] else ""
+    print(f"{args.folder}: valid {info['layout']} checkpoint{layers}")
     return 0
 
 
