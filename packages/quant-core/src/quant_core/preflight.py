@@ -19,7 +19,14 @@ from quant_core.algorithms.registry import Algorithm
 from quant_core.config.algorithm_configs import QuantizeAlgorithmConfig, algorithm_spec
 from quant_core.layerwise import LayerwiseOptions, split_layerwise
 
-__all__ = ["AlgorithmRun", "algorithm_specs", "check_algorithms", "check_materialized"]
+__all__ = [
+    "AlgorithmRun",
+    "algorithm_specs",
+    "check_algorithms",
+    "check_kv_cache_reached",
+    "check_materialized",
+    "check_not_compressed",
+]
 
 
 @dataclass(frozen=True)
@@ -143,3 +150,51 @@ def check_materialized(model: nn.Module) -> None:
             "model.to_empty(device='cpu') then model.load_state_dict(weights), or load it "
             "without device='meta' / init_empty_weights."
         )
+
+
+def check_not_compressed(model: nn.Module, entry: str) -> None:
+    """Refuse ``entry`` (``"quantize"`` / ``"calibrate"``) on a model holding compressed layers.
+
+    ``mtq.compress`` replaced those layers' float weights by packed codes: there is nothing left to
+    calibrate, and a new config would silently apply to the remaining float layers only.
+    """
+    from quant_core.compress.module import CompressedLinear
+
+    names = [n for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(
+            f"mtq.{entry}: {type(model).__name__} holds compressed layers ({shown}), whose weights "
+            f"are packed codes; {entry} the fake-quant model before mtq.compress (or restore it "
+            "into a fresh float model)"
+        )
+
+
+def check_kv_cache_reached(model: nn.Module, entries: list[Any]) -> None:
+    """Warn when the config quantizes the KV cache (``*_bmm_quantizer`` patterns, as ``with_kv_cache``
+    adds) but ``model`` has no attention module with KV-cache quantizers: nothing would be quantized."""
+    from quant_core.conversion import iter_quantizers
+    from quant_core.diagnostics import warn
+
+    def kv_entry(entry: Any) -> bool:
+        name = entry.quantizer_name
+        if not isinstance(name, str) or "bmm_quantizer" not in name or entry.cfg is None:
+            return False
+        cfgs = entry.cfg if isinstance(entry.cfg, tuple) else (entry.cfg,)
+        return entry.enable is not False and all(c.enable for c in cfgs)
+
+    wanted = [e.quantizer_name for e in entries if kv_entry(e)]
+    if not wanted:
+        return
+    quantizers = list(iter_quantizers(model))
+    if any(name.endswith("bmm_quantizer") for name, _q, _p in quantizers):
+        return
+    if not any(q.is_enabled for _n, q, _p in quantizers):
+        return  # a KV-only config: quantize already warns that it enabled nothing
+    warn(
+        f"the config quantizes the KV cache ({', '.join(map(repr, wanted))}, e.g. from "
+        f"with_kv_cache) but {type(model).__name__} has no attention module with KV-cache "
+        "quantizers, so no KV cache is quantized: drop with_kv_cache for this model, or register "
+        "its attention class (quant_llm registers the Hugging Face ones)",
+        stacklevel=3,
+    )
