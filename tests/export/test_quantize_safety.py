@@ -106,14 +106,60 @@ def test_a_folder_holding_another_model_is_refused_then_replaced_with_overwrite(
     assert json.loads((other / output_folder.MARKER).read_text())["qformat"] == "fp8"
 
 
-def test_a_previous_result_is_replaced_whole_without_overwrite(model_dir, tmp_path):
+def test_a_previous_result_of_the_same_layout_is_replaced_whole_without_overwrite(
+    model_dir, tmp_path
+):
     out = tmp_path / "q"
-    assert main(_args(model_dir, out, "--format", "modelopt")) == 0
-    assert (out / "hf_quant_config.json").is_file()
-    assert main(_args(model_dir, out)) == 0  # compressed-tensors over the ModelOpt layout
-    assert not (out / "hf_quant_config.json").exists()  # nothing of the old folder is left
+    assert main(_args(model_dir, out, "--qformat", "int4_awq", "--group-size", "64")) == 0
+    assert main(_args(model_dir, out, "--qformat", "fp8")) == 0
+    (group,) = json.loads((out / "config.json").read_text())["quantization_config"][
+        "config_groups"
+    ].values()
+    assert group["format"] == "float-quantized"  # nothing of the INT4 folder is left
     assert validate(out)["layout"] == "compressed-tensors"
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary folder left
+
+
+def test_a_previous_result_of_another_layout_needs_overwrite(model_dir, tmp_path):
+    out = tmp_path / "q"
+    assert main(_args(model_dir, out, "--format", "modelopt")) == 0
+    before = _hashes(out)
+    message = _refused(_args(model_dir, out))
+    assert "holds a modelopt checkpoint; writing a compressed-tensors one" in message
+    assert _hashes(out) == before
+    assert main([*_args(model_dir, out), "--overwrite"]) == 0
+    assert not (out / "hf_quant_config.json").exists()  # replaced whole
+    assert validate(out)["layout"] == "compressed-tensors"
+
+
+def quantized_tiny_llama():
+    """Factory for the hf / trtllm subcommands: a tiny Llama with FP8 weights and activations."""
+    import quant_core as mtq
+    from quant_llm.testing.tiny_models import random_token_batches
+
+    model = tiny_model("llama")
+    batches = random_token_batches()
+    mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: [m(**b) for b in batches])
+    return model
+
+
+def test_a_tensorrt_llm_export_into_a_hugging_face_checkpoint_needs_overwrite(tmp_path):
+    out = tmp_path / "ckpt"
+    factory = ["--model", f"{__name__}:quantized_tiny_llama", "--output", str(out)]
+    assert main(["hf", *factory]) == 0
+    before = _hashes(out)
+    message = _refused(["trtllm", *factory])
+    assert "holds a modelopt checkpoint; writing a tensorrt-llm one would replace it" in message
+    assert _hashes(out) == before
+    foreign = tmp_path / "foreign"  # a folder of another tool: refused by the trtllm command too
+    shutil.copytree(out, foreign)
+    (foreign / output_folder.MARKER).unlink()
+    assert "did not write" in _refused(["trtllm", "--model", factory[1], "--output", str(foreign)])
+    assert main(["trtllm", *factory, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [output_folder.MARKER, "config.json", "rank0.safetensors"]
+    )
+    assert main(["trtllm", *factory]) == 0  # its own previous result: replaced without a word
 
 
 @pytest.mark.parametrize(
@@ -246,7 +292,7 @@ def _run_killed(argv: list[str], count: int) -> bool:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_kill_at_any_file_boundary_leaves_the_old_or_the_new_folder(model_dir, tmp_path):
-    """A re-export (modelopt layout over a compressed-tensors result) is killed with SIGKILL before
+    """A re-export (with an FP8 KV cache over an FP8 result without) is killed with SIGKILL before
     each of its file operations in turn: the output is always the whole previous folder or the
     whole new, valid one, and the next run removes what the killed one left."""
     work = tmp_path / "work"
@@ -256,7 +302,7 @@ def test_a_kill_at_any_file_boundary_leaves_the_old_or_the_new_folder(model_dir,
     old = _hashes(out)
     baseline = tmp_path / "baseline"
     shutil.copytree(out, baseline)
-    argv = _args(model_dir, out, "--format", "modelopt")
+    argv = _args(model_dir, out, "--kv-cache", "fp8")
     outcomes = []
     for count in range(1, 200):
         killed = _run_killed(argv, count)
@@ -266,8 +312,9 @@ def test_a_kill_at_any_file_boundary_leaves_the_old_or_the_new_folder(model_dir,
             outcomes.append("old")
         else:
             info = validate(out)  # raises on a mixed or partial folder
-            assert info["layout"] == "modelopt"
-            assert (out / "tokenizer.json").is_file() and (out / output_folder.MARKER).is_file()
+            assert info["kv_cache"] is not None  # the new one, whole
+            record = json.loads((out / output_folder.MARKER).read_text())
+            assert record["kv_cache"] == "fp8" and (out / "tokenizer.json").is_file()
             outcomes.append("new")
         for entry in work.iterdir():  # only our hidden temporary folder may be left
             assert entry.name == "q" or entry.name.endswith(".quant-tmp"), entry.name
@@ -280,5 +327,5 @@ def test_a_kill_at_any_file_boundary_leaves_the_old_or_the_new_folder(model_dir,
         pytest.fail("the run never finished")
     assert count > 10  # every file of the export was a kill point
     assert "old" in outcomes and "new" in outcomes  # killed before and after the swap
-    assert validate(out)["layout"] == "modelopt"
+    assert validate(out)["kv_cache"] is not None
     assert [p.name for p in work.iterdir()] == ["q"]  # the finished run removed the leftovers

@@ -5,7 +5,8 @@
 * :func:`check_output` runs before any work (before calibration): ``--output`` must not be the
   model folder, inside it or a folder that holds it; it must not be a file; its parent must exist
   and be writable; a non-empty folder that this tool did not write (no :data:`MARKER` file, e.g.
-  another model's shards, index and README) is refused unless ``overwrite`` is given.
+  another model's shards, index and README), or that holds a result of another kind (a Hugging
+  Face checkpoint where a TensorRT-LLM one is asked for), is refused unless ``overwrite`` is given.
 * Every file is written into ``checkpoint/`` inside a private temporary sibling folder
   (``.<name>.<pid>.<random>.quant-tmp``, see :mod:`quant_core.atomic`; an exporter's own staging
   folder lands inside it too, and a run killed at any point leaves only that one folder, which the
@@ -62,8 +63,23 @@ def _listing(folder: Path) -> list[str]:
         return []
 
 
-def check_output(output: str | os.PathLike[str], model_dir: Path | None, overwrite: bool) -> Path:
-    """``output`` as an absolute Path, after refusing every target that would destroy data (SystemExit, one line)."""
+def _marker_kind(folder: Path) -> str | None:
+    """The ``kind`` recorded in ``folder``'s :data:`MARKER`; None without a readable marker."""
+    try:
+        record = json.loads((folder / MARKER).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(record.get("kind")) if isinstance(record, dict) else None
+
+
+def check_output(
+    output: str | os.PathLike[str], model_dir: Path | None, overwrite: bool, kind: str
+) -> Path:
+    """``output`` as an absolute Path, after refusing every target that would destroy data (SystemExit, one line).
+
+    ``kind`` names what will be written (a layout); a previous result of the same kind is
+    replaced, one of another kind (or a folder this tool did not write) only with ``overwrite``.
+    """
     output = Path(output).absolute()
     resolved = output.resolve()
     if model_dir is not None:
@@ -84,11 +100,19 @@ def check_output(output: str | os.PathLike[str], model_dir: Path | None, overwri
         raise SystemExit(
             f"--output {output}: folder {output.parent} does not exist; create it first"
         )
-    if output.is_dir() and _listing(output) and not (output / MARKER).is_file() and not overwrite:
+    if overwrite or not output.is_dir() or not _listing(output):
+        return output
+    previous = _marker_kind(output)
+    if previous is None:
         shown = ", ".join(_listing(output)[:4])
         raise SystemExit(
             f"--output {output} already holds files this tool did not write ({shown}, ...); "
             "choose an empty or new folder, or pass --overwrite to replace it"
+        )
+    if previous != kind:
+        raise SystemExit(
+            f"--output {output} holds a {previous} checkpoint; writing a {kind} one would replace "
+            "it: choose another folder, or pass --overwrite"
         )
     return output
 

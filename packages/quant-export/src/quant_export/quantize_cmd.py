@@ -369,7 +369,9 @@ def run_quantize(args: Any) -> Report:
     check_choices(args.qformat, args.kv_cache, args.format)
     check_numbers(args)
     model_dir = Path(args.model) if args.model is not None else default_model_dir()
-    output = check_output(args.output, model_dir, getattr(args, "overwrite", False))
+    output = check_output(
+        args.output, model_dir, getattr(args, "overwrite", False), kind=args.format
+    )
     text = read_calib_text(args.calib_text)
     config = quant_config(args.qformat, args.kv_cache, args.algorithm, args.group_size)
     report = Report("", args.qformat, args.kv_cache, args.format)
@@ -429,6 +431,7 @@ def run_quantize(args: Any) -> Report:
             "qformat": args.qformat,
             "kv_cache": args.kv_cache,
             "format": args.format,
+            "kind": args.format,
         }
         report.output = target.publish(record)
         report.times["validate"] = time.perf_counter() - tick
