@@ -329,3 +329,50 @@ def test_a_kill_at_any_file_boundary_leaves_the_old_or_the_new_folder(model_dir,
     assert "old" in outcomes and "new" in outcomes  # killed before and after the swap
     assert validate(out)["kv_cache"] is not None
     assert [p.name for p in work.iterdir()] == ["q"]  # the finished run removed the leftovers
+
+
+# --- layouts and engine claims -----------------------------------------------------------------
+
+
+def test_the_onnx_layout_exports_a_llama(model_dir, tmp_path):
+    """A transformers causal LM returns a DynamicCache and looks for packed sequences; the ONNX
+    graph holds input_ids -> logits without either."""
+    import onnxruntime as ort
+
+    out = tmp_path / "onnx"
+    args = (
+        "--qformat",
+        "int4_gptq",
+        "--algorithm",
+        "max",
+        "--group-size",
+        "64",
+        "--format",
+        "onnx",
+    )
+    assert main(_args(model_dir, out, *args)) == 0
+    assert validate(out)["layout"] == "onnx"
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    ids = torch.randint(0, 100, (1, 9))
+    (logits,) = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+    assert logits.shape[:2] == (1, 9)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_float32_nvfp4_compressed_tensors_is_not_claimed_for_transformers(
+    model_dir, tmp_path, capsys
+):
+    out = tmp_path / "nvfp4"
+    extra = ("--qformat", "nvfp4", "--dtype", "float32", "--eval-windows", "1")  # the last wins
+    assert main(_args(model_dir, out, *extra)) == 0
+    assert "reloaded" not in capsys.readouterr().out  # stock transformers cannot run these files
+    assert validate(out)["loaders"] == ["vllm", "sglang"]
+
+
+def test_engine_claims():
+    from quant_core.diagnostics import QuantWarning
+    from quant_export.engines import loaders_for
+
+    assert "sglang" in loaders_for({"W4A16_NVFP4"}, None)
+    with pytest.warns(QuantWarning, match="ignores the exported k_scale / v_scale"):
+        assert "tensorrt_llm" in loaders_for({"FP8"}, "FP8")

@@ -325,6 +325,11 @@ def validate(folder: str | Path) -> dict[str, Any]:
         )
         ignored = qc.get("ignore") or []
         loaders = ["vllm", "sglang", "transformers (compressed-tensors)"]
+        dtype = read_json(folder / "config.json").get("dtype") or read_json(
+            folder / "config.json"
+        ).get("torch_dtype")
+        if "nvfp4-pack-quantized" in formats and dtype == "float32":
+            loaders = loaders[:2]  # stock transformers fails on float32 NVFP4 files
     else:
         layers = _check_modelopt(qc, tensors)
         algo = qc.get("quant_algo")

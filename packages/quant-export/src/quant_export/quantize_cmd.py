@@ -51,12 +51,28 @@ def _export_modelopt(model: nn.Module, out: Path, dtype: torch.dtype, _sample: A
     return export_hf_checkpoint(model, out, dtype=dtype)
 
 
+class _LogitsOnly(nn.Module):
+    """A causal LM as ``input_ids -> logits`` without a KV cache: what the ONNX graph holds (a
+    transformers ``DynamicCache`` output cannot be traced)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The logits of ``input_ids``."""
+        # an explicit mask: without one, transformers looks for packed sequences (aten::diff, no
+        # ONNX op)
+        mask = torch.ones_like(input_ids)
+        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+
 def _export_onnx(model: nn.Module, out: Path, _dtype: torch.dtype, sample: Any) -> Path:
     from quant_export.onnx_export import export_onnx
 
     out.mkdir(parents=True, exist_ok=True)
     # the tensorrt target: standard Q/DQ plus TensorRT's NVFP4 / MXFP8 activation ops
-    export_onnx(model, {"input_ids": sample}, out / "model.onnx", target="tensorrt")
+    export_onnx(_LogitsOnly(model), {"input_ids": sample}, out / "model.onnx", target="tensorrt")
     return out
 
 
@@ -413,7 +429,9 @@ def run_quantize(args: Any) -> Report:
         report.size_after = model_files_size(target.staging) + sum(
             p.stat().st_size for p in target.staging.glob("*.onnx*")
         )
-        if layout.transformers_loads and args.eval_windows:
+        # stock transformers cannot load float32 NVFP4 compressed-tensors files
+        nvfp4_f32 = args.qformat.startswith("nvfp4") and args.dtype == "float32"
+        if layout.transformers_loads and args.eval_windows and not nvfp4_f32:
             from transformers import AutoModelForCausalLM
 
             reloaded = AutoModelForCausalLM.from_pretrained(
