@@ -376,3 +376,18 @@ def test_engine_claims():
     assert "sglang" in loaders_for({"W4A16_NVFP4"}, None)
     with pytest.warns(QuantWarning, match="ignores the exported k_scale / v_scale"):
         assert "tensorrt_llm" in loaders_for({"FP8"}, "FP8")
+
+
+def test_nvfp4_of_sizes_not_multiple_of_16_is_refused_before_calibration(tmp_path):
+    folder = tmp_path / "odd"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        pathlib.Path(minilm.__file__).parent / "model"
+    )
+    tiny_model(
+        "llama", vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=200
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    message = _refused(_args(folder, tmp_path / "q", "--qformat", "nvfp4"))
+    assert "down_proj has input size 200, which is not divisible by the block size 16" in message
+    assert "choose another --qformat" in message
+    assert not (tmp_path / "q").exists()

@@ -211,3 +211,26 @@ def test_inspect_describes_a_tensorrt_llm_checkpoint(trtllm_dir, capsys):
     assert "LlamaForCausalLM" in capsys.readouterr().out
     assert main(["validate", str(trtllm_dir)]) == 0
     assert "valid tensorrt-llm checkpoint" in capsys.readouterr().out
+
+
+def test_a_default_rotary_scaling_is_flagged_and_normalized(trtllm_dir, tmp_path, recwarn):
+    from quant_core.diagnostics import QuantWarning
+    from quant_export.tensorrt_llm import validate_tensorrt_llm_checkpoint
+    from quant_export.tensorrt_llm.validate import normalized_rotary_scaling
+
+    folder = tmp_path / "trt"
+    shutil.copytree(trtllm_dir, folder)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["rotary_scaling"] = {"rope_type": "default", "rope_theta": 10000.0}
+    path.write_text(json.dumps(config))
+    with pytest.warns(QuantWarning, match="TensorRT-LLM <= 1.1 rejects"):
+        validate_tensorrt_llm_checkpoint(folder)
+    config["rotary_scaling"] = None
+    path.write_text(json.dumps(config))
+    recwarn.clear()
+    validate_tensorrt_llm_checkpoint(folder)
+    assert not [w for w in recwarn if "rotary_scaling" in str(w.message)]
+    assert normalized_rotary_scaling({"rope_type": "default", "rope_theta": 1e4}) is None
+    scaled = normalized_rotary_scaling({"rope_type": "llama3", "factor": 8.0})
+    assert scaled == {"rope_type": "llama3", "factor": 8.0, "type": "llama3"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,17 @@ def validate_tensorrt_llm_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> 
     if not problems:
         for rank in range(world):
             _check_scale_values(folder / f"rank{rank}.safetensors", problems)
+    scaling = cfg.get("rotary_scaling")
+    if scaling is not None and normalized_rotary_scaling(scaling) is None:
+        from quant_core.diagnostics import QuantWarning
+
+        warnings.warn(
+            f"{folder}/config.json: rotary_scaling {scaling} describes no scaling; TensorRT-LLM "
+            "<= 1.1 rejects a rotary_scaling without a known 'type' (ModelOpt writes null): write "
+            "normalized_rotary_scaling(...) instead",
+            QuantWarning,
+            stacklevel=2,
+        )
     if problems:
         raise ValueError(f"{folder} is not a valid TensorRT-LLM checkpoint: " + "; ".join(problems))
     return cfg
@@ -225,3 +237,14 @@ def _check_scale_values(path: Path, problems: list[str]) -> None:
                 problems.append(f"{path.name}: {key} holds NaN or infinite values")
             elif value.numel() == 1 and not bool((value > 0).all()):
                 problems.append(f"{path.name}: {key} is {value.item()}, not a positive scale")
+
+
+def normalized_rotary_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``rotary_scaling`` as TensorRT-LLM reads it: None for no scaling (``rope_type`` "default" or
+    no type, as transformers 5 reports plain RoPE), else a dict with ``type`` set."""
+    if not scaling:
+        return None
+    kind = scaling.get("type") or scaling.get("rope_type")
+    if kind in (None, "default"):
+        return None
+    return {**scaling, "type": kind}
