@@ -39,6 +39,7 @@ from quant_core.preflight import (
     check_kv_cache_reached,
     check_materialized,
     check_not_compressed,
+    check_ranks_agree,
 )
 
 ForwardLoop = Callable[[nn.Module], Any]
@@ -57,6 +58,7 @@ def quantize(
     configs that need no activation statistics (weight-only or dynamic formats).
     """
     check_not_compressed(model, "quantize")
+    check_ranks_agree(model, config, "quantize")
     cfg, entries = parse_config(config)
     check_parent_classes(entries)
     runs = check_algorithms(cfg.algorithm)
@@ -173,6 +175,7 @@ def calibrate(
     and changed ones written back (see :mod:`quant_core.offload`).
     """
     check_not_compressed(model, "calibrate")
+    check_ranks_agree(model, algorithm, "calibrate")
     runs = check_algorithms(algorithm)
     return _calibrate(model, runs, _guard_order(runs, model_loop(forward_loop)))
 

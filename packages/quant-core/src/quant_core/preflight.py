@@ -26,6 +26,8 @@ __all__ = [
     "check_kv_cache_reached",
     "check_materialized",
     "check_not_compressed",
+    "check_ranks_agree",
+    "model_fingerprint",
 ]
 
 
@@ -198,3 +200,67 @@ def check_kv_cache_reached(model: nn.Module, entries: list[Any]) -> None:
         "its attention class (quant_llm registers the Hugging Face ones)",
         stacklevel=3,
     )
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` as plain JSON data in one order: mappings as sorted (key, value) pairs (keys may
+    mix ints and strings, as block sizes do), config objects by their fields, a callable pattern by
+    its name (the same on every rank)."""
+    from collections.abc import Mapping
+
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return sorted([str(k), _canonical(v)] for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(repr, value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return getattr(value, "__qualname__", type(value).__name__)
+
+
+def model_fingerprint(model: nn.Module, config: Any = None) -> str:
+    """A hash of ``model``'s structure (parameter and buffer names, shapes, dtypes), its quantizers'
+    attributes and ``config``: equal on ranks that calibrate the same thing."""
+    import hashlib
+    import json
+
+    from quant_core.conversion import iter_tensor_quantizers
+
+    digest = hashlib.sha1(usedforsecurity=False)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+    for name, quantizer in iter_tensor_quantizers(model):
+        attributes = json.dumps(_canonical(quantizer.attribute_config.to_json_dict()))
+        digest.update(f"{name}:{quantizer.is_enabled}:{attributes}\n".encode())
+    digest.update(json.dumps(_canonical(config)).encode())
+    return digest.hexdigest()
+
+
+def check_ranks_agree(model: nn.Module, config: Any, entry: str) -> None:
+    """In data-parallel calibration, refuse (on every rank) when the ranks hold different models,
+    quantizer settings or configs: their statistics would be reduced into a wrong union.
+
+    Does nothing without an initialized process group of more than one rank.
+    """
+    from quant_core.distributed import is_distributed
+
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    mine = model_fingerprint(model, config)
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, value in enumerate(every):
+            groups.setdefault(value, []).append(rank)
+        parts = "; ".join(f"ranks {ranks}" for ranks in groups.values())
+        raise ValueError(
+            f"mtq.{entry}: the data-parallel ranks hold different models, quantizer settings or "
+            f"configs ({parts} agree among themselves); every rank must call {entry} with the same "
+            "model and config, only the calibration data may differ"
+        )
