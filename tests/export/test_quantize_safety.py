@@ -391,3 +391,24 @@ def test_nvfp4_of_sizes_not_multiple_of_16_is_refused_before_calibration(tmp_pat
     assert "down_proj has input size 200, which is not divisible by the block size 16" in message
     assert "choose another --qformat" in message
     assert not (tmp_path / "q").exists()
+
+
+def test_ctrl_c_while_writing_leaves_the_previous_result_and_no_leftover(
+    model_dir, tmp_path, monkeypatch
+):
+    from quant_export import compressed_tensors_export, hf_checkpoint
+
+    out = tmp_path / "q"
+    assert main(_args(model_dir, out)) == 0
+    before = _hashes(out)
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    for module in (hf_checkpoint, compressed_tensors_export):
+        if hasattr(module, "save_file"):
+            monkeypatch.setattr(module, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(model_dir, out, "--kv-cache", "fp8"))
+    assert _hashes(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
