@@ -234,3 +234,12 @@ def test_a_default_rotary_scaling_is_flagged_and_normalized(trtllm_dir, tmp_path
     assert normalized_rotary_scaling({"rope_type": "default", "rope_theta": 1e4}) is None
     scaled = normalized_rotary_scaling({"rope_type": "llama3", "factor": 8.0})
     assert scaled == {"rope_type": "llama3", "factor": 8.0, "type": "llama3"}
+
+
+def test_inspect_says_a_folder_is_an_unquantized_model(written, capsys):
+    lines = inspect(written["ct-fp8"].parent / "llama")
+    assert lines[0].startswith("layout      Hugging Face model, not quantized")
+    assert "tokenizer   tokenizer.json, tokenizer_config.json" in lines
+    assert any(line.startswith("weights     model.safetensors") for line in lines)
+    with pytest.raises(CheckpointError, match="no quantization_config"):
+        validate(written["ct-fp8"].parent / "llama")  # validate still refuses it

@@ -387,6 +387,27 @@ def _inspect_tensorrt_llm(folder: Path) -> list[str]:
     ]
 
 
+def _plain_model(folder: Path) -> list[str] | None:
+    """Lines describing an unquantized Hugging Face model folder; None for anything else."""
+    config_path = folder / "config.json"
+    if not config_path.is_file() or (folder / "model.onnx").is_file():
+        return None
+    config = read_json(config_path)
+    if "quantization_config" in config or "mapping" in config:
+        return None
+    weights = sorted(p.name for p in folder.glob("*.safetensors")) + sorted(
+        p.name for p in folder.glob("*.bin")
+    )
+    tokenizer = [n for n in ("tokenizer.json", "tokenizer_config.json") if (folder / n).is_file()]
+    return [
+        "layout      Hugging Face model, not quantized (quant-export quantize --model reads it)",
+        f"model       {', '.join(config.get('architectures') or ['?'])}, dtype "
+        f"{config.get('dtype') or config.get('torch_dtype') or '?'}",
+        f"weights     {', '.join(weights[:3]) or 'none'}{' ...' if len(weights) > 3 else ''}",
+        f"tokenizer   {', '.join(tokenizer) or 'none'}",
+    ]
+
+
 def inspect(folder: str | Path) -> list[str]:
     """A few printable lines describing the checkpoint in ``folder`` (validated first).
 
@@ -395,6 +416,9 @@ def inspect(folder: str | Path) -> list[str]:
     """
     if is_tensorrt_llm(folder):
         return _inspect_tensorrt_llm(Path(folder))
+    plain = _plain_model(Path(folder))
+    if plain is not None:
+        return plain
     info = validate(folder)
     kv = info.get("kv_cache")
     kv_text = (
