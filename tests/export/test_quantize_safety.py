@@ -412,3 +412,21 @@ def test_ctrl_c_while_writing_leaves_the_previous_result_and_no_leftover(
         main(_args(model_dir, out, "--kv-cache", "fp8"))
     assert _hashes(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_publish_swaps_a_folder_in_whole(tmp_path, monkeypatch, exchange):
+    """With renameat2(RENAME_EXCHANGE) and with the two-rename fallback (file systems without it)."""
+    if not exchange:
+        monkeypatch.setattr(output_folder, "_exchange", lambda _a, _b: False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    target = output_folder.check_output(out, None, overwrite=True, kind="test")
+    with output_folder.OutputFolder(target) as folder:
+        (folder.staging / "new.txt").write_text("new")
+        assert not (out / "new.txt").exists()  # nothing visible before publish
+        folder.publish({"kind": "test"})
+    assert sorted(p.name for p in out.iterdir()) == sorted(["new.txt", output_folder.MARKER])
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or previous folder left
+    assert output_folder.check_output(out, None, overwrite=False, kind="test") == out

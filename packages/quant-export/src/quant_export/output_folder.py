@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import os
 import shutil
@@ -134,9 +133,8 @@ def copy_serving_files(model_dir: Path, target: Path) -> list[str]:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically exchange two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the symbols of this process, libc's included
         renameat2 = libc.renameat2
     except (OSError, AttributeError, TypeError):
         return False
