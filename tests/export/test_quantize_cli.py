@@ -104,11 +104,15 @@ def test_a_dimension_the_group_size_does_not_divide_is_one_error_line(tmp_path, 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     tiny_model("llama", vocab_size=tokenizer.vocab_size, hidden_size=192).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    assert _quantize(folder, tmp_path / "x", "--qformat", "int4_gptq", "--algorithm", "max") == 1
-    err = capsys.readouterr().err.replace("\r", "\n")  # progress bars share stderr
-    errors = [line for line in err.splitlines() if "error" in line]
-    assert len(errors) == 1
-    assert "input size 192 is not divisible by group size 128" in errors[0]
+    with pytest.raises(SystemExit) as exc:
+        _quantize(folder, tmp_path / "x", "--qformat", "int4_gptq", "--algorithm", "max")
+    message = str(exc.value.code)
+    assert len(message.splitlines()) == 1
+    assert "q_proj has input size 192, which is not divisible by the block size 128" in message
+    assert "--group-size" in message
+    # refused before calibration: no progress bar ran, no folder (or staging folder) was left
+    assert "calibrating" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd"]
 
 
 def test_group_size_and_algorithm_reach_the_quantization(tmp_path, capsys):

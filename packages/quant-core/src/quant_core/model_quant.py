@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quant_core.batch_order import BatchOrderGuard
 from quant_core.config.schema import parse_config
 from quant_core.config.unmatched import check_parent_classes
 from quant_core.conversion import (
@@ -39,7 +40,14 @@ from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.rotation import check_paired_key_rotation
 from quant_core.offload import weights_materialized
 from quant_core.plugins import prepare_model
-from quant_core.preflight import AlgorithmRun, check_algorithms, check_materialized
+from quant_core.preflight import (
+    AlgorithmRun,
+    check_algorithms,
+    check_kv_cache_reached,
+    check_materialized,
+    check_not_compressed,
+    check_ranks_agree,
+)
 
 ForwardLoop = Callable[[nn.Module], Any]
 
@@ -56,6 +64,8 @@ def quantize(
     ``forward_loop(model)`` runs the calibration batches through the model; it may be None for
     configs that need no activation statistics (weight-only or dynamic formats).
     """
+    check_not_compressed(model, "quantize")
+    check_ranks_agree(model, config, "quantize")
     cfg, entries = parse_config(config)
     check_parent_classes(entries)
     runs = check_algorithms(cfg.algorithm)
@@ -71,13 +81,21 @@ def quantize(
             f"class ({registered}). Register one with mtq.register(original_cls=..., quantized_cls=...)."
         )
     set_quantizer_by_cfg(model, entries)
+    check_kv_cache_reached(model, entries)
     check_paired_key_rotation(model)
     if not any(q.is_enabled for _n, q, _p in iter_quantizers(model)):
         warnings.warn(
             f"config enabled no quantizer in {type(model).__name__}", RuntimeWarning, stacklevel=2
         )
-    _calibrate(model, runs, model_loop(forward_loop))
+    _calibrate(model, runs, _guard_order(runs, model_loop(forward_loop)))
     return model
+
+
+def _guard_order(runs: list[AlgorithmRun], forward_loop: ForwardLoop | None) -> ForwardLoop | None:
+    """``forward_loop`` wrapped in a :class:`BatchOrderGuard` when an algorithm runs layer by layer."""
+    if forward_loop is None or not any(run.layerwise.enable for run in runs):
+        return forward_loop
+    return BatchOrderGuard(forward_loop)
 
 
 class _EmptyBatch(ValueError):
@@ -163,8 +181,10 @@ def calibrate(
     loaded for the calibration (all of them at once, or one decoder layer's with ``layerwise``)
     and changed ones written back (see :mod:`quant_core.offload`).
     """
-    forward_loop = model_loop(forward_loop)
-    return _calibrate(model, check_algorithms(algorithm), forward_loop)
+    check_not_compressed(model, "calibrate")
+    check_ranks_agree(model, algorithm, "calibrate")
+    runs = check_algorithms(algorithm)
+    return _calibrate(model, runs, _guard_order(runs, model_loop(forward_loop)))
 
 
 def _calibrate(

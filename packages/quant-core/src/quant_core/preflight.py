@@ -19,7 +19,16 @@ from quant_core.algorithms.registry import Algorithm
 from quant_core.config.algorithm_configs import QuantizeAlgorithmConfig, algorithm_spec
 from quant_core.layerwise import LayerwiseOptions, split_layerwise
 
-__all__ = ["AlgorithmRun", "algorithm_specs", "check_algorithms", "check_materialized"]
+__all__ = [
+    "AlgorithmRun",
+    "algorithm_specs",
+    "check_algorithms",
+    "check_kv_cache_reached",
+    "check_materialized",
+    "check_not_compressed",
+    "check_ranks_agree",
+    "model_fingerprint",
+]
 
 
 @dataclass(frozen=True)
@@ -142,4 +151,116 @@ def check_materialized(model: nn.Module) -> None:
             "cannot be quantized or calibrated. Materialize the model first: "
             "model.to_empty(device='cpu') then model.load_state_dict(weights), or load it "
             "without device='meta' / init_empty_weights."
+        )
+
+
+def check_not_compressed(model: nn.Module, entry: str) -> None:
+    """Refuse ``entry`` (``"quantize"`` / ``"calibrate"``) on a model holding compressed layers.
+
+    ``mtq.compress`` replaced those layers' float weights by packed codes: there is nothing left to
+    calibrate, and a new config would silently apply to the remaining float layers only.
+    """
+    from quant_core.compress.module import CompressedLinear
+
+    names = [n for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(
+            f"mtq.{entry}: {type(model).__name__} holds compressed layers ({shown}), whose weights "
+            f"are packed codes; {entry} the fake-quant model before mtq.compress (or restore it "
+            "into a fresh float model)"
+        )
+
+
+def check_kv_cache_reached(model: nn.Module, entries: list[Any]) -> None:
+    """Warn when the config quantizes the KV cache (``*_bmm_quantizer`` patterns, as ``with_kv_cache``
+    adds) but ``model`` has no attention module with KV-cache quantizers: nothing would be quantized."""
+    from quant_core.conversion import iter_quantizers
+    from quant_core.diagnostics import warn
+
+    def kv_entry(entry: Any) -> bool:
+        name = entry.quantizer_name
+        if not isinstance(name, str) or "bmm_quantizer" not in name or entry.cfg is None:
+            return False
+        cfgs = entry.cfg if isinstance(entry.cfg, tuple) else (entry.cfg,)
+        return entry.enable is not False and all(c.enable for c in cfgs)
+
+    wanted = [e.quantizer_name for e in entries if kv_entry(e)]
+    if not wanted:
+        return
+    quantizers = list(iter_quantizers(model))
+    if any(name.endswith("bmm_quantizer") for name, _q, _p in quantizers):
+        return
+    if not any(q.is_enabled for _n, q, _p in quantizers):
+        return  # a KV-only config: quantize already warns that it enabled nothing
+    warn(
+        f"the config quantizes the KV cache ({', '.join(map(repr, wanted))}, e.g. from "
+        f"with_kv_cache) but {type(model).__name__} has no attention module with KV-cache "
+        "quantizers, so no KV cache is quantized: drop with_kv_cache for this model, or register "
+        "its attention class (quant_llm registers the Hugging Face ones)",
+        stacklevel=3,
+    )
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` as plain JSON data in one order: mappings as sorted (key, value) pairs (keys may
+    mix ints and strings, as block sizes do), config objects by their fields, a callable pattern by
+    its name (the same on every rank)."""
+    from collections.abc import Mapping
+
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return sorted([str(k), _canonical(v)] for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(repr, value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return getattr(value, "__qualname__", type(value).__name__)
+
+
+def model_fingerprint(model: nn.Module, config: Any = None) -> str:
+    """A hash of ``model``'s structure (parameter and buffer names, shapes, dtypes), its quantizers'
+    attributes and ``config``: equal on ranks that calibrate the same thing."""
+    import hashlib
+    import json
+
+    from quant_core.conversion import iter_tensor_quantizers
+
+    digest = hashlib.sha1(usedforsecurity=False)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+    for name, quantizer in iter_tensor_quantizers(model):
+        attributes = json.dumps(_canonical(quantizer.attribute_config.to_json_dict()))
+        digest.update(f"{name}:{quantizer.is_enabled}:{attributes}\n".encode())
+    digest.update(json.dumps(_canonical(config)).encode())
+    return digest.hexdigest()
+
+
+def check_ranks_agree(model: nn.Module, config: Any, entry: str) -> None:
+    """In data-parallel calibration, refuse (on every rank) when the ranks hold different models,
+    quantizer settings or configs: their statistics would be reduced into a wrong union.
+
+    Does nothing without an initialized process group of more than one rank.
+    """
+    from quant_core.distributed import is_distributed
+
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    mine = model_fingerprint(model, config)
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, value in enumerate(every):
+            groups.setdefault(value, []).append(rank)
+        parts = "; ".join(f"ranks {ranks}" for ranks in groups.values())
+        raise ValueError(
+            f"mtq.{entry}: the data-parallel ranks hold different models, quantizer settings or "
+            f"configs ({parts} agree among themselves); every rank must call {entry} with the same "
+            "model and config, only the calibration data may differ"
         )

@@ -15,7 +15,7 @@ from torch import nn
 
 from quant_core.nn.registry import QuantModuleRegistry
 
-__all__ = ["check_state_fits", "read_metadata_json"]
+__all__ = ["check_state_fits", "read_metadata_json", "unsaved_modules"]
 
 
 def read_metadata_json(path: str | Path, text: str, what: str) -> Any:
@@ -68,6 +68,18 @@ def check_state_fits(
     model lacks belongs to a quantizer or a converted module of the state.
     """
     _check_modules(model, state.get("modules", {}))
+    extra = unsaved_modules(model, state)
+    if shapes is not None:
+        _check_missing(model, state, shapes, extra)
+    if extra:
+        from quant_core.diagnostics import warn
+
+        warn(
+            f"{type(model).__name__} has quantizable module(s) the saved state does not have: "
+            f"{_shown(extra)}; they stay unquantized. Restore into the architecture the state "
+            "was saved from, or quantize them afterwards",
+            stacklevel=3,
+        )
     if shapes is None:
         return
     owners = set(state.get("quantizers", {})) | set(state.get("modules", {}))
@@ -89,4 +101,50 @@ def check_state_fits(
         raise ValueError(
             f"the checkpoint does not fit {type(model).__name__} ({details}); nothing was changed. "
             "Restore into a fresh copy of the architecture the checkpoint was saved from."
+        )
+
+
+def _shown(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else ""
+    )
+
+
+def unsaved_modules(model: nn.Module, state: dict[str, Any]) -> list[str]:
+    """Modules of ``model`` that quantize would convert (a registered class) but ``state`` does not
+    hold: the model has a layer the saved one did not have."""
+    saved = state.get("modules", {})
+    out = []
+    for name, module in model.named_modules():
+        if not name or name in saved or any(name.startswith(f"{s}.") for s in saved):
+            continue
+        converted = getattr(module, "_quant_original_key", None) is not None
+        if converted or QuantModuleRegistry.get(type(module)) is not None:
+            out.append(name)
+    return out
+
+
+def _check_missing(
+    model: nn.Module, state: dict[str, Any], shapes: dict[str, tuple[int, ...]], extra: list[str]
+) -> None:
+    """Refuse, before any change, a model with tensors that the file lacks (an extra layer)."""
+    saved = set(state.get("modules", {}))
+    tensors = {k: t for k, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    present = {t.data_ptr() for k, t in tensors.items() if k in shapes and t.numel()}
+    missing = []
+    for key, tensor in tensors.items():  # extra states (not tensors) are checked by restore
+        owner = key.rpartition(".")[0]
+        if key in shapes or owner in saved or (tensor.numel() and tensor.data_ptr() in present):
+            continue  # saved, or replaced by its module's saved form, or tied to a saved tensor
+        missing.append(key)
+    if missing:
+        modules = sorted({k.rpartition(".")[0] for k in missing})
+        hint = (
+            f" (quantizable module(s) the saved model did not have: {_shown(extra)})"
+            if extra
+            else ""
+        )
+        raise ValueError(
+            f"the checkpoint has no values for {_shown(missing)}{hint}; nothing was changed. "
+            f"Restore into the architecture it was saved from (without {_shown(modules, 3)})."
         )

@@ -159,28 +159,43 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     return model, sample
 
 
+def _record(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    from quant_export import __version__
+
+    return {"producer": "quant-export", "version": __version__, "command": args.command,
+            "model": args.model, "kind": kind}  # fmt: skip
+
+
 def _run_hf(args: argparse.Namespace) -> int:
     from quant_export.hf_checkpoint import export_hf_checkpoint
+    from quant_export.output_folder import OutputFolder, check_output
 
-    model, _ = _load_model(args)
-    path = export_hf_checkpoint(model, args.output, dtype=getattr(torch, args.dtype))
+    output = check_output(args.output, None, args.overwrite, kind="modelopt")
+    with OutputFolder(output) as target:  # written beside --output, swapped in when complete
+        model, _ = _load_model(args)
+        export_hf_checkpoint(model, target.staging, dtype=getattr(torch, args.dtype))
+        path = target.publish(_record(args, "modelopt"))
     print(f"wrote {path}")
     return 0
 
 
 def _run_trtllm(args: argparse.Namespace) -> int:
+    from quant_export.output_folder import OutputFolder, check_output
     from quant_export.tensorrt_llm import export_tensorrt_llm_checkpoint
 
-    model, _ = _load_model(args)
-    path = export_tensorrt_llm_checkpoint(
-        model,
-        args.decoder_type,
-        getattr(torch, args.dtype),
-        args.output,
-        inference_tensor_parallel=args.tp,
-        inference_pipeline_parallel=args.pp,
-        smoothquant_plugin=args.smoothquant_plugin,
-    )
+    output = check_output(args.output, None, args.overwrite, kind="tensorrt-llm")
+    with OutputFolder(output) as target:  # written beside --output, swapped in when complete
+        model, _ = _load_model(args)
+        export_tensorrt_llm_checkpoint(
+            model,
+            args.decoder_type,
+            getattr(torch, args.dtype),
+            target.staging,
+            inference_tensor_parallel=args.tp,
+            inference_pipeline_parallel=args.pp,
+            smoothquant_plugin=args.smoothquant_plugin,
+        )
+        path = target.publish(_record(args, "tensorrt-llm"))
     ranks = args.tp * args.pp
     print(f"wrote {path} ({ranks} rank{'s' if ranks > 1 else ''})")
     return 0
@@ -195,6 +210,7 @@ def _add_trtllm_command(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(cmd, output_help="checkpoint directory to write")
+    _add_overwrite_argument(cmd)
     cmd.add_argument("--decoder-type", default="llama", help="llama, qwen, mistral, mixtral, gpt")
     _add_dtype_argument(cmd, default="float16")
     cmd.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
@@ -250,9 +266,8 @@ def _run_validate(args: argparse.Namespace) -> int:
     from quant_export.checkpoint_check import validate
 
     info = validate(args.folder)
-    print(
-        f"{args.folder}: valid {info['layout']} checkpoint, {len(info['layers'])} quantized layers"
-    )
+    layers = f", {len(info['layers'])} quantized layers" if info["layers"] else ""
+    print(f"{args.folder}: valid {info['layout']} checkpoint{layers}")
     return 0
 
 
@@ -281,7 +296,16 @@ def _add_quantize(sub: Any) -> None:
     cmd.add_argument("--group-size", type=int, help="INT4 weight group size (default 128)")
     cmd.add_argument("--format", choices=list(LAYOUTS), default="compressed-tensors")
     cmd.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    cmd.add_argument("--output", required=True, help="checkpoint folder to write")
+    cmd.add_argument(
+        "--output",
+        required=True,
+        help="checkpoint folder to write (outside --model; replaced in one rename when complete)",
+    )
+    cmd.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output folder that holds files this tool did not write",
+    )
     cmd.set_defaults(run=_run_quantize)
     for name, run, text in (
         ("inspect", _run_inspect, "describe a checkpoint folder"),
@@ -312,6 +336,16 @@ def _add_model_arguments(cmd: argparse.ArgumentParser, output_help: str) -> None
     cmd.add_argument("--model", required=True, help="factory as package.module:function")
     cmd.add_argument("--output", required=True, help=output_help)
     cmd.add_argument("--checkpoint", help="quantizer state saved with quant_core.save()")
+
+
+def _add_overwrite_argument(cmd: argparse.ArgumentParser) -> None:
+    """--overwrite: replace an output folder holding files this tool did not write."""
+    cmd.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output folder that holds files this tool did not write (the new "
+        "folder is written beside it and swapped in with one rename)",
+    )
 
 
 def _add_dtype_argument(cmd: argparse.ArgumentParser, default: str) -> None:
@@ -396,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_arguments(hf_cmd, output_help="checkpoint directory to write")
     _add_dtype_argument(hf_cmd, default="bfloat16")
+    _add_overwrite_argument(hf_cmd)
     hf_cmd.set_defaults(run=_run_hf)
     _add_trtllm_command(sub)
     _add_trtllm_validate_command(sub)

@@ -5,12 +5,14 @@
   and MIXED_PRECISION of those; FP8 and NVFP4 KV caches. No INT4 / INT8 path, and no
   ``pre_quant_scale`` on any linear.
 * SGLang: ``python/sglang/srt/layers/quantization/modelopt_quant.py`` (``ModelOptFp8Config``,
-  ``ModelOptFp4Config``): FP8 and NVFP4; FP8 KV cache.
+  ``ModelOptFp4Config``): FP8 and NVFP4, the latter also weight-only (W4A16_NVFP4, no
+  ``input_scale``); FP8 KV cache.
 * TensorRT-LLM (PyTorch backend): ``tensorrt_llm/_torch/modules/linear.py`` (one
   ``LinearMethod`` per ``QuantAlgo``): FP8, FP8_PER_CHANNEL_PER_TOKEN, NVFP4, W4A16_AWQ, W4A8_AWQ,
   W8A16, W4A8_NVFP4_FP8, MIXED_PRECISION; its W4A16_AWQ loader reads ``pre_quant_scale`` on every
   unfused layer (o_proj, down_proj) and never on fused q/k/v or gate/up; FP8, NVFP4 and INT8 KV.
-  It has no SmoothQuant linear.
+  It has no SmoothQuant linear. Its FP8 KV cache runs with scales of 1.0: the exported ``k_scale``
+  / ``v_scale`` are not read (a :data:`KV_CAVEATS` entry, which :func:`loaders_for` warns about).
 
 A format no engine loads (W8A8 SmoothQuant, NVFP4 with an unfolded pre-quant scale) is refused by
 the ModelOpt-layout exporter; the compressed-tensors layout holds W8A8.
@@ -18,8 +20,10 @@ the ModelOpt-layout exporter; the compressed-tensors layout holds W8A8.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+from quant_core.diagnostics import QuantWarning
 from quant_export.quantizers import UnsupportedFormatError
 
 
@@ -58,7 +62,7 @@ LOADERS: dict[str, Loader] = {
     ),
     "sglang": Loader(
         "SGLang",
-        frozenset({"FP8", "NVFP4"}),
+        frozenset({"FP8", "NVFP4", "W4A16_NVFP4"}),
         frozenset({"FP8"}),
         "python/sglang/srt/layers/quantization/modelopt_quant.py",
         mixed=False,
@@ -68,6 +72,15 @@ LOADERS: dict[str, Loader] = {
         frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4", "W4A16_AWQ", "W8A16"}),
         frozenset({"FP8", "NVFP4", "INT8"}),
         "tensorrt_llm/_torch/modules/linear.py",
+    ),
+}
+
+
+# (engine, KV-cache format) -> what that engine does differently from what the checkpoint says
+KV_CAVEATS: dict[tuple[str, str], str] = {
+    ("tensorrt_llm", "FP8"): (
+        "TensorRT-LLM's PyTorch backend runs an FP8 KV cache with scales of 1.0 and ignores the "
+        "exported k_scale / v_scale (its TensorRT engine path, from a trtllm checkpoint, reads them)"
     ),
 }
 
@@ -88,4 +101,8 @@ def loaders_for(algos: set[str], kv_algo: str | None, engine: str | None = None)
             f"no engine loads {what} from the ModelOpt layout ({reasons}); choose another format "
             "or the compressed-tensors layout"
         )
+    for key in able:
+        caveat = KV_CAVEATS.get((key, kv_algo or ""))
+        if caveat:
+            warnings.warn(caveat, QuantWarning, stacklevel=2)
     return able

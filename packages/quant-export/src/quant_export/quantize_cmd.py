@@ -10,6 +10,7 @@ formats it holds), so adding one is adding a row.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,12 +51,28 @@ def _export_modelopt(model: nn.Module, out: Path, dtype: torch.dtype, _sample: A
     return export_hf_checkpoint(model, out, dtype=dtype)
 
 
+class _LogitsOnly(nn.Module):
+    """A causal LM as ``input_ids -> logits`` without a KV cache: what the ONNX graph holds (a
+    transformers ``DynamicCache`` output cannot be traced)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The logits of ``input_ids``."""
+        # an explicit mask: without one, transformers looks for packed sequences (aten::diff, no
+        # ONNX op)
+        mask = torch.ones_like(input_ids)
+        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+
 def _export_onnx(model: nn.Module, out: Path, _dtype: torch.dtype, sample: Any) -> Path:
     from quant_export.onnx_export import export_onnx
 
     out.mkdir(parents=True, exist_ok=True)
     # the tensorrt target: standard Q/DQ plus TensorRT's NVFP4 / MXFP8 activation ops
-    export_onnx(model, {"input_ids": sample}, out / "model.onnx", target="tensorrt")
+    export_onnx(_LogitsOnly(model), {"input_ids": sample}, out / "model.onnx", target="tensorrt")
     return out
 
 
@@ -120,7 +137,7 @@ def quant_config(
 
     name, default_algorithm = QFORMATS[qformat]
     algorithm = algorithm or default_algorithm
-    config = getattr(mtq, name).copy()
+    config = copy.deepcopy(getattr(mtq, name))  # the built-in constant stays as it is
     if algorithm is not None:
         config["algorithm"] = algorithm
     if group_size is not None:
@@ -146,13 +163,20 @@ def model_files_size(folder: Path) -> int:
     return sum(p.stat().st_size for pattern in patterns for p in folder.glob(pattern))
 
 
+def default_model_dir() -> Path:
+    """The folder of the SmolLM2 model ``quantize`` loads without ``--model``."""
+    from quant_llm.real_models import SMOLLM2_CACHE_NAME, cache_root
+
+    return cache_root() / SMOLLM2_CACHE_NAME
+
+
 def load_model(model_dir: str | None) -> tuple[nn.Module, Any, Path, str]:
     """(model, tokenizer, folder holding its weights, display name); SmolLM2 without ``model_dir``."""
     if model_dir is None:
-        from quant_llm.real_models import SMOLLM2_CACHE_NAME, cache_root, load_smollm2
+        from quant_llm.real_models import load_smollm2
 
         model, tokenizer = load_smollm2()
-        return model, tokenizer, cache_root() / SMOLLM2_CACHE_NAME, "SmolLM2-135M-Instruct"
+        return model, tokenizer, default_model_dir(), "SmolLM2-135M-Instruct"
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise SystemExit(f"--model {model_dir}: no config.json there (a Hugging Face model folder)")
@@ -160,9 +184,108 @@ def load_model(model_dir: str | None) -> tuple[nn.Module, Any, Path, str]:
         raise SystemExit(f"--model {model_dir}: no weights (*.safetensors or *.bin) in the folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        raise SystemExit(
+            f"--model {model_dir}: no usable tokenizer in the folder ({type(err).__name__}); copy "
+            "the base model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it"
+        ) from None
+    _check_safetensors(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, folder, folder.name
+
+
+def _check_safetensors(folder: Path) -> None:
+    """SystemExit naming a ``*.safetensors`` file of ``folder`` that is truncated or corrupted."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):  # checks that the header covers the whole file
+                pass
+        except Exception as err:  # safetensors raises its own error types
+            raise SystemExit(
+                f"--model {folder}: {path.name} is truncated or corrupted ({' '.join(str(err).split())}); "
+                "download or copy it again"
+            ) from None
+
+
+def check_numbers(args: Any) -> None:
+    """SystemExit (one line) for a count that cannot work: --calib-size, --seq-len, --eval-windows, --group-size."""
+    if args.calib_size <= 0:
+        raise SystemExit(
+            f"--calib-size must be a positive number of windows, got {args.calib_size}"
+        )
+    if args.seq_len < 2:
+        raise SystemExit(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
+    if args.eval_windows < 0:
+        raise SystemExit(f"--eval-windows must be 0 (skip) or more, got {args.eval_windows}")
+    if args.group_size is not None and args.group_size <= 0:
+        raise SystemExit(
+            f"--group-size must be a positive number of weights, got {args.group_size}"
+        )
+
+
+def read_calib_text(path: str | None) -> str:
+    """The calibration text (quant-llm's bundled text without ``path``); SystemExit for a binary file."""
+    from quant_llm.calib_data import read_texts
+
+    if path is None:
+        return read_texts(None)
+    if not Path(path).is_file():
+        raise SystemExit(f"--calib-text {path}: no such file")
+    try:
+        text = Path(path).read_text("utf-8")
+    except UnicodeDecodeError as err:
+        raise SystemExit(
+            f"--calib-text {path} is not UTF-8 text (byte {err.start} cannot be decoded); give a "
+            "plain text file"
+        ) from None
+    if "\x00" in text:
+        raise SystemExit(
+            f"--calib-text {path} holds NUL bytes (a binary file); give a plain text file"
+        )
+    return text
+
+
+def check_group_sizes(model: nn.Module, config: Mapping[str, Any], qformat: str) -> None:
+    """SystemExit naming the first Linear that ``config`` quantizes in blocks its input size does not divide.
+
+    Runs before calibration, from the config alone (the model is not changed).
+    """
+    from quant_core.config.schema import normalize_quant_cfg
+
+    entries = normalize_quant_cfg(config["quant_cfg"])
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        quantizer = f"{name}.weight_quantizer"
+        keys = {"nn.Linear", "Linear", type(module).__name__}
+        cfg, enable = None, None
+        for entry in entries:
+            if not entry.matches(quantizer, keys):
+                continue
+            if entry.cfg is not None:
+                cfg = entry.cfg
+                first = cfg[0] if isinstance(cfg, tuple) else cfg
+                enable = entry.enable if entry.enable is not None else first.enable
+            elif entry.enable is not None:
+                enable = entry.enable
+        if cfg is None or not enable:
+            continue
+        for stage in cfg if isinstance(cfg, tuple) else (cfg,):
+            group = (stage.block_sizes or {}).get(-1) or (stage.block_sizes or {}).get(1)
+            if isinstance(group, int) and group > 0 and module.in_features % group:
+                fix = (
+                    "give a --group-size that divides it"
+                    if qformat in INT4_QFORMATS
+                    else "choose another --qformat"
+                )
+                raise SystemExit(
+                    f"--qformat {qformat}: {name} has input size {module.in_features}, which is not "
+                    f"divisible by the block size {group}; {fix}"
+                )
 
 
 @dataclass
@@ -246,58 +369,89 @@ def _perplexity(model: nn.Module, windows: torch.Tensor) -> float:
 
 
 def run_quantize(args: Any) -> Report:
-    """The whole job for parsed ``args``; returns the report (also printed by the CLI)."""
+    """The whole job for parsed ``args``; returns the report (also printed by the CLI).
+
+    Every input is checked before the model is calibrated (choices, counts, the output folder,
+    the calibration text, group sizes); the checkpoint is written into a temporary folder beside
+    ``--output``, validated, given the model's tokenizer files, and swapped in with one rename
+    (:mod:`quant_export.output_folder`).
+    """
     import quant_core as mtq
+    from quant_export import __version__
+    from quant_export.checkpoint_check import validate
+    from quant_export.output_folder import OutputFolder, check_output, copy_serving_files
     from quant_llm import create_forward_loop
-    from quant_llm.calib_data import read_texts
 
     check_choices(args.qformat, args.kv_cache, args.format)
-    output = Path(args.output)
-    if not output.parent.is_dir():
-        raise SystemExit(f"--output {output}: folder {output.parent} does not exist")
-    if args.calib_text is not None and not Path(args.calib_text).is_file():
-        raise SystemExit(f"--calib-text {args.calib_text}: no such file")
-    report = Report("", args.qformat, args.kv_cache, args.format)
-    start = time.perf_counter()
-    model, tokenizer, folder, report.name = load_model(args.model)
-    report.times["load"] = time.perf_counter() - start
-    report.size_before = model_files_size(folder)
-    text = read_texts(args.calib_text)
-    calib, held = _split_windows(tokenizer, text, args.seq_len, args.calib_size, args.eval_windows)
-    report.ppl_tokens = held.numel() - held.shape[0]
-    if args.eval_windows:
-        report.ppl["float"] = _perplexity(model, held)
-    batches = [
-        {"input_ids": calib[i : i + 4], "attention_mask": torch.ones_like(calib[i : i + 4])}
-        for i in range(0, len(calib), 4)
-    ]
-    config = quant_config(args.qformat, args.kv_cache, args.algorithm, args.group_size)
-    algorithm = config.get("algorithm") or "max"
-    report.algorithm = algorithm if isinstance(algorithm, str) else algorithm.get("method", "max")
-    tick = time.perf_counter()
-    mtq.quantize(model, config, create_forward_loop(model, batches))
-    report.times["calibrate"] = time.perf_counter() - tick
-    report.quantized, report.excluded = _summary(model)
-    tick = time.perf_counter()
-    layout = LAYOUTS[args.format]
-    report.output = layout.export(model, output, DTYPES[args.dtype], calib[:1])
-    report.times["export"] = time.perf_counter() - tick
-    if args.eval_windows:  # after export: folding pre-quant scales may re-round some weights
-        report.ppl["quantized"] = _perplexity(model, held)
-    tick = time.perf_counter()
-    from quant_export.checkpoint_check import validate
-
-    validate(output)
-    report.size_after = model_files_size(output) + sum(
-        p.stat().st_size for p in output.glob("*.onnx*")
+    check_numbers(args)
+    model_dir = Path(args.model) if args.model is not None else default_model_dir()
+    output = check_output(
+        args.output, model_dir, getattr(args, "overwrite", False), kind=args.format
     )
-    if layout.transformers_loads and args.eval_windows:
-        from transformers import AutoModelForCausalLM
+    text = read_calib_text(args.calib_text)
+    config = quant_config(args.qformat, args.kv_cache, args.algorithm, args.group_size)
+    report = Report("", args.qformat, args.kv_cache, args.format)
+    with OutputFolder(output) as target:
+        start = time.perf_counter()
+        model, tokenizer, folder, report.name = load_model(args.model)
+        check_group_sizes(model, config, args.qformat)
+        report.times["load"] = time.perf_counter() - start
+        report.size_before = model_files_size(folder)
+        calib, held = _split_windows(
+            tokenizer, text, args.seq_len, args.calib_size, args.eval_windows
+        )
+        report.ppl_tokens = held.numel() - held.shape[0]
+        if args.eval_windows:
+            report.ppl["float"] = _perplexity(model, held)
+        batches = [
+            {"input_ids": calib[i : i + 4], "attention_mask": torch.ones_like(calib[i : i + 4])}
+            for i in range(0, len(calib), 4)
+        ]
+        algorithm = config.get("algorithm") or "max"
+        report.algorithm = (
+            algorithm if isinstance(algorithm, str) else algorithm.get("method", "max")
+        )
+        tick = time.perf_counter()
+        mtq.quantize(model, config, create_forward_loop(model, batches))
+        report.times["calibrate"] = time.perf_counter() - tick
+        report.quantized, report.excluded = _summary(model)
+        tick = time.perf_counter()
+        layout = LAYOUTS[args.format]
+        layout.export(model, target.staging, DTYPES[args.dtype], calib[:1])
+        report.times["export"] = time.perf_counter() - tick
+        if args.eval_windows:  # after export: folding pre-quant scales may re-round some weights
+            report.ppl["quantized"] = _perplexity(model, held)
+        tick = time.perf_counter()
+        copied = copy_serving_files(folder, target.staging)
+        if not any(name.startswith(("tokenizer", "vocab")) for name in copied):
+            tokenizer.save_pretrained(target.staging)  # e.g. a tokenizer without its files
+        validate(target.staging)
+        report.size_after = model_files_size(target.staging) + sum(
+            p.stat().st_size for p in target.staging.glob("*.onnx*")
+        )
+        # stock transformers cannot load float32 NVFP4 compressed-tensors files
+        nvfp4_f32 = args.qformat.startswith("nvfp4") and args.dtype == "float32"
+        if layout.transformers_loads and args.eval_windows and not nvfp4_f32:
+            from transformers import AutoModelForCausalLM
 
-        reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=DTYPES[args.dtype]).eval()
-        # transformers does not run compressed-tensors' KV-cache scheme (vLLM does)
-        key = "reloaded (transformers" + (", KV not quantized)" if args.kv_cache != "none" else ")")
-        report.ppl[key] = _perplexity(reloaded, held)
-    report.times["validate"] = time.perf_counter() - tick
+            reloaded = AutoModelForCausalLM.from_pretrained(
+                target.staging, dtype=DTYPES[args.dtype]
+            ).eval()
+            # transformers does not run compressed-tensors' KV-cache scheme (vLLM does)
+            key = "reloaded (transformers" + (
+                ", KV not quantized)" if args.kv_cache != "none" else ")"
+            )
+            report.ppl[key] = _perplexity(reloaded, held)
+        record = {
+            "producer": "quant-export",
+            "version": __version__,
+            "model": str(folder),
+            "qformat": args.qformat,
+            "kv_cache": args.kv_cache,
+            "format": args.format,
+            "kind": args.format,
+        }
+        report.output = target.publish(record)
+        report.times["validate"] = time.perf_counter() - tick
     report.times["total"] = time.perf_counter() - start
     return report

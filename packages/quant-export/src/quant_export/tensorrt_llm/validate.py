@@ -5,8 +5,8 @@ It checks what ``PretrainedModel.from_checkpoint`` / ``preprocess_weights`` and 
 ``tensorrt_llm/layers/moe.py``) rely on: ``config.json`` keys and ``mapping``, a known
 ``quant_algo`` (``tensorrt_llm/quantization/mode.py`` ``QuantAlgo``), ``quant_cfg.json`` for
 ``MIXED_PRECISION``, one ``rank{r}.safetensors`` per rank, and in each rank every tensor a layer
-needs, with the dtype its format stores and the shape its tensor-parallel slice has. Only the
-file headers are read.
+needs, with the dtype its format stores and the shape its tensor-parallel slice has. Of the
+tensors' values, only the scale tensors are read (finite, per-tensor ones positive).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,54 @@ def validate_tensorrt_llm_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> 
         for rank in range(world):
             stage = rank // mapping.get("tp_size", 1)
             _check_rank(folder / f"rank{rank}.safetensors", stage, cfg, layers, problems)
+    if not problems:
+        for rank in range(world):
+            _check_scale_values(folder / f"rank{rank}.safetensors", problems)
+    scaling = cfg.get("rotary_scaling")
+    if scaling is not None and normalized_rotary_scaling(scaling) is None:
+        from quant_core.diagnostics import QuantWarning
+
+        warnings.warn(
+            f"{folder}/config.json: rotary_scaling {scaling} describes no scaling; TensorRT-LLM "
+            "<= 1.1 rejects a rotary_scaling without a known 'type' (ModelOpt writes null): write "
+            "normalized_rotary_scaling(...) instead",
+            QuantWarning,
+            stacklevel=2,
+        )
     if problems:
         raise ValueError(f"{folder} is not a valid TensorRT-LLM checkpoint: " + "; ".join(problems))
     return cfg
+
+
+# scale tensors TensorRT-LLM multiplies by: finite everywhere, per-tensor ones positive
+_SCALE_LEAVES = (
+    "weights_scaling_factor", "weights_scaling_factor_2", "activation_scaling_factor",
+    "prequant_scaling_factor", "kv_cache_scaling_factor", "per_channel_scale", "act_scale",
+)  # fmt: skip
+
+
+def _check_scale_values(path: Path, problems: list[str]) -> None:
+    """Append a problem for every scale tensor in ``path`` holding NaN / inf (or a per-tensor scale <= 0)."""
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            if not key.endswith(_SCALE_LEAVES):
+                continue
+            value = f.get_tensor(key)
+            if not value.is_floating_point():
+                continue
+            value = value.float()
+            if not bool(value.isfinite().all()):
+                problems.append(f"{path.name}: {key} holds NaN or infinite values")
+            elif value.numel() == 1 and not bool((value > 0).all()):
+                problems.append(f"{path.name}: {key} is {value.item()}, not a positive scale")
+
+
+def normalized_rotary_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``rotary_scaling`` as TensorRT-LLM reads it: None for no scaling (``rope_type`` "default" or
+    no type, as transformers 5 reports plain RoPE), else a dict with ``type`` set."""
+    if not scaling:
+        return None
+    kind = scaling.get("type") or scaling.get("rope_type")
+    if kind in (None, "default"):
+        return None
+    return {**scaling, "type": kind}

@@ -25,6 +25,7 @@ from quant_llm.auto_quantize.candidates import (
     weight_bits,
     weight_params,
 )
+from quant_llm.auto_quantize.checks import check_arguments, check_batches, probe_step
 from quant_llm.auto_quantize.grouping import group_layers
 from quant_llm.auto_quantize.report import plot_sensitivity, summary_table
 from quant_llm.auto_quantize.scoring import SCORE_METHODS, gradient_scores, kl_scores
@@ -73,13 +74,12 @@ def auto_quantize(
         raise ValueError(f"method={method!r}; choose one of {SCORE_METHODS}")
     if method == "gradient" and loss_func is None:
         raise ValueError("method='gradient' needs loss_func(output, batch) -> scalar loss")
+    check_arguments(constraints, num_calib_steps, num_score_steps)
     candidates = resolve_formats(quantization_formats)
     calib = list(itertools.islice(data_loader, num_calib_steps))
     score = list(itertools.islice(data_loader, num_score_steps))
-    if not calib or not score:
-        raise ValueError(
-            "data_loader gave no batch; auto_quantize needs calibration and score batches"
-        )
+    check_batches(calib, score, data_loader, num_calib_steps)
+    probe_step(model, score[0], forward_step, loss_func, method)
 
     def forward_loop(m: nn.Module) -> None:
         with torch.no_grad():

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from quant_llm.auto_quantize.checks import check_loss
+
 SCORE_METHODS = ("gradient", "kl")
 
 
@@ -71,8 +73,10 @@ def gradient_scores(
     try:
         for p in trainable:  # only dL/dY is needed: skip every weight gradient
             p.requires_grad_(False)
-        for batch in tqdm(batches, desc="auto_quantize: gradient scores", disable=not verbose):
-            loss_func(forward_step(model, batch), batch).backward()
+        for index, batch in enumerate(
+            tqdm(batches, desc="auto_quantize: gradient scores", disable=not verbose)
+        ):
+            check_loss(loss_func(forward_step(model, batch), batch), index).backward()
     finally:
         for p in trainable:
             p.requires_grad_(True)
