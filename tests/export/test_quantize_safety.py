@@ -278,6 +278,8 @@ def _run_killed(argv: list[str], count: int) -> bool:
     if pid == 0:  # the child: never returns into pytest
         code = 1
         try:
+            # the parent's OpenMP pool does not survive fork(): a parallel op would wait forever
+            torch.set_num_threads(1)
             _kill_at(count)
             code = main(argv)
         finally:

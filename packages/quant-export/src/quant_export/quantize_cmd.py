@@ -415,12 +415,12 @@ def run_quantize(args: Any) -> Report:
         mtq.quantize(model, config, create_forward_loop(model, batches))
         report.times["calibrate"] = time.perf_counter() - tick
         report.quantized, report.excluded = _summary(model)
+        if args.eval_windows:  # calibration left the model as the files hold it, for any layout
+            report.ppl["quantized"] = _perplexity(model, held)
         tick = time.perf_counter()
         layout = LAYOUTS[args.format]
         layout.export(model, target.staging, DTYPES[args.dtype], calib[:1])
         report.times["export"] = time.perf_counter() - tick
-        if args.eval_windows:  # after export: folding pre-quant scales may re-round some weights
-            report.ppl["quantized"] = _perplexity(model, held)
         tick = time.perf_counter()
         copied = copy_serving_files(folder, target.staging)
         if not any(name.startswith(("tokenizer", "vocab")) for name in copied):
