@@ -15,6 +15,14 @@ ALL = sorted(mtq.choices)
 KV_ONLY = {"FP8_KV_CFG", "FP8_AFFINE_KV_CFG", "NVFP4_KV_CFG", "NVFP4_KV_ROTATE_CFG"}
 
 
+def config_for(name: str) -> dict:
+    """The built-in config; a KV config (ModelOpt 0.47's shape: KV entries only) after disable-all."""
+    cfg = getattr(mtq, name)
+    if name in KV_ONLY:
+        return {"quant_cfg": [*mtq.config._base_disable_all, *cfg["quant_cfg"]], "algorithm": "max"}
+    return cfg
+
+
 def enabled_names(model: torch.nn.Module) -> list[str]:
     return [name for name, q, _p in iter_quantizers(model) if q.is_enabled]
 
@@ -24,7 +32,7 @@ def test_builtin_config_quantizes_small_cnn(name, cnn, images):
     reference = cnn(images[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # KV-only configs enable nothing in a CNN
-        model = mtq.quantize(cnn, getattr(mtq, name), lambda m: [m(x) for x in images])
+        model = mtq.quantize(cnn, config_for(name), lambda m: [m(x) for x in images])
     out = model(images[0])
     assert torch.isfinite(out).all()
     enabled = enabled_names(model)
@@ -49,7 +57,7 @@ def test_builtin_config_quantizes_tiny_llama(name):
         reference = model(batches[0]).logits
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        mtq.quantize(model, getattr(mtq, name), lambda m: [m(b) for b in batches])
+        mtq.quantize(model, config_for(name), lambda m: [m(b) for b in batches])
     with torch.no_grad():
         logits = model(batches[0]).logits
     assert torch.isfinite(logits).all()

@@ -90,28 +90,18 @@ def find_quant_cfg_entry_by_path(
     return found[-1]
 
 
-def _is_disable_all(entry: Mapping[str, Any]) -> bool:
-    return (
-        entry.get("quantizer_name") == "*"
-        and entry.get("parent_class") is None
-        and entry.get("enable") is False
-        and not entry.get("cfg")
-    )
-
-
 def update_quant_cfg_with_kv_cache_quant(
     quant_cfg: dict[str, Any], kv_cache_quant_cfg: Any
 ) -> dict[str, Any]:
     """A deep copy of config ``quant_cfg`` with the KV-cache entries appended (algorithm "max" if unset).
 
-    A catch-all ``{"quantizer_name": "*", "enable": False}`` in the KV entries (quant's KV configs
-    carry one so that they quantize only the KV cache when used alone) is dropped: appended after
-    the base config's entries it would switch every other quantizer off.
+    As in ModelOpt 0.47: ``kv_cache_quant_cfg`` is typically ``FP8_KV_CFG["quant_cfg"]`` (its KV
+    entries only); a config whose ``quant_cfg`` is None or empty becomes "everything off, then the
+    KV entries".
     """
     out = copy.deepcopy(dict(quant_cfg))
     base = entry_dicts(out.get("quant_cfg") or [{"quantizer_name": "*", "enable": False}])
-    kv = [e for e in entry_dicts(kv_cache_quant_cfg) if not _is_disable_all(e)]
-    out["quant_cfg"] = base + kv
+    out["quant_cfg"] = base + entry_dicts(kv_cache_quant_cfg)
     if not out.get("algorithm"):
         out["algorithm"] = "max"
     return out
