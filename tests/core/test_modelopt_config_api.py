@@ -22,13 +22,15 @@ LEGACY = {
 
 
 def test_normalize_quant_cfg_list_matches_modelopt_entries() -> None:
-    # ModelOpt 0.47.0 gives these three entries ("default" first, as "*"), enable defaulting to True.
-    assert mtq.normalize_quant_cfg_list(LEGACY) == [
+    # ModelOpt 0.47.0 gives these three entries ("default" first, as "*"), enable defaulting to
+    # True, as typed entries whose model_dump() has the full attribute config.
+    weight_cfg = mtq.QuantizerAttributeConfig(num_bits=4, axis=0).model_dump()
+    assert [e.model_dump() for e in mtq.normalize_quant_cfg_list(LEGACY)] == [
         {"quantizer_name": "*", "parent_class": None, "cfg": None, "enable": False},
         {
             "quantizer_name": "*weight_quantizer",
             "parent_class": None,
-            "cfg": {"num_bits": 4, "axis": 0},
+            "cfg": weight_cfg,
             "enable": True,
         },
         {
