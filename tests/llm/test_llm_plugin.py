@@ -123,3 +123,23 @@ def test_register_model_maps_a_family_outside_the_known_list(forward_loop):
     kv_only = {"quant_cfg": [*mtq.config._base_disable_all, *mtq.FP8_KV_CFG["quant_cfg"]]}
     mtq.quantize(model, kv_only, forward_loop)
     assert model.model.layers[0].self_attn.k_bmm_quantizer.amax.item() > 0
+
+
+def test_an_unregistered_attention_class_is_mapped_again_by_the_next_quantize(forward_loop):
+    """As ModelOpt's on-the-fly registration: ``unregister`` does not leave the class unmapped for
+    good (before, the plugin's scan cache skipped its module forever)."""
+    import quant_core as mtq
+    from quant_core.nn import QuantModuleRegistry
+    from quant_llm.testing.tiny_models import tiny_model
+
+    model = tiny_model("llama", "sdpa")
+    attention_cls = type(model.model.layers[0].self_attn)
+    assert QuantModuleRegistry.get(attention_cls) is not None
+    QuantModuleRegistry.unregister(attention_cls)
+    assert attention_cls not in QuantModuleRegistry.originals()
+    kv_only = {"quant_cfg": [*mtq.config._base_disable_all, *mtq.FP8_KV_CFG["quant_cfg"]]}
+    mtq.quantize(model, kv_only, forward_loop)
+    assert QuantModuleRegistry.get(attention_cls) is not None
+    attention = model.model.layers[0].self_attn
+    assert type(attention).__name__ == f"Quant{attention_cls.__name__}"
+    assert attention.k_bmm_quantizer.amax.item() > 0

@@ -379,6 +379,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         amax = self.amax
         if not self.is_dynamic and amax is not None and onnx_qdq.wants_qdq(self):
             return onnx_qdq.qdq(x, amax, self)
+        onnx_qdq.check_traceable(self)
         x_in = x
         fmt = self._format
         blocks = fmt.block_axes
