@@ -175,3 +175,76 @@ class HistogramCalibrator:
     def reset(self) -> None:
         """Forget the histogram."""
         self._hist, self._max = None, 0.0
+
+
+def calibrate_weights(
+    model: torch.nn.Module,
+    method: str = "percentile",
+    perchannel: bool = True,
+    percentile: float = 99.99,
+    num_bins: int = 2048,
+) -> None:
+    """Set the weight amax of every quantized module of ``model`` from a histogram of its weight
+    (ModelOpt's ``calib.calibrate_weights``), ignoring the quantizers' own calibrators.
+
+    ``method``: ``"percentile"`` (of |w|, ``percentile`` in [0, 100]), ``"mse"`` or ``"max"``.
+    ``perchannel``: one amax per output channel (axis 0; axis 1 for transposed convolutions),
+    which needs a quantizer with that ``axis``; else one per tensor. Block-wise and sequential
+    weight quantizers are refused by name.
+    """
+    from quant_core.nn.builtin_modules import (
+        QuantConvTranspose1d,
+        QuantConvTranspose2d,
+        QuantConvTranspose3d,
+    )
+    from quant_core.nn.tensor_quantizer import TensorQuantizer
+
+    if method not in ("percentile", "mse", "max"):
+        raise ValueError(
+            f"calibrate_weights: method must be percentile, mse or max, got {method!r}"
+        )
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        weight = getattr(module, "weight", None)
+        if quantizer is None or not isinstance(weight, torch.Tensor):
+            continue
+        if not isinstance(quantizer, TensorQuantizer) or quantizer.block_sizes:
+            raise ValueError(
+                f"calibrate_weights: {name}.weight_quantizer is sequential or block-wise; it "
+                "calibrates per-tensor and per-channel weight quantizers only"
+            )
+        transposed = (QuantConvTranspose1d, QuantConvTranspose2d, QuantConvTranspose3d)
+        axis = (1 if isinstance(module, transposed) else 0) if perchannel else None
+        if axis is not None and quantizer.axis not in (axis, axis - weight.dim()):
+            raise ValueError(
+                f"calibrate_weights: {name}.weight_quantizer has axis={quantizer.axis!r} but "
+                f"perchannel=True gives one amax per channel of axis {axis}; set the quantizer's "
+                "axis or pass perchannel=False"
+            )
+        w = weight.detach().float()
+        slices = [w] if axis is None else list(w.movedim(axis, 0))
+        amaxes = []
+        for piece in slices:
+            if method == "max":
+                amaxes.append(piece.abs().max())
+                continue
+            histogram = HistogramCalibrator(
+                num_bits=quantizer.num_bits,
+                unsigned=quantizer.unsigned,
+                num_bins=num_bins,
+                method=method,  # type: ignore[arg-type]
+            )
+            histogram.collect(piece)
+            amax = histogram.compute_amax(percentile=percentile if method == "percentile" else None)
+            amaxes.append(torch.zeros(()) if amax is None else amax)
+        amax = torch.stack([a.reshape(()) for a in amaxes])
+        if axis is not None:
+            shape = [1] * w.dim()
+            shape[axis] = w.shape[axis]
+            amax = amax.reshape(shape)
+        else:
+            amax = amax.reshape(())
+        quantizer.amax = amax.to(weight.device)
+
+
+__all__ = ["HistogramCalibrator", "calibrate_weights"]

@@ -374,6 +374,12 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         attrs = self._attrs
         if attrs.backend is not None:
             return get_quant_backend(attrs.backend)(x, self)
+        if x.dtype == torch.float64:
+            raise ValueError(
+                f"quantizer {self._name or '(unnamed)'} got a float64 input: quant fake-quantizes "
+                "float32, float16 and bfloat16 tensors only; cast the model and its inputs, e.g. "
+                "model.float()"
+            )
         if self._lsq is not None:
             return lsq_forward(self, x)
         amax = self.amax
