@@ -31,7 +31,7 @@ def test_choices_names_every_builtin_config_and_each_validates():
     from quant_core.config import builtin
 
     defined = {n for n, v in vars(builtin).items() if n.endswith("_CFG") and isinstance(v, dict)}
-    assert mtq.choices == defined and len(defined) == 26  # every public preset is a choice
+    assert mtq.choices == defined and len(defined) == 36  # every public preset is a choice
     for name in mtq.choices:
         cfg = getattr(mtq, name)
         # ModelOpt 0.47's KV configs (all but NVFP4_KV_ROTATE_CFG) carry no algorithm

@@ -17,8 +17,16 @@ import quant_core as mtq
 from quant_core.config import _base_disable_all, _default_disabled_quantizer_cfg
 from quant_core.conversion import iter_quantizers
 
-KV_CONFIGS = ["FP8_KV_CFG", "FP8_AFFINE_KV_CFG", "NVFP4_KV_CFG", "NVFP4_KV_ROTATE_CFG"]
+KV_CONFIGS = [
+    "FP8_KV_CFG",
+    "FP8_AFFINE_KV_CFG",
+    "NVFP4_KV_CFG",
+    "NVFP4_AFFINE_KV_CFG",
+    "NVFP4_KV_ROTATE_CFG",
+]
 WA_CONFIGS = sorted(mtq.choices - set(KV_CONFIGS))
+# Presets that quantize parts of a model (by module name) or add exclusions after the defaults.
+PARTIAL = {n for n in WA_CONFIGS if "MLP" in n or "EXPERTS" in n or n.startswith("MAMBA_MOE_")}
 
 
 def _states(model: nn.Module) -> dict[str, str]:
@@ -39,13 +47,20 @@ def test_presets_are_disable_all_then_formats_then_the_default_exclusions(name: 
     entries = list(getattr(mtq, name)["quant_cfg"])
     n = len(_default_disabled_quantizer_cfg)
     assert entries[:1] == _base_disable_all
-    assert entries[-n:] == _default_disabled_quantizer_cfg
-    middle = entries[1:-n]
-    assert [e["quantizer_name"] for e in middle] in (
-        ["*weight_quantizer", "*input_quantizer"],
-        ["*weight_quantizer"],  # W4A16_NVFP4_CFG names no input entry
-    )
+    start = next(i for i, e in enumerate(entries) if e == _default_disabled_quantizer_cfg[0])
+    assert entries[start : start + n] == _default_disabled_quantizer_cfg
+    middle, after = entries[1:start], entries[start + n :]
     assert all("enable" not in e for e in middle if "cfg" in e)  # cfg alone enables
+    if name.startswith("MAMBA_MOE_"):  # then the Mamba-MoE exclusions (conservative: two more)
+        assert after[:8] == mtq.config._mamba_moe_disabled_quantizer_cfg
+        assert len(after) == (10 if "CONSERVATIVE" in name else 8)
+    else:
+        assert after == []
+    if name not in PARTIAL:
+        assert [e["quantizer_name"] for e in middle] in (
+            ["*weight_quantizer", "*input_quantizer"],
+            ["*weight_quantizer"],  # W4A16_NVFP4_CFG names no input entry
+        )
 
 
 def test_building_blocks_are_entry_lists_that_recipes_spread() -> None:

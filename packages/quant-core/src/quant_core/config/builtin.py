@@ -179,6 +179,53 @@ MXINT8_DEFAULT_CFG = _cfg(_mx(8), _mx(8), None)
 # ModelOpt ships this one with algorithm None, which leaves its static FP8 input quantizers
 # uncalibrated; here it calibrates them with max.
 W4A8_MXFP4_FP8_CFG = _cfg(_mx((2, 1)), _FP8, "max")
+
+
+def _preset(entries: list[dict[str, Any]], algorithm: Any, extra_off: tuple[str, ...] = ()) -> Any:
+    """``[*_base_disable_all, *entries, *_default_disabled_quantizer_cfg, *extra_off]``, frozen."""
+    return freeze(
+        {
+            "quant_cfg": QuantCfgList(
+                [
+                    *_base_disable_all,
+                    *entries,
+                    *_default_disabled_quantizer_cfg,
+                    *(_off(p) for p in extra_off),
+                ]
+            ),
+            "algorithm": algorithm,
+        }
+    )
+
+
+def _wi(
+    patterns: tuple[str, ...], cfg: dict[str, Any], inputs: bool = True
+) -> list[dict[str, Any]]:
+    """Weight (and input) entries with ``cfg`` for each module pattern."""
+    kinds = ("weight_quantizer", "input_quantizer") if inputs else ("weight_quantizer",)
+    return [{"quantizer_name": f"{p}{k}", "cfg": dict(cfg)} for p in patterns for k in kinds]
+
+
+_NVFP4_B32 = {"num_bits": (2, 1), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (4, 3)}}
+_MOE = ("*block_sparse_moe*",)
+_EXPERTS = ("*block_sparse_moe*", "*.experts.*")
+_MIXER_MLP = ("*.mixer.up_proj.", "*.mixer.down_proj.")
+_MAMBA_OFF = tuple(e["quantizer_name"] for e in _mamba_moe_disabled_quantizer_cfg)
+_MAMBA_CONSERVATIVE_OFF = (*_MAMBA_OFF, "*mixer.in_proj*", "*mixer.out_proj*")
+
+# The parts-of-the-model presets (ModelOpt 0.47's, the same entry lists and algorithms).
+NVFP4_MLP_WEIGHT_ONLY_CFG = _preset(_wi(("*mlp*", *_MOE), _NVFP4_B32, inputs=False), "max")
+MXFP4_MLP_WEIGHT_ONLY_CFG = _preset(_wi(("*mlp*", *_MOE), _mx((2, 1)), inputs=False), None)
+NVFP4_MLP_ONLY_CFG = _preset(_wi(("*mlp*", *_MIXER_MLP, *_EXPERTS), _NVFP4), "max")
+NVFP4_EXPERTS_ONLY_CFG = _preset(_wi(_EXPERTS, _NVFP4), "max")
+NVFP4_OMLP_ONLY_CFG = _preset(_wi(("*o_proj*", "*mlp*", *_MIXER_MLP, *_MOE), _NVFP4), "max")
+# Mamba-MoE hybrids: attention and latent projections (conservative: also the mixer in/out
+# projections) stay unquantized.
+MAMBA_MOE_FP8_AGGRESSIVE_CFG = _preset(_wi(("*",), _FP8), "max", _MAMBA_OFF)
+MAMBA_MOE_FP8_CONSERVATIVE_CFG = _preset(_wi(("*",), _FP8), "max", _MAMBA_CONSERVATIVE_OFF)
+MAMBA_MOE_NVFP4_AGGRESSIVE_CFG = _preset(_wi(("*",), _NVFP4), "max", _MAMBA_OFF)
+MAMBA_MOE_NVFP4_CONSERVATIVE_CFG = _preset(_wi(("*",), _NVFP4), "max", _MAMBA_CONSERVATIVE_OFF)
+
 _KV = "*[kv]_bmm_quantizer"
 FP8_KV_CFG = _kv({"quantizer_name": _KV, "cfg": dict(_FP8)})
 # ModelOpt 0.47 lists the plain FP8 entry first and the affine one after it (the later one wins).
@@ -190,6 +237,11 @@ FP8_AFFINE_KV_CFG = _kv(
     },
 )
 NVFP4_KV_CFG = _kv({"quantizer_name": _KV, "cfg": dict(_NVFP4)})
+# As FP8_AFFINE_KV_CFG: the plain NVFP4 entry, then one with a static per-channel bias (later wins).
+NVFP4_AFFINE_KV_CFG = _kv(
+    {"quantizer_name": _KV, "cfg": dict(_NVFP4)},
+    {"quantizer_name": _KV, "cfg": {**_NVFP4, "bias": {-2: None, -4: None, "type": "static"}}},
+)
 # Keys rotated by a normalized Hadamard transform before NVFP4, and queries rotated the same way
 # by a disabled q_bmm_quantizer, so q k^T is unchanged; values plain NVFP4.
 # Unlike ModelOpt 0.47's other KV configs, this one carries "algorithm": "max" there too.
@@ -211,17 +263,27 @@ __all__ = [
     "INT8_DEFAULT_CFG",
     "INT8_SMOOTHQUANT_CFG",
     "INT8_WEIGHT_ONLY_CFG",
+    "MAMBA_MOE_FP8_AGGRESSIVE_CFG",
+    "MAMBA_MOE_FP8_CONSERVATIVE_CFG",
+    "MAMBA_MOE_NVFP4_AGGRESSIVE_CFG",
+    "MAMBA_MOE_NVFP4_CONSERVATIVE_CFG",
     "MXFP4_DEFAULT_CFG",
+    "MXFP4_MLP_WEIGHT_ONLY_CFG",
     "MXFP6_DEFAULT_CFG",
     "MXFP8_DEFAULT_CFG",
     "MXINT8_DEFAULT_CFG",
+    "NVFP4_AFFINE_KV_CFG",
     "NVFP4_AWQ_CLIP_CFG",
     "NVFP4_AWQ_FULL_CFG",
     "NVFP4_AWQ_LITE_CFG",
     "NVFP4_DEFAULT_CFG",
+    "NVFP4_EXPERTS_ONLY_CFG",
     "NVFP4_FOUR_OVER_SIX_CFG",
     "NVFP4_KV_CFG",
     "NVFP4_KV_ROTATE_CFG",
+    "NVFP4_MLP_ONLY_CFG",
+    "NVFP4_MLP_WEIGHT_ONLY_CFG",
+    "NVFP4_OMLP_ONLY_CFG",
     "NVFP4_SVDQUANT_DEFAULT_CFG",
     "W4A8_AWQ_BETA_CFG",
     "W4A8_MXFP4_FP8_CFG",
