@@ -77,6 +77,27 @@ def test_budget_met_and_bits_recomputed_independently(awq_search):
     assert set(state["choice"].values()) - {"None"}, "a 6-bit budget leaves room to quantize"
 
 
+def test_best_summarises_the_pick_as_modelopt_does(awq_search):
+    _fp, _model, state = awq_search
+    best = state["best"]
+    assert best["recipe"] == state["choice"] and best["is_satisfied"] is True
+    assert best["constraints"] == {"effective_bits": pytest.approx(state["effective_bits"])}
+    chosen = {
+        state["layers"][n]["group"]: state["candidates"].index(c)
+        for n, c in state["choice"].items()
+    }
+    expected = sum(state["scores"][g][i] for g, i in chosen.items())
+    assert best["score"] == pytest.approx(expected, rel=1e-12)
+    assert best["score"] <= sum(max(s) for s in state["scores"].values())
+
+
+def test_unknown_score_method_is_refused():
+    with pytest.raises(ValueError, match=r"choose one of .*'kl_div'"):
+        _search(
+            tiny_model("llama"), ["FP8_DEFAULT_CFG", None], {"effective_bits": 12}, method="kld"
+        )
+
+
 def test_memory_budget_in_bytes():
     fp = tiny_model("llama")
     linears = {
@@ -113,7 +134,7 @@ def test_fused_moe_experts_are_one_unit():
     assert len(on) == 1  # every expert got the same choice
 
 
-@pytest.mark.parametrize("method", ["gradient", "kl"])
+@pytest.mark.parametrize("method", ["gradient", "kl", "kl_div"])  # kl_div: ModelOpt's name
 def test_picks_int4_where_it_is_lossless(method):
     fp = tiny_model("llama")
     gen = torch.Generator().manual_seed(1)

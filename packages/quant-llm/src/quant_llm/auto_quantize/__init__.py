@@ -67,7 +67,10 @@ def auto_quantize(
     ``constraints``: ``{"effective_bits": b}`` (mean bits per weight of the searched layers, 16 for
     unquantized ones) or ``{"weight_bytes": n}``. Layers a candidate config leaves off (its
     ``*lm_head*`` exclusion, ...) are not searched; list them in a config dict to search them.
-    ``method``: ``"gradient"`` (needs ``loss_func``) or ``"kl"`` (logits KL).
+    ``method``: ``"gradient"`` (needs ``loss_func``) or ``"kl"`` / ``"kl_div"`` (ModelOpt's
+    name; logits KL). ``search_state["best"]`` is ModelOpt's summary of the pick: ``recipe``
+    (layer -> candidate name), ``constraints`` (``effective_bits`` achieved), ``score`` (the
+    chosen candidates' summed scores) and ``is_satisfied``.
     """
     if method not in SCORE_METHODS:
         raise ValueError(f"method={method!r}; choose one of {SCORE_METHODS}")
@@ -139,6 +142,12 @@ def auto_quantize(
         "effective_bits": used / total,
         "weight_bytes": used / 8,
         "config": config,
+        "best": {
+            "recipe": {n: candidates[i][0] for n, i in choice.items()},
+            "constraints": {"effective_bits": used / total},
+            "score": float(sum(scores[gi, i] for gi, i in enumerate(picks))),
+            "is_satisfied": bool(used <= budget * (1 + 1e-9)),
+        },
     }
     del layers
     mtq.quantize(model, config, loop_for(config, forward_loop))

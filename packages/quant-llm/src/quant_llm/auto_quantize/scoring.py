@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-SCORE_METHODS = ("gradient", "kl")
+SCORE_METHODS = ("gradient", "kl", "kl_div")  # "kl_div": ModelOpt 0.47's name for "kl"
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -3,7 +3,8 @@
 ``search_state`` keys: ``candidates`` (names), ``candidate_bits`` (bits per weight of each, per
 layer), ``layers`` (name -> {"params", "group"}), ``groups`` (key -> layer names), ``scores``
 (group -> score per candidate), ``method``, ``constraints``, ``choice`` (layer -> candidate name),
-``effective_bits`` and ``weight_bytes`` achieved, and ``config`` (the replay config).
+``effective_bits`` and ``weight_bytes`` achieved, ``config`` (the replay config) and ``best``
+(ModelOpt's summary: ``recipe``, ``constraints``, ``score``, ``is_satisfied``).
 """
 
 from __future__ import annotations
