@@ -118,7 +118,37 @@ def test_algorithm_config_classes_stand_for_their_dicts() -> None:
     )
     assert float(model[0].input_quantizer.amax) == pytest.approx(float(data.abs().max()))
     with pytest.raises(ValueError, match="does not take option"):
-        mtq.calibrate(model, mtq.AWQLiteCalibConfig(debug=True), lambda m: m(data))
+        mtq.calibrate(model, {"method": "awq_lite", "foo": 1}, lambda m: m(data))
+
+
+@pytest.mark.parametrize("method", ["awq_lite", "awq_clip", "awq_full"])
+def test_awq_debug_leaves_the_search_record_on_each_layer(method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(16, 64)
+    int4 = {"num_bits": 4, "block_sizes": {-1: 16, "type": "static"}}
+    config = {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": int4},
+        ],
+        "algorithm": {"method": method, "debug": True},
+    }
+    mtq.quantize(model, config, lambda m: m(x))
+    layer = model[0]
+    if method != "awq_clip":
+        record = layer.awq_lite
+        torch.testing.assert_close(record.act_scale, x.abs().mean(0))  # mean |x| per channel
+        assert record.best_alpha == min(record.loss, key=record.loss.get)
+        assert -1.0 in record.loss and len(record.loss) == 12  # no scaling, then α = 0, 0.1, ..., 1
+        assert record.best_scale.shape == (64,)
+    if method != "awq_lite":
+        clip = layer.awq_clip
+        assert clip.w_amax.shape == clip.best_amax.shape == (32, 4, 1)
+        assert (clip.best_amax <= clip.w_amax * (1 + 1e-6)).all()
+    plain = nn.Sequential(nn.Linear(64, 32))
+    mtq.quantize(plain, {**config, "algorithm": method}, lambda m: m(x))
+    assert not hasattr(plain[0], "awq_lite") and not hasattr(plain[0], "awq_clip")
 
 
 def _lm() -> nn.Module:
