@@ -162,7 +162,11 @@ def huggingface_names() -> dict[str, object]:
     """quant-llm's objects under ModelOpt's ``quantization.plugins.huggingface`` names."""
     from quant_llm.hf_attention import QuantAttentionMixin, quant_attention_class
     from quant_llm.hf_linear import QuantConv1D
-    from quant_llm.hf_moe import QuantFusedExperts, quant_experts_class
+    from quant_llm.hf_moe import (
+        QuantFusedExperts,
+        force_eager_experts_impl_on_the_fly,
+        quant_experts_class,
+    )
 
     return {
         # ModelOpt's per-kind "map this model's classes" hooks; register_model maps them all.
@@ -174,4 +178,5 @@ def huggingface_names() -> dict[str, object]:
         "QuantFusedExperts": QuantFusedExperts,
         "quant_attention_class": quant_attention_class,
         "quant_experts_class": quant_experts_class,
+        "force_eager_experts_impl_on_the_fly": force_eager_experts_impl_on_the_fly,
     }
