@@ -148,3 +148,76 @@ def test_calibrate_weights_per_tensor_and_errors() -> None:
         calibrate_weights(model, "max", perchannel=True)
     with pytest.raises(ValueError, match="method must be percentile, mse or max"):
         calibrate_weights(model, "entropy")
+
+
+# ----- max_calibrate(shared_states=...) ------------------------------------------------------------
+_NVFP4_STATIC = {
+    "num_bits": (2, 1),
+    "block_sizes": {-1: 16, "type": "static", "scale_bits": (4, 3)},
+}
+_FUSED = [r"(.*)\.(?:q_proj|k_proj|v_proj)", r"(.*)\.(?:gate_proj|up_proj)"]
+
+
+def _nvfp4_llama(shared_states=None):
+    from core_models import make_tiny_llama
+
+    model = make_tiny_llama()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    algorithm = {"method": "max"}
+    if shared_states is not None:
+        algorithm["shared_states"] = shared_states
+    config = {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": _NVFP4_STATIC},
+            *mtq.config._default_disabled_quantizer_cfg,
+        ],
+        "algorithm": algorithm,
+    }
+    return mtq.quantize(model, config, lambda m: m(ids))
+
+
+def test_shared_states_give_each_fused_group_one_weight_global_amax() -> None:
+    model = _nvfp4_llama({"weight_global_amax": {"patterns": _FUSED}})
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            largest = max(m.weight.abs().reshape(-1, 16).amax(-1).max() for m in group)
+            for m in group:
+                assert m.weight_quantizer.global_amax is not None
+                torch.testing.assert_close(m.weight_quantizer.global_amax, largest.float())
+        assert attn.o_proj.weight_quantizer.global_amax is None  # no pattern selects it
+        assert mlp.down_proj.weight_quantizer.global_amax is None
+    # each pattern makes its own groups: q/k/v and gate/up do not share
+    layer = model.model.layers[0]
+    assert not torch.equal(
+        layer.self_attn.q_proj.weight_quantizer.global_amax,
+        layer.mlp.gate_proj.weight_quantizer.global_amax,
+    )
+
+
+@pytest.mark.parametrize("shared_states", [None, {"weight_global_amax": {"patterns": []}}])
+def test_no_shared_states_or_an_empty_pattern_list_shares_nothing(shared_states) -> None:
+    model = _nvfp4_llama(shared_states)
+    assert all(
+        m.weight_quantizer.global_amax is None
+        for m in model.modules()
+        if hasattr(m, "weight_quantizer") and isinstance(m, nn.Linear)
+    )
+
+
+@pytest.mark.parametrize(
+    ("shared_states", "message"),
+    [
+        ({"input_amax": {"patterns": []}}, "shared_states must be"),
+        ({"weight_global_amax": {"regex": ["x"]}}, "takes only 'patterns'"),
+        ({"weight_global_amax": {"patterns": ["(unclosed"]}}, "pattern '\\(unclosed'"),
+    ],
+)
+def test_bad_shared_states_are_named(shared_states, message) -> None:
+    from quant_core.model_calib import max_calibrate
+
+    model = nn.Sequential(nn.Linear(16, 16))
+    mtq.quantize(model, {**mtq.INT8_DEFAULT_CFG.copy(), "algorithm": None})
+    with pytest.raises(ValueError, match=message):
+        max_calibrate(model, lambda m: m(torch.randn(2, 16)), shared_states=shared_states)

@@ -99,6 +99,8 @@ class MaxCalibConfig(QuantizeAlgorithmConfig):
     _mutates_weights: ClassVar[bool] = False
     method: Literal["max"] = "max"
     distributed_sync: bool | None = True
+    shared_states: dict[str, dict[str, list[str]]] | None = None
+    """``{"weight_global_amax": {"patterns": [regex, ...]}}``: one NVFP4 weight global amax per group."""
 
 
 class MseCalibConfig(QuantizeAlgorithmConfig):
