@@ -261,3 +261,30 @@ def test_effective_bits_attribute_overrides_the_format_cost():
     nvfp4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
     assert weight_bits(quantized(nvfp4)) == 4 + 8 / 16  # E2M1 codes + one E4M3 scale per 16
     assert weight_bits(quantized({**nvfp4, "effective_bits": 4.75})) == 4.75
+
+
+def test_checkpoint_saves_scores_and_a_second_search_reuses_them(tmp_path, monkeypatch):
+    """ModelOpt's ``checkpoint``: the first search writes its scores, the next (another budget)
+    reads them instead of scoring again; a file for another search is refused by name."""
+    import quant_llm.auto_quantize as aq
+
+    path = tmp_path / "search.json"
+    formats = ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", None]
+    fp = tiny_model("llama")
+    _m, first = _search(copy.deepcopy(fp), formats, {"effective_bits": 10.0}, checkpoint=path)
+    assert path.exists()
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored again instead of reading the checkpoint")
+
+    monkeypatch.setattr(aq, "gradient_scores", no_scoring)
+    _m, second = _search(copy.deepcopy(fp), formats, {"effective_bits": 6.0}, checkpoint=path)
+    assert second["scores"] == first["scores"]
+    assert (
+    assert first["effective_bits"] <= 10.0 and second["effective_bits"] <= 6.0
+    )
+    with pytest.raises(ValueError, match="written for other method"):
+        _search(copy.deepcopy(fp), formats, {"effective_bits": 6.0}, checkpoint=path, method="kl")
+    path.write_text("not json")
+    with pytest.raises(ValueError, match="is not a search-state file"):
+        _search(copy.deepcopy(fp), formats, {"effective_bits": 6.0}, checkpoint=path)
