@@ -280,9 +280,7 @@ def test_checkpoint_saves_scores_and_a_second_search_reuses_them(tmp_path, monke
     monkeypatch.setattr(aq, "gradient_scores", no_scoring)
     _m, second = _search(copy.deepcopy(fp), formats, {"effective_bits": 6.0}, checkpoint=path)
     assert second["scores"] == first["scores"]
-    assert (
     assert first["effective_bits"] <= 10.0 and second["effective_bits"] <= 6.0
-    )
     with pytest.raises(ValueError, match="written for other method"):
         _search(copy.deepcopy(fp), formats, {"effective_bits": 6.0}, checkpoint=path, method="kl")
     path.write_text("not json")
