@@ -286,3 +286,21 @@ def test_checkpoint_saves_scores_and_a_second_search_reuses_them(tmp_path, monke
     path.write_text("not json")
     with pytest.raises(ValueError, match="is not a search-state file"):
         _search(copy.deepcopy(fp), formats, {"effective_bits": 6.0}, checkpoint=path)
+
+
+def test_search_state_round_trips_through_file_objects(awq_search):
+    """The search state is plain data: torch.save / torch.load(weights_only=True) and JSON keep it."""
+    import io
+    import json
+
+    _fp, _model, state = awq_search
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded == state
+    text = io.StringIO()
+    json.dump(state, text)
+    again = json.loads(text.getvalue())
+    assert again["best"]["recipe"] == state["best"]["recipe"]
+    assert again["choice"] == state["choice"] and again["scores"] == state["scores"]

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from quant_core.config.frozen import thaw
 from quant_core.conversion import iter_quantizers
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 
@@ -47,6 +48,7 @@ def replay_config(
             quant_cfg[f"{name}.{qname}"] = attrs
     distinct: list[Any] = []
     for algo in algorithms:
+        algo = thaw(algo)  # a built-in config's algorithm is read-only: the state holds plain data
         if algo is not None and algo not in distinct:
             distinct.append(algo)
     return {
