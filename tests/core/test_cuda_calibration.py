@@ -22,7 +22,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-KV_ONLY = {"FP8_KV_CFG", "FP8_AFFINE_KV_CFG", "NVFP4_KV_CFG"}
+KV_ONLY = {"FP8_KV_CFG", "FP8_AFFINE_KV_CFG", "NVFP4_KV_CFG", "NVFP4_AFFINE_KV_CFG"}
 INT4 = mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG
 ALGORITHM_VARIANTS = {
     "INT4+gptq": (INT4, "gptq"),

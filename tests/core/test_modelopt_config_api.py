@@ -22,13 +22,15 @@ LEGACY = {
 
 
 def test_normalize_quant_cfg_list_matches_modelopt_entries() -> None:
-    # ModelOpt 0.47.0 gives these three entries ("default" first, as "*"), enable defaulting to True.
-    assert mtq.normalize_quant_cfg_list(LEGACY) == [
+    # ModelOpt 0.47.0 gives these three entries ("default" first, as "*"), enable defaulting to
+    # True, as typed entries whose model_dump() has the full attribute config.
+    weight_cfg = mtq.QuantizerAttributeConfig(num_bits=4, axis=0).model_dump()
+    assert [e.model_dump() for e in mtq.normalize_quant_cfg_list(LEGACY)] == [
         {"quantizer_name": "*", "parent_class": None, "cfg": None, "enable": False},
         {
             "quantizer_name": "*weight_quantizer",
             "parent_class": None,
-            "cfg": {"num_bits": 4, "axis": 0},
+            "cfg": weight_cfg,
             "enable": True,
         },
         {
@@ -74,10 +76,8 @@ def test_update_quant_cfg_with_kv_cache_quant_appends_kv_entries_only() -> None:
     base = mtq.INT8_WEIGHT_ONLY_CFG.copy()
     out = mtq.update_quant_cfg_with_kv_cache_quant(base, mtq.FP8_KV_CFG["quant_cfg"])
     assert base == mtq.INT8_WEIGHT_ONLY_CFG.copy()  # input untouched (a deep copy is returned)
-    entries = mtq.normalize_quant_cfg_list(out["quant_cfg"])
-    assert entries[-1]["quantizer_name"] == "*[kv]_bmm_quantizer"
-    # quant's KV configs carry a catch-all disable; appended it would switch the weights off.
-    assert [e for e in entries[1:] if e["quantizer_name"] == "*" and not e["parent_class"]] == []
+    assert out["quant_cfg"] == [*base["quant_cfg"], *mtq.FP8_KV_CFG["quant_cfg"]]
+    assert out["algorithm"] == "max"
     only_kv = mtq.update_quant_cfg_with_kv_cache_quant({"quant_cfg": None, "algorithm": None}, [])
     assert only_kv == {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
 
@@ -118,7 +118,37 @@ def test_algorithm_config_classes_stand_for_their_dicts() -> None:
     )
     assert float(model[0].input_quantizer.amax) == pytest.approx(float(data.abs().max()))
     with pytest.raises(ValueError, match="does not take option"):
-        mtq.calibrate(model, mtq.AWQLiteCalibConfig(debug=True), lambda m: m(data))
+        mtq.calibrate(model, {"method": "awq_lite", "foo": 1}, lambda m: m(data))
+
+
+@pytest.mark.parametrize("method", ["awq_lite", "awq_clip", "awq_full"])
+def test_awq_debug_leaves_the_search_record_on_each_layer(method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(16, 64)
+    int4 = {"num_bits": 4, "block_sizes": {-1: 16, "type": "static"}}
+    config = {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": int4},
+        ],
+        "algorithm": {"method": method, "debug": True},
+    }
+    mtq.quantize(model, config, lambda m: m(x))
+    layer = model[0]
+    if method != "awq_clip":
+        record = layer.awq_lite
+        torch.testing.assert_close(record.act_scale, x.abs().mean(0))  # mean |x| per channel
+        assert record.best_alpha == min(record.loss, key=record.loss.get)
+        assert -1.0 in record.loss and len(record.loss) == 12  # no scaling, then α = 0, 0.1, ..., 1
+        assert record.best_scale.shape == (64,)
+    if method != "awq_lite":
+        clip = layer.awq_clip
+        assert clip.w_amax.shape == clip.best_amax.shape == (32, 4, 1)
+        assert (clip.best_amax <= clip.w_amax * (1 + 1e-6)).all()
+    plain = nn.Sequential(nn.Linear(64, 32))
+    mtq.quantize(plain, {**config, "algorithm": method}, lambda m: m(x))
+    assert not hasattr(plain[0], "awq_lite") and not hasattr(plain[0], "awq_clip")
 
 
 def _lm() -> nn.Module:

@@ -77,6 +77,27 @@ def test_budget_met_and_bits_recomputed_independently(awq_search):
     assert set(state["choice"].values()) - {"None"}, "a 6-bit budget leaves room to quantize"
 
 
+def test_best_summarises_the_pick_as_modelopt_does(awq_search):
+    _fp, _model, state = awq_search
+    best = state["best"]
+    assert best["recipe"] == state["choice"] and best["is_satisfied"] is True
+    assert best["constraints"] == {"effective_bits": pytest.approx(state["effective_bits"])}
+    chosen = {
+        state["layers"][n]["group"]: state["candidates"].index(c)
+        for n, c in state["choice"].items()
+    }
+    expected = sum(state["scores"][g][i] for g, i in chosen.items())
+    assert best["score"] == pytest.approx(expected, rel=1e-12)
+    assert best["score"] <= sum(max(s) for s in state["scores"].values())
+
+
+def test_unknown_score_method_is_refused():
+    with pytest.raises(ValueError, match=r"choose one of .*'kl_div'"):
+        _search(
+            tiny_model("llama"), ["FP8_DEFAULT_CFG", None], {"effective_bits": 12}, method="kld"
+        )
+
+
 def test_memory_budget_in_bytes():
     fp = tiny_model("llama")
     linears = {
@@ -113,7 +134,7 @@ def test_fused_moe_experts_are_one_unit():
     assert len(on) == 1  # every expert got the same choice
 
 
-@pytest.mark.parametrize("method", ["gradient", "kl"])
+@pytest.mark.parametrize("method", ["gradient", "kl", "kl_div"])  # kl_div: ModelOpt's name
 def test_picks_int4_where_it_is_lossless(method):
     fp = tiny_model("llama")
     gen = torch.Generator().manual_seed(1)
@@ -247,3 +268,46 @@ def test_effective_bits_attribute_overrides_the_format_cost():
     nvfp4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
     assert weight_bits(quantized(nvfp4)) == 4 + 8 / 16  # E2M1 codes + one E4M3 scale per 16
     assert weight_bits(quantized({**nvfp4, "effective_bits": 4.75})) == 4.75
+
+
+def test_checkpoint_saves_scores_and_a_second_search_reuses_them(tmp_path, monkeypatch):
+    """ModelOpt's ``checkpoint``: the first search writes its scores, the next (another budget)
+    reads them instead of scoring again; a file for another search is refused by name."""
+    import quant_llm.auto_quantize as aq
+
+    path = tmp_path / "search.json"
+    formats = ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", None]
+    fp = tiny_model("llama")
+    _m, first = _search(copy.deepcopy(fp), formats, {"effective_bits": 10.0}, checkpoint=path)
+    assert path.exists()
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored again instead of reading the checkpoint")
+
+    monkeypatch.setattr(aq, "gradient_scores", no_scoring)
+    _m, second = _search(copy.deepcopy(fp), formats, {"effective_bits": 6.0}, checkpoint=path)
+    assert second["scores"] == first["scores"]
+    assert first["effective_bits"] <= 10.0 and second["effective_bits"] <= 6.0
+    with pytest.raises(ValueError, match="written for other method"):
+        _search(copy.deepcopy(fp), formats, {"effective_bits": 6.0}, checkpoint=path, method="kl")
+    path.write_text("not json")
+    with pytest.raises(ValueError, match="is not a search-state file"):
+        _search(copy.deepcopy(fp), formats, {"effective_bits": 6.0}, checkpoint=path)
+
+
+def test_search_state_round_trips_through_file_objects(awq_search):
+    """The search state is plain data: torch.save / torch.load(weights_only=True) and JSON keep it."""
+    import io
+    import json
+
+    _fp, _model, state = awq_search
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded == state
+    text = io.StringIO()
+    json.dump(state, text)
+    again = json.loads(text.getvalue())
+    assert again["best"]["recipe"] == state["best"]["recipe"]
+    assert again["choice"] == state["choice"] and again["scores"] == state["scores"]

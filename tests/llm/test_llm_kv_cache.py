@@ -13,6 +13,14 @@ from quant_llm.testing.tiny_models import tiny_model
 E4M3_MAX = 448.0
 
 
+def kv_only(config: dict) -> dict:
+    """A KV config (ModelOpt 0.47's shape: its KV entries only) applied after disable-all: the KV cache alone."""
+    return {
+        "quant_cfg": [*mtq.config._base_disable_all, *config["quant_cfg"]],
+        "algorithm": config.get("algorithm", "max"),
+    }
+
+
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "k_bmm_quantizer")]
 
@@ -41,7 +49,7 @@ def test_calibrated_kv_amax_is_the_max_of_the_keys_and_values_in_the_cache(
 ):
     model = tiny_model(family, attn)
     expected = _cache_maxima(model, calib_batches)
-    mtq.quantize(model, mtq.FP8_KV_CFG, forward_loop)
+    mtq.quantize(model, kv_only(mtq.FP8_KV_CFG), forward_loop)
     attention = _attention_modules(model)
     assert len(attention) == len(expected) == model.config.num_hidden_layers
     for module, (k_max, v_max) in zip(attention, expected):
@@ -72,7 +80,7 @@ def test_attention_uses_keys_and_values_quantized_like_an_independent_reference(
 ):
     model = tiny_model("llama", "sdpa")
     fp32 = tiny_model("llama", "sdpa")
-    mtq.quantize(model, config, forward_loop)
+    mtq.quantize(model, kv_only(config), forward_loop)
     amax = {
         i: (m.k_bmm_quantizer.amax.item(), m.v_bmm_quantizer.amax.item())
         for i, m in enumerate(_attention_modules(model))
@@ -99,7 +107,7 @@ def test_nvfp4_and_affine_kv_configs_quantize_keys_and_values(forward_loop, cali
         model = tiny_model("qwen2", "eager")
         with torch.no_grad():
             before = model(**calib_batches[0]).logits
-        mtq.quantize(model, config, forward_loop)
+        mtq.quantize(model, kv_only(config), forward_loop)
         with torch.no_grad():
             after = model(**calib_batches[0]).logits
         for module in _attention_modules(model):
@@ -119,7 +127,7 @@ def test_nvfp4_kv_rotate_config_rotates_queries_and_keys_like_scipy(
     model = tiny_model("llama", "sdpa")
     fp32 = tiny_model("llama", "sdpa")
     rotation_only = tiny_model("llama", "sdpa")
-    mtq.quantize(model, mtq.NVFP4_KV_ROTATE_CFG, forward_loop)
+    mtq.quantize(model, kv_only(mtq.NVFP4_KV_ROTATE_CFG), forward_loop)
     rotate_cfg = {
         "quant_cfg": [
             {"quantizer_name": "*", "enable": False},

@@ -167,7 +167,8 @@ def _gpt_kv_cache_and_save_checks(world: int, rank: int, out_dir: str) -> dict:
     batches = gpt_batches(2)
     gpt = build_gpt(world)
     maxima, remove = record_kv_maxima(gpt)  # this rank's heads, before they are quantized
-    mtq.quantize(gpt, mtq.FP8_KV_CFG, gpt_forward_loop(batches))
+    kv_only = [*mtq.config._base_disable_all, *mtq.FP8_KV_CFG["quant_cfg"]]
+    mtq.quantize(gpt, {"quant_cfg": kv_only}, gpt_forward_loop(batches))
     remove()
     kv_amax = [
         [

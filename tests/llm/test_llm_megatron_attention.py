@@ -19,11 +19,15 @@ from quant_core.conversion import iter_tensor_quantizers  # noqa: E402
 from quant_llm import INT8_KV_CFG, with_kv_cache  # noqa: E402
 
 E4M3_MAX = 448.0
+# ModelOpt 0.47's KV configs hold only their KV entries: after disable-all they quantize the KV alone.
 KV_CONFIGS = {
-    "fp8": mtq.FP8_KV_CFG,
-    "fp8_affine": mtq.FP8_AFFINE_KV_CFG,
-    "nvfp4": mtq.NVFP4_KV_CFG,
-    "int8": INT8_KV_CFG,
+    name: {"quant_cfg": [*mtq.config._base_disable_all, *cfg["quant_cfg"]], "algorithm": "max"}
+    for name, cfg in {
+        "fp8": mtq.FP8_KV_CFG,
+        "fp8_affine": mtq.FP8_AFFINE_KV_CFG,
+        "nvfp4": mtq.NVFP4_KV_CFG,
+        "int8": INT8_KV_CFG,
+    }.items()
 }
 
 
@@ -78,7 +82,7 @@ def test_calibrated_kv_amax_is_the_max_of_the_keys_and_values_entering_attention
     remove()
 
     gpt = build_gpt()
-    mtq.quantize(gpt, mtq.FP8_KV_CFG, gpt_forward_loop(batches))
+    mtq.quantize(gpt, KV_CONFIGS["fp8"], gpt_forward_loop(batches))
     for i, layer in enumerate(gpt.decoder.layers):
         attention = layer.self_attention.core_attention
         k_max, v_max = maxima[i]
@@ -143,7 +147,7 @@ def test_quantized_dot_product_attention_matches_a_float64_reference(cpu_forward
 def test_affine_kv_bias_is_per_kv_head_and_channel_as_on_hugging_face_models(cpu_forward):
     """Quantizers see [batch, heads, seq, dim]: FP8_AFFINE_KV_CFG's bias averages over batch and sequence."""
     attention, (q, k, v, mask) = _standalone_attention()
-    mtq.quantize(attention, mtq.FP8_AFFINE_KV_CFG, lambda m: m(q, k, v, mask))
+    mtq.quantize(attention, KV_CONFIGS["fp8_affine"], lambda m: m(q, k, v, mask))
     bias = attention.k_bmm_quantizer._bias_value  # [1, kv heads, 1, head_dim]
     expected = k.double().mean(dim=(0, 1))  # megatron layout [seq, batch, kv heads, head_dim]
     torch.testing.assert_close(bias.double().reshape(2, 8), expected, rtol=0, atol=1e-6)
@@ -184,7 +188,7 @@ def test_kv_amax_on_cuda_without_cpu_adaptations(megatron_rank):
     batches = [tuple(t.cuda() for t in batch) for batch in gpt_batches(2)]
     gpt = build_gpt().cuda()
     maxima, remove = record_kv_maxima(gpt)
-    mtq.quantize(gpt, mtq.FP8_KV_CFG, gpt_forward_loop(batches))
+    mtq.quantize(gpt, KV_CONFIGS["fp8"], gpt_forward_loop(batches))
     remove()
     for i, layer in enumerate(gpt.decoder.layers):
         attention = layer.self_attention.core_attention

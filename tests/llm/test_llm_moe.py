@@ -137,3 +137,32 @@ def test_fused_expert_weights_keep_their_parameters_and_fold_in_place(forward_lo
     expected = (original / scale).to(torch.float8_e4m3fn).float() * scale
     torch.testing.assert_close(param[1].detach(), expected, rtol=0, atol=0)
     assert not experts.quant_up_proj[1].weight_quantizer.is_enabled
+
+
+def test_force_eager_experts_impl_on_the_fly_sets_eager_only_for_moe_models():
+    """ModelOpt 0.47's helper: fused-experts models get ``_experts_implementation = "eager"``,
+    nested sub-configs too; models without experts are left alone. Quantized experts' outputs do
+    not depend on the setting."""
+    from quant_core.plugins.huggingface import force_eager_experts_impl_on_the_fly
+
+    moe = tiny_model("mixtral")
+    moe.config._experts_implementation = "grouped_mm"
+    moe.config.text_config = copy.deepcopy(moe.config)  # a nested config, as in multimodal models
+    force_eager_experts_impl_on_the_fly(moe)
+    assert moe.config._experts_implementation == "eager"
+    assert moe.config.text_config._experts_implementation == "eager"
+
+    dense = tiny_model("llama")
+    dense.config._experts_implementation = "grouped_mm"
+    force_eager_experts_impl_on_the_fly(dense)
+    assert dense.config._experts_implementation == "grouped_mm"
+
+    model = tiny_model("mixtral")
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)
+    )
+    mtq.quantize(model, mtq.FP8_DEFAULT_CFG.copy() | {"algorithm": "max"}, lambda m: m(ids))
+    with torch.no_grad():
+        before = model(ids).logits
+        force_eager_experts_impl_on_the_fly(model)
+        assert torch.equal(model(ids).logits, before)

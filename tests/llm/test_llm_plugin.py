@@ -23,7 +23,8 @@ assert "quant_llm" not in sys.modules
 config = GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
 model = AutoModelForCausalLM.from_config(config)
 ids = torch.arange(16).view(1, 16)
-mtq.quantize(model, mtq.FP8_KV_CFG, lambda m: m(input_ids=ids))  # the plugins load here
+KV_ONLY = {"quant_cfg": [{"quantizer_name": "*", "enable": False}, *mtq.FP8_KV_CFG["quant_cfg"]]}
+mtq.quantize(model, KV_ONLY, lambda m: m(input_ids=ids))  # the plugins load here
 attn = model.transformer.h[0].attn
 print(type(model.transformer.h[0].mlp.c_fc).__name__, type(attn).__name__, float(attn.k_bmm_quantizer.amax) > 0)
 
@@ -34,7 +35,7 @@ config = AutoConfig.for_model(
     num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
 )
 model = AutoModelForCausalLM.from_config(config)
-mtq.quantize(model, mtq.FP8_KV_CFG, lambda m: m(input_ids=ids))
+mtq.quantize(model, KV_ONLY, lambda m: m(input_ids=ids))
 attn = model.model.layers[0].self_attn
 print(type(attn).__name__, float(attn.k_bmm_quantizer.amax) > 0, "quant_llm.megatron" in sys.modules)
 
@@ -119,5 +120,26 @@ def test_register_model_maps_a_family_outside_the_known_list(forward_loop):
     attention_cls = type(model.model.layers[0].self_attn)
     register_model(model)
     assert QuantModuleRegistry.get(attention_cls) is not None
-    mtq.quantize(model, mtq.FP8_KV_CFG, forward_loop)
+    kv_only = {"quant_cfg": [*mtq.config._base_disable_all, *mtq.FP8_KV_CFG["quant_cfg"]]}
+    mtq.quantize(model, kv_only, forward_loop)
     assert model.model.layers[0].self_attn.k_bmm_quantizer.amax.item() > 0
+
+
+def test_an_unregistered_attention_class_is_mapped_again_by_the_next_quantize(forward_loop):
+    """As ModelOpt's on-the-fly registration: ``unregister`` does not leave the class unmapped for
+    good (before, the plugin's scan cache skipped its module forever)."""
+    import quant_core as mtq
+    from quant_core.nn import QuantModuleRegistry
+    from quant_llm.testing.tiny_models import tiny_model
+
+    model = tiny_model("llama", "sdpa")
+    attention_cls = type(model.model.layers[0].self_attn)
+    assert QuantModuleRegistry.get(attention_cls) is not None
+    QuantModuleRegistry.unregister(attention_cls)
+    assert attention_cls not in QuantModuleRegistry.originals()
+    kv_only = {"quant_cfg": [*mtq.config._base_disable_all, *mtq.FP8_KV_CFG["quant_cfg"]]}
+    mtq.quantize(model, kv_only, forward_loop)
+    assert QuantModuleRegistry.get(attention_cls) is not None
+    attention = model.model.layers[0].self_attn
+    assert type(attention).__name__ == f"Quant{attention_cls.__name__}"
+    assert attention.k_bmm_quantizer.amax.item() > 0

@@ -26,10 +26,20 @@ def _run(method: str, model: nn.Module, forward_loop: ForwardLoop, options: dict
 
 
 def max_calibrate(
-    model: nn.Module, forward_loop: ForwardLoop = None, distributed_sync: bool = True
+    model: nn.Module,
+    forward_loop: ForwardLoop = None,
+    distributed_sync: bool = True,
+    shared_states: dict[str, dict[str, list[str]]] | None = None,
 ) -> None:
-    """Max calibration: every static quantizer's amax is the maximum |x| it saw."""
-    _run("max", model, forward_loop, {"distributed_sync": distributed_sync})
+    """Max calibration: every static quantizer's amax is the maximum |x| it saw.
+
+    ``shared_states={"weight_global_amax": {"patterns": [...]}}`` gives the static NVFP4 weights
+    of each pattern's groups one global amax (see :func:`quant_core.algorithms.max.max_algorithm`).
+    """
+    options: dict[str, Any] = {"distributed_sync": distributed_sync}
+    if shared_states is not None:
+        options["shared_states"] = shared_states
+    _run("max", model, forward_loop, options)
 
 
 def mse_calibrate(model: nn.Module, forward_loop: ForwardLoop = None, **options: Any) -> None:

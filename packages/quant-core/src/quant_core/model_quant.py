@@ -38,6 +38,7 @@ from quant_core.model_tools import (  # noqa: F401 re-exported: ModelOpt's model
 )
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.rotation import check_paired_key_rotation
+from quant_core.nn.tensor_quantizer import TensorQuantizer
 from quant_core.offload import weights_materialized
 from quant_core.plugins import prepare_model
 from quant_core.preflight import (
@@ -123,6 +124,8 @@ class _LoopGuard:
 
     def __call__(self, model: nn.Module) -> Any:
         quant_modules = list({id(p): p for _n, _q, p in iter_quantizers(model)}.values())
+        if not quant_modules:  # a bare (Sequential)Quantizer or a container of quantizers only
+            quant_modules = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
         bar = tqdm(desc=f"calibrating ({self.method})", unit="batch", leave=False)
 
         def on_module(_module: nn.Module, _args: Any) -> None:

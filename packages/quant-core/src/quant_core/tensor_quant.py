@@ -84,6 +84,12 @@ def scaled_e4m3(
     )
 
 
+# ModelOpt's are autograd ``Function.apply``s, which a class can hold as an attribute and call as
+# ``self.fake_tensor_quant(x, amax)`` without binding ``self``: a staticmethod object behaves the
+# same (and is still callable as ``tensor_quant.fake_tensor_quant(x, amax)``).
+fake_tensor_quant = staticmethod(fake_tensor_quant)
+scaled_e4m3 = staticmethod(scaled_e4m3)
+
 __all__ = [
     "E4M3_MAX",
     "QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL",

@@ -190,3 +190,32 @@ def experts_without_tokens(model: nn.Module) -> dict[str, list[int]]:
             if idle:
                 report[name] = idle
     return report
+
+
+_NESTED_CONFIGS = ("text_config", "vision_config", "audio_config", "speech_config")
+
+
+def force_eager_experts_impl_on_the_fly(model: nn.Module) -> None:
+    """Set ``config._experts_implementation = "eager"`` (and on its text / vision / audio / speech
+    sub-configs) when ``model`` holds a fused-experts module (ModelOpt 0.47's function of this name).
+
+    Quantized experts here always run their own per-expert forward through the quantizers, whatever
+    the implementation setting; this makes the unquantized experts of the model (and a model saved
+    from it) use the eager ``F.linear`` path too, as after ModelOpt's call.
+    """
+    if not any(
+        is_fused_experts_class(type(m)) or isinstance(m, QuantFusedExperts) for m in model.modules()
+    ):
+        return
+    seen: set[int] = set()
+
+    def force(cfg: object) -> None:
+        if cfg is None or id(cfg) in seen:
+            return
+        seen.add(id(cfg))
+        if hasattr(cfg, "_experts_implementation"):
+            cfg._experts_implementation = "eager"
+        for sub in _NESTED_CONFIGS:
+            force(getattr(cfg, sub, None))
+
+    force(getattr(model, "config", None))

@@ -45,8 +45,8 @@ KNOWN_FAMILIES: tuple[str, ...] = (
     "granite",
     "starcoder2",
 )
-_registered: set[type] = set()
-_scanned: set[str] = set()
+_candidates: dict[str, list[type]] = {}
+"""Per scanned modeling module, its attention and fused-experts classes (the scan runs once per module)."""
 
 
 def _classes_of(module: ModuleType) -> Iterable[type]:
@@ -60,26 +60,35 @@ def _classes_of(module: ModuleType) -> Iterable[type]:
 
 
 def register_transformers_classes(modules: Iterable[ModuleType]) -> list[str]:
-    """Map the attention and fused-experts classes defined in ``modules``; returns the class names added."""
+    """Map the attention and fused-experts classes defined in ``modules``; returns the class names added.
+
+    Each module is scanned once; a class found there is mapped again whenever it has no mapping
+    (after ``QuantModuleRegistry.unregister(cls)``, the next ``quantize`` maps it again, as
+    ModelOpt's on-the-fly registration does).
+    """
     from quant_llm.hf_attention import quant_attention_class, uses_attention_interface
     from quant_llm.hf_moe import is_fused_experts_class, quant_experts_class
 
     added = []
+    mapped = set(QuantModuleRegistry.originals())
     for module in modules:
-        if module.__name__ in _scanned:
-            continue
-        _scanned.add(module.__name__)
-        for cls in _classes_of(module):
-            if cls in _registered:
+        classes = _candidates.get(module.__name__)
+        if classes is None:
+            classes = [
+                cls
+                for cls in _classes_of(module)
+                if uses_attention_interface(cls) or is_fused_experts_class(cls)
+            ]
+            _candidates[module.__name__] = classes
+        for cls in classes:
+            if cls in mapped:
                 continue
             if uses_attention_interface(cls):
                 quantized = quant_attention_class(cls)
-            elif is_fused_experts_class(cls):
-                quantized = quant_experts_class(cls)
             else:
-                continue
+                quantized = quant_experts_class(cls)
             QuantModuleRegistry.register({cls: cls.__name__})(quantized)
-            _registered.add(cls)
+            mapped.add(cls)
             added.append(cls.__name__)
     return added
 
@@ -153,7 +162,11 @@ def huggingface_names() -> dict[str, object]:
     """quant-llm's objects under ModelOpt's ``quantization.plugins.huggingface`` names."""
     from quant_llm.hf_attention import QuantAttentionMixin, quant_attention_class
     from quant_llm.hf_linear import QuantConv1D
-    from quant_llm.hf_moe import QuantFusedExperts, quant_experts_class
+    from quant_llm.hf_moe import (
+        QuantFusedExperts,
+        force_eager_experts_impl_on_the_fly,
+        quant_experts_class,
+    )
 
     return {
         # ModelOpt's per-kind "map this model's classes" hooks; register_model maps them all.
@@ -165,4 +178,5 @@ def huggingface_names() -> dict[str, object]:
         "QuantFusedExperts": QuantFusedExperts,
         "quant_attention_class": quant_attention_class,
         "quant_experts_class": quant_experts_class,
+        "force_eager_experts_impl_on_the_fly": force_eager_experts_impl_on_the_fly,
     }

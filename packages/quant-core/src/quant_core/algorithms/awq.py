@@ -8,6 +8,7 @@ candidate costs one quantization and one matrix product and no extra forward pas
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ from quant_core.algorithms.weights import (
 )
 
 __all__ = [
+    "AWQClipDebug",
+    "AWQLiteDebug",
     "awq",
     "awq_clip",
     "awq_clip_search",
@@ -78,6 +81,7 @@ def awq_scale_search(
     fmt: BlockFormat,
     alphas: Tensor | None = None,
     chunk_elems: int = 1 << 23,
+    errors: dict[float, float] | None = None,
 ) -> tuple[float, Tensor]:
     """Search ``α`` so that quantizing ``W s`` and dividing the input by ``s`` minimizes output error.
 
@@ -86,7 +90,8 @@ def awq_scale_search(
     scored by the block-diagonal part of the output error, ``sum_b d_b^T H_bb d_b`` over blocks
     ``b`` of :func:`scoring_block` columns (rounding errors of distant columns are nearly
     uncorrelated, and the full ``tr(Δ H Δ^T)`` costs ``cols / block`` times more), so the result
-    is never worse than plain rounding by that measure. Returns ``(alpha, scales)``.
+    is never worse than plain rounding by that measure. Returns ``(alpha, scales)``; ``errors``,
+    when given, receives each candidate's error by its α.
     """
     if alphas is None:
         alphas = torch.linspace(0.0, 1.0, 11)
@@ -110,6 +115,8 @@ def awq_scale_search(
             fmt(w * s).div_(s).sub_(w), size
         )  # in place: no page-faulting temporaries
         err = block_output_error(delta, h_blocks).sum((-2, -1))
+        if errors is not None:
+            errors.update(zip(labels[start : start + len(err)].tolist(), err.tolist()))
         i = int(err.argmin())
         if float(err[i]) < best_err:
             best_err, best = float(err[i]), start + i
@@ -130,6 +137,29 @@ def awq_clip_search(
     )
 
 
+@dataclass
+class AWQLiteDebug:
+    """What ``awq_lite`` / ``awq_full`` with ``debug=True`` leave on each layer as ``awq_lite``
+    (ModelOpt's attribute names): the mean |x| per input channel, each α's output error (α = -1:
+    no scaling), the chosen α and scales."""
+
+    name: str
+    act_scale: Tensor
+    loss: dict[float, float] = field(default_factory=dict)
+    best_alpha: float | None = None
+    best_scale: Tensor | None = None
+
+
+@dataclass
+class AWQClipDebug:
+    """What ``awq_clip`` / ``awq_full`` with ``debug=True`` leave on each layer as ``awq_clip``:
+    the per-block max |w| before clipping (``w_amax``) and the chosen clipped amax."""
+
+    name: str
+    w_amax: Tensor
+    best_amax: Tensor | None = None
+
+
 def awq(
     model: nn.Module,
     forward_loop: Callable | None,
@@ -140,13 +170,16 @@ def awq(
     min_clip_ratio: float = 0.5,
     shrink_step: float = 0.05,
     desc: str = "awq",
+    debug: bool = False,
 ) -> None:
     """AWQ on every quantized Linear weight: per-channel scale search and/or per-block clip search.
 
     One calibration pass gathers mean |x| and ``X^T X`` per layer; each layer then searches
     ``α`` in steps of ``alpha_step`` and clipping ratios from 1 down to ``min_clip_ratio`` in
     steps of ``shrink_step``. Scales go to the input quantizer's ``pre_quant_scale`` (weight
-    multiplied by them); clipped amaxes to the weight quantizer.
+    multiplied by them); clipped amaxes to the weight quantizer. ``debug=True`` leaves the
+    search's per-layer record on each layer (:class:`AWQLiteDebug` as ``awq_lite``,
+    :class:`AWQClipDebug` as ``awq_clip``), as ModelOpt does.
     """
     if not 0 < alpha_step <= 1 or not 0 < shrink_step < 1 or not 0 < min_clip_ratio <= 1:
         raise ValueError(
@@ -168,11 +201,23 @@ def awq(
         hessian = st.gram
         with torch.no_grad():
             if scale:
-                _, s = awq_scale_search(module.weight.detach(), st.abs_mean, hessian, fmt, alphas)
+                errors: dict[float, float] | None = {} if debug else None
+                alpha, s = awq_scale_search(
+                    module.weight.detach(), st.abs_mean, hessian, fmt, alphas, errors=errors
+                )
+                if debug:
+                    module.awq_lite = AWQLiteDebug(
+                        name, st.abs_mean.detach().clone(), errors or {}, alpha, s.detach().clone()
+                    )
                 apply_input_scale(module, s, stats[name].amax, recalibrate=not clip)
                 hessian = scaled_hessian(hessian, s)
             if clip:
+                if debug:  # the per-block max |w| of the weight the clip search reads
+                    w = module.weight.detach().float()
+                    w_amax = to_blocks(w, fmt.block_size(w.shape[-1])).abs().amax(-1, keepdim=True)
                 amax = awq_clip_search(module.weight.detach(), hessian, fmt, ratios)
+                if debug:
+                    module.awq_clip = AWQClipDebug(name, w_amax, amax.detach().clone())
                 set_weight_amax(module, amax, fmt)
 
 

@@ -17,6 +17,7 @@ from quant_core.algorithms.output_error import mse_amax, scaled_hessian
 from quant_core.algorithms.registry import ForwardLoop, register_algorithm
 from quant_core.algorithms.statistics import calibrate_with_stats
 from quant_core.algorithms.weights import first_stage, kernel_format, set_weight_amax, weight_layers
+from quant_core.diagnostics import warn
 
 
 @register_algorithm("local_hessian")
@@ -53,6 +54,7 @@ def local_hessian(
         for name, m in weight_layers(model).items()
         if (fmt := kernel_format(m.weight_quantizer)) is not None and fmt.block is not None
     }
+    _say_unsearched(model, layers)
     sizes = {kernel_format(m.weight_quantizer).block for m in layers.values()}
     if block_size is not None and sizes - {block_size}:
         raise ValueError(
@@ -74,6 +76,25 @@ def local_hessian(
         with torch.no_grad():
             amax = mse_amax(w, fmt, ratios.to(w.dtype), hessian=hessian)
             set_weight_amax(module, amax, fmt)
+
+
+def _say_unsearched(model: nn.Module, searched: dict[str, nn.Module]) -> None:
+    """A QuantWarning naming the enabled static weight quantizers without blocks (per-channel or
+    per-tensor): local_hessian searches per-block amaxes only, so these keep their max amax."""
+    kept = []
+    for name, module in weight_layers(model).items():
+        quantizer = first_stage(module.weight_quantizer)
+        if name in searched or not quantizer.is_enabled or quantizer.format.dynamic:
+            continue
+        kept.append(name)
+    if kept:
+        shown = ", ".join(kept[:5]) + (f", ... ({len(kept)} in all)" if len(kept) > 5 else "")
+        warn(
+            f"local_hessian searches block-wise weight amaxes only; the weights of {shown} have no "
+            "blocks (per-channel or per-tensor) and keep their max-calibrated amax (use 'mse' or "
+            "'gptq' to refine those)",
+            stacklevel=3,
+        )
 
 
 __all__ = ["local_hessian"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from quant_core.calib.calibrator import _Calibrator
-from quant_core.calib.histogram import HistogramCalibrator
+from quant_core.calib.histogram import HistogramCalibrator, calibrate_weights
 from quant_core.calib.max import MaxCalibrator, reduce_amax
 from quant_core.calib.mse import MseCalibrator
 from quant_core.calib.nvfp4_act_headroom import NVFP4ActHeadroomCalibrator
@@ -32,6 +32,7 @@ __all__ = [
     "MseCalibrator",
     "NVFP4ActHeadroomCalibrator",
     "_Calibrator",
+    "calibrate_weights",
     "make_calibrator",
     "reduce_amax",
 ]

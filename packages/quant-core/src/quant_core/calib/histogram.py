@@ -74,34 +74,65 @@ class HistogramCalibrator:
         )
 
     def compute_amax(
-        self, method: Method | None = None, *, percentile: float | None = None
+        self,
+        method: Method | None = None,
+        *,
+        stride: int | None = None,
+        start_bin: int | None = None,
+        percentile: float | None = None,
     ) -> torch.Tensor | None:
-        """The amax chosen by ``method`` (default: this calibrator's), or None when nothing was collected."""
-        if self._hist is None or self._hist.sum() == 0:
-            return None
+        """The amax chosen by ``method`` (default: this calibrator's), or None when nothing was collected.
+
+        ``percentile`` (in [0, 100]) overrides this calibrator's for ``"percentile"``.
+        ``start_bin`` and ``stride`` (ModelOpt's keywords) set the searched bins for ``"mse"``
+        (candidate amaxes: the centres of bins ``start_bin, start_bin + stride, ...``) and
+        ``"entropy"`` (thresholds of ``start_bin, start_bin + stride, ...`` bins, ``start_bin`` at
+        least the number of quantization levels); left out, quant's own spacing is used.
+        """
         choosers = {"percentile": self._percentile, "mse": self._mse, "entropy": self._entropy}
         method = method or self.method
         if method not in choosers:
             raise ValueError(f"histogram method must be percentile, mse or entropy, got {method!r}")
-        saved = self.percentile
-        self.percentile = saved if percentile is None else percentile
-        try:
-            return torch.tensor(float(choosers[method]()), dtype=torch.float32)
-        finally:
-            self.percentile = saved
+        if percentile is not None and (
+            isinstance(percentile, bool) or not 0 <= float(percentile) <= 100
+        ):
+            raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+        if stride is not None and (
+            isinstance(stride, bool) or not isinstance(stride, int) or stride < 1
+        ):
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
+        if start_bin is not None and (
+            isinstance(start_bin, bool)
+            or not isinstance(start_bin, int)
+            or not 0 <= start_bin < self.num_bins
+        ):
+            raise ValueError(
+                f"start_bin must be an int in [0, {self.num_bins}) (num_bins), got {start_bin!r}"
+            )
+        if self._hist is None or self._hist.sum() == 0:
+            return None
+        if method == "percentile":
+            value = self._percentile(self.percentile if percentile is None else float(percentile))
+        else:
+            value = choosers[method](start_bin, stride)
+        return torch.tensor(float(value), dtype=torch.float32)
 
-    def _percentile(self) -> float:
+    def _percentile(self, percentile: float | None = None) -> float:
+        percentile = self.percentile if percentile is None else percentile
         cdf = torch.cumsum(self._hist, 0) / self._hist.sum()
-        idx = int(torch.searchsorted(cdf, torch.tensor(self.percentile / 100, dtype=torch.float64)))
+        idx = int(torch.searchsorted(cdf, torch.tensor(percentile / 100, dtype=torch.float64)))
         return (min(idx, self.num_bins - 1) + 1) * self._max / self.num_bins
 
-    def _mse(self) -> float:
+    def _mse(self, start_bin: int | None = None, stride: int | None = None) -> float:
         """Pick the candidate amax minimizing the histogram-weighted quantization MSE (one batched call)."""
         centres = self._centres().float()
-        start = max(1, self.num_bins // 16)
-        candidates = (
-            torch.arange(start, self.num_bins + 1, max(1, self.num_bins // 256)).float()
-        ) * (self._max / self.num_bins)
+        if start_bin is None and stride is None:  # quant's spacing: bin edges from num_bins / 16
+            start = max(1, self.num_bins // 16)
+            candidates = (
+                torch.arange(start, self.num_bins + 1, max(1, self.num_bins // 256)).float()
+            ) * (self._max / self.num_bins)
+        else:  # ModelOpt's: bin centres from start_bin in steps of stride
+            candidates = centres[start_bin or 0 :: stride or 1]
         grid = centres.expand(len(candidates), -1).contiguous()
         fq = qk.fake_quantize(
             grid, num_bits=self.num_bits, amax=candidates[:, None], unsigned=self.unsigned
@@ -109,16 +140,23 @@ class HistogramCalibrator:
         err = ((fq.double() - grid.double()) ** 2 * self._hist).sum(1)
         return float(candidates[int(torch.argmin(err))])
 
-    def _entropy(self) -> float:
+    def _entropy(self, start_bin: int | None = None, stride: int | None = None) -> float:
         """TensorRT's KL-divergence threshold search over the histogram."""
         element = qk.ElementFormat.parse(self.num_bits, unsigned=self.unsigned)
         levels = 2 ** (element.bits - 1) if element.is_int else 128  # FP: as for 8-bit codes
         hist = self._hist
+        if start_bin is not None and start_bin < levels:
+            raise ValueError(
+                f"entropy start_bin must be at least the {levels} quantization levels of "
+                f"num_bits={self.num_bits!r}, got {start_bin}"
+            )
         if self.num_bins <= levels:
             return self._max
-        stride = max(1, (self.num_bins - levels) // 128)
+        start = levels if start_bin is None else start_bin
+        if stride is None:
+            stride = max(1, (self.num_bins - levels) // 128) if start_bin is None else 1
         best, best_i = float("inf"), self.num_bins
-        for i in range(levels, self.num_bins + 1, stride):
+        for i in range(start, self.num_bins + 1, stride):
             p = hist[:i].clone()
             p[-1] += hist[i:].sum()
             nonzero = hist[:i] > 0
@@ -137,3 +175,76 @@ class HistogramCalibrator:
     def reset(self) -> None:
         """Forget the histogram."""
         self._hist, self._max = None, 0.0
+
+
+def calibrate_weights(
+    model: torch.nn.Module,
+    method: str = "percentile",
+    perchannel: bool = True,
+    percentile: float = 99.99,
+    num_bins: int = 2048,
+) -> None:
+    """Set the weight amax of every quantized module of ``model`` from a histogram of its weight
+    (ModelOpt's ``calib.calibrate_weights``), ignoring the quantizers' own calibrators.
+
+    ``method``: ``"percentile"`` (of |w|, ``percentile`` in [0, 100]), ``"mse"`` or ``"max"``.
+    ``perchannel``: one amax per output channel (axis 0; axis 1 for transposed convolutions),
+    which needs a quantizer with that ``axis``; else one per tensor. Block-wise and sequential
+    weight quantizers are refused by name.
+    """
+    from quant_core.nn.builtin_modules import (
+        QuantConvTranspose1d,
+        QuantConvTranspose2d,
+        QuantConvTranspose3d,
+    )
+    from quant_core.nn.tensor_quantizer import TensorQuantizer
+
+    if method not in ("percentile", "mse", "max"):
+        raise ValueError(
+            f"calibrate_weights: method must be percentile, mse or max, got {method!r}"
+        )
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        weight = getattr(module, "weight", None)
+        if quantizer is None or not isinstance(weight, torch.Tensor):
+            continue
+        if not isinstance(quantizer, TensorQuantizer) or quantizer.block_sizes:
+            raise ValueError(
+                f"calibrate_weights: {name}.weight_quantizer is sequential or block-wise; it "
+                "calibrates per-tensor and per-channel weight quantizers only"
+            )
+        transposed = (QuantConvTranspose1d, QuantConvTranspose2d, QuantConvTranspose3d)
+        axis = (1 if isinstance(module, transposed) else 0) if perchannel else None
+        if axis is not None and quantizer.axis not in (axis, axis - weight.dim()):
+            raise ValueError(
+                f"calibrate_weights: {name}.weight_quantizer has axis={quantizer.axis!r} but "
+                f"perchannel=True gives one amax per channel of axis {axis}; set the quantizer's "
+                "axis or pass perchannel=False"
+            )
+        w = weight.detach().float()
+        slices = [w] if axis is None else list(w.movedim(axis, 0))
+        amaxes = []
+        for piece in slices:
+            if method == "max":
+                amaxes.append(piece.abs().max())
+                continue
+            histogram = HistogramCalibrator(
+                num_bits=quantizer.num_bits,
+                unsigned=quantizer.unsigned,
+                num_bins=num_bins,
+                method=method,  # type: ignore[arg-type]
+            )
+            histogram.collect(piece)
+            amax = histogram.compute_amax(percentile=percentile if method == "percentile" else None)
+            amaxes.append(torch.zeros(()) if amax is None else amax)
+        amax = torch.stack([a.reshape(()) for a in amaxes])
+        if axis is not None:
+            shape = [1] * w.dim()
+            shape[axis] = w.shape[axis]
+            amax = amax.reshape(shape)
+        else:
+            amax = amax.reshape(())
+        quantizer.amax = amax.to(weight.device)
+
+
+__all__ = ["HistogramCalibrator", "calibrate_weights"]

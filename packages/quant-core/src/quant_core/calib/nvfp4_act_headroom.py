@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import quant_kernels as qk
 from quant_core.calib.calibrator import _Calibrator
+from quant_core.diagnostics import warn
 
 FP8_NORMAL_RANGE = qk.E4M3_MAX / 2.0 ** qk.ElementFormat.parse((4, 3)).min_normal_exponent
 """Largest ratio of two normal E4M3 block scales under one global scale (28672)."""
@@ -96,8 +97,21 @@ class NVFP4ActHeadroomCalibrator(_Calibrator):
 
     @torch.no_grad()
     def compute_amax(self) -> torch.Tensor | None:
-        """``max(rho * anchor, upper)`` (the largest block amax when the percentiles are empty)."""
-        if self._hist is None:
+        """``max(rho * anchor, upper)`` (the largest block amax when the percentiles are empty).
+
+        None when nothing was collected, or when every block seen was all zeros: an amax of 0
+        would quantize every later input to 0, so the quantizer keeps the amax it had (a
+        :class:`QuantWarning` says so).
+        """
+        if self._hist is None or self._max is None:
+            return None
+        if float(self._max) <= 0:
+            warn(
+                "NVFP4ActHeadroomCalibrator saw only zeros: no global amax is computed (an amax of 0 "
+                "would quantize every later input to 0); calibrate with data that reaches this "
+                "quantizer with non-zero values",
+                stacklevel=2,
+            )
             return None
         upper = (
             float(self._max)

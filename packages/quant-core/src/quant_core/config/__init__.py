@@ -15,6 +15,7 @@ from quant_core.config.schema import (
     QuantCfgEntry,
     QuantizeConfig,
     QuantizerAttributeConfig,
+    QuantizerCfgEntry,
     RotateConfig,
     normalize_quant_cfg,
     parse_attributes,
@@ -24,6 +25,7 @@ from quant_core.config.schema import (
 __all__ = [
     "QuantCfgEntry",
     "QuantizeConfig",
+    "QuantizerCfgEntry",
     "QuantizerAttributeConfig",
     "RotateConfig",
     "normalize_quant_cfg",

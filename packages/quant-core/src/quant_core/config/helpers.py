@@ -16,7 +16,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from quant_core.config.schema import QuantizeConfig, normalize_quant_cfg, validate_config
+from quant_core.config.schema import (
+    QuantizeConfig,
+    QuantizerCfgEntry,
+    normalize_quant_cfg,
+    validate_config,
+)
 
 
 def _legacy_entries(key: Any, value: Any) -> list[dict[str, Any]]:
@@ -62,41 +67,28 @@ def entry_dicts(quant_cfg: Any) -> list[dict[str, Any]]:
     return out
 
 
-def normalize_quant_cfg_list(v: Any) -> list[dict[str, Any]]:
-    """Validate ``quant_cfg`` (either shape) and return its entries with every key filled in.
+def normalize_quant_cfg_list(v: Any) -> list[QuantizerCfgEntry]:
+    """Validate ``quant_cfg`` (either shape) and return its entries as typed :class:`QuantizerCfgEntry`.
 
-    Each entry is ``{"quantizer_name", "parent_class", "cfg", "enable"}``; ``enable`` defaults to True.
+    Each entry reads like ModelOpt's (``entry["cfg"]``, ``entry.model_dump()``): ``cfg`` is a
+    :class:`QuantizerAttributeConfig` (a list of them for sequential quantizers) or None, and
+    ``enable`` defaults to True. An empty ``cfg`` normalizes to None when the entry disables and
+    is refused when it enables.
     """
     entries = entry_dicts(v)
-    normalize_quant_cfg(entries)  # validates, naming the bad entry
-    return [
-        {
-            "quantizer_name": e["quantizer_name"],
-            "parent_class": e.get("parent_class"),
-            "cfg": e.get("cfg"),
-            "enable": e.get("enable", True),
-        }
-        for e in entries
-    ]
+    normalize_quant_cfg(entries)  # validates, naming the bad entry by its index
+    return [QuantizerCfgEntry(**e) for e in entries]
 
 
-def find_quant_cfg_entry_by_path(
-    quant_cfg_list: list[Mapping[str, Any]], quantizer_name: str
-) -> Mapping[str, Any]:
-    """The last entry whose ``quantizer_name`` equals ``quantizer_name`` exactly (no wildcard matching)."""
+def find_quant_cfg_entry_by_path(quant_cfg_list: list[Any], quantizer_name: str) -> Any:
+    """The last entry whose ``quantizer_name`` equals ``quantizer_name`` exactly (no wildcard matching).
+
+    Entries may be dicts or :class:`QuantizerCfgEntry`; the entry itself is returned.
+    """
     found = [e for e in quant_cfg_list if e.get("quantizer_name") == quantizer_name]
     if not found:
         raise KeyError(f"No quant_cfg entry with quantizer_name={quantizer_name!r}")
     return found[-1]
-
-
-def _is_disable_all(entry: Mapping[str, Any]) -> bool:
-    return (
-        entry.get("quantizer_name") == "*"
-        and entry.get("parent_class") is None
-        and entry.get("enable") is False
-        and not entry.get("cfg")
-    )
 
 
 def update_quant_cfg_with_kv_cache_quant(
@@ -104,14 +96,13 @@ def update_quant_cfg_with_kv_cache_quant(
 ) -> dict[str, Any]:
     """A deep copy of config ``quant_cfg`` with the KV-cache entries appended (algorithm "max" if unset).
 
-    A catch-all ``{"quantizer_name": "*", "enable": False}`` in the KV entries (quant's KV configs
-    carry one so that they quantize only the KV cache when used alone) is dropped: appended after
-    the base config's entries it would switch every other quantizer off.
+    As in ModelOpt 0.47: ``kv_cache_quant_cfg`` is typically ``FP8_KV_CFG["quant_cfg"]`` (its KV
+    entries only); a config whose ``quant_cfg`` is None or empty becomes "everything off, then the
+    KV entries".
     """
     out = copy.deepcopy(dict(quant_cfg))
     base = entry_dicts(out.get("quant_cfg") or [{"quantizer_name": "*", "enable": False}])
-    kv = [e for e in entry_dicts(kv_cache_quant_cfg) if not _is_disable_all(e)]
-    out["quant_cfg"] = base + kv
+    out["quant_cfg"] = base + entry_dicts(kv_cache_quant_cfg)
     if not out.get("algorithm"):
         out["algorithm"] = "max"
     return out

@@ -351,6 +351,116 @@ class QuantCfgEntry:
 _ENTRY_KEYS = {"quantizer_name", "parent_class", "cfg", "enable"}
 
 
+def _is_empty_cfg(cfg: Any) -> bool:
+    """``{}``, ``[]`` or a list of ``{}``: a ``cfg`` that names no attribute."""
+    if isinstance(cfg, Mapping):
+        return len(cfg) == 0
+    if isinstance(cfg, (list, tuple)):
+        return all(isinstance(c, Mapping) and len(c) == 0 for c in cfg)
+    return False
+
+
+def _empty_cfg_rule(raw: Mapping[str, Any], where: str) -> Any:
+    """ModelOpt 0.47's rule for an empty ``cfg``: None when the entry disables, an error otherwise.
+
+    Applied as a full attribute replacement, an empty ``cfg`` would reset the quantizer to the
+    schema defaults (and an enabling one would quantize with them, a likely typo).
+    """
+    cfg = raw.get("cfg")
+    if cfg is None or not _is_empty_cfg(cfg):
+        return cfg
+    if raw.get("enable") is False:
+        return None
+    raise ValueError(
+        f"{where} ({raw.get('quantizer_name')!r}) has an empty 'cfg' {cfg!r} and enables the "
+        "quantizer: give at least one attribute; to keep the existing attributes drop 'cfg' and "
+        "set 'enable': True, to disable set 'enable': False"
+    )
+
+
+class _MappingAccess:
+    """ModelOpt's configs also read like dicts: ``entry["cfg"]``, ``entry.get(...)``, ``in``."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:  # type: ignore[attr-defined]
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The field ``key``, or ``default`` when there is no such field."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return key in type(self).model_fields  # type: ignore[attr-defined]
+
+    def keys(self) -> list[str]:
+        """The field names."""
+        return list(type(self).model_fields)  # type: ignore[attr-defined]
+
+    def values(self) -> list[Any]:
+        """The field values, in field order."""
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        """(field name, value) pairs, in field order."""
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+
+class QuantizerCfgEntry(_MappingAccess, BaseModel):
+    """One ``quant_cfg`` entry, typed (ModelOpt 0.47's ``QuantizerCfgEntry``).
+
+    ``cfg`` is a :class:`QuantizerAttributeConfig` (or a list of them for a sequential quantizer)
+    or None (keep the quantizer's attributes); ``enable`` defaults to True. An entry must set
+    ``cfg`` or ``enable``; an empty ``cfg`` becomes None when ``enable`` is False and is refused
+    otherwise. Reads like a dict too (``entry["quantizer_name"]``); ``model_dump()`` gives one.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    quantizer_name: str | Callable[[str], bool]
+    parent_class: str | None = None
+    cfg: QuantizerAttributeConfig | list[QuantizerAttributeConfig] | None = None
+    enable: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_cfg(cls, values: Any) -> Any:
+        if isinstance(values, Mapping) and "cfg" in values:
+            cfg = _empty_cfg_rule(values, "quant_cfg entry")
+            if cfg is not values["cfg"]:
+                values = {**values, "cfg": cfg}
+        return values
+
+    @field_validator("cfg", mode="before")
+    @classmethod
+    def _parse_cfg(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            return None
+        where = f" for quantizer_name {info.data.get('quantizer_name')!r}"
+        if isinstance(v, (list, tuple)):
+            return [parse_attributes(c, where) for c in v]
+        return parse_attributes(v, where)
+
+    @field_validator("enable", mode="before")
+    @classmethod
+    def _enable_is_bool(cls, v: Any) -> Any:
+        if not isinstance(v, bool):
+            raise ValueError(f"'enable' must be True or False, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _an_instruction(self) -> QuantizerCfgEntry:
+        if not {"cfg", "enable"} & self.model_fields_set:
+            raise ValueError(
+                f"quant_cfg entry {self.quantizer_name!r} sets neither 'cfg' nor 'enable', so it "
+                "would change nothing (write 'enable': True explicitly to re-enable)"
+            )
+        return self
+
+
 def _entry(name: Any, value: Any, parent_class: str | None = None) -> QuantCfgEntry:
     where = f" for pattern {name!r}"
     if name == "default":
@@ -396,6 +506,8 @@ def normalize_quant_cfg(quant_cfg: Any) -> list[QuantCfgEntry]:
         return entries
     if isinstance(quant_cfg, (list, tuple)):
         for i, raw in enumerate(quant_cfg):
+            if isinstance(raw, QuantizerCfgEntry):  # a typed entry: what its user set
+                raw = raw.model_dump(exclude_unset=True)
             if not isinstance(raw, Mapping):
                 raise ValueError(f"quant_cfg[{i}] must be a dict, got {raw!r}")
             if "quantizer_name" not in raw:
@@ -416,7 +528,7 @@ def normalize_quant_cfg(quant_cfg: Any) -> list[QuantCfgEntry]:
             enable = raw.get("enable")
             if enable is not None and not isinstance(enable, bool):
                 raise ValueError(f"'enable'{where} must be True or False, got {enable!r}")
-            cfg = raw.get("cfg")
+            cfg = _empty_cfg_rule(raw, f"quant_cfg[{i}]")
             if isinstance(cfg, (list, tuple)):
                 cfg = tuple(parse_attributes(c, where) for c in cfg) or None
             elif cfg:

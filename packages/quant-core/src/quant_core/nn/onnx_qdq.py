@@ -103,6 +103,35 @@ def wants_qdq(quantizer: Any) -> bool:
     return has_qdq_form(quantizer.format)
 
 
+def check_traceable(quantizer: Any) -> None:
+    """Refuse, by name, a quantizer that a plain ``torch.onnx.export`` cannot trace.
+
+    Floating-point elements without a Q/DQ form (NVFP4, MXFP*, FP8 per channel or per token) and
+    block scales stored as E4M3 / E8M0 (NVFP4, MX) compute with float8 casts that neither ONNX
+    exporter translates; without this the export fails deep inside the exporter with a message
+    that names neither the quantizer nor the format. Integer formats with float32 scales export
+    as their arithmetic and pass. quant-export's ``export_onnx`` (which lowers such formats to
+    TensorRT's ops) runs quantizers untraced and is not affected.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return
+    if not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+        return
+    fmt = quantizer.format
+    if has_qdq_form(fmt) and not fmt.dynamic:
+        return
+    if fmt.element.is_int and fmt.scale_mode is qk.ScaleMode.FLOAT32:
+        return
+    name = getattr(quantizer, "_name", None) or "(unnamed quantizer)"
+    raise ValueError(
+        f"torch.onnx.export cannot trace quantizer {name} ({fmt.label}): only static INT8 "
+        "and per-tensor FP8 E4M3 have a standard QuantizeLinear/DequantizeLinear form, and this "
+        "format's float8 arithmetic has no ONNX translation. Export with quant_export.export_onnx("
+        "model, args, path, target='tensorrt') (TensorRT's FP4/MX/FP8 ops), or quantize it with an "
+        "INT8 / FP8 per-tensor config for a plain export"
+    )
+
+
 def qdq_scale(amax: torch.Tensor, element: qk.ElementFormat) -> torch.Tensor:
     """The scale of a static QuantizeLinear/DequantizeLinear: ``amax / element max``, and 1 where
     amax is 0 (the quantizer's output there is 0 either way)."""

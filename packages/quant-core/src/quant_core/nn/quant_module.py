@@ -88,11 +88,19 @@ def _add_low_rank_branch(module: QuantModule, args: tuple, output: torch.Tensor)
 
 
 class QuantInputBase(QuantModule):
-    """Quantizes the first input and the output (the output quantizer starts disabled)."""
+    """Quantizes the first input and the output (the output quantizer starts disabled).
+
+    The quantizers start from the class attributes ``default_quant_desc_input`` /
+    ``default_quant_desc_output`` (ModelOpt's names; a subclass or an assignment on the class
+    changes what later conversions create).
+    """
+
+    default_quant_desc_input: QuantizerAttributeConfig | dict[str, Any] = INPUT_DEFAULT
+    default_quant_desc_output: QuantizerAttributeConfig | dict[str, Any] = INPUT_DEFAULT
 
     def _setup(self) -> None:
-        self.input_quantizer = TensorQuantizer(INPUT_DEFAULT)
-        self.output_quantizer = TensorQuantizer(INPUT_DEFAULT)
+        self.input_quantizer = TensorQuantizer(self.default_quant_desc_input)
+        self.output_quantizer = TensorQuantizer(self.default_quant_desc_output)
         self.output_quantizer.disable()
 
     def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -124,11 +132,14 @@ class FoldableWeight:
 
 
 class QuantLinearConvBase(FoldableWeight, QuantInputBase):
-    """Quantizes input, weight and output of a layer whose forward uses ``self.weight``."""
+    """Quantizes input, weight and output of a layer whose forward uses ``self.weight``; the
+    weight quantizer starts from the class attribute ``default_quant_desc_weight``."""
+
+    default_quant_desc_weight: QuantizerAttributeConfig | dict[str, Any] = WEIGHT_DEFAULT
 
     def _setup(self) -> None:
         super()._setup()
-        self.weight_quantizer = TensorQuantizer(WEIGHT_DEFAULT)
+        self.weight_quantizer = TensorQuantizer(self.default_quant_desc_weight)
 
     def _forward_with_weight(
         self, input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any

@@ -70,6 +70,33 @@ class _Registry:
         entry = self._user.get(original_cls) or self._library.get(original_cls)
         return entry[0] if entry else class_key(original_cls)
 
+    def __getitem__(self, original_cls: type) -> type:
+        """The quantized class for ``original_cls`` (ModelOpt's ``QuantModuleRegistry[cls]``); KeyError if none."""
+        quantized = self.get(original_cls)
+        if quantized is None:
+            raise KeyError(
+                f"{getattr(original_cls, '__name__', original_cls)!r} is not registered with "
+                "QuantModuleRegistry (mtq.register(original_cls=..., quantized_cls=...) adds it)"
+            )
+        return quantized
+
+    def convert(self, module: nn.Module) -> nn.Module:
+        """Convert one module in place to its registered quantized class and return it (ModelOpt's
+        ``QuantModuleRegistry.convert``): same object, parameters, buffers and hooks, with its
+        quantizers created (at their default attributes). KeyError when its class has no mapping;
+        a module that is already quantized is refused by name."""
+        from quant_core.conversion import convert_module, name_quantizers
+
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"QuantModuleRegistry.convert needs an nn.Module, got {module!r}")
+        if getattr(module, "_quant_original_key", None) is not None:
+            raise ValueError(
+                f"{type(module).__name__} is already a quantized module; convert the original"
+            )
+        convert_module(module, self[type(module)])
+        name_quantizers(module)
+        return module
+
     def __contains__(self, original_cls: type) -> bool:
         return self.get(original_cls) is not None
 

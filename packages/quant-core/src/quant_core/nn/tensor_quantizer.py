@@ -374,11 +374,18 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         attrs = self._attrs
         if attrs.backend is not None:
             return get_quant_backend(attrs.backend)(x, self)
+        if x.dtype == torch.float64:
+            raise ValueError(
+                f"quantizer {self._name or '(unnamed)'} got a float64 input: quant fake-quantizes "
+                "float32, float16 and bfloat16 tensors only; cast the model and its inputs, e.g. "
+                "model.float()"
+            )
         if self._lsq is not None:
             return lsq_forward(self, x)
         amax = self.amax
         if not self.is_dynamic and amax is not None and onnx_qdq.wants_qdq(self):
             return onnx_qdq.qdq(x, amax, self)
+        onnx_qdq.check_traceable(self)
         x_in = x
         fmt = self._format
         blocks = fmt.block_axes

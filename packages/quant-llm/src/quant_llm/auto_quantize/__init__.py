@@ -9,6 +9,7 @@ data_loader=..., forward_step=..., loss_func=...)``; also reachable as ``mtq.aut
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,8 +33,10 @@ from quant_llm.auto_quantize.scoring import SCORE_METHODS, gradient_scores, kl_s
 from quant_llm.auto_quantize.solver import solve
 from quant_llm.auto_quantize.state import (
     get_auto_quantize_config,
+    load_scores,
     quantizer_settings,
     replay_config,
+    save_scores,
 )
 
 __all__ = ["auto_quantize", "get_auto_quantize_config", "plot_sensitivity", "summary_table"]
@@ -62,13 +65,21 @@ def auto_quantize(
     num_score_steps: int = 128,
     method: str = "gradient",
     verbose: bool = True,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize ``model`` in place with the searched mix; returns ``(model, search_state)``.
 
     ``constraints``: ``{"effective_bits": b}`` (mean bits per weight of the searched layers, 16 for
     unquantized ones) or ``{"weight_bytes": n}``. Layers a candidate config leaves off (its
     ``*lm_head*`` exclusion, ...) are not searched; list them in a config dict to search them.
-    ``method``: ``"gradient"`` (needs ``loss_func``) or ``"kl"`` (logits KL).
+    ``method``: ``"gradient"`` (needs ``loss_func``) or ``"kl"`` / ``"kl_div"`` (ModelOpt's
+    name; logits KL). ``search_state["best"]`` is ModelOpt's summary of the pick: ``recipe``
+    (layer -> candidate name), ``constraints`` (``effective_bits`` achieved), ``score`` (the
+    chosen candidates' summed scores) and ``is_satisfied``.
+    ``checkpoint`` (ModelOpt's option): a JSON file of the search's scores. When it exists and was
+    written for the same candidates, layer groups and method, its scores are used and scoring is
+    skipped (so another budget is a quick re-solve); otherwise the scores are computed and written
+    there.
     """
     if method not in SCORE_METHODS:
         raise ValueError(f"method={method!r}; choose one of {SCORE_METHODS}")
@@ -95,15 +106,25 @@ def auto_quantize(
         if quantized is not None:  # scoring calls each layer many times: quantize weights once
             mtq.fold_weight(quantized)
     del copies  # scoring needs only the searched layers of each copy, not its embeddings or head
-    if method == "gradient":
-        per_layer = gradient_scores(model, layers, score, forward_step, loss_func, verbose)
-    else:
-        per_layer = kl_scores(model, layers, score, forward_step, verbose)
-    params = {n: weight_params(model.get_submodule(n)) for n in layers}
     keys = list(groups)
-    scores = np.array(
-        [[sum(per_layer[n][i] for n in groups[k]) for i in range(len(candidates))] for k in keys]
-    )
+    names = [name for name, _ in candidates]
+    saved = load_scores(checkpoint, names, groups, method) if checkpoint is not None else None
+    if saved is not None:
+        scores = np.array([saved[k] for k in keys])
+    else:
+        if method == "gradient":
+            per_layer = gradient_scores(model, layers, score, forward_step, loss_func, verbose)
+        else:
+            per_layer = kl_scores(model, layers, score, forward_step, verbose)
+        scores = np.array(
+            [
+                [sum(per_layer[n][i] for n in groups[k]) for i in range(len(candidates))]
+                for k in keys
+            ]
+        )
+        if checkpoint is not None:
+            save_scores(checkpoint, names, groups, method, dict(zip(keys, scores.tolist())))
+    params = {n: weight_params(model.get_submodule(n)) for n in layers}
     costs = np.array(
         [
             [sum(params[n] * bits[n][i] for n in groups[k]) for i in range(len(candidates))]
@@ -139,6 +160,12 @@ def auto_quantize(
         "effective_bits": used / total,
         "weight_bytes": used / 8,
         "config": config,
+        "best": {
+            "recipe": {n: candidates[i][0] for n, i in choice.items()},
+            "constraints": {"effective_bits": used / total},
+            "score": float(sum(scores[gi, i] for gi, i in enumerate(picks))),
+            "is_satisfied": bool(used <= budget * (1 + 1e-9)),
+        },
     }
     del layers
     mtq.quantize(model, config, loop_for(config, forward_loop))

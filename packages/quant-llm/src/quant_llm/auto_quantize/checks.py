@@ -100,7 +100,7 @@ def probe_step(
     """Run ``forward_step`` on one batch of the float model and refuse an output ``method`` cannot score."""
     with torch.no_grad():
         output = forward_step(model, batch)
-        if method == "kl":
+        if method in ("kl", "kl_div"):
             logits = getattr(output, "logits", output)
             if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
                 got = (

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from quant_llm.auto_quantize.checks import check_loss
 
-SCORE_METHODS = ("gradient", "kl")
+SCORE_METHODS = ("gradient", "kl", "kl_div")  # "kl_div": ModelOpt 0.47's name for "kl"
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -3,15 +3,20 @@
 ``search_state`` keys: ``candidates`` (names), ``candidate_bits`` (bits per weight of each, per
 layer), ``layers`` (name -> {"params", "group"}), ``groups`` (key -> layer names), ``scores``
 (group -> score per candidate), ``method``, ``constraints``, ``choice`` (layer -> candidate name),
-``effective_bits`` and ``weight_bytes`` achieved, and ``config`` (the replay config).
+``effective_bits`` and ``weight_bytes`` achieved, ``config`` (the replay config) and ``best``
+(ModelOpt's summary: ``recipe``, ``constraints``, ``score``, ``is_satisfied``).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from quant_core.config.frozen import thaw
 from quant_core.conversion import iter_quantizers
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
 
@@ -43,6 +48,7 @@ def replay_config(
             quant_cfg[f"{name}.{qname}"] = attrs
     distinct: list[Any] = []
     for algo in algorithms:
+        algo = thaw(algo)  # a built-in config's algorithm is read-only: the state holds plain data
         if algo is not None and algo not in distinct:
             distinct.append(algo)
     return {
@@ -56,3 +62,59 @@ def get_auto_quantize_config(search_state: dict[str, Any]) -> dict[str, Any]:
     if "config" not in search_state:
         raise ValueError("search_state has no 'config'; pass the state returned by auto_quantize")
     return search_state["config"]
+
+
+_CHECKPOINT_KIND = "quant auto_quantize scores"
+
+
+def save_scores(
+    path: str | os.PathLike[str],
+    candidates: list[str],
+    groups: dict[str, list[str]],
+    method: str,
+    scores: dict[str, list[float]],
+) -> None:
+    """Write the search's per-group scores to ``path`` as JSON (no pickled objects)."""
+    payload = {
+        "kind": _CHECKPOINT_KIND,
+        "candidates": candidates,
+        "groups": groups,
+        "method": method,
+        "scores": scores,
+    }
+    Path(path).write_text(json.dumps(payload), encoding="utf-8")
+
+
+def load_scores(
+    path: str | os.PathLike[str],
+    candidates: list[str],
+    groups: dict[str, list[str]],
+    method: str,
+) -> dict[str, list[float]] | None:
+    """The per-group scores saved at ``path`` for this search, or None when there is no file.
+
+    A file written for other candidates, groups or method (or not by ``auto_quantize``) is refused
+    by name rather than silently reused or overwritten.
+    """
+    file = Path(path)
+    if not file.exists():
+        return None
+    try:
+        payload = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"auto_quantize checkpoint {file} is not a search-state file: {err}"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("kind") != _CHECKPOINT_KIND:
+        raise ValueError(f"auto_quantize checkpoint {file} was not written by auto_quantize")
+    mismatched = [
+        key
+        for key, value in (("candidates", candidates), ("groups", groups), ("method", method))
+        if payload.get(key) != value
+    ]
+    if mismatched:
+        raise ValueError(
+            f"auto_quantize checkpoint {file} was written for other {', '.join(mismatched)}; "
+            "delete it or pass another path"
+        )
+    return payload["scores"]
