@@ -164,3 +164,19 @@ def test_save_restore_compressed_model(fmt: str, tmp_path) -> None:
     assert not any(isinstance(p, nn.Parameter) and p.dim() == 2 for p in layer.parameters())
     with torch.no_grad():
         torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_restoring_a_compressed_layer_into_another_input_size_is_refused_before_any_change(
+    tmp_path,
+) -> None:
+    """Packed INT4 rows of 64 inputs fit the buffers of 128 after padding: the saved weight shape
+    is what tells them apart, checked before the model is converted."""
+    source, _ = _quantized(FORMATS["INT4_BLOCK"][0], seed=0)
+    mtq.compress(source)
+    path = tmp_path / "model.safetensors"
+    mtq.save(source, path)
+    torch.manual_seed(1)
+    target = nn.Sequential(nn.Linear(320, 64), nn.GELU(), nn.Linear(128, 32))
+    with pytest.raises(ValueError, match=r"saved compressed with a \(32, 64\) weight.*\(32, 128\)"):
+        mtq.restore(target, path)
+    assert type(target[0]) is nn.Linear and type(target[2]) is nn.Linear  # left as it was

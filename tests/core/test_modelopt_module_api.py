@@ -197,13 +197,22 @@ def test_shared_states_give_each_fused_group_one_weight_global_amax() -> None:
 
 
 @pytest.mark.parametrize("shared_states", [None, {"weight_global_amax": {"patterns": []}}])
-def test_no_shared_states_or_an_empty_pattern_list_shares_nothing(shared_states) -> None:
+def test_without_patterns_calibration_still_shares_within_layers_reading_one_input(
+    shared_states,
+) -> None:
+    """No pattern makes ``max`` share nothing itself; calibration's last step (make_deployable)
+    gives q/k/v and gate/up, which read one input, their group's global amax anyway: the state
+    ModelOpt's default patterns give."""
     model = _nvfp4_llama(shared_states)
-    assert all(
-        m.weight_quantizer.global_amax is None
-        for m in model.modules()
+    patterned = _nvfp4_llama({"weight_global_amax": {"patterns": _FUSED}})
+    pairs = [
+        (m.weight_quantizer.global_amax, patterned.get_submodule(n).weight_quantizer.global_amax)
+        for n, m in model.named_modules()
         if hasattr(m, "weight_quantizer") and isinstance(m, nn.Linear)
-    )
+    ]
+    assert any(got is not None for got, _ in pairs)
+    for got, expected in pairs:
+        assert (got is None and expected is None) or torch.equal(got, expected)
 
 
 @pytest.mark.parametrize(

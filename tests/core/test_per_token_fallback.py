@@ -226,3 +226,22 @@ def test_layers_reading_one_tensor_are_switched_together_on_their_summed_error()
         output_error_f64(model.alone, x, 8, static_amax) / output_error_f64(model.alone, x, 8, None)
     )
     assert model.alone.input_quantizer.is_dynamic == (alone_gain >= threshold)
+
+
+def test_distributed_sync_false_keeps_the_fallback_on_this_rank(monkeypatch):
+    """With ``distributed_sync: False`` a rank calibrating alone must not wait for the others:
+    no collective runs, and the decision is this rank's (the outlier input still switches)."""
+    import torch.distributed as dist
+
+    def no_collectives(*_args, **_kwargs):
+        raise AssertionError("a collective ran although distributed_sync is False")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "all_reduce", no_collectives)
+    monkeypatch.setattr(dist, "all_gather", no_collectives)
+    model = two_layers()
+    x = outlier_rows()
+    cfg = {**mtq.INT8_DEFAULT_CFG, "algorithm": {"method": "max", "distributed_sync": False}}
+    mtq.quantize(model, cfg, lambda m: m(x))
+    assert model[0].input_quantizer.is_dynamic  # switched on this rank's own measurement

@@ -135,3 +135,56 @@ def test_quant_export_imports_no_calibration_algorithm():
             ):
                 offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+def test_a_re_export_swaps_the_whole_folder_and_keeps_foreign_files(tmp_path, monkeypatch):
+    """Re-exporting into a folder: its other files stay, an earlier export's shards go, and an
+    interruption just before the swap leaves the previous folder exactly as it was."""
+    import quant_export.hf_checkpoint as hf_checkpoint
+
+    model = _quantized("fp8_kv")
+    folder = export_hf_checkpoint(model, tmp_path / "ckpt", max_shard_size=2**16)  # sharded
+    (folder / "README.md").write_text("notes of my own")
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    before = _digests(folder)
+
+    def interrupted(_a, _b):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_checkpoint, "exchange_paths", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export_compressed_tensors(model, folder)
+    assert _digests(folder) == before  # nothing of the new export got in
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging folder left
+
+    export_compressed_tensors(model, folder)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert (folder / "README.md").read_text() == "notes of my own"
+
+
+def test_a_tensorrt_llm_export_into_a_hugging_face_checkpoint_is_refused(tmp_path):
+    model = _quantized("fp8_kv")
+    folder = export_hf_checkpoint(model, tmp_path / "ckpt")
+    before = _digests(folder)
+    with pytest.raises(FileExistsError, match=r"model\.safetensors of another checkpoint layout"):
+        export_tensorrt_llm_checkpoint(model, "llama", export_dir=folder)
+    with pytest.raises(FileExistsError, match="another checkpoint layout"):
+        export_hf_checkpoint(
+            model, export_tensorrt_llm_checkpoint(model, "llama", export_dir=tmp_path / "trt")
+        )
+    assert _digests(folder) == before
+
+
+def test_block_formats_on_sizes_their_block_does_not_divide_are_refused(tmp_path):
+    """NVFP4 reads blocks of 16 along the input: 72- and 136-wide inputs have no checkpoint form."""
+    model = tiny_model("llama", hidden_size=72, intermediate_size=136)
+    batches = random_token_batches(batches=1, batch_size=2, seq_len=16)
+    mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, lambda m: [m(**b) for b in batches])
+    for export in LAYOUTS.values():
+        with pytest.raises(
+            UnsupportedFormatError, match="not divisible by its block size 16|group size 16"
+        ):
+            export(model, tmp_path / "x")
+        assert not (tmp_path / "x").exists()

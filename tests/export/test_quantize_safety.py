@@ -269,7 +269,7 @@ def _kill_at(count: int) -> None:
     pathlib.Path.write_text = gate(pathlib.Path.write_text)
     hf_checkpoint.save_file = gate(hf_checkpoint.save_file)
     safetensors.torch.save_file = gate(safetensors.torch.save_file)
-    output_folder._exchange = gate(output_folder._exchange)
+    output_folder.exchange_paths = gate(output_folder.exchange_paths)
 
 
 def _run_killed(argv: list[str], count: int) -> bool:
@@ -420,7 +420,7 @@ def test_ctrl_c_while_writing_leaves_the_previous_result_and_no_leftover(
 def test_publish_swaps_a_folder_in_whole(tmp_path, monkeypatch, exchange):
     """With renameat2(RENAME_EXCHANGE) and with the two-rename fallback (file systems without it)."""
     if not exchange:
-        monkeypatch.setattr(output_folder, "_exchange", lambda _a, _b: False)
+        monkeypatch.setattr(output_folder, "exchange_paths", lambda _a, _b: False)
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")

@@ -222,6 +222,7 @@ def test_a_default_rotary_scaling_is_flagged_and_normalized(trtllm_dir, tmp_path
     shutil.copytree(trtllm_dir, folder)
     path = folder / "config.json"
     config = json.loads(path.read_text())
+    assert config["rotary_scaling"] is None  # the writer's own: plain RoPE, as ModelOpt writes it
     config["rotary_scaling"] = {"rope_type": "default", "rope_theta": 10000.0}
     path.write_text(json.dumps(config))
     with pytest.warns(QuantWarning, match="TensorRT-LLM <= 1.1 rejects"):

@@ -177,3 +177,21 @@ def test_layerwise_refuses_a_forward_loop_that_changes_between_calls(calib_batch
             {**copy.deepcopy(INT8), "algorithm": {"method": "max", "layerwise": True}},
             shrinking,
         )
+
+
+def test_a_forward_loop_reading_logits_and_loss_runs_layer_by_layer(calib_batches, forward_loop):
+    """Passes that stop at a decoder layer return the first (float) pass's output shapes."""
+    seen = []
+
+    def reading_loop(model):
+        for batch in calib_batches:
+            out = model(**batch, labels=batch["input_ids"])
+            seen.append(
+                (tuple(out.logits.shape), tuple(out.loss.shape), out.logits.argmax(-1).shape)
+            )
+
+    method = {"method": "awq_gptq", "alpha_step": 0.5, "layerwise": True}
+    got = _quantized(W4, method, reading_loop)
+    expected = (tuple(calib_batches[0]["input_ids"].shape) + (got.config.vocab_size,), ())
+    assert len(seen) > len(calib_batches) and all(s[:2] == expected for s in seen)
+    _assert_same(got, _quantized(W4, method, forward_loop))  # reading changes nothing

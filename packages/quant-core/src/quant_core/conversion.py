@@ -5,7 +5,6 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import MethodType
 from typing import Any
 
 from torch import nn
@@ -17,7 +16,7 @@ from quant_core.config.schema import (
     parse_attributes,
 )
 from quant_core.config.unmatched import check_parent_classes, warn_unmatched
-from quant_core.nn.registry import QuantModuleRegistry, class_key
+from quant_core.nn.registry import QuantModuleRegistry, check_forward, class_key, convert_module
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
@@ -37,28 +36,6 @@ def unregister(original_cls: type) -> None:
     QuantModuleRegistry.unregister(original_cls)
 
 
-def _check_forward(module: nn.Module, name: str) -> None:
-    """Refuse a module whose ``forward`` was replaced on the instance (it would bypass the quantizers)."""
-    if "forward" in vars(module) and not hasattr(module, "_hf_hook"):
-        raise ValueError(
-            f"module {name or type(module).__name__!r} ({type(module).__name__}) has its forward replaced "
-            "on the instance, so its quantized forward would never run; remove the patch before "
-            "quantize (accelerate hooks are supported)"
-        )
-
-
-def convert_module(module: nn.Module, quantized_cls: type, name: str = "") -> None:
-    """Turn ``module`` into ``quantized_cls`` in place (same parameters, buffers and hooks) and set it up."""
-    _check_forward(module, name)
-    original = type(module)
-    module.__class__ = quantized_cls
-    if hasattr(module, "_hf_hook") and "_old_forward" in vars(module):
-        # accelerate's hook calls module._old_forward: point it at the quantized forward.
-        module._old_forward = MethodType(quantized_cls.forward, module)
-    module._quant_original_key = QuantModuleRegistry.get_key(original)  # type: ignore[assignment]
-    module._setup()
-
-
 def replace_quant_modules(model: nn.Module) -> list[str]:
     """Convert every registered module of ``model`` in place; returns the names converted."""
     todo = []
@@ -67,7 +44,7 @@ def replace_quant_modules(model: nn.Module) -> list[str]:
             continue
         quantized_cls = QuantModuleRegistry.get(type(module))
         if quantized_cls is not None:
-            _check_forward(module, name)  # before converting anything
+            check_forward(module, name)  # before converting anything
             todo.append((name, module, quantized_cls))
     for name, module, quantized_cls in todo:
         convert_module(module, quantized_cls, name)

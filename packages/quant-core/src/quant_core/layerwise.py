@@ -11,6 +11,9 @@ calibrated replays its recorded inputs to produce the real hidden states, and th
 records its inputs (positional and keyword, so masks and position embeddings the parent builds
 come along) and stops the forward pass. The parent model's code therefore runs as usual; a parent
 that computes on the hidden states between layers is not supported (the placeholders say so).
+The first pass runs the whole model in float (quantizers off) and keeps the shapes of its
+outputs; a stopped pass returns them as ``meta`` tensors, so a ``forward_loop`` that reads
+``.logits`` or ``.loss`` of what the model returns keeps working (``.item()`` on them cannot).
 
 ``get_qdq_activations_from_prev_layer`` (default False, True for ``gptq`` as in ModelOpt):
 False feeds the next layer the outputs of this layer before it is calibrated, computed as a
@@ -26,8 +29,8 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +159,16 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
+def _meta_output(value: Any) -> Any:
+    """A model output (tensor, tuple, dict, ``ModelOutput``) with ``meta`` tensors of the same
+    shapes, and no other object (a KV cache holds real tensors: it becomes None)."""
+    if isinstance(value, (torch.Tensor, tuple, list)):
+        return _to_meta(value)
+    if isinstance(value, Mapping):
+        return type(value)(**{k: _meta_output(v) for k, v in value.items()})
+    return value if isinstance(value, (int, float, str, bool, type(None))) else None
+
+
 class _Sequencer:
     """Patches the decoder layers and the model for skip / run / capture passes (see module doc)."""
 
@@ -163,6 +176,8 @@ class _Sequencer:
         self.model, self.layers, self.forward_loop = model, layers, forward_loop
         self.states = [_Layer() for _ in layers]
         self._saved: list[tuple[nn.Module, Any]] = []
+        self.outputs: list[Any] = []  # per batch: the model's output on meta tensors
+        self._batch = 0
 
     @contextmanager
     def patched(self) -> Iterator[None]:
@@ -188,9 +203,10 @@ class _Sequencer:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if state.mode == "skip":
                 return _to_meta(state.output_meta)
-            if state.mode == "capture":
+            if state.mode in ("capture", "record"):
                 state.recorded.append((args, _without_cache(kwargs)))
-                raise _StopForward
+                if state.mode == "capture":
+                    raise _StopForward
             if state.mode == "run":
                 if not state.replay:
                     raise RuntimeError(
@@ -209,10 +225,14 @@ class _Sequencer:
         inner = model.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
+            batch, self._batch = self._batch, self._batch + 1
             try:
-                return inner(*args, **kwargs)
-            except _StopForward:
-                return None
+                out = inner(*args, **kwargs)
+            except _StopForward:  # what the first pass returned, shapes only (.logits, .loss)
+                return self.outputs[batch] if batch < len(self.outputs) else None
+            if self.states[0].mode == "record":
+                self.outputs.append(_meta_output(out))
+            return out
 
         return forward
 
@@ -224,8 +244,12 @@ class _Sequencer:
             prev = self.states[index - 1]
             prev.mode, prev.replay = "run", deque(prev.recorded)
         target = self.states[index]
-        target.mode, target.recorded = "capture", []
-        self.forward_loop(self.model)
+        # the first pass runs the whole model (recording its outputs' shapes for the later passes,
+        # so a forward_loop may read .logits or .loss); later passes stop at the target layer
+        target.mode, target.recorded = ("record" if index == 0 else "capture"), []
+        self._batch = 0
+        with _quantizers_off(self.model) if index == 0 else nullcontext():
+            self.forward_loop(self.model)
         if index > 0:
             self._check_replayed(prev)
         target.mode = "original"
@@ -246,6 +270,7 @@ class _Sequencer:
         skipped but the last, which replays its recorded inputs (so what follows sees real data)."""
         last = self.states[-1]
         last.mode, last.replay = "run", deque(last.recorded)
+        self._batch = 0
         self.forward_loop(self.model)
         self._check_replayed(last)
 
@@ -257,6 +282,19 @@ class _Sequencer:
                 "it must run the same batches in the same order every time"
             )
         state.mode = "original"
+
+
+@contextmanager
+def _quantizers_off(model: nn.Module) -> Iterator[None]:
+    """Every enabled quantizer passes its input through (the float pass that records shapes)."""
+    enabled = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.is_enabled]
+    for q in enabled:
+        q.disable()
+    try:
+        yield
+    finally:
+        for q in enabled:
+            q.enable()
 
 
 @contextmanager

@@ -66,10 +66,11 @@ def quantize(
     configs that need no activation statistics (weight-only or dynamic formats).
     """
     check_not_compressed(model, "quantize")
-    check_ranks_agree(model, config, "quantize")
     cfg, entries = parse_config(config)
     check_parent_classes(entries)
     runs = check_algorithms(cfg.algorithm)
+    if _syncs(runs):
+        check_ranks_agree(model, config, "quantize")
     check_materialized(model)
     prepare_model(model)
     replace_quant_modules(model)
@@ -185,9 +186,16 @@ def calibrate(
     and changed ones written back (see :mod:`quant_core.offload`).
     """
     check_not_compressed(model, "calibrate")
-    check_ranks_agree(model, algorithm, "calibrate")
     runs = check_algorithms(algorithm)
+    if _syncs(runs):
+        check_ranks_agree(model, algorithm, "calibrate")
     return _calibrate(model, runs, _guard_order(runs, model_loop(forward_loop)))
+
+
+def _syncs(runs: list[AlgorithmRun]) -> bool:
+    """True unless every algorithm runs with ``distributed_sync: False`` (a rank calibrating alone
+    must not wait in a collective for ranks that never come)."""
+    return any(run.options.get("distributed_sync", True) for run in runs) or not runs
 
 
 def _calibrate(

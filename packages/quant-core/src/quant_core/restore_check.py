@@ -56,6 +56,15 @@ def _check_modules(model: nn.Module, modules: dict[str, Any]) -> None:
                 f"module {name!r} converts to {_qualname(current)} now, but was saved as "
                 f"{info.get('quantized')}; register the same quantized class before restoring"
             )
+        saved_shape = info.get("compressed", {}).get("weight_shape")
+        weight = getattr(module, "weight", None)
+        shape_differs = isinstance(weight, torch.Tensor) and list(weight.shape) != saved_shape
+        if saved_shape is not None and shape_differs:
+            raise ValueError(
+                f"module {name!r} was saved compressed with a {tuple(saved_shape)} weight, but "
+                f"the model's is {tuple(weight.shape)}: its packed codes would be read as "
+                "another matrix; restore into the architecture the state was saved from"
+            )
 
 
 def check_state_fits(

@@ -31,14 +31,13 @@ from quant_core.atomic import atomic_temp
 from quant_core.compress.module import CompressedLinear, recompress
 from quant_core.config.schema import parse_attributes
 from quant_core.conversion import (
-    convert_module,
     iter_quantizers,
     iter_tensor_quantizers,
     name_quantizers,
 )
 from quant_core.input_groups import record_from_json, record_to_json
 from quant_core.nn.lsq import LSQ_TENSORS, LSQState, enable_lsq
-from quant_core.nn.registry import QuantModuleRegistry
+from quant_core.nn.registry import QuantModuleRegistry, convert_module
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 from quant_core.plugins import prepare_model

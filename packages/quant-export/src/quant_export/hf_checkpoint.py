@@ -13,6 +13,7 @@ written, and files are written through temporary names and ``os.replace``.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from quant_export._version import __version__
 from quant_export.deployable_check import check_deployable
 from quant_export.engines import LOADERS, loaders_for
 from quant_export.hf_formats import KV_QUANTIZERS, LayerExport, export_kv_scales, export_linear
+from quant_export.output_folder import exchange_paths
 from quant_export.quantizers import UnsupportedFormatError
 from quant_export.schemes import config_groups, scheme_of
 
@@ -284,13 +286,19 @@ def _umask() -> int:
     return mask
 
 
-def install(
-    staging: Path, export_dir: Path, written: list[str], stale: str = "model*.safetensors*"
-) -> None:
-    """Move the staged files into place: one rename of the folder, or per file with ``os.replace``.
+_HF_STALE = ("model*.safetensors*", "hf_quant_config.json")  # another HF export's, if not rewritten
 
-    Files matching ``stale`` in an existing ``export_dir`` that this export did not write (shards of
-    an earlier export, which would shadow the new weights) are removed.
+
+def install(
+    staging: Path, export_dir: Path, written: list[str], stale: tuple[str, ...] = _HF_STALE
+) -> None:
+    """Make the staged files ``export_dir`` in one step: the whole previous folder or the whole new.
+
+    A new or empty ``export_dir`` is one rename. Into a folder holding files: the files this export
+    does not write are linked into the staging folder (those matching ``stale``, an earlier export's
+    shards or configs that would shadow the new ones, are left out), and the two folders are
+    exchanged atomically (Linux ``renameat2``; elsewhere file by file). A folder holding weights of
+    another layout (``*.safetensors`` that ``stale`` does not match) is refused, not merged.
     """
     mask = _umask()  # the staging folder and files are private until they are complete
     for fname in written:
@@ -299,12 +307,29 @@ def install(
     if not export_dir.exists() or not any(export_dir.iterdir()):
         os.replace(staging, export_dir)  # rename(2) also replaces an empty directory
         return
+    old = {p.name: p for p in export_dir.iterdir()}
+    replaced = {n for n in old if any(fnmatch.fnmatch(n, pattern) for pattern in stale)}
+    foreign = sorted(n for n in old if n.endswith(".safetensors") and n not in replaced)
+    if foreign:
+        raise FileExistsError(
+            f"{export_dir} holds {', '.join(foreign[:3])} of another checkpoint layout; writing "
+            "here would mix two checkpoints: choose another folder or empty it first"
+        )
+    for name, path in old.items():
+        if name in replaced or name in written:
+            continue
+        if path.is_dir():
+            shutil.copytree(path, staging / name, symlinks=True)
+        else:
+            try:
+                os.link(path, staging / name, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(path, staging / name, follow_symlinks=False)
+    if exchange_paths(staging, export_dir):  # staging now holds the previous folder
+        return
     for fname in written:
         os.replace(staging / fname, export_dir / fname)
-    leftovers = {p.name for p in export_dir.glob(stale)} - set(written)
-    for (
-        fname
-    ) in leftovers:  # shards or an index left by an earlier export would shadow the new weights
+    for fname in replaced - set(written):
         (export_dir / fname).unlink()
 
 
@@ -356,7 +381,7 @@ def write_checkpoint(
 
 
 def write_atomically(
-    export_dir: Path, write: Callable[[Path], list[str]], stale: str = "model*.safetensors*"
+    export_dir: Path, write: Callable[[Path], list[str]], stale: tuple[str, ...] = _HF_STALE
 ) -> Path:
     """Run ``write`` (returns the file names it wrote) in a private folder beside ``export_dir``, then :func:`install` them."""
     staging = atomic_temp(export_dir, directory=True)

@@ -211,9 +211,15 @@ def export_linear(name: str, module: nn.Module) -> LayerExport | None:
     if w_spec.pre_quant_scale is not None:
         weight = weight * w_spec.pre_quant_scale
     blocks = {a % weight.dim(): b for a, b in w_spec.blocks.items()}
+    group_size = blocks.get(weight.dim() - 1)
+    if group_size and weight.shape[-1] % group_size:
+        raise _unsupported(
+            name,
+            f"input size {weight.shape[-1]} is not divisible by its block size {group_size} "
+            "(engines read whole blocks)",
+        )
     qt = w_spec.codes(weight, blocks)
     out: dict[str, torch.Tensor] = {}
-    group_size = blocks.get(weight.dim() - 1)
     if w_kind is Kind.INT4_BLOCK:
         out["weight"] = _pack_int4_rows(qt.codes, name)
         out["weight_scale"] = qt.scale.float()

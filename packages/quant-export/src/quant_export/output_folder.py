@@ -28,7 +28,14 @@ from pathlib import Path
 
 from quant_core.atomic import atomic_temp
 
-__all__ = ["MARKER", "TOKENIZER_FILES", "OutputFolder", "check_output", "copy_serving_files"]
+__all__ = [
+    "MARKER",
+    "TOKENIZER_FILES",
+    "OutputFolder",
+    "check_output",
+    "copy_serving_files",
+    "exchange_paths",
+]
 
 MARKER = ".quant-export.json"  # written into every folder this tool writes
 # files a server or AutoTokenizer reads beside the weights (copied from the model folder)
@@ -131,7 +138,7 @@ def copy_serving_files(model_dir: Path, target: Path) -> list[str]:
     return copied
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange_paths(a: Path, b: Path) -> bool:
     """Atomically exchange two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)  # the symbols of this process, libc's included
@@ -186,7 +193,9 @@ class OutputFolder:
         (self.staging / MARKER).write_text(json.dumps(record, indent=2), encoding="utf-8")
         if not self.output.exists():
             os.rename(self.staging, self.output)
-        elif not _exchange(self.staging, self.output):  # the exchange leaves the old one in work
+        elif not exchange_paths(
+            self.staging, self.output
+        ):  # the exchange leaves the old one in work
             previous = self.output.with_name(f".{self.output.name}.previous-{os.getpid()}")
             os.rename(self.output, previous)
             os.rename(self.staging, self.output)

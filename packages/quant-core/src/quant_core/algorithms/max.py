@@ -41,8 +41,9 @@ def max_algorithm(
     the static NVFP4 weights of the layers each pattern groups one global amax, the group's largest
     block amax: a pattern is full-matched against layer names and its capture groups (the parent
     module) name the group, e.g. ``r"(.*)\.(?:q_proj|k_proj|v_proj)"``. An empty list, or None
-    (the default here; ModelOpt's default shares q/k/v and gate/up), shares nothing at calibration
-    (the exporters still give fused layers one global scale).
+    (the default here; ModelOpt's default shares q/k/v and gate/up) shares nothing by pattern:
+    calibration's last step (:func:`quant_core.make_deployable`) gives the layers that read one
+    input one global scale anyway.
 
     A static per-tensor Linear input quantizer whose layer output error per-token scaling lowers
     by at least ``per_token_fallback_db`` dB, measured on a sample of ``fallback_rows`` calibration
@@ -57,7 +58,7 @@ def max_algorithm(
         layers = static_per_tensor_inputs(model)
         with sample_inputs(layers, fallback_rows) as sample:
             max_calibrate(model, forward_loop, distributed_sync)
-        per_token_fallback(layers, sample, per_token_fallback_db)
+        per_token_fallback(layers, sample, per_token_fallback_db, sync=distributed_sync)
     share_weight_global_amax(model, patterns)
 
 

@@ -192,7 +192,7 @@ def check_min_gain_db(min_gain_db: object) -> None:
 
 
 def per_token_fallback(
-    layers: dict[str, nn.Linear], sample: InputSample, min_gain_db: float
+    layers: dict[str, nn.Linear], sample: InputSample, min_gain_db: float, sync: bool = True
 ) -> dict[str, InputError]:
     """Switch each calibrated layer's input quantizer to per-token dynamic when, on its sampled
     rows, per-token scaling lowers the layer's output error by at least ``min_gain_db`` dB.
@@ -203,7 +203,8 @@ def per_token_fallback(
     Returns the measurement of every switched layer; a switched quantizer keeps its element
     format, drops its amax and keeps the measurement as ``quantizer.fallback`` (which
     ``print_quant_summary`` shows; it is not saved, the new attributes are). Under
-    ``torch.distributed`` the error sums are added over ranks, so every rank decides alike.
+    ``torch.distributed`` the error sums are added over ranks (``sync``, the algorithm's
+    ``distributed_sync``), so every rank decides alike; ``sync=False`` decides on this rank alone.
     """
     check_min_gain_db(min_gain_db)
     measured = {
@@ -215,7 +216,8 @@ def per_token_fallback(
         name: input_error(m, sample.rows[name]) if name in sample.rows else InputError()
         for name, m in measured.items()
     }
-    _sum_over_ranks(errors)
+    if sync:
+        _sum_over_ranks(errors)
     group_errors: dict[str, InputError] = {}
     for name, err in errors.items():
         group_errors.setdefault(sample.group.get(name, name), InputError()).add(err)

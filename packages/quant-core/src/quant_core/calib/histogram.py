@@ -192,13 +192,6 @@ def calibrate_weights(
     which needs a quantizer with that ``axis``; else one per tensor. Block-wise and sequential
     weight quantizers are refused by name.
     """
-    from quant_core.nn.builtin_modules import (
-        QuantConvTranspose1d,
-        QuantConvTranspose2d,
-        QuantConvTranspose3d,
-    )
-    from quant_core.nn.tensor_quantizer import TensorQuantizer
-
     if method not in ("percentile", "mse", "max"):
         raise ValueError(
             f"calibrate_weights: method must be percentile, mse or max, got {method!r}"
@@ -208,13 +201,14 @@ def calibrate_weights(
         weight = getattr(module, "weight", None)
         if quantizer is None or not isinstance(weight, torch.Tensor):
             continue
-        if not isinstance(quantizer, TensorQuantizer) or quantizer.block_sizes:
+        # (a SequentialQuantizer is an nn.Sequential of TensorQuantizers; calib sits below nn)
+        if isinstance(quantizer, torch.nn.Sequential) or quantizer.block_sizes:
             raise ValueError(
                 f"calibrate_weights: {name}.weight_quantizer is sequential or block-wise; it "
                 "calibrates per-tensor and per-channel weight quantizers only"
             )
-        transposed = (QuantConvTranspose1d, QuantConvTranspose2d, QuantConvTranspose3d)
-        axis = (1 if isinstance(module, transposed) else 0) if perchannel else None
+        transposed = isinstance(module, torch.nn.modules.conv._ConvTransposeNd)
+        axis = (1 if transposed else 0) if perchannel else None
         if axis is not None and quantizer.axis not in (axis, axis - weight.dim()):
             raise ValueError(
                 f"calibrate_weights: {name}.weight_quantizer has axis={quantizer.axis!r} but "

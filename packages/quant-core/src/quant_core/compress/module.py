@@ -81,6 +81,7 @@ class CompressedLinear(nn.Module):
                 },
                 "backend": self.backend.name,
                 "layout": self.backend.layout,
+                "weight_shape": list(weight.shape),
             },
         }
         self.in_features, self.out_features = source.in_features, source.out_features

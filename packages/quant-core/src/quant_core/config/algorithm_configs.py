@@ -21,10 +21,10 @@ from pydantic import (
     model_validator,
 )
 
-from quant_core.config.schema import _MappingAccess
+from quant_core.config.mapping_access import MappingAccess
 
 
-class LayerwiseConfig(_MappingAccess, BaseModel):
+class LayerwiseConfig(MappingAccess, BaseModel):
     """Layer-by-layer calibration options (ModelOpt 0.47's ``LayerwiseConfig``).
 
     ``enable`` calibrates one decoder layer at a time; ``get_qdq_activations_from_prev_layer``
@@ -43,7 +43,7 @@ class LayerwiseConfig(_MappingAccess, BaseModel):
     calib_mutates_weights: bool = True
 
 
-class QuantizeAlgorithmConfig(_MappingAccess, BaseModel):
+class QuantizeAlgorithmConfig(MappingAccess, BaseModel):
     """Base of the algorithm configs; ``method=None`` means no calibration."""
 
     model_config = ConfigDict(extra="forbid")

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from quant_core.config.mapping_access import MappingAccess
 from quant_kernels.formats import FP_ELEMENT_NAMES, INT_BITS, SCALE_MODES, QuantFormat
 
 FP_FORMATS = FP_ELEMENT_NAMES  # the supported (exponent, mantissa) pairs, from the format table
@@ -378,38 +379,7 @@ def _empty_cfg_rule(raw: Mapping[str, Any], where: str) -> Any:
     )
 
 
-class _MappingAccess:
-    """ModelOpt's configs also read like dicts: ``entry["cfg"]``, ``entry.get(...)``, ``in``."""
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in type(self).model_fields:  # type: ignore[attr-defined]
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """The field ``key``, or ``default`` when there is no such field."""
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def __contains__(self, key: object) -> bool:
-        return key in type(self).model_fields  # type: ignore[attr-defined]
-
-    def keys(self) -> list[str]:
-        """The field names."""
-        return list(type(self).model_fields)  # type: ignore[attr-defined]
-
-    def values(self) -> list[Any]:
-        """The field values, in field order."""
-        return [getattr(self, k) for k in self.keys()]
-
-    def items(self) -> list[tuple[str, Any]]:
-        """(field name, value) pairs, in field order."""
-        return [(k, getattr(self, k)) for k in self.keys()]
-
-
-class QuantizerCfgEntry(_MappingAccess, BaseModel):
+class QuantizerCfgEntry(MappingAccess, BaseModel):
     """One ``quant_cfg`` entry, typed (ModelOpt 0.47's ``QuantizerCfgEntry``).
 
     ``cfg`` is a :class:`QuantizerAttributeConfig` (or a list of them for a sequential quantizer)

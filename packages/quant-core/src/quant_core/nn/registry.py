@@ -8,6 +8,7 @@ plugin, and ``mtq.unregister`` brings the library mapping back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import MethodType
 
 from torch import nn
 
@@ -85,7 +86,7 @@ class _Registry:
         ``QuantModuleRegistry.convert``): same object, parameters, buffers and hooks, with its
         quantizers created (at their default attributes). KeyError when its class has no mapping;
         a module that is already quantized is refused by name."""
-        from quant_core.conversion import convert_module, name_quantizers
+        from quant_core.nn.tensor_quantizer import TensorQuantizer
 
         if not isinstance(module, nn.Module):
             raise TypeError(f"QuantModuleRegistry.convert needs an nn.Module, got {module!r}")
@@ -94,7 +95,9 @@ class _Registry:
                 f"{type(module).__name__} is already a quantized module; convert the original"
             )
         convert_module(module, self[type(module)])
-        name_quantizers(module)
+        for name, quantizer in module.named_modules():  # names for warnings and errors
+            if isinstance(quantizer, TensorQuantizer):
+                quantizer._name = name
         return module
 
     def __contains__(self, original_cls: type) -> bool:
@@ -114,3 +117,25 @@ class _Registry:
 
 
 QuantModuleRegistry = _Registry()
+
+
+def check_forward(module: nn.Module, name: str) -> None:
+    """Refuse a module whose ``forward`` was replaced on the instance (it would bypass the quantizers)."""
+    if "forward" in vars(module) and not hasattr(module, "_hf_hook"):
+        raise ValueError(
+            f"module {name or type(module).__name__!r} ({type(module).__name__}) has its forward replaced "
+            "on the instance, so its quantized forward would never run; remove the patch before "
+            "quantize (accelerate hooks are supported)"
+        )
+
+
+def convert_module(module: nn.Module, quantized_cls: type, name: str = "") -> None:
+    """Turn ``module`` into ``quantized_cls`` in place (same parameters, buffers and hooks) and set it up."""
+    check_forward(module, name)
+    original = type(module)
+    module.__class__ = quantized_cls
+    if hasattr(module, "_hf_hook") and "_old_forward" in vars(module):
+        # accelerate's hook calls module._old_forward: point it at the quantized forward.
+        module._old_forward = MethodType(quantized_cls.forward, module)
+    module._quant_original_key = QuantModuleRegistry.get_key(original)  # type: ignore[assignment]
+    module._setup()

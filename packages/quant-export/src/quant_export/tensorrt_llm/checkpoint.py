@@ -306,4 +306,4 @@ def export_tensorrt_llm_checkpoint(
         validate_tensorrt_llm_checkpoint(folder)
         return [*texts, *names]
 
-    return write_atomically(export_dir, write, stale="rank*.safetensors")
+    return write_atomically(export_dir, write, stale=("rank*.safetensors", "quant_cfg.json"))

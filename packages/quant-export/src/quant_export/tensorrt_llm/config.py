@@ -14,6 +14,7 @@ from typing import Any
 
 from quant_export._version import __version__
 from quant_export.tensorrt_llm.families import Family
+from quant_export.tensorrt_llm.validate import normalized_rotary_scaling
 
 # tensorrt_llm/layers/moe.py MoeConfig.ExpertScaleNormalizationMode.RENORMALIZE
 RENORMALIZE = 1
@@ -26,7 +27,8 @@ def _rope(hf: Any) -> tuple[float, dict | None]:
     scaling = getattr(hf, "rope_scaling", None)
     if params.get("rope_type", "default") != "default":
         scaling = {"type": params["rope_type"], **params}
-    return float(base), scaling
+    # plain RoPE is no scaling: TensorRT-LLM <= 1.1 rejects {"rope_type": "default"}
+    return float(base), normalized_rotary_scaling(scaling)
 
 
 def _attribute(hf: Any, *names: str, default: Any = None) -> Any:
