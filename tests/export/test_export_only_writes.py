@@ -184,7 +184,7 @@ def test_block_formats_on_sizes_their_block_does_not_divide_are_refused(tmp_path
     mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, lambda m: [m(**b) for b in batches])
     for export in LAYOUTS.values():
         with pytest.raises(
-            UnsupportedFormatError, match="not divisible by its block size 16|group size 16"
+            UnsupportedFormatError, match=r"not divisible by its block size 16|group size 16"
         ):
             export(model, tmp_path / "x")
         assert not (tmp_path / "x").exists()

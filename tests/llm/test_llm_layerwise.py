@@ -192,6 +192,6 @@ def test_a_forward_loop_reading_logits_and_loss_runs_layer_by_layer(calib_batche
 
     method = {"method": "awq_gptq", "alpha_step": 0.5, "layerwise": True}
     got = _quantized(W4, method, reading_loop)
-    expected = (tuple(calib_batches[0]["input_ids"].shape) + (got.config.vocab_size,), ())
+    expected = ((*calib_batches[0]["input_ids"].shape, got.config.vocab_size), ())
     assert len(seen) > len(calib_batches) and all(s[:2] == expected for s in seen)
     _assert_same(got, _quantized(W4, method, forward_loop))  # reading changes nothing
