@@ -36,7 +36,7 @@ from accuracy import PeakMemory
 import quant_core as mtq
 from quant_llm import get_calib_dataloader, perplexity
 from quant_llm.auto_quantize.solver import solve
-from quant_llm.real_models import load_smollm2
+from quant_llm.testing.real_models import load_smollm2
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FORMATS = ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_WEIGHT_ONLY_CFG", None]

@@ -20,7 +20,7 @@ import torch
 import quant_core as mtq
 from quant_core.compress import BACKENDS, CompressedLinear
 from quant_llm import create_forward_loop, get_calib_dataloader, perplexity
-from quant_llm.real_models import load_smollm2
+from quant_llm.testing.real_models import load_smollm2
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FORMATS = {

@@ -30,7 +30,7 @@ from quant_export.checkpoint_check import validate
 from quant_export.compressed_tensors_export import export_compressed_tensors
 from quant_export.hf_checkpoint import export_hf_checkpoint
 from quant_export.quantize_cmd import QFORMATS, quant_config
-from quant_llm.tiny_models import random_token_batches, tiny_model
+from quant_llm.testing.tiny_models import random_token_batches, tiny_model
 
 TOLERANCE = (
     1e-4  # of the largest logit: float32 files, only the order of float32 operations differs

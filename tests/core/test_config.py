@@ -11,7 +11,7 @@ from torch import nn
 
 import quant_core as mtq
 from quant_core.config import QuantizerAttributeConfig, normalize_quant_cfg, validate_config
-from quant_core.config.entry_list import QuantCfgList
+from quant_core.config.frozen import QuantCfgList
 from quant_core.conversion import iter_quantizers
 
 

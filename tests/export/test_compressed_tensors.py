@@ -27,7 +27,7 @@ ct = pytest.importorskip("compressed_tensors")
 quant_llm = pytest.importorskip("quant_llm")
 from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 
-from quant_llm.tiny_models import random_token_batches, tiny_model  # noqa: E402
+from quant_llm.testing.tiny_models import random_token_batches, tiny_model  # noqa: E402
 
 # round-to-nearest FP8 (the built-ins use gptq, slower and not what these tests are about)
 FP8 = {**mtq.FP8_DEFAULT_CFG.copy(), "algorithm": "max"}

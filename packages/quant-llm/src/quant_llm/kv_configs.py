@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from quant_core.config import _default_disabled_quantizer_cfg  # ModelOpt's exported name
-from quant_core.config.entry_list import QuantCfgList
-from quant_core.config.frozen import freeze, thaw
+from quant_core.config.frozen import QuantCfgList, freeze, thaw
 from quant_core.config.helpers import entry_dicts
 
 KV_PATTERN = "*[kv]_bmm_quantizer"

@@ -2,7 +2,7 @@
 
 Each is a read-only dict (see :mod:`quant_core.config.frozen`): ``cfg.copy()`` gives an editable
 deep copy. ``quant_cfg`` is ModelOpt 0.47's ordered entry list that also takes the classic
-``quant_cfg[pattern] = attributes`` edit (see :mod:`quant_core.config.entry_list`). A weight /
+``quant_cfg[pattern] = attributes`` edit (see :mod:`quant_core.config.frozen`). A weight /
 activation config is ``[*_base_disable_all, weight and input entries,
 *_default_disabled_quantizer_cfg]`` (LM heads, MoE routers and gates, embeddings, BatchNorm, output
 layers, vision towers); a KV config holds only its KV entries, so
@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quant_core.config.entry_list import QuantCfgList
-from quant_core.config.frozen import freeze
+from quant_core.config.frozen import QuantCfgList, freeze
 
 
 def _off(pattern: str, parent_class: str | None = None) -> dict[str, Any]:

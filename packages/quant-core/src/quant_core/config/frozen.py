@@ -90,7 +90,7 @@ def freeze(value: Any) -> Any:
     return value
 
 
-# ----- quant_cfg as an entry list (also quant_core.config.entry_list) -------------------------------
+# ----- quant_cfg as an entry list ------------------------------------------------------------------
 class EntryView(MutableMapping):
     """One entry seen as the dict shape's ``{**cfg, "enable": ...}`` value; edits write through to the entry."""
 

@@ -1,7 +1,0 @@
-"""Moved to :mod:`quant_llm.testing.real_models`; this name stays importable (the same module object)."""
-
-import sys
-
-from quant_llm.testing import real_models as _moved
-
-sys.modules[__name__] = _moved
