@@ -180,3 +180,25 @@ def test_restoring_a_compressed_layer_into_another_input_size_is_refused_before_
     with pytest.raises(ValueError, match=r"saved compressed with a \(32, 64\) weight.*\(32, 128\)"):
         mtq.restore(target, path)
     assert type(target[0]) is nn.Linear and type(target[2]) is nn.Linear  # left as it was
+
+
+def test_compressing_4_bit_codes_of_an_odd_input_size_is_refused_by_layer_name() -> None:
+    model = nn.Sequential(nn.Linear(33, 16))
+    x = torch.randn(4, 33)
+    mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, lambda m: m(x))
+    with pytest.raises(ValueError, match=r"layer 0: e2m1 codes are packed two per byte.*got 33"):
+        mtq.compress(model)
+    assert not isinstance(model[0], CompressedLinear)
+
+
+def test_half_after_compress_keeps_the_fp8_codes_and_casts_the_rest() -> None:
+    model, x = _quantized(FORMATS["FP8"][0])
+    mtq.compress(model)
+    with torch.no_grad():
+        before = model(x)
+    model.half()
+    assert model[0].codes.dtype == torch.float8_e4m3fn and model[0].scale.dtype == torch.float16
+    with torch.no_grad():
+        after = model(x.half()).float()
+    # fp16 activations and scales: a few FP8 input roundings flip (one step is 2**-3 relative)
+    assert (after - before).abs().max() <= 5e-2 * before.abs().max()

@@ -91,6 +91,20 @@ class CompressedLinear(nn.Module):
         self.input_quantizer = source.input_quantizer
         self.output_quantizer = source.output_quantizer
 
+    def _apply(self, fn: Any, recurse: bool = True) -> CompressedLinear:
+        """``.to()`` / ``.half()`` / ``.cuda()`` as for any module, except that 8-bit float codes
+        keep their dtype (a dtype cast would turn codes into values); scales follow the cast."""
+        codes = {
+            k: v.dtype
+            for k, v in self._buffers.items()
+            if v is not None and v.is_floating_point() and v.element_size() == 1
+        }
+        super()._apply(fn, recurse)
+        for key, dtype in codes.items():
+            if self._buffers[key].dtype != dtype:
+                self._buffers[key] = self._buffers[key].to(dtype)
+        return self
+
     def _packed(self) -> dict[str, torch.Tensor]:
         return dict(self.named_buffers(recurse=False))
 
@@ -132,6 +146,12 @@ def _check(name: str, module: QuantLinear) -> None:
     if wq.pre_quant_scale is not None:
         raise ValueError(
             f"layer {name}: weight pre_quant_scale is not supported by compress; quantize without weight smoothing to compress"
+        )
+    if wq.format.element.bits <= 4 and module.weight.shape[-1] % 2:
+        raise ValueError(
+            f"layer {name}: {wq.format.element.name} codes are packed two per byte along the input, "
+            f"which needs an even input size, got {module.weight.shape[-1]}; leave this layer "
+            "unquantized (or uncompressed)"
         )
 
 
