@@ -81,16 +81,7 @@ class QuantizerSpec:
 
     def codes(self, w: torch.Tensor, blocks: dict[int, int]) -> qk.QuantizedTensor:
         """Integer codes and scales of ``w`` in this format (``blocks``: axis -> block size)."""
-        return qk.quantize_to_codes(
-            w,
-            num_bits=self.num_bits,
-            amax=None if self.dynamic else self.amax,
-            block_sizes=blocks or None,
-            scale_bits=self.scale_bits,
-            global_amax=self.global_amax(w),
-            unsigned=self.unsigned,
-            narrow_range=self.narrow_range,
-        )
+        return qk.format_codes(w, self.format, self.amax, self.global_amax(w), blocks)
 
 
 def spec_of(name: str, quantizer: TensorQuantizer) -> QuantizerSpec:

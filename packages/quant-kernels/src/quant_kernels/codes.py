@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from quant_kernels.blocking import group_amax
-from quant_kernels.formats import ElementFormat, ScaleMode
+from quant_kernels.formats import ElementFormat, QuantFormat, ScaleMode
 from quant_kernels.packing import e8m0_to_float, exponent_to_e8m0, pack_fp4, pack_int4
 from quant_kernels.plan import QuantPlan, make_plan
 from quant_kernels.reference import grid_values, view_scales
 
-__all__ = ["QuantizedTensor", "dequantize_codes", "quantize_to_codes"]
+__all__ = ["QuantizedTensor", "dequantize_codes", "format_codes", "quantize_to_codes"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,31 @@ def _bits_to_values(codes: torch.Tensor, element: ElementFormat) -> torch.Tensor
     if element.is_int or codes.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         return codes.float()
     return element.values().float().to(codes.device)[codes.long()]
+
+
+def format_codes(
+    x: torch.Tensor,
+    fmt: QuantFormat,
+    amax: torch.Tensor | float | None = None,
+    global_amax: torch.Tensor | float | None = None,
+    block_sizes: dict[int, int | None] | None = None,
+) -> QuantizedTensor:
+    """Codes and scales of ``x`` in the typed format ``fmt``: the one path from a quantizer's state
+    to stored codes (compress, ``QTensor`` and every exporter call it).
+
+    ``amax`` is the calibrated amax (ignored by dynamic formats), ``global_amax`` NVFP4's per-tensor
+    amax, ``block_sizes`` the blocks with axes made non-negative for ``x`` (default: the format's).
+    """
+    return quantize_to_codes(
+        x,
+        num_bits=fmt.num_bits,
+        amax=None if fmt.dynamic else amax,
+        block_sizes=(fmt.block_axes if block_sizes is None else block_sizes) or None,
+        scale_bits=fmt.scale_bits,
+        global_amax=global_amax,
+        unsigned=fmt.unsigned,
+        narrow_range=fmt.narrow_range,
+    )
 
 
 def quantize_to_codes(

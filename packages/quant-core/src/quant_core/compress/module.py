@@ -27,16 +27,7 @@ def weight_codes(quantizer: TensorQuantizer, weight: torch.Tensor) -> qk.Quantiz
     amax = quantizer.amax
     amax = None if amax is None else amax.detach().to(weight.device)
     global_amax = quantizer.effective_global_amax(amax, weight)
-    return qk.quantize_to_codes(
-        weight,
-        num_bits=quantizer.num_bits,
-        amax=None if quantizer.is_dynamic else amax,
-        block_sizes=quantizer.format.block_axes,
-        scale_bits=quantizer.scale_bits,
-        global_amax=global_amax,
-        unsigned=quantizer.unsigned,
-        narrow_range=quantizer.narrow_range,
-    )
+    return qk.format_codes(weight, quantizer.format, amax, global_amax)
 
 
 def _static_input_amax(quantizer: TensorQuantizer) -> torch.Tensor | None:

@@ -41,14 +41,10 @@ def _codes(
         if global_amax is None:
             raise ValueError("weights_scaling_factor needs weights_scaling_factor_2 too")
         amax = per_block_scale.float() * _E2M1.max_value * scale_2.float().reshape(())
-    return qk.quantize_to_codes(
-        input,
-        num_bits=(2, 1),
-        amax=amax,
-        block_sizes={-1: block_size},
-        scale_bits=(4, 3),
-        global_amax=global_amax if global_amax is not None else qk.nvfp4_global_amax(x=input),
-    )
+    fmt = qk.QuantFormat.parse((2, 1), block_sizes={-1: block_size, "scale_bits": (4, 3)})
+    if global_amax is None:
+        global_amax = qk.nvfp4_global_amax(x=input)
+    return qk.format_codes(input, fmt, amax, global_amax)
 
 
 class NVFP4QTensor(BaseQuantizedTensor):
