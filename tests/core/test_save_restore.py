@@ -202,3 +202,30 @@ def test_saved_file_gets_the_permissions_of_a_normally_written_file(tokens, tmp_
         tmp_path / "plain"
     ).stat().st_mode & 0o777
     assert os.access(tmp_path / "m.safetensors", os.R_OK)
+
+
+def test_a_restore_failing_after_conversion_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    """A fault while the tensors are read (after the modules were converted) undoes the
+    conversion: same classes, no quantizers, same parameters."""
+    import quant_core.save_restore as save_restore
+
+    torch.manual_seed(0)
+    source = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(4, 16)
+    mtq.quantize(source, mtq.INT8_DEFAULT_CFG, lambda m: m(x))
+    mtq.save(source, tmp_path / "q.safetensors")
+    target = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+
+    def unreadable(_path):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(save_restore, "load_file", unreadable)
+    with pytest.raises(OSError, match="disk went away"):
+        mtq.restore(target, tmp_path / "q.safetensors")
+    assert [type(m) for m in target] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert not any(isinstance(m, mtq.TensorQuantizer) for m in target.modules())
+    after = target.state_dict()
+    assert after.keys() == before.keys() and all(
+        torch.equal(after[k], v) for k, v in before.items()
+    )

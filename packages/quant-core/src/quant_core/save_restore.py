@@ -18,7 +18,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,39 @@ def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     extra_state = read_metadata_json(path, metadata.get(_EXTRA_METADATA_KEY, "{}"), "extra state")
     _check_state(quant_state)
     check_state_fits(model, quant_state, shapes)
+    with _undone_on_error(model):
+        _restore_from(model, path, quant_state, extra_state)
+    return model
+
+
+@contextmanager
+def _undone_on_error(model: nn.Module) -> Iterator[None]:
+    """On an exception, put every module of ``model`` back as it was: class, attributes, children,
+    parameters and buffers (no tensor is copied; values loaded in place are not undone)."""
+    saved = [
+        (m, type(m), set(vars(m)), dict(m._modules), dict(m._parameters), dict(m._buffers))
+        for m in model.modules()
+    ]
+    try:
+        yield
+    except BaseException:
+        for module, cls, keys, children, params, buffers in saved:
+            module.__class__ = cls
+            for key in set(vars(module)) - keys:
+                del module.__dict__[key]
+            module._modules.clear()
+            module._modules.update(children)
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+        raise
+
+
+def _restore_from(
+    model: nn.Module, path: Path | str, quant_state: dict[str, Any], extra_state: dict[str, Any]
+) -> None:
+    """The part of :func:`restore` that changes the model (undone by the caller on an error)."""
     restore_quantizer_state(model, quant_state)
     state: dict[str, Any] = load_file(str(path))
     for key, info in extra_state.items():
@@ -319,4 +353,3 @@ def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.load_state_dict(state, strict=False)
-    return model
