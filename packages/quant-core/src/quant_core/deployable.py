@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from quant_core.algorithms.weights import calibrate_weight
 from quant_core.input_groups import InputGroup, input_groups
+from quant_core.model_tools import quantizers_disabled
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 from quant_kernels import ElementFormat
@@ -365,14 +366,8 @@ def _outputs(value: Any) -> list[Tensor]:
 def _float_outputs(model: nn.Module, probe: Callable[[], Any]) -> list[Tensor]:
     """``probe()``'s outputs with every quantizer passing its input through (pre-quant scales stay):
     the float function that folding must not change."""
-    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer) and not q._disabled]
-    for q in quantizers:
-        q._disabled = True
-    try:
+    with quantizers_disabled(model):
         return _outputs(probe())
-    finally:
-        for q in quantizers:
-            q._disabled = False
 
 
 def _same_function(before: list[Tensor], after: list[Tensor]) -> bool:

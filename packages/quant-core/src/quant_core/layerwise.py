@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant_core.algorithms.statistics import calibrate_weights, weight_quantizers
+from quant_core.model_tools import quantizers_disabled
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 from quant_core.offload import weights_materialized
@@ -248,7 +249,7 @@ class _Sequencer:
         # so a forward_loop may read .logits or .loss); later passes stop at the target layer
         target.mode, target.recorded = ("record" if index == 0 else "capture"), []
         self._batch = 0
-        with _quantizers_off(self.model) if index == 0 else nullcontext():
+        with quantizers_disabled(self.model) if index == 0 else nullcontext():
             self.forward_loop(self.model)
         if index > 0:
             self._check_replayed(prev)
@@ -285,36 +286,12 @@ class _Sequencer:
 
 
 @contextmanager
-def _quantizers_off(model: nn.Module) -> Iterator[None]:
-    """Every enabled quantizer passes its input through (the float pass that records shapes)."""
-    enabled = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.is_enabled]
-    for q in enabled:
-        q.disable()
-    try:
-        yield
-    finally:
-        for q in enabled:
-            q.enable()
-
-
-@contextmanager
 def _as_in_one_pass(module: nn.Module) -> Iterator[None]:
     """Within the block, ``module`` computes as in a whole-model calibration pass: its weights
     fake-quantized with their max calibration, its other quantizers passing inputs through."""
     calibrate_weights(module)
-    weights = {id(q) for q in weight_quantizers(module)}
-    enabled = [
-        q
-        for q in module.modules()
-        if isinstance(q, TensorQuantizer) and q.is_enabled and id(q) not in weights
-    ]
-    for q in enabled:
-        q.disable()
-    try:
+    with quantizers_disabled(module, keep=weight_quantizers(module)):
         yield
-    finally:
-        for q in enabled:
-            q.enable()
 
 
 def _replay(inputs: list[tuple[tuple, dict]]) -> ForwardLoop:

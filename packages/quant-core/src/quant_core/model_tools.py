@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from typing import Any
@@ -51,6 +51,25 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextmanager
+def quantizers_disabled(model: nn.Module, keep: Iterable[nn.Module] = ()) -> Iterator[None]:
+    """Every enabled quantizer of ``model`` but those in ``keep`` passes its input through for the
+    block (pre-quant scales still apply), then is enabled again."""
+    kept = {id(q) for q in keep}
+    enabled = [
+        q
+        for q in model.modules()
+        if isinstance(q, TensorQuantizer) and q.is_enabled and id(q) not in kept
+    ]
+    for q in enabled:
+        q.disable()
+    try:
+        yield
+    finally:
+        for q in enabled:
+            q.enable()
 
 
 def compute_quantization_mse(
