@@ -55,8 +55,8 @@ def test_gptq_reads_quantized_activations_of_earlier_layers_by_default() -> None
     ("layerwise", "message"),
     [
         ({"enable": True, "save_every": 0}, "save_every"),
-        ({"enable": True, "checkpoint": "/tmp/x"}, "checkpoint"),
-        ({"checkpoint_dir": "/tmp/x"}, "checkpoint_dir requires layerwise.enable"),
+        ({"enable": True, "checkpoint": "search_state.pt"}, "checkpoint"),
+        ({"checkpoint_dir": "layer_checkpoints"}, "checkpoint_dir requires layerwise.enable"),
         ({"enable": "maybe"}, "enable"),
     ],
 )
@@ -77,7 +77,9 @@ def test_calib_mutates_weights_false_only_for_amax_only_algorithms() -> None:
 def test_resumable_layerwise_fields_are_refused_by_name_before_the_model_changes() -> None:
     model = mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    algorithm = GPTQCalibConfig(layerwise=LayerwiseConfig(enable=True, checkpoint_dir="/tmp/ckpt"))
+    algorithm = GPTQCalibConfig(
+        layerwise=LayerwiseConfig(enable=True, checkpoint_dir="layer_checkpoints")
+    )
     with pytest.raises(ValueError, match="checkpoint_dir"):
         mtq.quantize(model, {**mtq.INT8_WEIGHT_ONLY_CFG.copy(), "algorithm": algorithm}, None)
     assert not list(iter_quantizers(model))

@@ -13,9 +13,15 @@ class QuantWarning(UserWarning):
     """A probably-wrong result: a pattern matching nothing, a degenerate statistic, a setting ignored."""
 
 
+def name_list(names: list[str], limit: int = 5, sep: str = ", ") -> str:
+    """``names`` for a message: the first ``limit`` joined by ``sep``, then how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return sep.join(names[:limit]) + more
+
+
 def warn(message: str, stacklevel: int = 2) -> None:
     """Emit ``message`` as a :class:`QuantWarning` attributed to the caller's caller."""
     warnings.warn(message, QuantWarning, stacklevel=stacklevel + 1)
 
 
-__all__ = ["QuantWarning", "warn"]
+__all__ = ["QuantWarning", "name_list", "warn"]

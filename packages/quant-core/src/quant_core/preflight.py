@@ -17,6 +17,7 @@ from torch import nn
 from quant_core.algorithms import get_algorithm
 from quant_core.algorithms.registry import Algorithm
 from quant_core.config.algorithm_configs import QuantizeAlgorithmConfig, algorithm_spec
+from quant_core.diagnostics import name_list
 from quant_core.layerwise import LayerwiseOptions, split_layerwise
 
 __all__ = [
@@ -164,7 +165,7 @@ def check_not_compressed(model: nn.Module, entry: str) -> None:
 
     names = [n for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
     if names:
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        shown = name_list(names, 3)
         raise ValueError(
             f"mtq.{entry}: {type(model).__name__} holds compressed layers ({shown}), whose weights "
             f"are packed codes; {entry} the fake-quant model before mtq.compress (or restore it "

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quant_core.diagnostics import name_list
 from quant_core.nn.registry import QuantModuleRegistry
 
 __all__ = ["check_state_fits", "read_metadata_json", "unsaved_modules"]
@@ -85,7 +86,7 @@ def check_state_fits(
 
         warn(
             f"{type(model).__name__} has quantizable module(s) the saved state does not have: "
-            f"{_shown(extra)}; they stay unquantized. Restore into the architecture the state "
+            f"{name_list(extra)}; they stay unquantized. Restore into the architecture the state "
             "was saved from, or quantize them afterwards",
             stacklevel=3,
         )
@@ -111,12 +112,6 @@ def check_state_fits(
             f"the checkpoint does not fit {type(model).__name__} ({details}); nothing was changed. "
             "Restore into a fresh copy of the architecture the checkpoint was saved from."
         )
-
-
-def _shown(names: list[str], limit: int = 5) -> str:
-    return ", ".join(names[:limit]) + (
-        f" and {len(names) - limit} more" if len(names) > limit else ""
-    )
 
 
 def unsaved_modules(model: nn.Module, state: dict[str, Any]) -> list[str]:
@@ -149,11 +144,11 @@ def _check_missing(
     if missing:
         modules = sorted({k.rpartition(".")[0] for k in missing})
         hint = (
-            f" (quantizable module(s) the saved model did not have: {_shown(extra)})"
+            f" (quantizable module(s) the saved model did not have: {name_list(extra)})"
             if extra
             else ""
         )
         raise ValueError(
-            f"the checkpoint has no values for {_shown(missing)}{hint}; nothing was changed. "
-            f"Restore into the architecture it was saved from (without {_shown(modules, 3)})."
+            f"the checkpoint has no values for {name_list(missing)}{hint}; nothing was changed. "
+            f"Restore into the architecture it was saved from (without {name_list(modules, 3)})."
         )

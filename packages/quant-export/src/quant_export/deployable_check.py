@@ -14,7 +14,7 @@ from torch import nn
 
 from quant_core.conversion import iter_tensor_quantizers
 from quant_core.deployable import deployment_mismatches
-from quant_core.diagnostics import QuantWarning
+from quant_core.diagnostics import QuantWarning, name_list
 from quant_core.input_groups import has_record
 from quant_core.nn import TensorQuantizer
 from quant_export.quantizers import UnsupportedFormatError, refuse_compressed
@@ -61,14 +61,13 @@ def check_deployable(
     if problems and share_fused_scales:
         raise UnsupportedFormatError(
             "the model is not in the state a checkpoint holds: "
-            + "; ".join(problems[:6])
-            + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else "")
+            + name_list(problems, 6, "; ")
             + f". Exporters do not change the model: {_FIX}"
         )
     if problems:
         warnings.warn(
             "share_fused_scales=False: "
-            + "; ".join(problems[:6])
+            + name_list(problems, 6, "; ")
             + ". Loaders that keep per-layer scales (transformers) read them right; vLLM, SGLang "
             "and TensorRT-LLM fuse these layers with one scale and would compute wrong outputs",
             QuantWarning,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from quant_core.conversion import iter_tensor_quantizers
-from quant_core.diagnostics import warn
+from quant_core.diagnostics import name_list, warn
 
 __all__ = ["run_on_sample", "warn_folded_weights"]
 
@@ -47,7 +47,7 @@ def warn_folded_weights(model: nn.Module) -> None:
         if getattr(q, "_weight_folded", False) and not q.is_enabled
     ]
     if folded:
-        shown = ", ".join(folded[:5]) + (f" and {len(folded) - 5} more" if len(folded) > 5 else "")
+        shown = name_list(folded)
         warn(
             f"the weights of {shown} were folded (mtq.fold_weight), so their weight quantizers are "
             "off and the ONNX graph stores those weights as float32 (quantized values, but no "

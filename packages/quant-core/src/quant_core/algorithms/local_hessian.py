@@ -17,7 +17,7 @@ from quant_core.algorithms.output_error import mse_amax, scaled_hessian
 from quant_core.algorithms.registry import ForwardLoop, register_algorithm
 from quant_core.algorithms.statistics import calibrate_with_stats
 from quant_core.algorithms.weights import first_stage, kernel_format, set_weight_amax, weight_layers
-from quant_core.diagnostics import warn
+from quant_core.diagnostics import name_list, warn
 
 
 @register_algorithm("local_hessian")
@@ -88,7 +88,7 @@ def _say_unsearched(model: nn.Module, searched: dict[str, nn.Module]) -> None:
             continue
         kept.append(name)
     if kept:
-        shown = ", ".join(kept[:5]) + (f", ... ({len(kept)} in all)" if len(kept) > 5 else "")
+        shown = name_list(kept)
         warn(
             f"local_hessian searches block-wise weight amaxes only; the weights of {shown} have no "
             "blocks (per-channel or per-tensor) and keep their max-calibrated amax (use 'mse' or "
