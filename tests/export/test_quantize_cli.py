@@ -35,6 +35,12 @@ def model_dir(tmp_path_factory) -> pathlib.Path:
     return folder
 
 
+def _shard(out: pathlib.Path, key: str) -> pathlib.Path:
+    """The safetensors file of the (layer-by-layer written) checkpoint ``out`` holding ``key``."""
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    return out / weight_map[key]
+
+
 def _quantize(model_dir, out, *extra: str) -> int:
     args = ["quantize", "--model", str(model_dir), "--output", str(out), "--calib-size", "2"]
     return main([*args, "--seq-len", "64", "--eval-windows", "2", *extra])
@@ -98,38 +104,63 @@ def test_a_model_folder_without_weights_is_named(tmp_path, model_dir, capsys):
         _quantize(empty, tmp_path / "x")
 
 
-def test_a_dimension_the_group_size_does_not_divide_is_one_error_line(tmp_path, capsys):
+def _odd_model(tmp_path: pathlib.Path, hidden: int) -> pathlib.Path:
     folder = tmp_path / "odd"
     tokenizer_dir = pathlib.Path(minilm.__file__).parent / "model"
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    tiny_model("llama", vocab_size=tokenizer.vocab_size, hidden_size=192).save_pretrained(folder)
+    model = tiny_model("llama", vocab_size=tokenizer.vocab_size, hidden_size=hidden)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_dimension_the_group_size_does_not_divide_is_one_error_line(tmp_path, capsys):
+    folder = _odd_model(tmp_path, 192)
     with pytest.raises(SystemExit) as exc:
-        _quantize(folder, tmp_path / "x", "--qformat", "int4_gptq", "--algorithm", "max")
+        _quantize(folder, tmp_path / "x", "--qformat", "int4_gptq", "--group-size", "128")
     message = str(exc.value.code)
     assert len(message.splitlines()) == 1
     assert "q_proj has input size 192, which is not divisible by the block size 128" in message
     assert "--group-size" in message
     # refused before calibration: no progress bar ran, no folder (or staging folder) was left
-    assert "calibrating" not in capsys.readouterr().err
+    assert "layers" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd"]
+
+
+def test_int4_without_group_size_takes_the_largest_that_fits(tmp_path, capsys):
+    """192-wide inputs: 128 does not divide them, 64 does (the report says so)."""
+    out = tmp_path / "int4"
+    args = ("--qformat", "int4_gptq", "--algorithm", "max", "--eval-windows", "0")
+    assert _quantize(_odd_model(tmp_path, 192), out, *args) == 0
+    assert "INT4 group size 64 (the largest of 128/64/32 that fits)" in capsys.readouterr().out
+    (group,) = json.loads((out / "config.json").read_text())["quantization_config"][
+        "config_groups"
+    ].values()
+    assert group["weights"]["group_size"] == 64
+
+
+def test_int4_refuses_a_width_no_group_size_divides_before_calibration(tmp_path, capsys):
+    folder = _odd_model(tmp_path, 72)  # 72 = 2 x 36: not a multiple of 32
+    with pytest.raises(SystemExit) as exc:
+        _quantize(folder, tmp_path / "x", "--qformat", "int4_awq")
+    message = str(exc.value.code)
+    assert "no INT4 group size of 128, 64, 32 divides" in message and "72" in message
+    assert "layers" not in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd"]
 
 
 def test_group_size_and_algorithm_reach_the_quantization(tmp_path, capsys):
     """--group-size 64 makes 192-wide inputs exportable (block size 64 in the file); --algorithm
     replaces the qformat's algorithm (the report names it)."""
-    folder = tmp_path / "odd"
-    tokenizer_dir = pathlib.Path(minilm.__file__).parent / "model"
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    tiny_model("llama", vocab_size=tokenizer.vocab_size, hidden_size=192).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = _odd_model(tmp_path, 192)
     out = tmp_path / "int4"
     args = ("--qformat", "int4_gptq", "--algorithm", "max", "--group-size", "64")
     assert _quantize(folder, out, *args, "--eval-windows", "0") == 0
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()
     assert group["weights"]["group_size"] == 64
-    scale = load_file(out / "model.safetensors")["model.layers.0.self_attn.q_proj.weight_scale"]
+    key = "model.layers.0.self_attn.q_proj.weight_scale"
+    scale = load_file(_shard(out, key))[key]
     assert scale.shape[-1] == 192 // 64
     assert "calibrated with max" in capsys.readouterr().out
 
@@ -137,7 +168,7 @@ def test_group_size_and_algorithm_reach_the_quantization(tmp_path, capsys):
 def test_validate_names_a_bad_scale(model_dir, tmp_path, capsys):
     out = tmp_path / "fp8"
     assert _quantize(model_dir, out, "--eval-windows", "0") == 0
-    path = out / "model.safetensors"
+    path = _shard(out, "model.layers.0.self_attn.q_proj.weight_scale")
     tensors = load_file(path)
     tensors["model.layers.0.self_attn.q_proj.weight_scale"] = torch.tensor(
         [-1.0], dtype=torch.bfloat16

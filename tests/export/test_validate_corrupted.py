@@ -60,10 +60,14 @@ def _copy(written, kind, tmp_path) -> pathlib.Path:
 
 
 def _edit(folder: pathlib.Path, change) -> None:
-    path = folder / "model.safetensors"
-    tensors = load_file(path)
+    """Apply ``change`` to the checkpoint's tensors, rewritten as one model.safetensors."""
+    shards = sorted(folder.glob("*.safetensors"))
+    tensors = {k: v for path in shards for k, v in load_file(path).items()}
     change(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
+    for path in shards:
+        path.unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def _refused(folder: pathlib.Path, capsys) -> str:

@@ -477,14 +477,15 @@ def _scalars(quantizers: list[object]) -> list[torch.Tensor]:
     return [q.amax.detach().float().reshape(()) for q in quantizers if _scalar_static(q)]
 
 
-def deployment_mismatches(model: nn.Module) -> list[str]:
+def deployment_mismatches(model: nn.Module, *, prefix: str = "") -> list[str]:
     """What :func:`make_deployable` would still change, one line per layer group (read only).
 
     Exporters refuse a model for which this is not empty: its files would hold scales that
-    engines apply differently from the fake-quantized model (or change the model to match)."""
+    engines apply differently from the fake-quantized model (or change the model to match).
+    ``prefix`` (a module name ending in a dot) limits it to the layers under that module."""
     problems: list[str] = []
-    modules = dict(model.named_modules())
-    for group in input_groups(model, siblings=True):
+    modules = {n: m for n, m in model.named_modules() if n.startswith(prefix)}
+    for group in input_groups(model, prefix=prefix, siblings=True):
         members = [modules[n] for n in group.members]
         names = ", ".join(group.members)
         scales = [_pqs(m) for m in members]

@@ -286,7 +286,7 @@ class _Sequencer:
 
 
 @contextmanager
-def _as_in_one_pass(module: nn.Module) -> Iterator[None]:
+def as_in_one_pass(module: nn.Module) -> Iterator[None]:
     """Within the block, ``module`` computes as in a whole-model calibration pass: its weights
     fake-quantized with their max calibration, its other quantizers passing inputs through."""
     calibrate_weights(module)
@@ -349,7 +349,7 @@ def layerwise_calibrate(
             layer, last = layers[index], index + 1 == len(layers)
             with weights_materialized(layer):
                 if not last and not qdq_from_prev:
-                    with _as_in_one_pass(layer):
+                    with as_in_one_pass(layer):
                         following = seq.inputs_of(index + 1)
                 algorithm(layer, _replay(inputs), **options)
                 if layer_done is not None:
@@ -366,7 +366,7 @@ def layerwise_calibrate(
             with ExitStack() as stack:
                 stack.enter_context(weights_materialized(layers[-1]))
                 if not qdq_from_prev:
-                    stack.enter_context(_as_in_one_pass(layers[-1]))
+                    stack.enter_context(as_in_one_pass(layers[-1]))
                 for module in rest:
                     with weights_materialized(module):
                         algorithm(module, seq.through_last, **options)

@@ -65,13 +65,27 @@ def quantize(
     ``forward_loop(model)`` runs the calibration batches through the model; it may be None for
     configs that need no activation statistics (weight-only or dynamic formats).
     """
+    runs = prepare_quantization(model, config)
+    _calibrate(model, runs, _guard_order(runs, model_loop(forward_loop)))
+    return model
+
+
+def prepare_quantization(
+    model: nn.Module, config: dict[str, Any], *, materialized: bool = True
+) -> list[AlgorithmRun]:
+    """:func:`quantize` up to calibration: check ``config``, insert and configure the quantizers.
+
+    Returns the checked algorithms to run. ``materialized=False`` accepts weights on the ``meta``
+    device (a model whose layers are loaded one at a time, :mod:`quant_core.streamed`).
+    """
     check_not_compressed(model, "quantize")
     cfg, entries = parse_config(config)
     check_parent_classes(entries)
     runs = check_algorithms(cfg.algorithm)
     if _syncs(runs):
         check_ranks_agree(model, config, "quantize")
-    check_materialized(model)
+    if materialized:
+        check_materialized(model)
     prepare_model(model)
     replace_quant_modules(model)
     if next(iter_quantizers(model), None) is None:
@@ -87,10 +101,9 @@ def quantize(
     check_paired_key_rotation(model)
     if not any(q.is_enabled for _n, q, _p in iter_quantizers(model)):
         warnings.warn(
-            f"config enabled no quantizer in {type(model).__name__}", RuntimeWarning, stacklevel=2
+            f"config enabled no quantizer in {type(model).__name__}", RuntimeWarning, stacklevel=3
         )
-    _calibrate(model, runs, _guard_order(runs, model_loop(forward_loop)))
-    return model
+    return runs
 
 
 def _guard_order(runs: list[AlgorithmRun], forward_loop: ForwardLoop | None) -> ForwardLoop | None:

@@ -13,6 +13,7 @@ blocks are quantized is not silently float, and ignored / excluded layers hold p
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,32 @@ class CheckpointError(UnsupportedFormatError):
     """A checkpoint folder that a loader would reject or misread."""
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors files")
-    out = {}
-    for path in files:
-        with safe_open(str(path), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
-    return out
+class _LazyTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a folder's safetensors files, each read when asked for (and not kept), so a
+    checkpoint larger than memory can be checked."""
+
+    def __init__(self, folder: Path) -> None:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors files")
+        self._where: dict[str, Path] = {}
+        for path in files:
+            with safe_open(str(path), "pt") as f:
+                self._where.update(dict.fromkeys(f.keys(), path))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(str(self._where[key]), "pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _tensors(folder: Path) -> Mapping[str, torch.Tensor]:
+    return _LazyTensors(folder)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -67,7 +85,7 @@ def layout_of(folder: Path) -> tuple[str, dict[str, Any]]:
     return method, qc
 
 
-def _check_scales(tensors: dict[str, torch.Tensor]) -> None:
+def _check_scales(tensors: Mapping[str, torch.Tensor]) -> None:
     for name, value in tensors.items():
         if name.endswith(_SCALE_SUFFIXES) and value.is_floating_point():
             v = value.float()
@@ -84,7 +102,7 @@ _CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8,
 _FLOAT_SCALE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _quantized_layers(tensors: dict[str, torch.Tensor]) -> set[str]:
+def _quantized_layers(tensors: Mapping[str, torch.Tensor]) -> set[str]:
     """Layers that hold a quantized tensor: a scale or packed leaf, or a ``weight`` stored as codes."""
     out = set()
     for key, value in tensors.items():
@@ -115,7 +133,7 @@ def _role(name: str) -> str:
     return ".".join("#" if part.isdigit() else part for part in name.split("."))
 
 
-def _check_siblings(quantized: set[str], tensors: dict[str, torch.Tensor], ignored: Any) -> None:
+def _check_siblings(quantized: set[str], tensors: Mapping[str, torch.Tensor], ignored: Any) -> None:
     """A float 2-D weight whose counterpart in the other blocks is quantized, and that is not ignored,
     lost its quantized form (a deleted scale, a hand-edited file)."""
     roles = {_role(n) for n in quantized}
@@ -131,7 +149,7 @@ def _check_siblings(quantized: set[str], tensors: dict[str, torch.Tensor], ignor
 
 
 def _need(
-    name: str, leaf: str, tensors: dict[str, torch.Tensor], dtypes: tuple, what: str
+    name: str, leaf: str, tensors: Mapping[str, torch.Tensor], dtypes: tuple, what: str
 ) -> torch.Tensor:
     key = f"{name}.{leaf}"
     if key not in tensors:
@@ -229,7 +247,7 @@ def _check_modelopt_layer(name: str, algo: str, group: int | None, tensors: dict
             _need(name, "input_scale", tensors, f32, what)
 
 
-def _check_ct(qc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
+def _check_ct(qc: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[str]:
     from compressed_tensors.quantization import QuantizationConfig
 
     try:
@@ -265,7 +283,7 @@ def _check_ct(qc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]
     return sorted(quantized)
 
 
-def _check_modelopt(qc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
+def _check_modelopt(qc: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[str]:
     layers = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")})
     group = qc.get("group_size")
     for name in layers:

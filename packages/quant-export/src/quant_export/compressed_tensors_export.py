@@ -43,9 +43,12 @@ from quant_export.deployable_check import check_deployable
 from quant_export.hf_checkpoint import (
     DEFAULT_SHARD_SIZE,
     DTYPES,
+    Scope,
     architecture,
     check_export_target,
     check_weight_stored,
+    checkpoint_texts,
+    in_scope,
     plain_tensors,
     quantizer_names,
     write_checkpoint,
@@ -254,15 +257,28 @@ def ct_quantization_config(
     return config.model_dump(mode="json", exclude_none=False)
 
 
-def _collect(model: nn.Module, dtype: torch.dtype) -> tuple[dict, dict, list, dict | None]:
-    state = model.state_dict()
-    quantizers = quantizer_names(model)
-    layers: dict[str, CTLayer] = {}
+@dataclass
+class CTPart:
+    """What one part of the model (a decoder layer, or everything else) adds to ``config.json``."""
+
+    layers: dict[str, CTLayer]
+    ignore: list[str]
+    kv_fields: dict[str, Any] | None
+
+
+def collect_ct(
+    model: nn.Module, dtype: torch.dtype, scope: Scope = None
+) -> tuple[dict[str, torch.Tensor], CTPart]:
+    """The tensors of the modules ``scope`` selects (all by default) and their config entries.
+
+    Raises UnsupportedFormatError, naming the layer, before anything is written."""
+    state = {k: v for k, v in model.state_dict().items() if in_scope(scope, k)}
+    quantizers = {k: v for k, v in quantizer_names(model).items() if in_scope(scope, k)}
+    part = CTPart({}, [], None)
     kv_tensors: dict[str, torch.Tensor] = {}
-    kv_fields: dict[str, Any] | None = None
-    ignore: list[str] = []
     consumed: set[str] = set()
-    for name, module in tqdm(list(model.named_modules()), desc="export ct", leave=False):
+    modules = [(n, m) for n, m in model.named_modules() if in_scope(scope, n)]
+    for name, module in tqdm(modules, desc="export ct", leave=False):
         wq = getattr(module, "weight_quantizer", None)
         if isinstance(module, nn.Linear) and isinstance(wq, TensorQuantizer | SequentialQuantizer):
             layer = _compress_layer(name, module, dtype)
@@ -270,16 +286,16 @@ def _collect(model: nn.Module, dtype: torch.dtype) -> tuple[dict, dict, list, di
                 check_weight_stored(name, module, state)
             consumed.update({f"{name}.weight_quantizer", f"{name}.input_quantizer"})
             if layer is None:
-                ignore.append(name)
+                part.ignore.append(name)
             else:
-                layers[name] = layer
+                part.layers[name] = layer
         if all(isinstance(getattr(module, q, None), TensorQuantizer) for q in KV_QUANTIZERS):
             fields, tensors = _kv_scales(name, module, dtype)
             consumed.update(f"{name}.{q}" for q in ("q_bmm_quantizer", *KV_QUANTIZERS))
             if fields is not None:
-                if kv_fields not in (None, fields):
+                if part.kv_fields not in (None, fields):
                     raise UnsupportedFormatError(f"KV-cache formats differ across layers ({name})")
-                kv_fields = fields
+                part.kv_fields = fields
                 kv_tensors.update(tensors)
     for qname, quantizer in quantizers.items():
         if qname not in consumed and quantizer.is_enabled:
@@ -288,10 +304,36 @@ def _collect(model: nn.Module, dtype: torch.dtype) -> tuple[dict, dict, list, di
                 "compressed-tensors checkpoint (only Linear weight/input quantizers and "
                 "k/v_bmm_quantizers are exported)"
             )
-    replaced = {name: layer.tensors for name, layer in layers.items()}
-    tensors = plain_tensors(state, quantizers, replaced, set(layers), dtype)
+    replaced = {name: layer.tensors for name, layer in part.layers.items()}
+    tensors = plain_tensors(state, quantizers, replaced, set(part.layers), dtype)
     tensors.update(kv_tensors)
-    return layers, tensors, ignore, kv_fields
+    for layer in part.layers.values():
+        layer.tensors = {}  # written with the part's tensors; the config needs the scheme only
+    return tensors, part
+
+
+def ct_texts(model: nn.Module, parts: list[CTPart], dtype: torch.dtype) -> dict[str, str]:
+    """``config.json`` (with its ``quantization_config``) and ``generation_config.json`` of the
+    checkpoint made of ``parts``."""
+    layers: dict[str, CTLayer] = {}
+    ignore: list[str] = []
+    kv_fields: dict[str, Any] | None = None
+    for part in parts:
+        layers.update(part.layers)
+        ignore += part.ignore
+        if part.kv_fields is not None:
+            if kv_fields not in (None, part.kv_fields):
+                raise UnsupportedFormatError("KV-cache formats differ across layers")
+            kv_fields = part.kv_fields
+    if not layers and kv_fields is None:
+        raise UnsupportedFormatError(
+            f"{type(model).__name__} has no quantized layer or KV cache; nothing to compress"
+        )
+    hf_config = copy.deepcopy(model.config)
+    hf_config.quantization_config = ct_quantization_config(layers, ignore, kv_fields)
+    hf_config.architectures = [architecture(model)]
+    hf_config.dtype = DTYPES[dtype]
+    return checkpoint_texts(model, hf_config, {})
 
 
 def export_compressed_tensors(
@@ -315,13 +357,6 @@ def export_compressed_tensors(
     check_deployable(model, share_fused_scales=share_fused_scales, pre_quant_scale=False)
     check_export_target(model, export_dir, dtype, max_shard_size)
     with torch.no_grad():
-        layers, tensors, ignore, kv_fields = _collect(model, dtype)
-    if not layers and kv_fields is None:
-        raise UnsupportedFormatError(
-            f"{type(model).__name__} has no quantized layer or KV cache; nothing to compress"
-        )
-    hf_config = copy.deepcopy(model.config)
-    hf_config.quantization_config = ct_quantization_config(layers, ignore, kv_fields)
-    hf_config.architectures = [architecture(model)]
-    hf_config.dtype = DTYPES[dtype]
-    return write_checkpoint(model, Path(export_dir), tensors, hf_config, {}, max_shard_size)
+        tensors, part = collect_ct(model, dtype)
+    texts = ct_texts(model, [part], dtype)
+    return write_checkpoint(Path(export_dir), tensors, texts, max_shard_size)

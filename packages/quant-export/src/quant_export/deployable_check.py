@@ -28,18 +28,24 @@ _FIX = (
 )
 
 
-def pre_quant_scaled_layers(model: nn.Module) -> list[str]:
-    """Layers whose input quantizer still carries a pre-quant scale (SmoothQuant / AWQ not folded)."""
+def pre_quant_scaled_layers(model: nn.Module, prefix: str = "") -> list[str]:
+    """Layers (under ``prefix``) whose input quantizer still carries a pre-quant scale
+    (SmoothQuant / AWQ not folded)."""
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(iq := getattr(module, "input_quantizer", None), TensorQuantizer)
+        if name.startswith(prefix)
+        and isinstance(iq := getattr(module, "input_quantizer", None), TensorQuantizer)
         and iq.pre_quant_scale is not None
     ]
 
 
 def check_deployable(
-    model: nn.Module, *, share_fused_scales: bool = True, pre_quant_scale: bool = True
+    model: nn.Module,
+    *,
+    share_fused_scales: bool = True,
+    pre_quant_scale: bool = True,
+    prefix: str = "",
 ) -> None:
     """Raise UnsupportedFormatError unless ``model`` can be written as it is.
 
@@ -47,6 +53,7 @@ def check_deployable(
     scales that engines would apply differently (with ``share_fused_scales=False`` a QuantWarning
     names them instead, for loaders that keep per-layer scales). ``pre_quant_scale=False`` (a layout
     without that tensor) also refuses layers whose pre-quant scale could not be folded.
+    ``prefix`` (a module name ending in a dot) checks only the layers under that module.
     """
     refuse_compressed(model)
     if not has_record(model) and any(q.is_enabled for _n, q in iter_tensor_quantizers(model)):
@@ -57,7 +64,7 @@ def check_deployable(
             QuantWarning,
             stacklevel=3,
         )
-    problems = deployment_mismatches(model)
+    problems = deployment_mismatches(model, prefix=prefix)
     if problems and share_fused_scales:
         raise UnsupportedFormatError(
             "the model is not in the state a checkpoint holds: "
@@ -73,7 +80,7 @@ def check_deployable(
             QuantWarning,
             stacklevel=3,
         )
-    kept = [] if pre_quant_scale else pre_quant_scaled_layers(model)
+    kept = [] if pre_quant_scale else pre_quant_scaled_layers(model, prefix)
     if kept:
         raise UnsupportedFormatError(
             f"pre-quant scales of {', '.join(kept)} are not folded (quant_core.make_deployable "

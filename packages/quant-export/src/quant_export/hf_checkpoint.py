@@ -50,6 +50,15 @@ def quantizer_names(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+Scope = Callable[[str], bool] | None
+"""Which module and tensor names a part of a checkpoint holds (None: all)."""
+
+
+def in_scope(scope: Scope, name: str) -> bool:
+    """Whether ``name`` (a module or state-dict key) belongs to ``scope``."""
+    return scope is None or scope(name)
+
+
 def _changes_input(quantizer: nn.Module) -> bool:
     if isinstance(quantizer, SequentialQuantizer):
         return quantizer.is_enabled
@@ -119,13 +128,15 @@ def _linear(
         replaced[name] = {"weight": folded}
 
 
-def _collect(model: nn.Module, dtype: torch.dtype) -> _Collected:
-    """Gather every tensor to write; raises UnsupportedFormatError before anything is written."""
-    state = model.state_dict()
-    quantizers = quantizer_names(model)
+def collect_hf(model: nn.Module, dtype: torch.dtype, scope: Scope = None) -> _Collected:
+    """Gather every tensor of the modules ``scope`` selects (all by default) and their formats;
+    raises UnsupportedFormatError before anything is written."""
+    state = {k: v for k, v in model.state_dict().items() if in_scope(scope, k)}
+    quantizers = {k: v for k, v in quantizer_names(model).items() if in_scope(scope, k)}
     out = _Collected()
     replaced: dict[str, dict[str, torch.Tensor]] = {}
-    for name, module in tqdm(list(model.named_modules()), desc="export hf", leave=False):
+    modules = [(n, m) for n, m in model.named_modules() if in_scope(scope, n)]
+    for name, module in tqdm(modules, desc="export hf", leave=False):
         wq = getattr(module, "weight_quantizer", None)
         if isinstance(module, nn.Linear) and isinstance(wq, TensorQuantizer | SequentialQuantizer):
             _linear(name, module, state, out, replaced)
@@ -190,21 +201,25 @@ def plain_tensors(
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def _quant_summary(collected: _Collected) -> dict[str, Any]:
+def _quant_summary(parts: list[_Collected]) -> dict[str, Any]:
     """ModelOpt's ``quantization`` block: one quant_algo, or MIXED_PRECISION with per-layer entries."""
-    configs = {name: layer.layer_config() for name, layer in collected.layers.items()}
+    layers = {name: layer for part in parts for name, layer in part.layers.items()}
+    kv_algos = {algo for part in parts for algo in part.kv_algos}
+    if len(kv_algos) > 1:
+        raise UnsupportedFormatError(f"KV-cache formats differ across layers: {sorted(kv_algos)}")
+    configs = {name: layer.layer_config() for name, layer in layers.items()}
     distinct = {json.dumps(c, sort_keys=True) for c in configs.values()}
-    kv_algo = next(iter(collected.kv_algos), None)
+    kv_algo = next(iter(kv_algos), None)
     summary: dict[str, Any] = {"quant_algo": None, "kv_cache_quant_algo": kv_algo}
     if len(distinct) == 1:
         summary.update(json.loads(distinct.pop()))
     elif distinct:
         summary["quant_algo"] = "MIXED_PRECISION"
         summary["quantized_layers"] = configs
-    summary["exclude_modules"] = sorted(collected.excluded)
+    summary["exclude_modules"] = sorted(n for part in parts for n in part.excluded)
     schemes = {
         name: scheme_of(layer.kinds, layer.group_size, layer.quant_algo)
-        for name, layer in collected.layers.items()
+        for name, layer in layers.items()
     }
     if schemes:  # ModelOpt writes this too; vLLM reads it to tell W4A16 NVFP4 from W4A4
         groups, _ = config_groups(schemes)
@@ -362,19 +377,21 @@ def check_export_dir(export_dir: str | os.PathLike[str]) -> Path:
     return export_dir
 
 
-def write_checkpoint(
-    model: nn.Module,
-    export_dir: Path,
-    tensors: dict[str, torch.Tensor],
-    hf_config: Any,
-    extra_texts: dict[str, str],
-    max_shard_size: int,
-) -> Path:
-    """Write config.json, ``extra_texts``, generation_config.json and the safetensors atomically."""
+def checkpoint_texts(
+    model: nn.Module, hf_config: Any, extra_texts: dict[str, str]
+) -> dict[str, str]:
+    """config.json, ``extra_texts`` and generation_config.json (when the model has one)."""
     texts = {"config.json": hf_config.to_json_string(use_diff=True), **extra_texts}
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(generation, "to_json_string"):
         texts["generation_config.json"] = generation.to_json_string(use_diff=True)
+    return texts
+
+
+def write_checkpoint(
+    export_dir: Path, tensors: dict[str, torch.Tensor], texts: dict[str, str], max_shard_size: int
+) -> Path:
+    """Write ``texts`` (file name -> JSON text) and the safetensors shards atomically."""
     return write_atomically(
         export_dir, lambda staging: _write_files(staging, tensors, texts, max_shard_size)
     )
@@ -419,16 +436,25 @@ def export_hf_checkpoint(
     if engine is not None and engine not in LOADERS:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(LOADERS)}")
     with torch.no_grad():
-        collected = _collect(model, dtype)
-    summary = _quant_summary(collected)
+        collected = collect_hf(model, dtype)
+    texts = hf_texts(model, [collected], dtype, engine)
+    return write_checkpoint(Path(export_dir), collected.tensors, texts, max_shard_size)
+
+
+def hf_texts(
+    model: nn.Module, parts: list[_Collected], dtype: torch.dtype, engine: str | None = None
+) -> dict[str, str]:
+    """config.json, hf_quant_config.json and generation_config.json of the checkpoint made of
+    ``parts``; raises UnsupportedFormatError naming the engines for a format none loads."""
+    summary = _quant_summary(parts)
     if summary["quant_algo"] is None and summary["kv_cache_quant_algo"] is None:
         warnings.warn(
             f"{type(model).__name__} has no quantized layer or KV cache; writing a plain checkpoint "
             "with quant_algo null",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    algos = {layer.quant_algo for layer in collected.layers.values()}
+    algos = {layer.quant_algo for part in parts for layer in part.layers.values()}
     if algos or summary["kv_cache_quant_algo"]:
         loaders = loaders_for(algos, summary["kv_cache_quant_algo"], engine)
     else:
@@ -443,6 +469,4 @@ def export_hf_checkpoint(
             {"producer": producer, "quantization": summary, "loaders": loaders}, indent=4
         )
     }
-    return write_checkpoint(
-        model, Path(export_dir), collected.tensors, hf_config, extra, max_shard_size
-    )
+    return checkpoint_texts(model, hf_config, extra)

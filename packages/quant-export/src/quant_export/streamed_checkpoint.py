@@ -1,0 +1,117 @@
+"""A Hugging Face checkpoint written one part (decoder layer) at a time.
+
+The streamed ``quant-export quantize`` never holds the whole model: it calibrates a decoder layer,
+hands it here, and frees it. :class:`StreamedCheckpoint` writes that layer's tensors into a shard
+of their own (``model-0000i-of-0000N.safetensors``, N = the number of parts, known from the
+start), keeping only the few fields ``config.json`` needs; :meth:`StreamedCheckpoint.finish`
+writes ``config.json`` (and the layout's other texts) and ``model.safetensors.index.json``. The
+tensors and configs are those the whole-model exporters write (:func:`collect_ct` /
+:func:`collect_hf` on a part of the model), so a streamed checkpoint holds the same bytes per
+tensor as a whole-model export of the same quantized model. The folder is a staging folder
+(:class:`quant_export.output_folder.OutputFolder`): without ``config.json`` no loader accepts it
+until :meth:`finish` has run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from quant_export.compressed_tensors_export import collect_ct, ct_texts
+from quant_export.deployable_check import check_deployable
+from quant_export.hf_checkpoint import Scope, collect_hf, hf_texts
+
+__all__ = ["STREAMED_LAYOUTS", "StreamedCheckpoint"]
+
+_INDEX = "model.safetensors.index.json"
+
+
+def _ct_part(model: nn.Module, dtype: torch.dtype, scope: Scope) -> tuple[dict, Any]:
+    return collect_ct(model, dtype, scope)
+
+
+def _hf_part(model: nn.Module, dtype: torch.dtype, scope: Scope) -> tuple[dict, Any]:
+    collected = collect_hf(model, dtype, scope)
+    tensors, collected.tensors = collected.tensors, {}
+    for layer in collected.layers.values():  # the config reads which tensors a layer has
+        layer.tensors = {k: torch.empty(0) for k in layer.tensors}
+    return tensors, collected
+
+
+@dataclass(frozen=True)
+class _Layout:
+    collect: Callable[[nn.Module, torch.dtype, Scope], tuple[dict[str, torch.Tensor], Any]]
+    texts: Callable[[nn.Module, list[Any], torch.dtype], dict[str, str]]
+    pre_quant_scale: bool  # whether the layout holds pre-quant scales left unfolded
+
+
+STREAMED_LAYOUTS: dict[str, _Layout] = {
+    "compressed-tensors": _Layout(_ct_part, ct_texts, pre_quant_scale=False),
+    "modelopt": _Layout(_hf_part, hf_texts, pre_quant_scale=True),
+}
+"""The layouts a streamed checkpoint can be written in."""
+
+
+class StreamedCheckpoint:
+    """Writes a checkpoint of ``layout`` into ``folder`` in ``parts`` parts, then :meth:`finish`."""
+
+    def __init__(self, folder: Path, layout: str, dtype: torch.dtype, parts: int) -> None:
+        if layout not in STREAMED_LAYOUTS:
+            raise ValueError(
+                f"layout {layout!r} cannot be written layer by layer; one of "
+                f"{', '.join(STREAMED_LAYOUTS)}"
+            )
+        if parts < 1:
+            raise ValueError(f"a checkpoint has at least one part, got {parts}")
+        self.folder, self.layout, self.dtype, self.parts = Path(folder), layout, dtype, parts
+        self._row = STREAMED_LAYOUTS[layout]
+        self._metas: list[Any] = []
+        self._weight_map: dict[str, str] = {}
+        self._total = 0
+
+    def _shard_name(self, index: int) -> str:
+        if self.parts == 1:
+            return "model.safetensors"
+        return f"model-{index + 1:05d}-of-{self.parts:05d}.safetensors"
+
+    def write(self, model: nn.Module, scope: Scope, prefix: str = "") -> str:
+        """Write the tensors of the modules ``scope`` selects as the next shard; returns its name.
+
+        ``prefix`` (the part's module name with a dot, or "" for a part that is not one module)
+        names the layers checked to be deployable first."""
+        if len(self._metas) == self.parts:
+            raise RuntimeError(f"all {self.parts} parts are written already")
+        if prefix:
+            check_deployable(model, prefix=prefix, pre_quant_scale=self._row.pre_quant_scale)
+        with torch.no_grad():
+            tensors, meta = self._row.collect(model, self.dtype, scope)
+        name = self._shard_name(len(self._metas))
+        clash = sorted(set(tensors) & set(self._weight_map))
+        if clash:
+            raise ValueError(f"{clash[0]} was written in an earlier part already")
+        save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
+        self._weight_map.update(dict.fromkeys(tensors, name))
+        self._total += sum(t.numel() * t.element_size() for t in tensors.values())
+        self._metas.append(meta)
+        return name
+
+    def finish(self, model: nn.Module) -> list[str]:
+        """Write ``config.json`` and the layout's other texts, and the shard index; returns the
+        file names of the checkpoint."""
+        if len(self._metas) != self.parts:
+            raise RuntimeError(f"{len(self._metas)} of {self.parts} parts written; cannot finish")
+        texts = self._row.texts(model, self._metas, self.dtype)
+        shards = sorted(set(self._weight_map.values()))
+        if self.parts > 1:
+            index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
+            texts[_INDEX] = json.dumps(index, indent=2)
+        for fname, text in texts.items():
+            (self.folder / fname).write_text(text, encoding="utf-8")
+        return [*texts, *shards]
