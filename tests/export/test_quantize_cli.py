@@ -178,3 +178,71 @@ def test_validate_names_a_bad_scale(model_dir, tmp_path, capsys):
     assert main(["validate", str(out)]) == 1
     err = capsys.readouterr().err
     assert "q_proj.weight_scale: scales must be finite and positive" in err
+
+
+@pytest.mark.parametrize(
+    ("qformat", "algo", "tp", "pp"), [("w4a8_awq", "W4A8_AWQ", 1, 2), ("fp8", "FP8", 2, 1)]
+)
+def test_trtllm_layout_writes_its_rank_files(model_dir, tmp_path, qformat, algo, tp, pp):
+    """--format trtllm takes w4a8_awq (no other layout holds it) and writes --tp x --pp ranks."""
+    out = tmp_path / "trt"
+    args = ("--qformat", qformat, "--format", "trtllm", "--tp", str(tp), "--pp", str(pp))
+    assert _quantize(model_dir, out, *args, "--eval-windows", "0") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == algo
+    assert (config["mapping"]["tp_size"], config["mapping"]["pp_size"]) == (tp, pp)
+    ranks = sorted(p.name for p in out.glob("rank*.safetensors"))
+    assert ranks == [f"rank{r}.safetensors" for r in range(tp * pp)]
+    assert main(["validate", str(out)]) == 0
+
+
+@pytest.mark.parametrize("extra", [("--tp", "2"), ("--pp", "2")])
+def test_parallel_sizes_outside_trtllm_are_refused(model_dir, tmp_path, extra):
+    with pytest.raises(SystemExit, match="apply to --format trtllm"):
+        _quantize(model_dir, tmp_path / "x", *extra)
+    assert not (tmp_path / "x").exists()
+
+
+def test_calib_data_reads_jsonl_text_records(model_dir, tmp_path, capsys):
+    from quant_llm.calib_data import read_texts
+
+    words = read_texts(None).split("\n\n")
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"text": w}) for w in words if w.strip()))
+    out = tmp_path / "fp8"
+    assert _quantize(model_dir, out, "--calib-data", str(data), "--batch-size", "1") == 0
+    assert "perplexity float" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "a"}\nnot json\n', "calib.jsonl line 2: not JSON"),
+        ('{"prompt": "a"}\n', "calib.jsonl line 1: a record needs a 'text' string or a 'messages'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', "need a tokenizer with a chat template"),
+    ],
+)  # fmt: skip
+def test_bad_calib_data_is_named_before_calibration(model_dir, tmp_path, capsys, content, message):
+    data = tmp_path / "calib.jsonl"
+    data.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        _quantize(model_dir, tmp_path / "x", "--calib-data", str(data))
+    assert message in str(exc.value.code)
+    assert "layers" not in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_calib_data_messages_use_the_chat_template(tmp_path):
+    from quant_llm.calib_data import read_calib_data
+
+    class Templated:
+        chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+
+        def apply_chat_template(self, messages, tokenize):
+            assert tokenize is False
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+
+    data = tmp_path / "chat.jsonl"
+    rows = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]
+    data.write_text("\n".join(json.dumps({"messages": m}) for m in rows) + '\n{"text": "plain"}\n')
+    assert read_calib_data(data, Templated()) == "<user>hi<assistant>yo\n\nplain"

@@ -251,7 +251,7 @@ def _kill_at(count: int) -> None:
     """In a forked child: SIGKILL this process just before its ``count``-th file operation."""
     import safetensors.torch
 
-    from quant_export import hf_checkpoint
+    from quant_export import hf_checkpoint, streamed_checkpoint
 
     seen = [0]
 
@@ -268,6 +268,7 @@ def _kill_at(count: int) -> None:
     shutil.copyfile, shutil.rmtree = gate(shutil.copyfile), gate(shutil.rmtree)
     pathlib.Path.write_text = gate(pathlib.Path.write_text)
     hf_checkpoint.save_file = gate(hf_checkpoint.save_file)
+    streamed_checkpoint.save_file = gate(streamed_checkpoint.save_file)
     safetensors.torch.save_file = gate(safetensors.torch.save_file)
     output_folder.exchange_paths = gate(output_folder.exchange_paths)
 
@@ -398,7 +399,7 @@ def test_nvfp4_of_sizes_not_multiple_of_16_is_refused_before_calibration(tmp_pat
 def test_ctrl_c_while_writing_leaves_the_previous_result_and_no_leftover(
     model_dir, tmp_path, monkeypatch
 ):
-    from quant_export import compressed_tensors_export, hf_checkpoint
+    from quant_export import compressed_tensors_export, hf_checkpoint, streamed_checkpoint
 
     out = tmp_path / "q"
     assert main(_args(model_dir, out)) == 0
@@ -407,7 +408,7 @@ def test_ctrl_c_while_writing_leaves_the_previous_result_and_no_leftover(
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    for module in (hf_checkpoint, compressed_tensors_export):
+    for module in (hf_checkpoint, compressed_tensors_export, streamed_checkpoint):
         if hasattr(module, "save_file"):
             monkeypatch.setattr(module, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -82,7 +82,8 @@ records ("text", or "messages" rendered with the tokenizer's chat template) or a
 datasets' save_to_disk.
 
 layouts: compressed-tensors (vLLM, SGLang, transformers), modelopt (vLLM / SGLang for FP8 and
-NVFP4, TensorRT-LLM), onnx (onnxruntime / TensorRT).
+NVFP4, TensorRT-LLM), onnx (onnxruntime / TensorRT), trtllm (a TensorRT-LLM checkpoint for
+trtllm-build, --tp x --pp rank files; the whole model is loaded).
 
 example:
   quant-export quantize --qformat fp8 --kv-cache fp8 --output smollm2-fp8
@@ -319,6 +320,8 @@ def _add_quantize(sub: Any) -> None:
     )
     cmd.add_argument("--format", choices=list(LAYOUTS), default="compressed-tensors")
     cmd.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    cmd.add_argument("--tp", type=int, default=1, help="--format trtllm: tensor-parallel ranks")
+    cmd.add_argument("--pp", type=int, default=1, help="--format trtllm: pipeline stages")
     cmd.add_argument(
         "--output",
         required=True,

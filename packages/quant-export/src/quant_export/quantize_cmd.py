@@ -45,13 +45,15 @@ KV_CACHES: dict[str, str | None] = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def _export_ct(model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any) -> Path:
+def _export_ct(model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any, _args: Any) -> Path:
     from quant_export.compressed_tensors_export import export_compressed_tensors
 
     return export_compressed_tensors(model, out, dtype=dtype)
 
 
-def _export_modelopt(model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any) -> Path:
+def _export_modelopt(
+    model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any, _args: Any
+) -> Path:
     from quant_export.hf_checkpoint import export_hf_checkpoint
 
     return export_hf_checkpoint(model, out, dtype=dtype)
@@ -73,7 +75,7 @@ class _LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
 
 
-def _export_onnx(model: nn.Module, out: Path, _dtype: torch.dtype, sample: Any) -> Path:
+def _export_onnx(model: nn.Module, out: Path, _dtype: torch.dtype, sample: Any, _args: Any) -> Path:
     from quant_export.onnx_export import export_onnx
 
     out.mkdir(parents=True, exist_ok=True)
@@ -82,17 +84,39 @@ def _export_onnx(model: nn.Module, out: Path, _dtype: torch.dtype, sample: Any) 
     return out
 
 
+def _export_trtllm(
+    model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any, args: Any
+) -> Path:
+    from quant_export.tensorrt_llm import export_tensorrt_llm_checkpoint
+    from quant_export.tensorrt_llm.families import DECODER_TYPES
+
+    model_type = model.config.model_type
+    decoder = next((d for d, types in DECODER_TYPES.items() if model_type in types), None)
+    if decoder is None:
+        raise SystemExit(
+            f"--format trtllm: no TensorRT-LLM decoder type covers {model_type!r} (covered: "
+            f"{', '.join(sorted({t for types in DECODER_TYPES.values() for t in types}))})"
+        )
+    return export_tensorrt_llm_checkpoint(
+        model, decoder, dtype, out, inference_tensor_parallel=args.tp,
+        inference_pipeline_parallel=args.pp,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Layout:
     """One output layout: its exporter and the --qformat / --kv-cache values it can hold."""
 
-    export: Callable[[nn.Module, Path, torch.dtype, Any], Path]
+    export: Callable[[nn.Module, Path, torch.dtype, Any, Any], Path]
+    """``export(model, folder, dtype, sample input_ids, parsed args)``."""
     qformats: frozenset[str]
     kv_caches: frozenset[str]
     transformers_loads: bool = False
     notes: str = ""
     streamed: bool = False
     """Written layer by layer (:mod:`quant_export.streamed_checkpoint`), never loading the model whole."""
+    kind: str = ""
+    """What the output folder's marker records (default: the layout's name)."""
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -116,6 +140,13 @@ LAYOUTS: dict[str, Layout] = {
         frozenset({"fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "int4_gptq", "nvfp4", "mxfp8"}),
         frozenset({"none"}),
         notes="onnxruntime / TensorRT",
+    ),
+    "trtllm": Layout(
+        _export_trtllm,
+        frozenset({"fp8", "int8_sq", "int4_awq", "int4_gptq", "w4a8_awq", "nvfp4", "nvfp4_awq"}),
+        frozenset({"fp8", "none"}),
+        notes="TensorRT-LLM (trtllm-build), --tp x --pp rank files",
+        kind="tensorrt-llm",
     ),
 }
 
@@ -244,6 +275,10 @@ def check_numbers(args: Any) -> None:
         raise SystemExit(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
     if args.eval_windows < 0:
         raise SystemExit(f"--eval-windows must be 0 (skip) or more, got {args.eval_windows}")
+    if args.tp <= 0 or args.pp <= 0:
+        raise SystemExit(f"--tp and --pp must be positive, got --tp {args.tp} --pp {args.pp}")
+    if (args.tp, args.pp) != (1, 1) and args.format != "trtllm":
+        raise SystemExit("--tp / --pp apply to --format trtllm (TensorRT-LLM rank files)")
     if args.batch_size <= 0:
         raise SystemExit(
             f"--batch-size must be a positive number of windows, got {args.batch_size}"
@@ -491,7 +526,7 @@ def _quantize_whole(
         report.ppl["quantized"] = _perplexity(model, held)
     tick = time.perf_counter()
     sample = batches[0]["input_ids"][:1].to(next(model.parameters()).device)
-    LAYOUTS[args.format].export(model, staging, DTYPES[args.dtype], sample)
+    LAYOUTS[args.format].export(model, staging, DTYPES[args.dtype], sample, args)
     report.times["export"] = time.perf_counter() - tick
     return model
 
@@ -513,9 +548,10 @@ def run_quantize(args: Any) -> Report:
     check_numbers(args)
     source = calib_source(args)
     folder, name = check_model_dir(args.model)
-    output = check_output(args.output, folder, getattr(args, "overwrite", False), kind=args.format)
-    report = Report(name, args.qformat, args.kv_cache, args.format)
     layout = LAYOUTS[args.format]
+    kind = layout.kind or args.format
+    output = check_output(args.output, folder, getattr(args, "overwrite", False), kind=kind)
+    report = Report(name, args.qformat, args.kv_cache, args.format)
     with OutputFolder(output) as target:
         start = time.perf_counter()
         tokenizer = load_tokenizer(folder, args.trust_remote_code)
@@ -548,7 +584,7 @@ def run_quantize(args: Any) -> Report:
             "qformat": args.qformat,
             "kv_cache": args.kv_cache,
             "format": args.format,
-            "kind": args.format,
+            "kind": kind,
         }
         report.output = target.publish(record)
         report.times["validate"] = time.perf_counter() - tick

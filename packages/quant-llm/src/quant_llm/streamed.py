@@ -20,8 +20,11 @@ replaced by the identity: the model's code builds them as it would for a whole-m
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -99,6 +102,14 @@ def _to(value: Any, device: torch.device, memo: dict[int, tuple] | None = None) 
     if isinstance(value, dict):
         return {k: _to(v, device, memo) for k, v in value.items()}
     return value
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc keeps the tensors of a freed layer,
+    allocated below its mmap threshold, for reuse: RSS would grow with depth)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -247,6 +258,7 @@ class StreamedModel:
                     owner._buffers[leaf] = torch.empty(
                         buffer.shape, dtype=buffer.dtype, device="meta"
                     )
+        _return_freed_memory()
 
     @contextmanager
     def loaded(
