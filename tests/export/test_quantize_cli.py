@@ -246,3 +246,57 @@ def test_calib_data_messages_use_the_chat_template(tmp_path):
     rows = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]
     data.write_text("\n".join(json.dumps({"messages": m}) for m in rows) + '\n{"text": "plain"}\n')
     assert read_calib_data(data, Templated()) == "<user>hi<assistant>yo\n\nplain"
+
+
+def _all_tensors(folder: pathlib.Path) -> dict[str, bytes]:
+    tensors = {k: v for p in sorted(folder.glob("*.safetensors")) for k, v in load_file(p).items()}
+    return {k: v.reshape(-1).view(torch.uint8).numpy().tobytes() for k, v in tensors.items()}
+
+
+def test_an_interrupted_run_resumes_from_its_last_layer(model_dir, tmp_path, capsys, monkeypatch):
+    from quant_export.checkpoint_check import CheckpointError, validate
+    from quant_export.output_folder import partial_folder
+    from quant_export.streamed_checkpoint import StreamedCheckpoint
+
+    args = ("--qformat", "int4_awq", "--dtype", "float32")
+    clean = tmp_path / "clean"
+    assert _quantize(model_dir, clean, *args) == 0
+    clean_report = capsys.readouterr().out
+
+    out = tmp_path / "out"
+    write, calls = StreamedCheckpoint.write, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # while writing the second decoder layer: Ctrl-C
+            raise KeyboardInterrupt
+        return write(self, *a, **k)
+
+    monkeypatch.setattr(StreamedCheckpoint, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(model_dir, out, *args)
+    monkeypatch.setattr(StreamedCheckpoint, "write", write)
+    # nothing a loader would take: no output folder, and the partial one has no config.json
+    assert not out.exists()
+    partial = partial_folder(out)
+    with pytest.raises(CheckpointError):
+        validate(partial / "checkpoint")
+    with pytest.raises(SystemExit, match="was given other calib_size"):
+        _quantize(model_dir, out, *args, "--resume", "--calib-size", "3")
+
+    assert _quantize(model_dir, out, *args, "--resume") == 0
+    report = capsys.readouterr().out
+    assert "resumed at layer 1 of 2" in report
+    assert not partial.exists()
+    assert _all_tensors(out) == _all_tensors(clean)
+    assert (out / "config.json").read_text() == (clean / "config.json").read_text()
+    # the perplexities came through the saved hidden states
+    line = next(x for x in clean_report.splitlines() if x.startswith("perplexity"))
+    assert line in report
+
+
+def test_resume_without_an_interrupted_run_is_refused(model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no interrupted run of --output"):
+        _quantize(model_dir, tmp_path / "never", "--resume")
+    with pytest.raises(SystemExit, match="--resume applies to the layouts written layer by layer"):
+        _quantize(model_dir, tmp_path / "x", "--resume", "--format", "onnx")

@@ -332,6 +332,11 @@ def _add_quantize(sub: Any) -> None:
         action="store_true",
         help="replace an --output folder that holds files this tool did not write",
     )
+    cmd.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the last layer an interrupted run (same arguments) finished",
+    )
     cmd.set_defaults(run=_run_quantize)
     for name, run, text in (
         ("inspect", _run_inspect, "describe a checkpoint folder"),

@@ -161,32 +161,56 @@ def exchange_paths(a: Path, b: Path) -> bool:
     raise OSError(errno, os.strerror(errno), str(b))
 
 
+PROGRESS = "progress.json"  # a resumable run's record of the parts written (see quantize --resume)
+
+
+def partial_folder(output: Path) -> Path:
+    """The folder a resumable run of ``output`` works in, kept when it is interrupted."""
+    return output.with_name(f".{output.name}.quant-partial")
+
+
 class OutputFolder:
     """A staging folder beside ``output`` that becomes ``output`` in one rename (:meth:`publish`).
 
     Create it after :func:`check_output` and before any long work: creating the staging folder is
     the check that the parent is writable. Use as a context manager; on an error the staging
-    folder is removed and ``output`` is untouched.
+    folder is removed and ``output`` is untouched. ``resumable`` works in the fixed
+    :func:`partial_folder` instead, kept on an error once it holds a :data:`PROGRESS` record (so
+    ``resume`` can go on from it; without ``resume`` an earlier one is removed first).
     """
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, *, resumable: bool = False, resume: bool = False) -> None:
         self.output = Path(output)
+        self.resumable = resumable
         try:
-            self.work = atomic_temp(self.output, directory=True)
+            if resumable:
+                self.work = partial_folder(self.output)
+                if self.work.exists() and not resume:
+                    shutil.rmtree(self.work)  # an earlier interrupted run: start over
+                elif resume and not (self.work / PROGRESS).is_file():
+                    raise SystemExit(
+                        f"--resume: no interrupted run of --output {self.output} to go on from "
+                        f"({self.work} holds none); run without --resume"
+                    )
+                self.work.mkdir(exist_ok=True)
+            else:
+                self.work = atomic_temp(self.output, directory=True)
         except OSError as err:
             raise SystemExit(
                 f"--output {self.output}: cannot write in {self.output.parent} ({err.strerror}); "
                 "choose a writable folder"
             ) from None
         self.staging = self.work / "checkpoint"
-        self.staging.mkdir()
+        self.staging.mkdir(exist_ok=True)
         self.published = False
 
     def __enter__(self) -> OutputFolder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
+        # a resumable run that finished a layer keeps its folder (no config.json: nothing loads it)
+        if not (self.resumable and (self.work / PROGRESS).is_file()) or self.published:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def publish(self, record: dict[str, object]) -> Path:
         """Write :data:`MARKER` (holding ``record``) and swap the staging folder in as ``output``."""

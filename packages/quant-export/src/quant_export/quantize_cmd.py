@@ -15,6 +15,8 @@ formats it holds), so adding one is adding a row.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -476,12 +478,64 @@ def _algorithm_name(config: Mapping[str, Any]) -> str:
     return algorithm if isinstance(algorithm, str) else algorithm.get("method", "max")
 
 
+_RESUME_KEYS = (
+    "model", "qformat", "kv_cache", "algorithm", "group_size", "format", "dtype", "calib_data",
+    "calib_text", "calib_size", "seq_len", "eval_windows", "batch_size",
+)  # fmt: skip
+"""The arguments an interrupted run must have been given for --resume to go on from it."""
+
+
+def _fingerprint(args: Any, folder: Path) -> dict[str, Any]:
+    from quant_export import __version__
+
+    return {
+        **{key: getattr(args, key) for key in _RESUME_KEYS},
+        "model": str(folder.resolve()),
+        "version": __version__,
+    }
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _resume_from(args: Any, folder: Path, work: Path, writer: Any) -> Any:
+    """The :class:`LayerState` an interrupted run left in ``work`` (None without --resume)."""
+    from quant_export.output_folder import PROGRESS
+    from quant_llm.streamed import LayerState
+
+    if not args.resume:
+        return None
+    progress = json.loads((work / PROGRESS).read_text("utf-8"))
+    now = _fingerprint(args, folder)
+    changed = sorted(k for k in now if progress["fingerprint"].get(k) != now[k])
+    if changed:
+        raise SystemExit(
+            f"--resume: the interrupted run in {work} was given other {', '.join(changed)}; run "
+            "without --resume to start over"
+        )
+    try:
+        writer.restore(progress["writer"])
+        return LayerState.load(work / _LAYER_STATE)
+    except (ValueError, OSError, KeyError) as err:
+        raise SystemExit(
+            f"--resume: {work} cannot be resumed ({err}); run without --resume"
+        ) from None
+
+
+_LAYER_STATE = "layer-state.safetensors"
+
+
 def _quantize_streamed(
-    args: Any, folder: Path, batches: list, held: torch.Tensor, staging: Path, report: Report
+    args: Any, folder: Path, batches: list, held: torch.Tensor, work: Path, report: Report
 ) -> nn.Module:
-    """Build the model on ``meta``, then calibrate and write it layer by layer into ``staging``."""
+    """Build the model on ``meta``, then calibrate and write it layer by layer into
+    ``work/checkpoint``, recording after each layer what ``--resume`` needs in ``work``."""
+    from quant_export.output_folder import PROGRESS
     from quant_export.streamed_checkpoint import StreamedCheckpoint
-    from quant_llm.streamed import StreamedModel
+    from quant_llm.streamed import LayerState, StreamedModel
 
     tick = time.perf_counter()
     try:
@@ -494,10 +548,22 @@ def _quantize_streamed(
     report.algorithm = _algorithm_name(config)
     report.times["build"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    writer = StreamedCheckpoint(staging, args.format, DTYPES[args.dtype], streamed.parts)
-    result = streamed.quantize(
-        config, batches, writer.write, eval_windows=held if args.eval_windows else None
+    writer = StreamedCheckpoint(
+        work / "checkpoint", args.format, DTYPES[args.dtype], streamed.parts
     )
+    start = _resume_from(args, folder, work, writer)
+    if start is not None:
+        report.notes.append(f"resumed at layer {start.index} of {len(streamed.layers)}")
+    fingerprint = _fingerprint(args, folder)
+
+    def layer_done(state: LayerState) -> None:
+        state.save(work / _LAYER_STATE)
+        _write_json(work / PROGRESS, {"fingerprint": fingerprint, "writer": writer.state()})
+
+    result = streamed.quantize(
+        config, batches, writer.write, eval_windows=held if args.eval_windows else None,
+        start=start, layer_done=layer_done,
+    )  # fmt: skip
     writer.finish(streamed.model)
     report.ppl.update(result.ppl)
     report.times["calibrate+export"] = time.perf_counter() - tick
@@ -505,9 +571,10 @@ def _quantize_streamed(
 
 
 def _quantize_whole(
-    args: Any, folder: Path, batches: list, held: torch.Tensor, staging: Path, report: Report
+    args: Any, folder: Path, batches: list, held: torch.Tensor, work: Path, report: Report
 ) -> nn.Module:
-    """Load the whole model, calibrate it and export it into ``staging`` (the ONNX layout)."""
+    """Load the whole model, calibrate it and export it into ``work/checkpoint`` (the ONNX and
+    TensorRT-LLM layouts)."""
     import quant_core as mtq
     from quant_llm import create_forward_loop
     from quant_llm.streamed import resolve_device
@@ -526,7 +593,7 @@ def _quantize_whole(
         report.ppl["quantized"] = _perplexity(model, held)
     tick = time.perf_counter()
     sample = batches[0]["input_ids"][:1].to(next(model.parameters()).device)
-    LAYOUTS[args.format].export(model, staging, DTYPES[args.dtype], sample, args)
+    LAYOUTS[args.format].export(model, work / "checkpoint", DTYPES[args.dtype], sample, args)
     report.times["export"] = time.perf_counter() - tick
     return model
 
@@ -552,7 +619,11 @@ def run_quantize(args: Any) -> Report:
     kind = layout.kind or args.format
     output = check_output(args.output, folder, getattr(args, "overwrite", False), kind=kind)
     report = Report(name, args.qformat, args.kv_cache, args.format)
-    with OutputFolder(output) as target:
+    if args.resume and not layout.streamed:
+        raise SystemExit(
+            f"--resume applies to the layouts written layer by layer, not {args.format}"
+        )
+    with OutputFolder(output, resumable=layout.streamed, resume=args.resume) as target:
         start = time.perf_counter()
         tokenizer = load_tokenizer(folder, args.trust_remote_code)
         text = read_calib(source, tokenizer)
@@ -566,7 +637,7 @@ def run_quantize(args: Any) -> Report:
             for ids in calib.split(args.batch_size)
         ]
         quantize = _quantize_streamed if layout.streamed else _quantize_whole
-        model = quantize(args, folder, batches, held, target.staging, report)
+        model = quantize(args, folder, batches, held, target.work, report)
         report.quantized, report.excluded = _summary(model)
         tick = time.perf_counter()
         copied = copy_serving_files(folder, target.staging)

@@ -24,9 +24,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from quant_export.compressed_tensors_export import collect_ct, ct_texts
+from quant_export.compressed_tensors_export import CTLayer, CTPart, collect_ct, ct_texts
 from quant_export.deployable_check import check_deployable
-from quant_export.hf_checkpoint import Scope, collect_hf, hf_texts
+from quant_export.hf_checkpoint import Scope, _Collected, collect_hf, hf_texts
+from quant_export.hf_formats import Kind, LayerExport
 
 __all__ = ["STREAMED_LAYOUTS", "StreamedCheckpoint"]
 
@@ -45,16 +46,57 @@ def _hf_part(model: nn.Module, dtype: torch.dtype, scope: Scope) -> tuple[dict, 
     return tensors, collected
 
 
+def _ct_to_json(part: CTPart) -> dict[str, Any]:
+    layers = {
+        n: {"scheme": x.scheme, "format": x.format, "quantizers": list(x.quantizers)}
+        for n, x in part.layers.items()
+    }
+    return {"layers": layers, "ignore": part.ignore, "kv_fields": part.kv_fields}
+
+
+def _ct_from_json(value: dict[str, Any]) -> CTPart:
+    layers = {
+        n: CTLayer(x["scheme"], x["format"], {}, tuple(x["quantizers"]))
+        for n, x in value["layers"].items()
+    }
+    return CTPart(layers, list(value["ignore"]), value["kv_fields"])
+
+
+def _hf_to_json(part: _Collected) -> dict[str, Any]:
+    layers = {
+        n: {
+            "quant_algo": x.quant_algo, "group_size": x.group_size, "tensors": list(x.tensors),
+            "quantizers": list(x.quantizers), "kinds": [k.value for k in x.kinds],
+        }
+        for n, x in part.layers.items()
+    }  # fmt: skip
+    return {"layers": layers, "excluded": part.excluded, "kv_algos": sorted(part.kv_algos)}
+
+
+def _hf_from_json(value: dict[str, Any]) -> _Collected:
+    part = _Collected()
+    for name, x in value["layers"].items():
+        part.layers[name] = LayerExport(
+            x["quant_algo"], x["group_size"], {k: torch.empty(0) for k in x["tensors"]},
+            tuple(x["quantizers"]), (Kind(x["kinds"][0]), Kind(x["kinds"][1])),
+        )  # fmt: skip
+    part.excluded = list(value["excluded"])
+    part.kv_algos = set(value["kv_algos"])
+    return part
+
+
 @dataclass(frozen=True)
 class _Layout:
     collect: Callable[[nn.Module, torch.dtype, Scope], tuple[dict[str, torch.Tensor], Any]]
     texts: Callable[[nn.Module, list[Any], torch.dtype], dict[str, str]]
     pre_quant_scale: bool  # whether the layout holds pre-quant scales left unfolded
+    to_json: Callable[[Any], dict[str, Any]]  # what a part adds to the config, for --resume
+    from_json: Callable[[dict[str, Any]], Any]
 
 
 STREAMED_LAYOUTS: dict[str, _Layout] = {
-    "compressed-tensors": _Layout(_ct_part, ct_texts, pre_quant_scale=False),
-    "modelopt": _Layout(_hf_part, hf_texts, pre_quant_scale=True),
+    "compressed-tensors": _Layout(_ct_part, ct_texts, False, _ct_to_json, _ct_from_json),
+    "modelopt": _Layout(_hf_part, hf_texts, True, _hf_to_json, _hf_from_json),
 }
 """The layouts a streamed checkpoint can be written in."""
 
@@ -101,6 +143,38 @@ class StreamedCheckpoint:
         self._total += sum(t.numel() * t.element_size() for t in tensors.values())
         self._metas.append(meta)
         return name
+
+    @property
+    def written(self) -> int:
+        """How many parts are written."""
+        return len(self._metas)
+
+    def state(self) -> dict[str, Any]:
+        """What :meth:`restore` needs to go on after the parts written so far (JSON values)."""
+        return {
+            "layout": self.layout,
+            "parts": self.parts,
+            "metas": [self._row.to_json(meta) for meta in self._metas],
+            "weight_map": self._weight_map,
+            "total": self._total,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on from ``state`` (:meth:`state` of an interrupted run writing the same folder),
+        checking that every shard it lists is there."""
+        if state.get("layout") != self.layout or state.get("parts") != self.parts:
+            raise ValueError(
+                f"the partial checkpoint was written as {state.get('layout')} in "
+                f"{state.get('parts')} parts, not {self.layout} in {self.parts}"
+            )
+        missing = sorted(
+            {f for f in state["weight_map"].values() if not (self.folder / f).is_file()}
+        )
+        if missing:
+            raise ValueError(f"the partial checkpoint lost {missing[0]}")
+        self._metas = [self._row.from_json(meta) for meta in state["metas"]]
+        self._weight_map = dict(state["weight_map"])
+        self._total = int(state["total"])
 
     def finish(self, model: nn.Module) -> list[str]:
         """Write ``config.json`` and the layout's other texts, and the shard index; returns the

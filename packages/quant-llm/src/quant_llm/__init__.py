@@ -11,9 +11,12 @@ from quant_llm.evaluation import perplexity
 from quant_llm.hf_moe import all_experts_forward_loop, calibrate_all_experts, experts_without_tokens
 from quant_llm.kv_configs import INT8_KV_CFG, with_kv_cache
 from quant_llm.plugin import register_model
+from quant_llm.streamed import StreamedModel, StreamedResult
 
 __all__ = [
     "INT8_KV_CFG",
+    "StreamedModel",
+    "StreamedResult",
     "__version__",
     "all_experts_forward_loop",
     "bundled_calibration_text",

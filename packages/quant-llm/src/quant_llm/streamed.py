@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["StreamedModel", "StreamedResult", "resolve_device"]
+__all__ = ["LayerState", "StreamedModel", "StreamedResult", "resolve_device"]
 
 Write = Callable[[nn.Module, Callable[[str], bool], str], Any]
 """``write(model, scope, prefix)``: write the tensors of the modules ``scope`` selects."""
@@ -60,6 +61,44 @@ class StreamedResult:
     """``"float"`` and ``"quantized"`` perplexity of the held-apart windows (when given)."""
     ppl_tokens: int = 0
     methods: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LayerState:
+    """Where a streamed run stands before layer ``index``: the calibration hidden states (per
+    batch) and the held-apart windows' float and quantized hidden states. Saved after every layer,
+    it lets an interrupted run go on (``quant-export quantize --resume``)."""
+
+    index: int
+    hidden: list[torch.Tensor]
+    eval_float: list[torch.Tensor] = field(default_factory=list)
+    eval_quant: list[torch.Tensor] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        """Write the state to ``path`` (safetensors; a temporary file renamed into place)."""
+        from safetensors.torch import save_file
+
+        tensors = {
+            f"{key}.{i}": t.contiguous()
+            for key in ("hidden", "eval_float", "eval_quant")
+            for i, t in enumerate(getattr(self, key))
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"index": str(self.index)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> LayerState:
+        """The state :meth:`save` wrote to ``path``."""
+        from safetensors import safe_open
+
+        lists: dict[str, list[torch.Tensor]] = {"hidden": [], "eval_float": [], "eval_quant": []}
+        with safe_open(str(path), "pt") as f:
+            index = int(f.metadata()["index"])
+            keys = sorted(f.keys(), key=lambda k: (k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])))
+            for key in keys:
+                lists[key.rsplit(".", 1)[0]].append(f.get_tensor(key))
+        return cls(index, **lists)
 
 
 class _Stop(Exception):
@@ -104,6 +143,19 @@ def _to(value: Any, device: torch.device, memo: dict[int, tuple] | None = None) 
     return value
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MMAP_THRESHOLD = 1 << 20
+
+
+def _map_large_allocations() -> None:
+    """Have glibc map every allocation of 1 MiB and more on its own (returned to the system when
+    freed). By default the threshold rises to 32 MiB after the first large free, and the per-layer
+    activations and weights below it then fragment the heap: the peak grows layer after layer."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+
+
 def _return_freed_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc keeps the tensors of a freed layer,
     allocated below its mmap threshold, for reuse: RSS would grow with depth)."""
@@ -143,6 +195,7 @@ class StreamedModel:
 
         self.folder = Path(folder)
         self.device = resolve_device(device)
+        _map_large_allocations()
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed
             self.model = AutoModelForCausalLM.from_config(
@@ -325,11 +378,16 @@ class StreamedModel:
         *,
         eval_windows: torch.Tensor | None = None,
         progress: bool = True,
+        start: LayerState | None = None,
+        layer_done: Callable[[LayerState], None] | None = None,
     ) -> StreamedResult:
         """Quantize with ``config`` on calibration ``batches`` (dicts of model inputs), calling
-        ``write(model, scope, prefix)`` once per decoder layer and once for the rest of the model.
+        ``write(model, scope, prefix)`` once per decoder layer and once for each other module
+        holding weights (:attr:`parts` calls in all).
 
-        ``eval_windows`` (a LongTensor (n, seq_len)) gives the float and quantized perplexity."""
+        ``eval_windows`` (a LongTensor (n, seq_len)) gives the float and quantized perplexity.
+        ``layer_done(state)`` is called after each layer is written; ``start`` (such a state) skips
+        the layers before ``start.index`` and goes on from its hidden states."""
         from quant_core.model_tools import quantizers_disabled
         from quant_core.streamed import StreamedCalibration
 
@@ -347,9 +405,23 @@ class StreamedModel:
             eval_float = [_hidden(a[0] if a else k["hidden_states"]) for a, k in eval_inputs[0]]
             eval_quant = list(eval_float)
         hidden = [a[0] if a else k["hidden_states"] for a, k in inputs[0]]
-        bar = tqdm(total=len(self.layers), desc="layers", unit="layer", disable=not progress)
+        first = 0
+        if start is not None:
+            first, hidden = start.index, start.hidden
+            if evaluating:
+                eval_float, eval_quant = start.eval_float, start.eval_quant
+            if len(hidden) != len(batches) or (evaluating and len(eval_float) != len(windows)):
+                raise ValueError(
+                    "the saved layer state holds other batches than this run's; start over"
+                )
+        bar = tqdm(
+            total=len(self.layers), initial=first, desc="layers", unit="layer",
+            disable=not progress,
+        )  # fmt: skip
         with calib:
             for index, (layer, prefix) in enumerate(zip(self.layers, self.prefixes)):
+                if index < first:
+                    continue
                 with self.loaded(layer):
                     bar.set_postfix_str(f"{prefix.rstrip('.')}: calibrate")
                     if evaluating:
@@ -368,6 +440,11 @@ class StreamedModel:
                     bar.set_postfix_str(f"{prefix.rstrip('.')}: write")
                     write(self.model, _under(prefix), prefix)
                 inputs[index] = []
+                if layer_done is not None:
+                    state = LayerState(index + 1, hidden)
+                    if evaluating:
+                        state.eval_float, state.eval_quant = eval_float, eval_quant
+                    layer_done(state)
                 bar.update(1)
         bar.close()
         if evaluating:
