@@ -120,6 +120,18 @@ def _reference_layers(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def _export_and_reload(model: nn.Module, folder: Path, dtype: torch.dtype) -> nn.Module:
+    """``model`` written as a compressed-tensors checkpoint and loaded back by transformers (as
+    float32, the weights decompressed)."""
+    import transformers
+
+    from quant_export.compressed_tensors_export import export_compressed_tensors
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = export_compressed_tensors(model, folder, dtype=dtype)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def main() -> None:
     """Quantize SmolLM2 with each row's scale rule, measure held-out perplexity, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,6 +139,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--rows", default=None, help="row names separated by ; (default: all)")
+    parser.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help="also export each quant row to compressed-tensors under this folder (float32 and "
+        "bfloat16) and measure the checkpoint transformers reloads",
+    )
     args = parser.parse_args()
     configs = quant_rows(args.group)
     names = ["fp32", *configs, *REFERENCES]
@@ -159,6 +178,16 @@ def main() -> None:
         ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len, num_windows=args.windows)
         rows.append((name, ppl, count, cpu))
         print(f"{name}: perplexity {ppl:.3f}, {count} layers, {cpu:.1f} CPU s", flush=True)
+        if args.export is not None and name in configs:
+            for dtype in (torch.float32, torch.bfloat16):
+                reloaded = _export_and_reload(
+                    model, args.export / f"{len(rows)}_{str(dtype)[6:]}", dtype
+                )
+                ppl = perplexity(
+                    reloaded, tokenizer, text, seq_len=args.seq_len, num_windows=args.windows
+                )
+                rows.append((f"{name}, reloaded from its {str(dtype)[6:]} export", ppl, count, 0.0))
+                print(f"{rows[-1][0]}: perplexity {ppl:.3f}", flush=True)
         del model
 
     base = next((p for n, p, _c, _s in rows if n == "fp32"), None)
