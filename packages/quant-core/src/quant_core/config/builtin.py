@@ -144,8 +144,8 @@ FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG = _cfg(
 # (ModelOpt: "max", scale max|w_b| / 7, which leaves the code -8 unused): each block's amax is
 # searched from 0.5 to 1.0 x max|w_b| for the least d^T H_bb d (the block's rounding error seen
 # through its input Gram matrix), so clipped blocks use all 16 codes. Same format and export;
-# SmolLM2 group 64: +41.1% -> +13.8% perplexity, where compressed-tensors' RTN (max|w_b| / 7.5,
-# codes [-8, 7]) gives +32.8% (benchmarks/int4_rtn.py). Without calibration data the blocks' own
+# SmolLM2 group 64: +43.3% -> +16.3% perplexity, where compressed-tensors' RTN (max|w_b| / 7.5,
+# codes [-8, 7]) gives +35.9% (benchmarks/int4_rtn.py). Without calibration data the blocks' own
 # squared error is searched. {"method": "max"} restores ModelOpt's.
 _INT4_SEARCH = {
     "method": "local_hessian",
