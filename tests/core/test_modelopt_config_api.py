@@ -60,7 +60,8 @@ def test_find_quant_cfg_entry_by_path_is_exact_and_takes_the_last() -> None:
     [  # ModelOpt 0.47.0's answers for its configs of the same name
         ("INT8_DEFAULT_CFG", True),
         ("INT8_WEIGHT_ONLY_CFG", False),
-        ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", False),
+        # quant's preset searches its block scales on the data (ModelOpt's: "max"; see below)
+        ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", True),
         ("NVFP4_DEFAULT_CFG", True),
         ("W4A16_NVFP4_CFG", False),
         ("MXFP8_DEFAULT_CFG", True),
@@ -70,6 +71,11 @@ def test_find_quant_cfg_entry_by_path_is_exact_and_takes_the_last() -> None:
 )
 def test_need_calibration_agrees_with_modelopt(name: str, expected: bool) -> None:
     assert mtq.need_calibration(getattr(mtq, name)) is expected
+
+
+def test_need_calibration_of_modelopts_int4_weight_only_config_is_false() -> None:
+    modelopt = {**mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG.copy(), "algorithm": "max"}
+    assert mtq.need_calibration(modelopt) is False
 
 
 def test_update_quant_cfg_with_kv_cache_quant_appends_kv_entries_only() -> None:

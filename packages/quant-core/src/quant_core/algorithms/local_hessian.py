@@ -33,7 +33,9 @@ def local_hessian(
 ) -> None:
     """Max-calibrate while recording each quantized Linear's block-diagonal input Gram matrix, then
     search every block-wise weight's per-block amax for the least ``d^T H_bb d`` (``block_size``,
-    when given, must be the weights' block size, as ModelOpt requires)."""
+    when given, must be the weights' block size, as ModelOpt requires). Without a
+    ``forward_loop`` (ModelOpt refuses) each block's plain squared error is searched, as ``mse``
+    does."""
     if fp8_scale_sweep:
         raise ValueError(
             "local_hessian: fp8_scale_sweep=True (sweeping the 128 E4M3 block scales under a fixed "
@@ -62,16 +64,20 @@ def local_hessian(
         )
     # the Gram blocks the search reads: one block size for all layers, else the whole matrix
     gram = sizes.pop() if len(sizes) == 1 else True
-    stats = calibrate_with_stats(model, forward_loop, layers, gram=gram)
+    # without calibration data (forward_loop None) there is no Gram matrix: each block's own
+    # squared error is searched instead, as "mse" does (ModelOpt needs data here)
+    stats = calibrate_with_stats(
+        model, forward_loop, layers if forward_loop is not None else {}, gram=gram
+    )
     for name, module in tqdm(layers.items(), desc="local_hessian", leave=False):
         fmt = kernel_format(module.weight_quantizer)
-        hessian = stats[name].gram.float()
+        hessian = stats[name].gram.float() if name in stats else None
         w = module.weight.detach().float()
         pqs_w = first_stage(module.weight_quantizer).pre_quant_scale
         if pqs_w is not None:
             w = w * pqs_w.float()
         pqs_x = module.input_quantizer.pre_quant_scale
-        if pqs_x is not None:  # the Gram matrix of what the weight multiplies, x * pqs
+        if pqs_x is not None and hessian is not None:  # the Gram of what the weight multiplies
             hessian = scaled_hessian(hessian, 1.0 / pqs_x.float().reshape(-1))
         with torch.no_grad():
             amax = mse_amax(w, fmt, ratios.to(w.dtype), hessian=hessian)
