@@ -15,7 +15,12 @@ shared_embeddings=false``), and torch fp32 with its KV cache.
   cache) on the held-apart windows, against the fake-quant torch model's
   (``quant_llm.evaluation.windows_perplexity``) and fp32's.
 
-    HF_HUB_OFFLINE=1 python benchmarks/onnx_genai.py [--blocks 32,64] [--reps 3]
+    HF_HUB_OFFLINE=1 python benchmarks/onnx_genai.py [--blocks 32,64] [--reps 3] [--work DIR]
+    HF_HUB_OFFLINE=1 python benchmarks/onnx_genai.py --speed-only DIR   # re-time DIR's folders
+
+``--work DIR`` keeps the exported and built folders in DIR (default: a new temporary folder);
+``--speed-only DIR`` skips calibration and perplexity and times the folders a previous run left
+in DIR (e.g. again at a quieter moment).
 """
 
 from __future__ import annotations
@@ -102,7 +107,8 @@ def genai_speed(folder: Path, threads: int, prompt: np.ndarray, long: np.ndarray
 
     def generator(ids: np.ndarray, new: int) -> og.Generator:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=ids.shape[1] + new, do_sample=False)
+        length = ids.shape[1] + new  # min_length too: an early EOS must not shorten the decode
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
         gen = og.Generator(model, params)
         return gen
 
@@ -146,6 +152,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--speed-only", type=Path, default=None)
     args = parser.parse_args()
     blocks = [int(b) for b in args.blocks.split(",")]
     thread_counts = [int(t) for t in args.threads.split(",")]
@@ -160,10 +168,15 @@ def main() -> None:
         {"input_ids": calib[i : i + 4], "attention_mask": torch.ones_like(calib[i : i + 4])}
         for i in range(0, len(calib), 4)
     ]
+    if args.speed_only is not None:
+        folders = json.loads((args.speed_only / "folders.json").read_text())
+        time_folders(fp32, {k: Path(v) for k, v in folders.items()}, windows, thread_counts, args)
+        return
     ppl: dict[str, float] = {"torch fp32": windows_perplexity(fp32, held)}
     folders: dict[str, Path] = {}
     notes = []
-    work = Path(tempfile.mkdtemp(prefix="onnx-genai-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="onnx-genai-bench-"))
+    work.mkdir(exist_ok=True)
     for block in blocks:
         model = copy.deepcopy(fp32)
         tick = time.perf_counter()
@@ -183,10 +196,28 @@ def main() -> None:
         seconds = build_with_genai_builder(model_dir, work / f"builder-{block}", block)
         folders[name] = work / f"builder-{block}"
         notes.append(f"{name}: build {seconds:.0f} s")
+    (work / "folders.json").write_text(json.dumps({k: str(v) for k, v in folders.items()}))
     for name, folder in folders.items():
         ppl[f"{name} (onnxruntime)"] = ort_perplexity(folder, held)
         print(f"perplexity {name}: {ppl[f'{name} (onnxruntime)']:.3f}", flush=True)
+    print("\n".join(notes))
+    tokens = (len(held[0]) - 1) * len(held)
+    print(f"\nperplexity on {len(held)} held-apart windows of {SEQ_LEN} tokens ({tokens} scored)")
+    base = ppl["torch fp32"]
+    print("| model | perplexity | vs fp32 |\n|---|---|---|")
+    for name, value in ppl.items():
+        print(f"| {name} | {value:.3f} | {100 * (value / base - 1):+.1f}% |")
+    time_folders(fp32, folders, windows, thread_counts, args)
 
+
+def time_folders(
+    fp32: torch.nn.Module,
+    folders: dict[str, Path],
+    windows: torch.Tensor,
+    thread_counts: list[int],
+    args: argparse.Namespace,
+) -> None:
+    """Time torch fp32 and every folder, interleaved, and print the speed table."""
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (1, DECODE_PROMPT), generator=gen).numpy()
     long = windows[0:2].reshape(1, -1)[:, :PREFILL].numpy()
@@ -201,13 +232,6 @@ def main() -> None:
                     genai_speed(folder, threads, prompt, long)
                 )
     print(f"uptime at end: {os.popen('uptime').read().strip()}")
-    print("\n".join(notes))
-    tokens = (len(held[0]) - 1) * len(held)
-    print(f"\nperplexity on {len(held)} held-apart windows of {SEQ_LEN} tokens ({tokens} scored)")
-    base = ppl["torch fp32"]
-    print("| model | perplexity | vs fp32 |\n|---|---|---|")
-    for name, value in ppl.items():
-        print(f"| {name} | {value:.3f} | {100 * (value / base - 1):+.1f}% |")
     print(f"\nbest of {args.reps} (interleaved); decode: {DECODE_NEW} tokens after {DECODE_PROMPT}")
     header = " | ".join(f"decode {t}T | prefill {t}T" for t in thread_counts)
     print(f"| model | {header} |\n|---|" + "---|" * (2 * len(thread_counts)))
