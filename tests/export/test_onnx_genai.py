@@ -63,8 +63,8 @@ def _int4(block: int, base: dict = mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG) -> dict:
     return config
 
 
-def _quantized(config: dict, **overrides) -> torch.nn.Module:
-    model = tiny_model("llama", vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **overrides)
+def _quantized(config: dict, family: str = "llama", **overrides) -> torch.nn.Module:
+    model = tiny_model(family, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **overrides)
     batches = random_token_batches(VOCAB, batches=2, batch_size=2, seq_len=16)
     mtq.quantize(model, config, create_forward_loop(model, batches))
     return model
@@ -133,6 +133,15 @@ def test_int4_greedy_matches_fake_quant(tmp_path, block, level, hidden):
     assert len(nbits) == 2 * 5  # per layer: fused qkv, o, gate, up, down; the lm_head is float
     assert {(a["bits"], a["block_size"], a["accuracy_level"]) for a in nbits} == {(4, block, level)}
     _check_against_reference(model, folder, level)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_llama_shaped_families(tmp_path, family):
+    """Qwen2 (q/k/v biases, added after the fused MatMulNBits) and Mistral."""
+    model = _quantized(_int4(32), family)
+    folder = export_onnx_genai(model, _tokenizer(), tmp_path / "out", accuracy_level=0)
+    assert json.loads((folder / "genai_config.json").read_text())["model"]["type"] == family
+    _check_against_reference(model, folder, 0)
 
 
 def test_folder_layout_and_config(tmp_path):

@@ -80,7 +80,7 @@ def genai_config(model: nn.Module, spec: DecoderSpec, filename: str) -> dict[str
             "past_present_share_buffer": True,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
-            "top_k": 1,
+            "top_k": 50,
             "top_p": 1.0,
         },
     }
