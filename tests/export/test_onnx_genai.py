@@ -26,6 +26,7 @@ pytest.importorskip("transformers")
 og = pytest.importorskip("onnxruntime_genai")
 
 import quant_core as mtq  # noqa: E402
+from quant_export.checkpoint_check import validate  # noqa: E402
 from quant_export.onnx_genai import (  # noqa: E402
     DEFAULT_ACCURACY_LEVEL,
     check_onnx_genai,
@@ -158,6 +159,7 @@ def test_folder_layout_and_config(tmp_path):
     )
     assert config["model"]["eos_token_id"] == 2
     check_onnx_genai(folder)
+    assert validate(folder)["layout"] == "onnx-genai"  # what quant-export quantize runs
     assert DEFAULT_ACCURACY_LEVEL == 4
     assert {a["accuracy_level"] for op, a in _ops(folder) if op == "MatMulNBits"} == {4}
 
