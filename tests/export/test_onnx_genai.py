@@ -150,6 +150,8 @@ def test_folder_layout_and_config(tmp_path):
     folder = export_onnx_genai(model, _tokenizer(), tmp_path / "out")
     names = {p.name for p in folder.iterdir()}
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= names
+    modes = {(folder / n).stat().st_mode & 0o777 for n in ("model.onnx", "model.onnx.data")}
+    assert len(modes) == 1  # the weights are as readable as the graph
     config = json.loads((folder / "genai_config.json").read_text())
     decoder = config["model"]["decoder"]
     assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,7 @@ def write_onnx_genai(
         location=DATA_FILE,
         size_threshold=1024,
     )
+    shutil.copymode(folder / MODEL_FILE, folder / DATA_FILE)  # onnx creates the data file 0600
     config = genai_config(model, spec, MODEL_FILE)
     (folder / "genai_config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
     return [MODEL_FILE, DATA_FILE, "genai_config.json"]
