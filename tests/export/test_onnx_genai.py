@@ -206,6 +206,26 @@ def test_lm_head_rounded_on_request(tmp_path, choice):
     assert len(tokens) == NEW_TOKENS
 
 
+def test_int4_embeddings(tmp_path):
+    """embeddings="int4": GatherBlockQuantized on the table rounded to nearest in blocks of 32,
+    against the torch model whose table is fake-quantized by quant_kernels.fake_quantize."""
+    import quant_kernels as qk
+
+    model = _quantized(_int4(32))
+    folder = export_onnx_genai(
+        model, _tokenizer(), tmp_path / "out", accuracy_level=0, embeddings="int4"
+    )
+    gathers = [a for op, a in _ops(folder) if op == "GatherBlockQuantized"]
+    assert [(a["bits"], a["block_size"]) for a in gathers] == [(4, 32)]
+    reference = copy.deepcopy(model)
+    table = reference.model.embed_tokens.weight
+    with torch.no_grad():
+        table.copy_(qk.fake_quantize(table, num_bits=4, block_sizes={-1: 32}))
+    _check_against_reference(reference, folder, 0)
+    with pytest.raises(ValueError, match="embeddings 'int8'"):
+        export_onnx_genai(model, _tokenizer(), tmp_path / "x", embeddings="int8")
+
+
 def _fp8_weight_only() -> dict:
     config = copy.deepcopy(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
     config["quant_cfg"]["*weight_quantizer"] = {"num_bits": (4, 3), "axis": None}

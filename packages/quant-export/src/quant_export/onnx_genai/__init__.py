@@ -8,6 +8,7 @@
 
 from quant_export.onnx_genai.export import (
     DEFAULT_ACCURACY_LEVEL,
+    EMBEDDING_CHOICES,
     KIND,
     LM_HEAD_CHOICES,
     MODEL_TYPES,
@@ -19,6 +20,7 @@ from quant_export.onnx_genai.export import (
 
 __all__ = [
     "DEFAULT_ACCURACY_LEVEL",
+    "EMBEDDING_CHOICES",
     "KIND",
     "LM_HEAD_CHOICES",
     "MODEL_TYPES",

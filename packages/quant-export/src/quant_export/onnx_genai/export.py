@@ -33,6 +33,7 @@ from quant_export.quantizers import UnsupportedFormatError
 
 __all__ = [
     "DEFAULT_ACCURACY_LEVEL",
+    "EMBEDDING_CHOICES",
     "KIND",
     "LM_HEAD_CHOICES",
     "MODEL_TYPES",
@@ -44,6 +45,7 @@ __all__ = [
 KIND = "onnx-genai"  # the layout's name (output-folder marker, --format)
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # Llama-shaped decoders (RMSNorm, SiLU MLP, RoPE)
 LM_HEAD_CHOICES = {"fp32": None, "int8": 8, "int4": 4}
+EMBEDDING_CHOICES = ("fp32", "int4")  # GatherBlockQuantized holds 4-bit tables only
 # accuracy_level 4: MatMulNBits quantizes activations to int8 per block and runs int8 dot
 # products, the fast CPU path (what onnxruntime-genai's own builder picks for the CPU). Level 0
 # keeps fp32 activations (matches the fake-quant model to float rounding, slower). See the
@@ -172,6 +174,7 @@ def write_onnx_genai(
     lm_head_block: int | None = None,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     context_length: int | None = None,
+    embeddings: str = "fp32",
 ) -> list[str]:
     """Write ``model.onnx``, ``model.onnx.data`` and ``genai_config.json`` into the existing ``folder``.
 
@@ -186,7 +189,14 @@ def write_onnx_genai(
     spec = _spec(model, backbone, context_length)
     layers = [_layer(f"model.layers.{i}", layer) for i, layer in enumerate(backbone.layers)]
     head = _lm_head(model.lm_head, lm_head, lm_head_block or _body_block(layers))
-    embed = backbone.embed_tokens.weight.detach().float().cpu().numpy()
+    if embeddings not in EMBEDDING_CHOICES:
+        raise ValueError(f"embeddings {embeddings!r}: choose one of {', '.join(EMBEDDING_CHOICES)}")
+    table = backbone.embed_tokens
+    embed = (
+        table.weight.detach().float().cpu().numpy()
+        if embeddings == "fp32"
+        else rtn_weight("model.embed_tokens", table, 4, lm_head_block or _body_block(layers))
+    )
     proto = build_decoder(spec, embed, layers, _norm(backbone.norm), head, accuracy_level)
     onnx.save_model(
         proto,
@@ -244,6 +254,7 @@ def export_onnx_genai(
     lm_head_block: int | None = None,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     context_length: int | None = None,
+    embeddings: str = "fp32",
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (quantized by quant-core, or float) as an onnxruntime-genai folder; returns it.
@@ -257,6 +268,9 @@ def export_onnx_genai(
     * ``accuracy_level``: MatMulNBits' activation precision: 4 (default) int8 activations, the
       fast CPU kernels; 0 fp32 activations, the fake-quant model's numerics.
     * ``context_length``: the longest sequence (default: ``max_position_embeddings``).
+    * ``embeddings``: ``"fp32"`` (default) or ``"int4"``: the table rounded to nearest in
+      symmetric blocks of ``lm_head_block`` (default: the body's block size), looked up by
+      GatherBlockQuantized (a float table is 2x the INT4 body of SmolLM2-135M).
 
     Raises UnsupportedFormatError (a ValueError) naming any quantizer the runtime cannot hold, and
     ValueError for an output folder that would destroy data (see
@@ -282,6 +296,7 @@ def export_onnx_genai(
             lm_head_block=lm_head_block,
             accuracy_level=accuracy_level,
             context_length=context_length,
+            embeddings=embeddings,
         )
         _write_tokenizer(tokenizer_or_model_dir, target.staging)
         check_onnx_genai(target.staging)

@@ -150,9 +150,31 @@ def _mask_inputs(g: GraphWriter) -> tuple[str, str]:
     return seqlens, total_len
 
 
+def _embedding(g: GraphWriter, embed: np.ndarray | NBitsWeight) -> str:
+    """The token embeddings of ``input_ids``: Gather on a float table, or GatherBlockQuantized
+    (com.microsoft) on INT4 rows packed as MatMulNBits packs them (default zero point 8)."""
+    path = "/model/embed_tokens"
+    if isinstance(embed, np.ndarray):
+        table = g.const("model.embed_tokens.weight", embed)
+        return g.node("Gather", [table, "input_ids"], path)[0]
+    rows = embed.packed.reshape(embed.n, -1)  # (vocab, hidden * bits / 8): blocks are contiguous
+    q = g.const(f"model.embed_tokens.weight_Q{embed.bits}", rows)
+    s = g.const("model.embed_tokens.weight_scales", embed.scales)
+    return g.node(
+        "GatherBlockQuantized",
+        [q, "input_ids", s],
+        path,
+        domain=MS,
+        bits=embed.bits,
+        block_size=embed.block_size,
+        gather_axis=0,
+        quantize_axis=1,
+    )[0]
+
+
 def build_decoder(
     spec: DecoderSpec,
-    embed: np.ndarray,
+    embed: np.ndarray | NBitsWeight,
     layers: list[dict[str, Any]],
     final_norm: np.ndarray,
     lm_head: Weight,
@@ -160,15 +182,14 @@ def build_decoder(
 ) -> onnx.ModelProto:
     """The decoder ModelProto.
 
-    ``layers[i]`` holds ``input_norm`` / ``post_norm`` (numpy weights) and the Weights ``qkv``
+    ``embed`` is the float table or its INT4 rows. ``layers[i]`` holds ``input_norm`` / ``post_norm`` (numpy weights) and the Weights ``qkv``
     (fused, or a ``(q, k, v)`` tuple), ``o``, ``gate``, ``up``, ``down``.
     """
     g = GraphWriter()
     seqlens, total_len = _mask_inputs(g)
     cos = g.const("cos_cache", spec.cos)
     sin = g.const("sin_cache", spec.sin)
-    emb = g.const("model.embed_tokens.weight", embed)
-    (h,) = g.node("Gather", [emb, "input_ids"], "/model/embed_tokens")
+    h = _embedding(g, embed)
     mlp_out = None
     for i, layer in enumerate(layers):
         path = f"/model/layers.{i}"
