@@ -166,6 +166,19 @@ def test_folder_layout_and_config(tmp_path):
     assert {a["accuracy_level"] for op, a in _ops(folder) if op == "MatMulNBits"} == {4}
 
 
+def test_registry_writer(tmp_path):
+    """export_layout, the writer a LAYOUTS row of quant-export quantize calls, then its validate."""
+    from quant_export.onnx_genai import export_layout
+
+    model = _quantized(_int4(32))
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    assert export_layout(model, folder, torch.bfloat16, None, None) == folder
+    _tokenizer().save_pretrained(folder)  # what the command's copy_serving_files does
+    assert validate(folder)["loaders"] == ["onnxruntime-genai"]
+    _check_against_reference(model, folder, DEFAULT_ACCURACY_LEVEL)
+
+
 def test_awq_folded_scales_match(tmp_path):
     """INT4 AWQ (+GPTQ): the pre-quant scales were folded into the norms by calibration."""
     model = _quantized(_int4(32, mtq.INT4_AWQ_CFG))

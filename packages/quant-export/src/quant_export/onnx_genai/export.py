@@ -304,8 +304,11 @@ def export_onnx_genai(
         return target.publish(record)
 
 
-def export_layout(model: nn.Module, out: Path, _dtype: Any, _sample: Any) -> Path:
+def export_layout(
+    model: nn.Module, out: Path, _dtype: Any, _sample: Any, _args: Any = None
+) -> Path:
     """The layout-registry writer (``quant-export quantize --format onnx-genai``): graph and config
-    into ``out`` (activations stay fp32 whatever ``--dtype``; the command copies the tokenizer)."""
+    into ``out`` (activations stay fp32 whatever ``--dtype``; the command copies the tokenizer).
+    Takes both registry signatures, ``(model, folder, dtype, sample)`` and ``(..., args)``."""
     write_onnx_genai(model, out)
     return out
