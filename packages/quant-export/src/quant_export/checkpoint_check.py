@@ -71,6 +71,8 @@ def read_json(path: Path) -> dict[str, Any]:
 def layout_of(folder: Path) -> tuple[str, dict[str, Any]]:
     """(layout name, quantization_config block) of a checkpoint folder."""
     folder = Path(folder)
+    if (folder / "genai_config.json").is_file():
+        return "onnx-genai", {}
     if (folder / "model.onnx").is_file():
         return "onnx", {}
     config_path = folder / "config.json"
@@ -329,6 +331,14 @@ def validate(folder: str | Path) -> dict[str, Any]:
             "loaders": ["tensorrt_llm"],
         }
     layout, qc = layout_of(folder)
+    if layout == "onnx-genai":
+        from quant_export.onnx_genai import check_onnx_genai
+
+        try:
+            check_onnx_genai(folder)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+        return {"layout": "onnx-genai", "layers": [], "loaders": ["onnxruntime-genai"]}
     if layout == "onnx":
         import onnx
 
