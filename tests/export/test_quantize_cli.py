@@ -300,3 +300,22 @@ def test_resume_without_an_interrupted_run_is_refused(model_dir, tmp_path):
         _quantize(model_dir, tmp_path / "never", "--resume")
     with pytest.raises(SystemExit, match="--resume applies to the layouts written layer by layer"):
         _quantize(model_dir, tmp_path / "x", "--resume", "--format", "onnx")
+
+
+def test_onnx_genai_layout_writes_a_folder_the_runtime_loads(model_dir, tmp_path, capsys):
+    og = pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / "genai"
+    args = ("--qformat", "int4_awq", "--format", "onnx-genai", "--group-size", "32")
+    assert _quantize(model_dir, out, *args, "--eval-windows", "0") == 0
+    assert "-> onnx-genai" in capsys.readouterr().out
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "model.onnx"
+    assert main(["validate", str(out)]) == 0
+    model = og.Model(str(out))  # the real consumer loads it
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([[101, 2023, 2003]])
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 12

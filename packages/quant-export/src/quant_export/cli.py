@@ -82,8 +82,9 @@ records ("text", or "messages" rendered with the tokenizer's chat template) or a
 datasets' save_to_disk.
 
 layouts: compressed-tensors (vLLM, SGLang, transformers), modelopt (vLLM / SGLang for FP8 and
-NVFP4, TensorRT-LLM), onnx (onnxruntime / TensorRT), trtllm (a TensorRT-LLM checkpoint for
-trtllm-build, --tp x --pp rank files; the whole model is loaded).
+NVFP4, TensorRT-LLM), onnx (onnxruntime / TensorRT), onnx-genai (an onnxruntime-genai folder:
+INT4 MatMulNBits decoder with KV cache; int4_awq / int4_gptq), trtllm (a TensorRT-LLM checkpoint
+for trtllm-build, --tp x --pp rank files). onnx, onnx-genai and trtllm load the model whole.
 
 example:
   quant-export quantize --qformat fp8 --kv-cache fp8 --output smollm2-fp8

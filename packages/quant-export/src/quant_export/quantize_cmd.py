@@ -34,12 +34,15 @@ QFORMATS: dict[str, tuple[str, Any]] = {
     "int8_sq": ("INT8_SMOOTHQUANT_CFG", None),
     "int4_awq": ("INT4_AWQ_CFG", None),
     "int4_gptq": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq"),
+    # round to nearest with each block's scale searched for the least output error (the preset's
+    # own algorithm); --algorithm max gives ModelOpt's plain absmax/7 rule
+    "int4_rtn": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", None),
     "w4a8_awq": ("W4A8_AWQ_BETA_CFG", None),
     "nvfp4": ("NVFP4_DEFAULT_CFG", None),
     "nvfp4_awq": ("NVFP4_AWQ_LITE_CFG", None),
     "mxfp8": ("MXFP8_DEFAULT_CFG", None),
 }
-INT4_QFORMATS = ("int4_awq", "int4_gptq")
+INT4_QFORMATS = ("int4_awq", "int4_gptq", "int4_rtn")
 INT4_GROUP_SIZES = (128, 64, 32)  # tried in this order when --group-size is not given
 RELOAD_LIMIT = 2 * 10**9  # bytes: larger checkpoints are not reloaded whole for the report
 # --kv-cache -> built-in KV config name (quant-core, else quant-llm)
@@ -86,6 +89,14 @@ def _export_onnx(model: nn.Module, out: Path, _dtype: torch.dtype, sample: Any, 
     return out
 
 
+def _export_onnx_genai(
+    model: nn.Module, out: Path, dtype: torch.dtype, sample: Any, args: Any
+) -> Path:
+    from quant_export.onnx_genai import export_layout
+
+    return export_layout(model, out, dtype, sample, args)
+
+
 def _export_trtllm(
     model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any, args: Any
 ) -> Path:
@@ -124,7 +135,18 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {
     "compressed-tensors": Layout(
         _export_ct,
-        frozenset({"fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "int4_gptq", "nvfp4", "nvfp4_awq"}),
+        frozenset(
+            {
+                "fp8",
+                "fp8_pc_pt",
+                "int8_sq",
+                "int4_awq",
+                "int4_gptq",
+                "int4_rtn",
+                "nvfp4",
+                "nvfp4_awq",
+            }
+        ),
         frozenset({"fp8", "none"}),
         transformers_loads=True,
         notes="vLLM, SGLang, transformers",
@@ -132,20 +154,40 @@ LAYOUTS: dict[str, Layout] = {
     ),
     "modelopt": Layout(
         _export_modelopt,
-        frozenset({"fp8", "fp8_pc_pt", "int4_awq", "int4_gptq", "nvfp4", "nvfp4_awq"}),
+        frozenset({"fp8", "fp8_pc_pt", "int4_awq", "int4_gptq", "int4_rtn", "nvfp4", "nvfp4_awq"}),
         frozenset({"fp8", "nvfp4", "none"}),
         notes="vLLM / SGLang (FP8, NVFP4), TensorRT-LLM",
         streamed=True,
     ),
     "onnx": Layout(
         _export_onnx,
-        frozenset({"fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "int4_gptq", "nvfp4", "mxfp8"}),
+        frozenset(
+            {"fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "int4_gptq", "int4_rtn", "nvfp4", "mxfp8"}
+        ),
         frozenset({"none"}),
         notes="onnxruntime / TensorRT",
     ),
+    "onnx-genai": Layout(
+        _export_onnx_genai,
+        frozenset({"int4_awq", "int4_gptq", "int4_rtn"}),
+        frozenset({"none"}),
+        notes="onnxruntime-genai (CPU): MatMulNBits decoder with KV cache, genai_config.json",
+        kind="onnx-genai",
+    ),
     "trtllm": Layout(
         _export_trtllm,
-        frozenset({"fp8", "int8_sq", "int4_awq", "int4_gptq", "w4a8_awq", "nvfp4", "nvfp4_awq"}),
+        frozenset(
+            {
+                "fp8",
+                "int8_sq",
+                "int4_awq",
+                "int4_gptq",
+                "int4_rtn",
+                "w4a8_awq",
+                "nvfp4",
+                "nvfp4_awq",
+            }
+        ),
         frozenset({"fp8", "none"}),
         notes="TensorRT-LLM (trtllm-build), --tp x --pp rank files",
         kind="tensorrt-llm",
