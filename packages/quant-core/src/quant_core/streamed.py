@@ -20,11 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from quant_core.conversion import iter_tensor_quantizers
 from quant_core.deployable import make_deployable
 from quant_core.input_groups import InputRecorder, recording_input_groups
 from quant_core.layerwise import _GPTQ_METHODS, as_in_one_pass
-from quant_core.model_quant import prepare_quantization
+from quant_core.model_quant import _reset_calibration_state, prepare_quantization
 from quant_core.model_tools import eval_mode
 from quant_core.preflight import AlgorithmRun
 
@@ -98,7 +97,7 @@ class StreamedCalibration:
             try:
                 run.fn(layer, _replay(inputs, seen if one_pass else None), **run.options)
             except BaseException:
-                _reset(layer)
+                _reset_calibration_state(layer)
                 raise
             self._recorder.record()
             make_deployable(self.model, prefix=prefix, probe=probe)
@@ -120,11 +119,3 @@ def _replay(inputs: LayerInputs, outputs: list[Any] | None = None) -> Any:
                 outputs.append(out)
 
     return loop
-
-
-def _reset(layer: nn.Module) -> None:
-    """Every quantizer of ``layer`` back in normal (quantizing) mode after a failed algorithm."""
-    for _name, quantizer in iter_tensor_quantizers(layer):
-        quantizer.disable_calib()
-        quantizer.enable_quant()
-        quantizer.reset_statistics()

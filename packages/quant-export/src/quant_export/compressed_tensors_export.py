@@ -206,15 +206,19 @@ def _check_round_trip(name: str, back: torch.Tensor, fq: torch.Tensor, dtype: to
     eps = torch.finfo(dtype).eps + torch.finfo(back.dtype).eps
     rel = 2.0 * eps + 4.0 * torch.finfo(torch.float32).eps
     bad, worst = 0, 0.0
-    # in row blocks: a few float32 copies of one block, not of the whole weight
-    for got, want in zip(
-        back.reshape(back.shape[0], -1).split(256), fq.reshape(fq.shape[0], -1).split(256)
-    ):
-        diff = (got.float() - want).abs()
-        wrong = diff > rel * want.abs() + 1e-30
+    back, fq = back.reshape(back.shape[0], -1), fq.reshape(fq.shape[0], -1)
+    rows = max(1, 2**20 // max(fq.shape[1], 1))  # blocks of about 4 MB, into reused buffers
+    diff = torch.empty((rows, fq.shape[1]))
+    bound = torch.empty_like(diff)
+    for start in range(0, fq.shape[0], rows):
+        want = fq[start : start + rows]
+        d, b = diff[: want.shape[0]], bound[: want.shape[0]]
+        torch.sub(back[start : start + rows].float(), want, out=d).abs_()
+        torch.abs(want, out=b).mul_(rel).add_(1e-30)
+        wrong = d > b
         if wrong.any():
             bad += int(wrong.sum())
-            worst = max(worst, diff.max().item())
+            worst = max(worst, d.max().item())
     if bad:
         raise UnsupportedFormatError(
             f"layer {name}: compressed-tensors decompresses {bad} weights differently "

@@ -41,14 +41,16 @@ def windows_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int 
         with torch.no_grad():
             for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", leave=False):
                 ids = windows[start : start + batch_size].to(device)
-                logits = model(input_ids=ids).logits.float()
-                nll = nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]),
-                    ids[:, 1:].reshape(-1),
-                    reduction="sum",
-                )
-                total_nll += nll.item()
+                total_nll += next_token_nll(model(input_ids=ids).logits, ids)
                 total_tokens += ids[:, 1:].numel()
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed NLL of ``ids[:, 1:]`` under ``logits[:, :-1]`` (computed in float32)."""
+    logits = logits.float()
+    return nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+    ).item()

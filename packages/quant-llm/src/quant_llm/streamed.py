@@ -144,7 +144,7 @@ def _to(value: Any, device: torch.device, memo: dict[int, tuple] | None = None) 
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_MMAP_THRESHOLD = 1 << 20
+_MMAP_THRESHOLD = 8 << 20
 
 
 def _map_large_allocations() -> None:
@@ -520,17 +520,13 @@ class StreamedModel:
         self, hidden: list[torch.Tensor], windows: torch.Tensor, norm: nn.Module
     ) -> float:
         """exp(mean next-token NLL) of the final hidden states (final norm and LM head applied)."""
+        from quant_llm.evaluation import next_token_nll
+
         total, tokens = 0.0, 0
         with torch.no_grad():
             for h, ids in zip(hidden, windows):
-                logits = self._head(norm(h.to(self.device))).float()
                 ids = ids[None].to(self.device)
-                nll = nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]),
-                    ids[:, 1:].reshape(-1),
-                    reduction="sum",
-                )
-                total += nll.item()
+                total += next_token_nll(self._head(norm(h.to(self.device))), ids)
                 tokens += ids[:, 1:].numel()
         return math.exp(total / tokens)
 
