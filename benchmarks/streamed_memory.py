@@ -121,7 +121,7 @@ def _child(mode: str, model: str, out: str) -> None:
         "RESULT "
         + json.dumps(
             {
-                "peak_gb": hwm_kib / 2**20,
+                "peak_gb": hwm_kib * 1024 / 1e9,
                 "cpu_s": usage.ru_utime + usage.ru_stime,
                 "wall_s": time.perf_counter() - start,
             }
@@ -163,7 +163,7 @@ def main() -> None:
     for layers, size, mode, r in rows:
         print(
             f"{layers:>6} {size / 1e9:>8.2f}GB {mode:>9} {r['peak_gb']:>7.2f}GB "
-            f"{r['peak_gb'] * 2**30 / size:>7.2f} {r['cpu_s']:>7.0f} {r['wall_s']:>7.0f}"
+            f"{r['peak_gb'] * 1e9 / size:>7.2f} {r['cpu_s']:>7.0f} {r['wall_s']:>7.0f}"
         )
 
 
