@@ -290,9 +290,10 @@ def test_an_interrupted_run_resumes_from_its_last_layer(model_dir, tmp_path, cap
     assert not partial.exists()
     assert _all_tensors(out) == _all_tensors(clean)
     assert (out / "config.json").read_text() == (clean / "config.json").read_text()
-    # the perplexities came through the saved hidden states
-    line = next(x for x in clean_report.splitlines() if x.startswith("perplexity"))
-    assert line in report
+    # the perplexities came through the saved hidden states; the layers resumed are counted
+    for key in ("perplexity", "layers", "size"):
+        line = next(x for x in clean_report.splitlines() if x.startswith(key))
+        assert line in report
 
 
 def test_resume_without_an_interrupted_run_is_refused(model_dir, tmp_path):
