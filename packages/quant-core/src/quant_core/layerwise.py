@@ -141,7 +141,7 @@ class _Layer:
     output_meta: Any = None
 
 
-def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+def without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The layer's keyword inputs without a KV cache: replaying a layer must not append its keys
     and values to the cache of the pass that recorded them (one pass over the whole sequence
     attends to the same keys with or without an empty cache)."""
@@ -205,7 +205,7 @@ class _Sequencer:
             if state.mode == "skip":
                 return _to_meta(state.output_meta)
             if state.mode in ("capture", "record"):
-                state.recorded.append((args, _without_cache(kwargs)))
+                state.recorded.append((args, without_cache(kwargs)))
                 if state.mode == "capture":
                     raise _StopForward
             if state.mode == "run":
@@ -294,10 +294,15 @@ def as_in_one_pass(module: nn.Module) -> Iterator[None]:
         yield
 
 
-def _replay(inputs: list[tuple[tuple, dict]]) -> ForwardLoop:
+def replay(inputs: list[tuple[tuple, dict]], outputs: list[Any] | None = None) -> ForwardLoop:
+    """A forward loop running a layer on its recorded ``(args, kwargs)`` batches; ``outputs`` (a
+    list) keeps what each call returns."""
+
     def loop(layer: nn.Module) -> None:
         for args, kwargs in inputs:
-            layer(*args, **kwargs)
+            out = layer(*args, **kwargs)
+            if outputs is not None:
+                outputs.append(out)
 
     return loop
 
@@ -351,7 +356,7 @@ def layerwise_calibrate(
                 if not last and not qdq_from_prev:
                     with as_in_one_pass(layer):
                         following = seq.inputs_of(index + 1)
-                algorithm(layer, _replay(inputs), **options)
+                algorithm(layer, replay(inputs), **options)
                 if layer_done is not None:
                     args, kwargs = inputs[0]
                     layer_done(f"{names[id(layer)]}.", functools.partial(layer, *args, **kwargs))

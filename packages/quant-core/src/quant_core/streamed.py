@@ -22,7 +22,7 @@ from torch import nn
 
 from quant_core.deployable import make_deployable
 from quant_core.input_groups import InputRecorder, recording_input_groups
-from quant_core.layerwise import _GPTQ_METHODS, as_in_one_pass
+from quant_core.layerwise import _GPTQ_METHODS, as_in_one_pass, replay
 from quant_core.model_quant import _reset_calibration_state, prepare_quantization
 from quant_core.model_tools import eval_mode
 from quant_core.preflight import AlgorithmRun
@@ -95,7 +95,7 @@ class StreamedCalibration:
         probe = functools.partial(layer, *inputs[0][0], **inputs[0][1])
         for run in self.runs:
             try:
-                run.fn(layer, _replay(inputs, seen if one_pass else None), **run.options)
+                run.fn(layer, replay(inputs, seen if one_pass else None), **run.options)
             except BaseException:
                 _reset_calibration_state(layer)
                 raise
@@ -107,15 +107,3 @@ class StreamedCalibration:
         if outputs is None:
             outputs = [layer(*args, **kwargs) for args, kwargs in inputs]
         return outputs
-
-
-def _replay(inputs: LayerInputs, outputs: list[Any] | None = None) -> Any:
-    """A forward loop running the layer on ``inputs``; ``outputs`` (a list) keeps what it returns."""
-
-    def loop(layer: nn.Module) -> None:
-        for args, kwargs in inputs:
-            out = layer(*args, **kwargs)
-            if outputs is not None:
-                outputs.append(out)
-
-    return loop

@@ -29,32 +29,46 @@ class CheckpointError(UnsupportedFormatError):
     """A checkpoint folder that a loader would reject or misread."""
 
 
-class _LazyTensors(Mapping[str, torch.Tensor]):
-    """The tensors of a folder's safetensors files, each read when asked for (and not kept), so a
-    checkpoint larger than memory can be checked."""
+class _Tensors(Mapping[str, torch.Tensor]):
+    """The tensors of a folder's safetensors files as their headers describe them:
+    ``tensors[key]`` is a ``meta`` tensor of the stored dtype and shape (no data is read), and
+    :meth:`value` reads one. Checking a checkpoint reads only the scales it checks the values of,
+    so a checkpoint larger than memory is checked in one pass over its headers."""
 
     def __init__(self, folder: Path) -> None:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{folder}: no *.safetensors files")
         self._where: dict[str, Path] = {}
+        self._meta: dict[str, torch.Tensor] = {}
         for path in files:
             with safe_open(str(path), "pt") as f:
-                self._where.update(dict.fromkeys(f.keys(), path))
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                    self._where[key] = path
+                    self._meta[key] = _header(f, key)
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        return self._meta[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def value(self, key: str) -> torch.Tensor:
+        """The stored tensor ``key``, read from its file."""
         with safe_open(str(self._where[key]), "pt") as f:
             return f.get_tensor(key)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
 
-    def __len__(self) -> int:
-        return len(self._where)
-
-
-def _tensors(folder: Path) -> Mapping[str, torch.Tensor]:
-    return _LazyTensors(folder)
+def _header(f: Any, key: str) -> torch.Tensor:
+    """A ``meta`` tensor with the dtype and shape of ``key`` in the open safetensors file ``f``
+    (an empty slice gives the dtype without reading data; a 0-d tensor is read, it is one value)."""
+    part = f.get_slice(key)
+    shape = part.get_shape()
+    dtype = part[0:0].dtype if shape else f.get_tensor(key).dtype
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -87,10 +101,10 @@ def layout_of(folder: Path) -> tuple[str, dict[str, Any]]:
     return method, qc
 
 
-def _check_scales(tensors: Mapping[str, torch.Tensor]) -> None:
-    for name, value in tensors.items():
-        if name.endswith(_SCALE_SUFFIXES) and value.is_floating_point():
-            v = value.float()
+def _check_scales(tensors: _Tensors) -> None:
+    for name, header in tensors.items():
+        if name.endswith(_SCALE_SUFFIXES) and header.is_floating_point():
+            v = tensors.value(name).float()
             if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
                 raise CheckpointError(f"{name}: scales must be finite and positive")
 
@@ -104,7 +118,7 @@ _CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8,
 _FLOAT_SCALE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _quantized_layers(tensors: Mapping[str, torch.Tensor]) -> set[str]:
+def _quantized_layers(tensors: _Tensors) -> set[str]:
     """Layers that hold a quantized tensor: a scale or packed leaf, or a ``weight`` stored as codes."""
     out = set()
     for key, value in tensors.items():
@@ -135,7 +149,7 @@ def _role(name: str) -> str:
     return ".".join("#" if part.isdigit() else part for part in name.split("."))
 
 
-def _check_siblings(quantized: set[str], tensors: Mapping[str, torch.Tensor], ignored: Any) -> None:
+def _check_siblings(quantized: set[str], tensors: _Tensors, ignored: Any) -> None:
     """A float 2-D weight whose counterpart in the other blocks is quantized, and that is not ignored,
     lost its quantized form (a deleted scale, a hand-edited file)."""
     roles = {_role(n) for n in quantized}
@@ -150,9 +164,7 @@ def _check_siblings(quantized: set[str], tensors: Mapping[str, torch.Tensor], ig
             )
 
 
-def _need(
-    name: str, leaf: str, tensors: Mapping[str, torch.Tensor], dtypes: tuple, what: str
-) -> torch.Tensor:
+def _need(name: str, leaf: str, tensors: _Tensors, dtypes: tuple, what: str) -> torch.Tensor:
     key = f"{name}.{leaf}"
     if key not in tensors:
         raise CheckpointError(
@@ -187,7 +199,9 @@ def _check_group(name: str, scale: torch.Tensor, in_features: int, group: int | 
         )
 
 
-def _check_ct_layer(name: str, group: dict[str, Any], qc: dict[str, Any], tensors: dict) -> None:
+def _check_ct_layer(
+    name: str, group: dict[str, Any], qc: dict[str, Any], tensors: _Tensors
+) -> None:
     """The tensors one compressed-tensors layer needs for its group's format, with their dtypes."""
     fmt = group.get("format") or qc.get("format")
     weights = group.get("weights") or {}
@@ -206,10 +220,11 @@ def _check_ct_layer(name: str, group: dict[str, Any], qc: dict[str, Any], tensor
             _need(name, "input_scale", tensors, _FLOAT_SCALE, what)
     elif fmt == "pack-quantized":
         _need(name, "weight_packed", tensors, (torch.int32,), what)
-        shape = _need(name, "weight_shape", tensors, (torch.int32, torch.int64), what)
+        _need(name, "weight_shape", tensors, (torch.int32, torch.int64), what)
         scale = _need(name, "weight_scale", tensors, _FLOAT_SCALE, what)
         if weights.get("strategy") == "group":
-            _check_group(name, scale, int(shape[-1]), weights.get("group_size"))
+            in_features = int(tensors.value(f"{name}.weight_shape")[-1])
+            _check_group(name, scale, in_features, weights.get("group_size"))
     elif fmt == "nvfp4-pack-quantized":
         packed = _need(name, "weight_packed", tensors, (torch.uint8,), what)
         scale = _need(
@@ -221,7 +236,7 @@ def _check_ct_layer(name: str, group: dict[str, Any], qc: dict[str, Any], tensor
             _need(name, "input_global_scale", tensors, (torch.float32,), what)
 
 
-def _check_modelopt_layer(name: str, algo: str, group: int | None, tensors: dict) -> None:
+def _check_modelopt_layer(name: str, algo: str, group: int | None, tensors: _Tensors) -> None:
     """The tensors one ModelOpt-layout layer needs for its ``quant_algo``, with their dtypes."""
     what = f"quant_algo {algo}"
     f32 = (torch.float32,)
@@ -249,7 +264,7 @@ def _check_modelopt_layer(name: str, algo: str, group: int | None, tensors: dict
             _need(name, "input_scale", tensors, f32, what)
 
 
-def _check_ct(qc: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[str]:
+def _check_ct(qc: dict[str, Any], tensors: _Tensors) -> list[str]:
     from compressed_tensors.quantization import QuantizationConfig
 
     try:
@@ -262,9 +277,8 @@ def _check_ct(qc: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[s
     for name in layers:
         scale = tensors[f"{name}.weight_scale"]
         weight = tensors.get(f"{name}.weight")
-        shape = tensors.get(f"{name}.weight_shape")
-        if shape is not None:
-            in_features = int(shape[-1])
+        if f"{name}.weight_shape" in tensors:
+            in_features = int(tensors.value(f"{name}.weight_shape")[-1])
         elif weight is not None:
             in_features = weight.shape[-1]
         else:  # NVFP4: two E2M1 codes per uint8
@@ -285,7 +299,7 @@ def _check_ct(qc: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[s
     return sorted(quantized)
 
 
-def _check_modelopt(qc: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[str]:
+def _check_modelopt(qc: dict[str, Any], tensors: _Tensors) -> list[str]:
     layers = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")})
     group = qc.get("group_size")
     for name in layers:
@@ -344,7 +358,7 @@ def validate(folder: str | Path) -> dict[str, Any]:
 
         onnx.checker.check_model(str(folder / "model.onnx"))
         return {"layout": "onnx", "layers": [], "loaders": ["onnxruntime", "TensorRT"]}
-    tensors = _tensors(folder)
+    tensors = _Tensors(folder)
     _check_scales(tensors)
     if layout == "compressed-tensors":
         layers = _check_ct(qc, tensors)

@@ -39,7 +39,7 @@ from quant_export.schemes import config_groups, scheme_of
 
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DEFAULT_SHARD_SIZE = 5 * 2**30
-_SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def quantizer_names(model: nn.Module) -> dict[str, nn.Module]:
@@ -290,9 +290,13 @@ def _write_files(
         save_file(shard, str(folder / fname), metadata=metadata)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(v.numel() * v.element_size() for v in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / _SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
-    return [*texts, *names, _SAFETENSORS_INDEX]
+    (folder / SAFETENSORS_INDEX).write_text(index_text(weight_map, total), encoding="utf-8")
+    return [*texts, *names, SAFETENSORS_INDEX]
+
+
+def index_text(weight_map: dict[str, str], total_size: int) -> str:
+    """``model.safetensors.index.json`` of shards holding ``weight_map`` (tensor -> file)."""
+    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)
 
 
 def _umask() -> int:

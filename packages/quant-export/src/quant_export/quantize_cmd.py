@@ -521,7 +521,7 @@ def _algorithm_name(config: Mapping[str, Any]) -> str:
 
 
 _RESUME_KEYS = (
-    "model", "qformat", "kv_cache", "algorithm", "group_size", "format", "dtype", "calib_data",
+    "qformat", "kv_cache", "algorithm", "group_size", "format", "dtype", "calib_data",
     "calib_text", "calib_size", "seq_len", "eval_windows", "batch_size",
 )  # fmt: skip
 """The arguments an interrupted run must have been given for --resume to go on from it."""

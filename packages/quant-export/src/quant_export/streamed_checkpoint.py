@@ -14,7 +14,6 @@ until :meth:`finish` has run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +25,17 @@ from torch import nn
 
 from quant_export.compressed_tensors_export import CTLayer, CTPart, collect_ct, ct_texts
 from quant_export.deployable_check import check_deployable
-from quant_export.hf_checkpoint import Scope, _Collected, collect_hf, hf_texts
+from quant_export.hf_checkpoint import (
+    SAFETENSORS_INDEX,
+    Scope,
+    _Collected,
+    collect_hf,
+    hf_texts,
+    index_text,
+)
 from quant_export.hf_formats import Kind, LayerExport
 
 __all__ = ["STREAMED_LAYOUTS", "StreamedCheckpoint"]
-
-_INDEX = "model.safetensors.index.json"
-
-
-def _ct_part(model: nn.Module, dtype: torch.dtype, scope: Scope) -> tuple[dict, Any]:
-    return collect_ct(model, dtype, scope)
 
 
 def _hf_part(model: nn.Module, dtype: torch.dtype, scope: Scope) -> tuple[dict, Any]:
@@ -95,7 +95,7 @@ class _Layout:
 
 
 STREAMED_LAYOUTS: dict[str, _Layout] = {
-    "compressed-tensors": _Layout(_ct_part, ct_texts, False, _ct_to_json, _ct_from_json),
+    "compressed-tensors": _Layout(collect_ct, ct_texts, False, _ct_to_json, _ct_from_json),
     "modelopt": _Layout(_hf_part, hf_texts, True, _hf_to_json, _hf_from_json),
 }
 """The layouts a streamed checkpoint can be written in."""
@@ -184,8 +184,7 @@ class StreamedCheckpoint:
         texts = self._row.texts(model, self._metas, self.dtype)
         shards = sorted(set(self._weight_map.values()))
         if self.parts > 1:
-            index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
-            texts[_INDEX] = json.dumps(index, indent=2)
+            texts[SAFETENSORS_INDEX] = index_text(self._weight_map, self._total)
         for fname, text in texts.items():
             (self.folder / fname).write_text(text, encoding="utf-8")
         return [*texts, *shards]

@@ -40,7 +40,6 @@ __all__ = ["LayerState", "StreamedModel", "StreamedResult", "resolve_device"]
 
 Write = Callable[[nn.Module, Callable[[str], bool], str], Any]
 """``write(model, scope, prefix)``: write the tensors of the modules ``scope`` selects."""
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -171,6 +170,11 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple | list) else output
 
 
+def _embedded(recorded: list[tuple]) -> list[torch.Tensor]:
+    """The hidden states the first decoder layer was handed, per batch."""
+    return [args[0] if args else kwargs["hidden_states"] for args, kwargs in recorded]
+
+
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
@@ -208,7 +212,8 @@ class StreamedModel:
 
             self.model.generation_config = GenerationConfig.from_pretrained(self.folder)
         self.layers = decoder_layers(self.model)
-        names = {id(m): n for n, m in self.model.named_modules()}
+        self._names = {id(m): n for n, m in self.model.named_modules()}
+        names = self._names
         self.prefixes = [f"{names[id(layer)]}." for layer in self.layers]
         self._files = _shard_map(self.folder)
         self._embeddings = self.model.get_input_embeddings()
@@ -234,10 +239,9 @@ class StreamedModel:
 
     def _state_names(self, module: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
         """(checkpoint key, owner, leaf, is_parameter) of the tensors ``module`` loads."""
-        names = {id(m): n for n, m in self.model.named_modules()}
         out = []
         for owner in module.modules():
-            base = names[id(owner)]
+            base = self._names[id(owner)]
             for leaf, param in owner.named_parameters(recurse=False):
                 if param.is_meta:
                     out.append((f"{base}.{leaf}" if base else leaf, owner, leaf, True))
@@ -331,6 +335,8 @@ class StreamedModel:
     def record_inputs(self, batches: list[dict[str, torch.Tensor]]) -> list[list[tuple]]:
         """Per decoder layer, per batch: the ``(args, kwargs)`` the model hands that layer (the
         hidden states are the embeddings' for every layer; the others are what matters)."""
+        from quant_core.layerwise import without_cache
+
         recorded: list[list[tuple]] = [[] for _ in self.layers]
         cpu, memo = torch.device("cpu"), {}  # one CPU copy of what every layer is handed
         saved = []
@@ -338,7 +344,7 @@ class StreamedModel:
 
             def identity(*args: Any, _index: int = index, **kwargs: Any) -> Any:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                kwargs = {k: None if k in _CACHE_KWARGS else v for k, v in kwargs.items()}
+                kwargs = without_cache(kwargs)
                 if _index:  # later layers get their hidden states from the layer before
                     args, kwargs = _with_hidden(args, kwargs, None)
                 recorded[_index].append(_to((args, kwargs), cpu, memo))
@@ -398,15 +404,16 @@ class StreamedModel:
         result = StreamedResult()
         calib = StreamedCalibration(self.model, config)
         result.methods = calib.methods
+        self._names = {id(m): n for n, m in self.model.named_modules()}  # with the quantizers
         self._check_quantized_inside()
         inputs = self.record_inputs(batches)
         evaluating = eval_windows is not None and len(eval_windows) > 0
         if evaluating:
             windows = [{"input_ids": w[None]} for w in eval_windows]
             eval_inputs = self.record_inputs(windows)
-            eval_float = [_hidden(a[0] if a else k["hidden_states"]) for a, k in eval_inputs[0]]
+            eval_float = _embedded(eval_inputs[0])
             eval_quant = list(eval_float)
-        hidden = [a[0] if a else k["hidden_states"] for a, k in inputs[0]]
+        hidden = _embedded(inputs[0])
         first = 0
         if start is not None:
             first, hidden = start.index, start.hidden
@@ -429,12 +436,9 @@ class StreamedModel:
                     if evaluating:
                         with quantizers_disabled(layer):
                             eval_float = self._run(layer, eval_inputs[index], eval_float)
-                    batch_inputs = [
-                        _to(_with_hidden(a, k, h), self.device)
-                        for (a, k), h in zip(inputs[index], hidden)
-                    ]
-                    outputs = calib.calibrate_layer(prefix, layer, batch_inputs)
-                    del batch_inputs
+                    outputs = calib.calibrate_layer(
+                        prefix, layer, list(self._on_device(inputs[index], hidden))
+                    )
                     hidden = [_hidden(o).to("cpu") for o in outputs]
                     del outputs
                     if evaluating:
@@ -455,7 +459,7 @@ class StreamedModel:
                 result.ppl["float"] = self._perplexity(eval_float, eval_windows, norm)
                 result.ppl["quantized"] = self._perplexity(eval_quant, eval_windows, norm)
             result.ppl_tokens = eval_windows.numel() - eval_windows.shape[0]
-        names = {id(m): n for n, m in self.model.named_modules()}
+        names = self._names
         for module in self._written_ends():  # one at a time, as stored: no float32 copy
             scope = _own(names[id(module)])
             with self.loaded(module, None):
@@ -472,12 +476,18 @@ class StreamedModel:
                     write(self.model, scope, "")
         return result
 
-    def _run(self, layer: nn.Module, recorded: list[tuple], hidden: list[torch.Tensor]) -> list:
-        out = []
+    def _on_device(self, recorded: list[tuple], hidden: list[torch.Tensor]) -> Iterator[tuple]:
+        """A layer's recorded ``(args, kwargs)`` per batch with ``hidden`` as its hidden states,
+        each moved to the compute device as it is reached."""
         for (args, kwargs), h in zip(recorded, hidden):
-            args, kwargs = _to(_with_hidden(args, kwargs, h), self.device)
-            out.append(_hidden(layer(*args, **kwargs)).to("cpu"))
-        return out
+            yield _to(_with_hidden(args, kwargs, h), self.device)
+
+    def _run(self, layer: nn.Module, recorded: list[tuple], hidden: list[torch.Tensor]) -> list:
+        """The layer's hidden-state outputs (on the CPU) for ``hidden``, one batch at a time."""
+        return [
+            _hidden(layer(*args, **kwargs)).to("cpu")
+            for args, kwargs in self._on_device(recorded, hidden)
+        ]
 
     def _written_ends(self) -> list[nn.Module]:
         """The modules outside the decoder stack holding weights of their own, outermost first

@@ -304,11 +304,8 @@ def export_onnx_genai(
         return target.publish(record)
 
 
-def export_layout(
-    model: nn.Module, out: Path, _dtype: Any, _sample: Any, _args: Any = None
-) -> Path:
+def export_layout(model: nn.Module, out: Path, _dtype: Any, _sample: Any, _args: Any) -> Path:
     """The layout-registry writer (``quant-export quantize --format onnx-genai``): graph and config
-    into ``out`` (activations stay fp32 whatever ``--dtype``; the command copies the tokenizer).
-    Takes both registry signatures, ``(model, folder, dtype, sample)`` and ``(..., args)``."""
+    into ``out`` (activations stay fp32 whatever ``--dtype``; the command copies the tokenizer)."""
     write_onnx_genai(model, out)
     return out
