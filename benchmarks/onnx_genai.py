@@ -9,8 +9,9 @@ shared_embeddings=false``), and torch fp32 with its KV cache.
 
 * decode tokens/s: 128 greedy tokens after a 32-token prompt, batch 1 (the prefill excluded);
 * prefill tokens/s: one 512-token prompt;
-  both at 1 and 2 threads, every model measured in turn within each repeat (interleaved), best of
-  ``--reps``;
+  both at 1 and 2 threads, every model loaded once and warmed up, then measured in turn within
+  each repeat (interleaved); the median of ``--reps``, in tokens per wall second and (1 thread)
+  tokens per CPU second;
 * perplexity of each onnx model computed through onnxruntime (plain InferenceSession, empty KV
   cache) on the held-apart windows, against the fake-quant torch model's
   (``quant_llm.evaluation.windows_perplexity``) and fp32's.
@@ -30,6 +31,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,60 +99,72 @@ def ort_perplexity(folder: Path, windows: torch.Tensor) -> float:
     return math.exp(total / count)
 
 
-def genai_speed(folder: Path, threads: int, prompt: np.ndarray, long: np.ndarray) -> tuple:
-    """(decode tokens/s, prefill tokens/s) of onnxruntime-genai running ``folder``."""
+class Clock:
+    """Wall and CPU seconds of the process since creation."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def rates(self, tokens: int) -> tuple[float, float]:
+        """(tokens per wall second, tokens per CPU second) since creation."""
+        return (
+            tokens / (time.perf_counter() - self.wall),
+            tokens / (time.process_time() - self.cpu),
+        )
+
+
+def load_genai(folder: Path, threads: int) -> og.Model:
+    """onnxruntime-genai model of ``folder`` with ``threads`` intra-op threads."""
     config = og.Config(str(folder))
     config.overlay(
         json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}})
     )
-    model = og.Model(config)
+    return og.Model(config)
+
+
+def genai_speed(model: og.Model, prompt: np.ndarray, long: np.ndarray) -> tuple:
+    """(decode, prefill) rates of onnxruntime-genai, each (tokens/s, tokens per CPU s)."""
 
     def generator(ids: np.ndarray, new: int) -> og.Generator:
         params = og.GeneratorParams(model)
         length = ids.shape[1] + new  # min_length too: an early EOS must not shorten the decode
         params.set_search_options(max_length=length, min_length=length, do_sample=False)
-        gen = og.Generator(model, params)
-        return gen
+        return og.Generator(model, params)
 
     gen = generator(prompt, DECODE_NEW)
     gen.append_tokens(prompt)
-    start = time.perf_counter()
+    clock = Clock()
     steps = 0
     while not gen.is_done() and steps < DECODE_NEW:
         gen.generate_next_token()
         steps += 1
-    decode = steps / (time.perf_counter() - start)
+    decode = clock.rates(steps)
     gen = generator(long, 1)
-    start = time.perf_counter()
+    clock = Clock()
     gen.append_tokens(long)
-    prefill = long.shape[1] / (time.perf_counter() - start)
-    return decode, prefill
+    return decode, clock.rates(long.shape[1])
 
 
-def torch_speed(
-    model: torch.nn.Module, threads: int, prompt: np.ndarray, long: np.ndarray
-) -> tuple:
-    """(decode tokens/s, prefill tokens/s) of the torch model with its KV cache (greedy)."""
-    torch.set_num_threads(threads)
+def torch_speed(model: torch.nn.Module, prompt: np.ndarray, long: np.ndarray) -> tuple:
+    """(decode, prefill) rates of the torch model with its KV cache (greedy), as genai_speed's."""
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(prompt), use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
+        clock = Clock()
         for _ in range(DECODE_NEW):
             out = model(input_ids=token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        decode = DECODE_NEW / (time.perf_counter() - start)
-        start = time.perf_counter()
+        decode = clock.rates(DECODE_NEW)
+        clock = Clock()
         model(input_ids=torch.from_numpy(long), use_cache=True)
-        prefill = long.shape[1] / (time.perf_counter() - start)
-    return decode, prefill
+        return decode, clock.rates(long.shape[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", default="32,64")
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--speed-only", type=Path, default=None)
@@ -217,31 +231,49 @@ def time_folders(
     thread_counts: list[int],
     args: argparse.Namespace,
 ) -> None:
-    """Time torch fp32 and every folder, interleaved, and print the speed table."""
+    """Time torch fp32 and every folder, interleaved within each repeat, and print the speed table.
+
+    Every model is loaded once per thread count and warmed up with one untimed decode and prefill;
+    the table gives the median over ``--reps`` of tokens per wall second and, at one thread, tokens
+    per CPU second of the process (what another process on the machine does not inflate)."""
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (1, DECODE_PROMPT), generator=gen).numpy()
     long = windows[0:2].reshape(1, -1)[:, :PREFILL].numpy()
-    speeds: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for _ in range(args.reps):
-        for threads in thread_counts:
-            speeds.setdefault(("torch fp32", threads), []).append(
-                torch_speed(fp32, threads, prompt, long)
-            )
-            for name, folder in folders.items():
-                speeds.setdefault((name, threads), []).append(
-                    genai_speed(folder, threads, prompt, long)
-                )
+    speeds: dict[tuple[str, int], list[tuple]] = {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        models = {name: load_genai(folder, threads) for name, folder in folders.items()}
+        runners = {"torch fp32": lambda: torch_speed(fp32, prompt, long)}
+        runners.update(
+            {name: (lambda m=m: genai_speed(m, prompt, long)) for name, m in models.items()}
+        )
+        for run in runners.values():
+            run()  # warm-up
+        for _ in range(args.reps):
+            for name, run in runners.items():
+                speeds.setdefault((name, threads), []).append(run())
+        del models
     print(f"uptime at end: {os.popen('uptime').read().strip()}")
-    print(f"\nbest of {args.reps} (interleaved); decode: {DECODE_NEW} tokens after {DECODE_PROMPT}")
+    print(
+        f"\nmedian of {args.reps} (interleaved); decode: {DECODE_NEW} tokens after {DECODE_PROMPT}; "
+        f"prefill: {PREFILL} tokens; tokens/s (tokens per CPU second at 1 thread)"
+    )
     header = " | ".join(f"decode {t}T | prefill {t}T" for t in thread_counts)
     print(f"| model | {header} |\n|---|" + "---|" * (2 * len(thread_counts)))
-    torch_decode = {t: max(d for d, _ in speeds[("torch fp32", t)]) for t in thread_counts}
+
+    def median(name: str, threads: int, which: int, clock: int) -> float:
+        return statistics.median(s[which][clock] for s in speeds[(name, threads)])
+
     for name in ["torch fp32", *folders]:
         cells = []
         for t in thread_counts:
-            decode = max(d for d, _ in speeds[(name, t)])
-            prefill = max(p for _, p in speeds[(name, t)])
-            cells.append(f"{decode:.1f} ({decode / torch_decode[t]:.1f}x) | {prefill:.0f}")
+            decode, prefill = median(name, t, 0, 0), median(name, t, 1, 0)
+            ratio = decode / median("torch fp32", t, 0, 0)
+            cpu = (
+                (f" ({median(name, t, 0, 1):.1f} / CPU s)" if t == 1 else ""),
+                (f" ({median(name, t, 1, 1):.0f} / CPU s)" if t == 1 else ""),
+            )
+            cells.append(f"{decode:.1f}{cpu[0]}, {ratio:.1f}x | {prefill:.0f}{cpu[1]}")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
