@@ -126,7 +126,10 @@ def test_builtin_constants_are_read_only_and_copies_are_deep_and_plain():
             {"num_bits": 4, "axis": 0, "block_sizes": {-1: 128}},
             r"axis=0 cannot be combined with block_sizes",
         ),
-        ({"block_sizes": {-1: 0}}, r"block size for axis -1 must be a positive int"),
+        (
+            {"block_sizes": {-1: 0}},
+            r"block_sizes\[-1\]: the block size for axis -1 must be a positive int",
+        ),
         ({"block_sizes": {-1: 16, "scale_bits": (5, 5)}}, r"scale_bits"),
         ({"block_sizes": {-1: 16, "kind": "x"}}, r"unknown block_sizes key 'kind'"),
         ({"type": "sometimes"}, r"type='sometimes'"),
@@ -251,3 +254,42 @@ def test_postprocess_amax_applies_to_matching_quantizers():
     before = model[0].input_quantizer.amax.clone()
     mtq.postprocess_amax(model, "*0.input_quantizer", lambda a: a * 0.5)
     assert torch.equal(model[0].input_quantizer.amax, before * 0.5)
+
+
+# block_sizes is validated in one place (quant_kernels.blocking.check_block_sizes): the config, the
+# parsed format and the kernels' keyword API agree (before, the config refused any
+# scale_block_sizes that the other two took when empty).
+def _three_readers(block_sizes: dict) -> list:
+    import quant_kernels as qk
+    from quant_kernels.formats import QuantFormat
+
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    return [
+        lambda: QuantizerAttributeConfig(num_bits=4, block_sizes=block_sizes).block_sizes,
+        lambda: QuantFormat.parse(4, block_sizes=block_sizes).blocks,
+        lambda: qk.fake_quantize(x, num_bits=4, block_sizes=block_sizes).shape,
+    ]
+
+
+@pytest.mark.parametrize("empty", [None, {}])
+def test_an_empty_scale_block_sizes_is_taken_alike_by_config_format_and_kernels(empty):
+    config, blocks, shape = (
+        read() for read in _three_readers({-1: 16, "scale_block_sizes": empty})
+    )
+    assert config == {-1: 16} and blocks == ((-1, 16),) and shape == (2, 32)
+
+
+@pytest.mark.parametrize(
+    ("block_sizes", "message"),
+    [
+        ({-1: 16, "scale_block_sizes": {-1: 128}}, r"\(double quantization\) is not supported"),
+        ({-1: 16, "kind": "x"}, r"unknown block_sizes key 'kind'"),
+        ({-1: 0}, r"block_sizes\[-1\]: the block size for axis -1 must be a positive int"),
+        ({"scale_bits": (4, 3)}, r"names no axis"),
+        ({-1: 16, "type": "sometimes"}, r"block_sizes\['type'\] must be 'static' or 'dynamic'"),
+    ],
+)
+def test_a_bad_block_sizes_is_refused_alike_by_config_format_and_kernels(block_sizes, message):
+    for read in _three_readers(block_sizes):
+        with pytest.raises(ValueError, match=message):
+            read()

@@ -140,7 +140,7 @@ def test_quant_export_imports_no_calibration_algorithm():
 def test_a_re_export_swaps_the_whole_folder_and_keeps_foreign_files(tmp_path, monkeypatch):
     """Re-exporting into a folder: its other files stay, an earlier export's shards go, and an
     interruption just before the swap leaves the previous folder exactly as it was."""
-    import quant_export.hf_checkpoint as hf_checkpoint
+    import quant_export.checkpoint_files as checkpoint_files
 
     model = _quantized("fp8_kv")
     folder = export_hf_checkpoint(model, tmp_path / "ckpt", max_shard_size=2**16)  # sharded
@@ -152,7 +152,7 @@ def test_a_re_export_swaps_the_whole_folder_and_keeps_foreign_files(tmp_path, mo
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(hf_checkpoint, "exchange_paths", interrupted)
+        patch.setattr(checkpoint_files, "exchange_paths", interrupted)
         with pytest.raises(KeyboardInterrupt):
             export_compressed_tensors(model, folder)
     assert _digests(folder) == before  # nothing of the new export got in

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import quant_core as mtq
-import quant_export.hf_checkpoint as hf_checkpoint
+import quant_export.checkpoint_files as checkpoint_files
 from quant_export import UnsupportedFormatError, export_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -373,7 +373,7 @@ def test_failed_write_leaves_no_partial_directory(exported, tmp_path, monkeypatc
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf_checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint_files, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         export_hf_checkpoint(model, tmp_path / "ckpt")
     assert os.listdir(tmp_path) == []  # neither the directory nor a staging folder is left

@@ -253,7 +253,7 @@ def _kill_at(count: int) -> None:
     """In a forked child: SIGKILL this process just before its ``count``-th file operation."""
     import safetensors.torch
 
-    from quant_export import hf_checkpoint, streamed_checkpoint
+    from quant_export import checkpoint_files, streamed_checkpoint
 
     seen = [0]
 
@@ -269,7 +269,7 @@ def _kill_at(count: int) -> None:
     os.replace, os.rename, os.mkdir = gate(os.replace), gate(os.rename), gate(os.mkdir)
     shutil.copyfile, shutil.rmtree = gate(shutil.copyfile), gate(shutil.rmtree)
     pathlib.Path.write_text = gate(pathlib.Path.write_text)
-    hf_checkpoint.save_file = gate(hf_checkpoint.save_file)
+    checkpoint_files.save_file = gate(checkpoint_files.save_file)
     streamed_checkpoint.save_file = gate(streamed_checkpoint.save_file)
     safetensors.torch.save_file = gate(safetensors.torch.save_file)
     output_folder.exchange_paths = gate(output_folder.exchange_paths)

@@ -76,8 +76,8 @@ class InputRecorder:
     """Pre-forward hooks noting, for each layer, which layer read the same tensor first and which
     norm produced it; :meth:`record` turns what was seen into groups."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self.model = model  # None: only :meth:`note` / :meth:`sources` (hooks placed by the caller)
         self._seen: dict[str, _Seen] = {}
         self._last: torch.Tensor | None = None
         self._owner: str | None = None
@@ -86,20 +86,25 @@ class InputRecorder:
         self._sample: tuple[tuple, dict[str, Any]] | None = None  # the first batch the model ran
         self._handles: list[Any] = []
 
+    def note(self, name: str, x: torch.Tensor) -> bool:
+        """Record that layer ``name`` read ``x``; True when ``x`` is the very tensor the previous
+        reader read (what a statistics pass may reuse). A pass that hooks layers itself calls this
+        from its pre-forward hooks (without :meth:`attach`), then reads :meth:`sources`."""
+        seen = self._seen.setdefault(name, _Seen())
+        if self._last is x:
+            if self._owner != name:  # a layer called twice on its input is no new reader
+                seen.sources.add(self._owner)
+            return True
+        seen.sources.add(None)
+        made = self._made
+        seen.producers.add(made[1] if made is not None and made[0] is x else None)
+        self._last, self._owner = x, name
+        return False
+
     def _before(self, name: str) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if x is None:
-                return
-            seen = self._seen.setdefault(name, _Seen())
-            if self._last is x:
-                if self._owner != name:  # a layer called twice on its input is no new reader
-                    seen.sources.add(self._owner)
-                return
-            seen.sources.add(None)
-            made = self._made
-            seen.producers.add(made[1] if made is not None and made[0] is x else None)
-            self._last, self._owner = x, name
+            if args and isinstance(args[0], torch.Tensor):
+                self.note(name, args[0])
 
         return hook
 
@@ -152,13 +157,19 @@ class InputRecorder:
         """Forget the tensors seen so far (between passes), keeping what was learned."""
         self._last, self._owner, self._made = None, None, None
 
+    def sources(self) -> dict[str, str]:
+        """Layer -> the layer that read the same tensor right before it, for the layers that did
+        so in every batch seen."""
+        return {
+            name: next(iter(seen.sources))
+            for name, seen in self._seen.items()
+            if len(seen.sources) == 1 and None not in seen.sources
+        }
+
     def groups(self) -> list[InputGroup]:
         """The groups seen so far: each layer that always read a tensor first, with the layers that
         always read that same tensor right after it, and its producer when always the same norm."""
-        first_of: dict[str, str] = {}
-        for name, seen in self._seen.items():
-            if len(seen.sources) == 1 and None not in seen.sources:
-                first_of[name] = next(iter(seen.sources))
+        first_of = self.sources()
         heads = [n for n in self._seen if n not in first_of]
         found = []
         for head in heads:

@@ -1,7 +1,8 @@
 """``quant-export inspect`` / ``validate``: read a written checkpoint folder and check it.
 
-Both Hugging Face layouts (compressed-tensors and ModelOpt), ONNX folders and TensorRT-LLM
-checkpoints are recognised from their files.
+Each layout of :data:`quant_export.layouts.LAYOUTS` recognises its folders and checks them (its
+row's recogniser and validator): both Hugging Face layouts (compressed-tensors and ModelOpt, whose
+validators live here), ONNX folders, onnxruntime-genai folders and TensorRT-LLM checkpoints.
 :func:`validate` checks what a loader relies on: the config parses (compressed-tensors' own
 ``QuantizationConfig`` for that layout), every scale is finite and positive, group sizes divide the
 weights' input sizes and match the config, every quantized layer has the tensors its format needs
@@ -82,23 +83,43 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def layout_of(folder: Path) -> tuple[str, dict[str, Any]]:
-    """(layout name, quantization_config block) of a checkpoint folder."""
+def _quant_method(folder: Path) -> str | None:
+    """``quantization_config.quant_method`` of ``folder/config.json`` (None without one)."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        return None
+    qc = read_json(config_path).get("quantization_config")
+    return qc.get("quant_method") if isinstance(qc, dict) else None
+
+
+def is_compressed_tensors(folder: Path) -> bool:
+    """Whether ``folder`` is a compressed-tensors checkpoint (the registry's recogniser)."""
+    return _quant_method(folder) == "compressed-tensors"
+
+
+def is_modelopt(folder: Path) -> bool:
+    """Whether ``folder`` is a ModelOpt-layout Hugging Face checkpoint (the registry's recogniser)."""
+    return _quant_method(folder) == "modelopt"
+
+
+def layout_of(folder: Path) -> str:
+    """The registry name (:data:`quant_export.layouts.LAYOUTS`) of the checkpoint in ``folder``;
+    CheckpointError for a folder no layout recognises."""
+    from quant_export.layouts import LAYOUTS
+
     folder = Path(folder)
-    if (folder / "genai_config.json").is_file():
-        return "onnx-genai", {}
-    if (folder / "model.onnx").is_file():
-        return "onnx", {}
+    for name, row in LAYOUTS.items():
+        if row.recognises(folder):
+            return name
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json or model.onnx (not a checkpoint folder)")
     qc = read_json(config_path).get("quantization_config")
     if not isinstance(qc, dict) or "quant_method" not in qc:
         raise CheckpointError(f"{folder}: config.json has no quantization_config.quant_method")
-    method = qc["quant_method"]
-    if method not in ("compressed-tensors", "modelopt"):
-        raise CheckpointError(f"{folder}: quant_method {method!r} is not one this tool writes")
-    return method, qc
+    raise CheckpointError(
+        f"{folder}: quant_method {qc['quant_method']!r} is not one this tool writes"
+    )
 
 
 def _check_scales(tensors: _Tensors) -> None:
@@ -322,83 +343,73 @@ def _check_modelopt(qc: dict[str, Any], tensors: _Tensors) -> list[str]:
     return sorted(quantized)
 
 
+def _hf_checked(folder: Path) -> tuple[dict[str, Any], _Tensors]:
+    """The ``quantization_config`` of a Hugging Face checkpoint and its tensors, scales checked."""
+    qc = read_json(folder / "config.json")["quantization_config"]
+    tensors = _Tensors(folder)
+    _check_scales(tensors)
+    return qc, tensors
+
+
+def _described(folder: Path, qc: dict[str, Any], layers: list[str], **info: Any) -> dict[str, Any]:
+    if not layers and not qc.get("kv_cache_scheme"):
+        raise CheckpointError(f"{folder}: no quantized layer and no KV-cache scheme")
+    return {"layers": layers, "kv_cache": qc.get("kv_cache_scheme"), **info}
+
+
+def validate_compressed_tensors(folder: Path) -> dict[str, Any]:
+    """Check a compressed-tensors checkpoint (the registry's validator)."""
+    from quant_export.layouts import LAYOUTS
+
+    qc, tensors = _hf_checked(folder)
+    layers = _check_ct(qc, tensors)
+    formats = sorted({g.get("format") or qc.get("format") for g in qc["config_groups"].values()})
+    loaders = list(LAYOUTS["compressed-tensors"].engines)
+    config = read_json(folder / "config.json")
+    if (
+        "nvfp4-pack-quantized" in formats
+        and (config.get("dtype") or config.get("torch_dtype")) == "float32"
+    ):
+        loaders = loaders[:2]  # stock transformers fails on float32 NVFP4 files
+    return _described(folder, qc, layers, formats=formats, ignored=qc.get("ignore") or [],
+                      loaders=loaders, tensors=len(tensors))  # fmt: skip
+
+
+def validate_modelopt(folder: Path) -> dict[str, Any]:
+    """Check a ModelOpt-layout Hugging Face checkpoint (the registry's validator)."""
+    qc, tensors = _hf_checked(folder)
+    layers = _check_modelopt(qc, tensors)
+    algo = qc.get("quant_algo")
+    formats = sorted({v["quant_algo"] for v in qc.get("quantized_layers", {}).values()}) or [algo]
+    hf_quant = folder / "hf_quant_config.json"
+    loaders = read_json(hf_quant).get("loaders", []) if hf_quant.is_file() else []
+    if hf_quant.is_file():
+        said = (read_json(hf_quant).get("quantization") or {}).get("quant_algo")
+        if said != algo:
+            raise CheckpointError(
+                f"{folder}: hf_quant_config.json says quant_algo {said}, config.json says "
+                f"{algo} (vLLM and TensorRT-LLM read hf_quant_config.json); re-export the checkpoint"
+            )
+    return _described(folder, qc, layers, formats=formats, ignored=qc.get("exclude_modules") or [],
+                      loaders=loaders, tensors=len(tensors))  # fmt: skip
+
+
 def validate(folder: str | Path) -> dict[str, Any]:
-    """Check the checkpoint in ``folder``; raises CheckpointError naming the first problem.
+    """Check the checkpoint in ``folder`` with its layout's validator (the registry row that
+    recognises it); raises CheckpointError naming the first problem.
 
     Returns a description (layout, quantized layers, formats, ignored layers, loaders).
     """
+    from quant_export.layouts import LAYOUTS
+
     folder = Path(folder)
-    if is_tensorrt_llm(folder):
-        from quant_export.tensorrt_llm import validate_tensorrt_llm_checkpoint
-
-        try:
-            cfg = validate_tensorrt_llm_checkpoint(folder)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from None
-        quant = cfg["quantization"]
-        return {
-            "layout": "tensorrt-llm",
-            "layers": [],
-            "formats": [quant.get("quant_algo")],
-            "kv_cache": quant.get("kv_cache_quant_algo"),
-            "ignored": quant.get("exclude_modules") or [],
-            "loaders": ["tensorrt_llm"],
-        }
-    layout, qc = layout_of(folder)
-    if layout == "onnx-genai":
-        from quant_export.onnx_genai import check_onnx_genai
-
-        try:
-            check_onnx_genai(folder)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from None
-        return {"layout": "onnx-genai", "layers": [], "loaders": ["onnxruntime-genai"]}
-    if layout == "onnx":
-        import onnx
-
-        onnx.checker.check_model(str(folder / "model.onnx"))
-        return {"layout": "onnx", "layers": [], "loaders": ["onnxruntime", "TensorRT"]}
-    tensors = _Tensors(folder)
-    _check_scales(tensors)
-    if layout == "compressed-tensors":
-        layers = _check_ct(qc, tensors)
-        formats = sorted(
-            {g.get("format") or qc.get("format") for g in qc["config_groups"].values()}
-        )
-        ignored = qc.get("ignore") or []
-        loaders = ["vllm", "sglang", "transformers (compressed-tensors)"]
-        dtype = read_json(folder / "config.json").get("dtype") or read_json(
-            folder / "config.json"
-        ).get("torch_dtype")
-        if "nvfp4-pack-quantized" in formats and dtype == "float32":
-            loaders = loaders[:2]  # stock transformers fails on float32 NVFP4 files
-    else:
-        layers = _check_modelopt(qc, tensors)
-        algo = qc.get("quant_algo")
-        formats = sorted({v["quant_algo"] for v in qc.get("quantized_layers", {}).values()}) or [
-            algo
-        ]
-        ignored = qc.get("exclude_modules") or []
-        hf_quant = folder / "hf_quant_config.json"
-        loaders = read_json(hf_quant).get("loaders", []) if hf_quant.is_file() else []
-        if hf_quant.is_file():
-            said = (read_json(hf_quant).get("quantization") or {}).get("quant_algo")
-            if said != algo:
-                raise CheckpointError(
-                    f"{folder}: hf_quant_config.json says quant_algo {said}, config.json says "
-                    f"{algo} (vLLM and TensorRT-LLM read hf_quant_config.json); re-export the checkpoint"
-                )
-    if not layers and not qc.get("kv_cache_scheme"):
-        raise CheckpointError(f"{folder}: no quantized layer and no KV-cache scheme")
-    return {
-        "layout": layout,
-        "layers": layers,
-        "formats": formats,
-        "kv_cache": qc.get("kv_cache_scheme"),
-        "ignored": ignored,
-        "loaders": loaders,
-        "tensors": len(tensors),
-    }
+    row = LAYOUTS[layout_of(folder)]
+    try:
+        return row.validate(folder)
+    except CheckpointError:
+        raise
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def is_tensorrt_llm(folder: str | Path) -> bool:

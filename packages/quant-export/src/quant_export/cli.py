@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,10 +82,7 @@ layer, its calibration activations and the embeddings in memory), each layer com
 records ("text", or "messages" rendered with the tokenizer's chat template) or a folder written by
 datasets' save_to_disk.
 
-layouts: compressed-tensors (vLLM, SGLang, transformers), modelopt (vLLM / SGLang for FP8 and
-NVFP4, TensorRT-LLM), onnx (onnxruntime / TensorRT), onnx-genai (an onnxruntime-genai folder:
-INT4 MatMulNBits decoder with KV cache; int4_awq / int4_gptq), trtllm (a TensorRT-LLM checkpoint
-for trtllm-build, --tp x --pp rank files). onnx, onnx-genai and trtllm load the model whole.
+{layouts}
 
 example:
   quant-export quantize --qformat fp8 --kv-cache fp8 --output smollm2-fp8
@@ -167,32 +165,30 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     return model, sample
 
 
-def _record(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+def _record(args: argparse.Namespace) -> dict[str, Any]:
     from quant_export import __version__
 
     return {"producer": "quant-export", "version": __version__, "command": args.command,
-            "model": args.model, "kind": kind}  # fmt: skip
+            "model": args.model}  # fmt: skip
 
 
 def _run_hf(args: argparse.Namespace) -> int:
+    from quant_export.export_driver import LayoutOutput
     from quant_export.hf_checkpoint import export_hf_checkpoint
-    from quant_export.output_folder import OutputFolder, check_output
 
-    output = check_output(args.output, None, args.overwrite, kind="modelopt")
-    with OutputFolder(output) as target:  # written beside --output, swapped in when complete
+    with LayoutOutput("modelopt", args.output, overwrite=args.overwrite) as target:
         model, _ = _load_model(args)
         export_hf_checkpoint(model, target.staging, dtype=getattr(torch, args.dtype))
-        path = target.publish(_record(args, "modelopt"))
+        path = target.publish(_record(args))
     print(f"wrote {path}")
     return 0
 
 
 def _run_trtllm(args: argparse.Namespace) -> int:
-    from quant_export.output_folder import OutputFolder, check_output
+    from quant_export.export_driver import LayoutOutput
     from quant_export.tensorrt_llm import export_tensorrt_llm_checkpoint
 
-    output = check_output(args.output, None, args.overwrite, kind="tensorrt-llm")
-    with OutputFolder(output) as target:  # written beside --output, swapped in when complete
+    with LayoutOutput("trtllm", args.output, overwrite=args.overwrite) as target:
         model, _ = _load_model(args)
         export_tensorrt_llm_checkpoint(
             model,
@@ -203,7 +199,7 @@ def _run_trtllm(args: argparse.Namespace) -> int:
             inference_pipeline_parallel=args.pp,
             smoothquant_plugin=args.smoothquant_plugin,
         )
-        path = target.publish(_record(args, "tensorrt-llm"))
+        path = target.publish(_record(args))
     ranks = args.tp * args.pp
     print(f"wrote {path} ({ranks} rank{'s' if ranks > 1 else ''})")
     return 0
@@ -280,12 +276,15 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _add_quantize(sub: Any) -> None:
-    from quant_export.quantize_cmd import DTYPES, KV_CACHES, LAYOUTS, QFORMATS
+    from quant_export.layouts import LAYOUTS, help_text
+    from quant_export.quantize_cmd import DTYPES, KV_CACHES, QFORMATS
 
     cmd = sub.add_parser(
         "quantize",
         help="quantize a Hugging Face model folder into a validated checkpoint (the main job)",
-        description=QUANTIZE_HELP,
+        description=QUANTIZE_HELP.format(
+            layouts=textwrap.fill(help_text(), 99, break_on_hyphens=False, break_long_words=False)
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cmd.add_argument("--model", help="Hugging Face model folder (default: SmolLM2-135M-Instruct)")

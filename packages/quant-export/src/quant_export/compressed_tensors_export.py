@@ -27,7 +27,6 @@ scales into the model (:func:`quant_core.make_deployable`); a scale it could not
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,20 +38,16 @@ from tqdm import tqdm
 
 import quant_kernels as qk
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
-from quant_export.deployable_check import check_deployable
-from quant_export.hf_checkpoint import (
+from quant_export.checkpoint_files import (
     DEFAULT_SHARD_SIZE,
-    DTYPES,
+    PartWriter,
     Scope,
-    architecture,
-    check_export_target,
     check_weight_stored,
     checkpoint_texts,
-    in_scope,
     plain_tensors,
-    quantizer_names,
-    write_checkpoint,
+    scoped,
 )
+from quant_export.deployable_check import check_deployable
 from quant_export.hf_formats import (
     E4M3,
     INT8,
@@ -285,12 +280,10 @@ def collect_ct(
     """The tensors of the modules ``scope`` selects (all by default) and their config entries.
 
     Raises UnsupportedFormatError, naming the layer, before anything is written."""
-    state = {k: v for k, v in model.state_dict().items() if in_scope(scope, k)}
-    quantizers = {k: v for k, v in quantizer_names(model).items() if in_scope(scope, k)}
+    state, quantizers, modules = scoped(model, scope)
     part = CTPart({}, [], None)
     kv_tensors: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
-    modules = [(n, m) for n, m in model.named_modules() if in_scope(scope, n)]
     for name, module in tqdm(modules, desc="export ct", leave=False):
         wq = getattr(module, "weight_quantizer", None)
         if isinstance(module, nn.Linear) and isinstance(wq, TensorQuantizer | SequentialQuantizer):
@@ -342,11 +335,7 @@ def ct_texts(model: nn.Module, parts: list[CTPart], dtype: torch.dtype) -> dict[
         raise UnsupportedFormatError(
             f"{type(model).__name__} has no quantized layer or KV cache; nothing to compress"
         )
-    hf_config = copy.deepcopy(model.config)
-    hf_config.quantization_config = ct_quantization_config(layers, ignore, kv_fields)
-    hf_config.architectures = [architecture(model)]
-    hf_config.dtype = DTYPES[dtype]
-    return checkpoint_texts(model, hf_config, {})
+    return checkpoint_texts(model, ct_quantization_config(layers, ignore, kv_fields), dtype, {})
 
 
 def export_compressed_tensors(
@@ -368,8 +357,31 @@ def export_compressed_tensors(
     hold.
     """
     check_deployable(model, share_fused_scales=share_fused_scales, pre_quant_scale=False)
-    check_export_target(model, export_dir, dtype, max_shard_size)
-    with torch.no_grad():
-        tensors, part = collect_ct(model, dtype)
-    texts = ct_texts(model, [part], dtype)
-    return write_checkpoint(Path(export_dir), tensors, texts, max_shard_size)
+    return STREAMED.write(model, export_dir, dtype, max_shard_size)
+
+
+def export_layout(
+    model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any, _args: Any
+) -> Path:
+    """The ``compressed-tensors`` row's writer (:mod:`quant_export.layouts`)."""
+    return export_compressed_tensors(model, out, dtype=dtype)
+
+
+def _part_to_json(part: CTPart) -> dict[str, Any]:
+    layers = {
+        n: {"scheme": x.scheme, "format": x.format, "quantizers": list(x.quantizers)}
+        for n, x in part.layers.items()
+    }
+    return {"layers": layers, "ignore": part.ignore, "kv_fields": part.kv_fields}
+
+
+def _part_from_json(value: dict[str, Any]) -> CTPart:
+    layers = {
+        n: CTLayer(x["scheme"], x["format"], {}, tuple(x["quantizers"]))
+        for n, x in value["layers"].items()
+    }
+    return CTPart(layers, list(value["ignore"]), value["kv_fields"])
+
+
+STREAMED = PartWriter(collect_ct, ct_texts, False, _part_to_json, _part_from_json)
+"""How :class:`quant_export.streamed_checkpoint.StreamedCheckpoint` writes this layout part by part."""

@@ -191,3 +191,40 @@ def export_onnx(
     with contextlib.suppress(Exception):
         exported = onnx.shape_inference.infer_shapes(exported)
     return save_atomic(exported, path)
+
+
+class _LogitsOnly(nn.Module):
+    """A causal LM as ``input_ids -> logits`` without a KV cache: what the ONNX graph holds (a
+    transformers ``DynamicCache`` output cannot be traced)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The logits of ``input_ids``."""
+        # an explicit mask: without one, transformers looks for packed sequences (aten::diff, no
+        # ONNX op)
+        mask = torch.ones_like(input_ids)
+        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+
+def export_layout(model: nn.Module, out: Path, _dtype: Any, sample: Any, _args: Any) -> Path:
+    """The ``onnx`` row's writer (:mod:`quant_export.layouts`): the causal LM's logits graph as
+    ``out/model.onnx`` for the tensorrt target (standard Q/DQ plus TensorRT's NVFP4 / MXFP8
+    activation ops)."""
+    out.mkdir(parents=True, exist_ok=True)
+    export_onnx(_LogitsOnly(model), {"input_ids": sample}, out / "model.onnx", target="tensorrt")
+    return out
+
+
+def is_onnx_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds the ``onnx`` layout: a ``model.onnx`` without an onnxruntime-genai
+    config (the registry's recogniser)."""
+    return (folder / "model.onnx").is_file() and not (folder / "genai_config.json").is_file()
+
+
+def check_layout(folder: Path) -> dict[str, Any]:
+    """The ``onnx`` row's validator: ONNX's checker on ``folder/model.onnx``."""
+    onnx.checker.check_model(str(folder / "model.onnx"))
+    return {"layers": []}

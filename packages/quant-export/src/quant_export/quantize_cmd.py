@@ -8,8 +8,9 @@ freed, so memory holds one layer and the calibration activations whatever the de
 need the whole graph (ONNX) load the model whole. Either way the files are validated and a report
 printed: what was quantized, file sizes before and after, perplexity before and after on
 held-apart text (the end of the text, never read by calibration; in the streamed job computed in
-the same pass), and the time each step took. A layout is one table entry (name -> exporter and the
-formats it holds), so adding one is adding a row.
+the same pass), and the time each step took. The layouts, what they hold and their writers are
+rows of :data:`quant_export.layouts.LAYOUTS`; the folder is written through
+:class:`quant_export.export_driver.LayoutOutput`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import copy
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from quant_export.export_driver import LayoutOutput
+from quant_export.layouts import Layout
 
 # --qformat -> (built-in config name, algorithm override or None). FP8 calibrates with "max"
 # (ModelOpt's choice; the built-ins' gptq costs minutes more on a CPU): --algorithm overrides.
@@ -50,153 +54,10 @@ KV_CACHES: dict[str, str | None] = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def _export_ct(model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any, _args: Any) -> Path:
-    from quant_export.compressed_tensors_export import export_compressed_tensors
-
-    return export_compressed_tensors(model, out, dtype=dtype)
-
-
-def _export_modelopt(
-    model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any, _args: Any
-) -> Path:
-    from quant_export.hf_checkpoint import export_hf_checkpoint
-
-    return export_hf_checkpoint(model, out, dtype=dtype)
-
-
-class _LogitsOnly(nn.Module):
-    """A causal LM as ``input_ids -> logits`` without a KV cache: what the ONNX graph holds (a
-    transformers ``DynamicCache`` output cannot be traced)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The logits of ``input_ids``."""
-        # an explicit mask: without one, transformers looks for packed sequences (aten::diff, no
-        # ONNX op)
-        mask = torch.ones_like(input_ids)
-        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-
-
-def _export_onnx(model: nn.Module, out: Path, _dtype: torch.dtype, sample: Any, _args: Any) -> Path:
-    from quant_export.onnx_export import export_onnx
-
-    out.mkdir(parents=True, exist_ok=True)
-    # the tensorrt target: standard Q/DQ plus TensorRT's NVFP4 / MXFP8 activation ops
-    export_onnx(_LogitsOnly(model), {"input_ids": sample}, out / "model.onnx", target="tensorrt")
-    return out
-
-
-def _export_onnx_genai(
-    model: nn.Module, out: Path, dtype: torch.dtype, sample: Any, args: Any
-) -> Path:
-    from quant_export.onnx_genai import export_layout
-
-    return export_layout(model, out, dtype, sample, args)
-
-
-def _export_trtllm(
-    model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any, args: Any
-) -> Path:
-    from quant_export.tensorrt_llm import export_tensorrt_llm_checkpoint
-    from quant_export.tensorrt_llm.families import DECODER_TYPES
-
-    model_type = model.config.model_type
-    decoder = next((d for d, types in DECODER_TYPES.items() if model_type in types), None)
-    if decoder is None:
-        raise SystemExit(
-            f"--format trtllm: no TensorRT-LLM decoder type covers {model_type!r} (covered: "
-            f"{', '.join(sorted({t for types in DECODER_TYPES.values() for t in types}))})"
-        )
-    return export_tensorrt_llm_checkpoint(
-        model, decoder, dtype, out, inference_tensor_parallel=args.tp,
-        inference_pipeline_parallel=args.pp,
-    )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One output layout: its exporter and the --qformat / --kv-cache values it can hold."""
-
-    export: Callable[[nn.Module, Path, torch.dtype, Any, Any], Path]
-    """``export(model, folder, dtype, sample input_ids, parsed args)``."""
-    qformats: frozenset[str]
-    kv_caches: frozenset[str]
-    transformers_loads: bool = False
-    notes: str = ""
-    streamed: bool = False
-    """Written layer by layer (:mod:`quant_export.streamed_checkpoint`), never loading the model whole."""
-    kind: str = ""
-    """What the output folder's marker records (default: the layout's name)."""
-
-
-LAYOUTS: dict[str, Layout] = {
-    "compressed-tensors": Layout(
-        _export_ct,
-        frozenset(
-            {
-                "fp8",
-                "fp8_pc_pt",
-                "int8_sq",
-                "int4_awq",
-                "int4_gptq",
-                "int4_rtn",
-                "nvfp4",
-                "nvfp4_awq",
-            }
-        ),
-        frozenset({"fp8", "none"}),
-        transformers_loads=True,
-        notes="vLLM, SGLang, transformers",
-        streamed=True,
-    ),
-    "modelopt": Layout(
-        _export_modelopt,
-        frozenset({"fp8", "fp8_pc_pt", "int4_awq", "int4_gptq", "int4_rtn", "nvfp4", "nvfp4_awq"}),
-        frozenset({"fp8", "nvfp4", "none"}),
-        notes="vLLM / SGLang (FP8, NVFP4), TensorRT-LLM",
-        streamed=True,
-    ),
-    "onnx": Layout(
-        _export_onnx,
-        frozenset(
-            {"fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "int4_gptq", "int4_rtn", "nvfp4", "mxfp8"}
-        ),
-        frozenset({"none"}),
-        notes="onnxruntime / TensorRT",
-    ),
-    "onnx-genai": Layout(
-        _export_onnx_genai,
-        frozenset({"int4_awq", "int4_gptq", "int4_rtn"}),
-        frozenset({"none"}),
-        notes="onnxruntime-genai (CPU): MatMulNBits decoder with KV cache, genai_config.json",
-        kind="onnx-genai",
-    ),
-    "trtllm": Layout(
-        _export_trtllm,
-        frozenset(
-            {
-                "fp8",
-                "int8_sq",
-                "int4_awq",
-                "int4_gptq",
-                "int4_rtn",
-                "w4a8_awq",
-                "nvfp4",
-                "nvfp4_awq",
-            }
-        ),
-        frozenset({"fp8", "none"}),
-        notes="TensorRT-LLM (trtllm-build), --tp x --pp rank files",
-        kind="tensorrt-llm",
-    ),
-}
-
-
 def check_choices(qformat: str, kv_cache: str, layout: str) -> None:
     """Raise SystemExit (one line) when ``layout`` cannot hold ``qformat`` or ``kv_cache``."""
+    from quant_export.layouts import LAYOUTS
+
     row = LAYOUTS[layout]
     if qformat not in row.qformats:
         raise SystemExit(
@@ -571,10 +432,11 @@ _LAYER_STATE = "layer-state.safetensors"
 
 
 def _quantize_streamed(
-    args: Any, folder: Path, batches: list, held: torch.Tensor, work: Path, report: Report
-) -> nn.Module:
+    args: Any, folder: Path, batches: list, held: torch.Tensor, target: LayoutOutput,
+    report: Report,
+) -> nn.Module:  # fmt: skip
     """Build the model on ``meta``, then calibrate and write it layer by layer into
-    ``work/checkpoint``, recording after each layer what ``--resume`` needs in ``work``."""
+    ``target.staging``, recording after each layer what ``--resume`` needs in ``target.work``."""
     from quant_export.output_folder import PROGRESS
     from quant_export.streamed_checkpoint import StreamedCheckpoint
     from quant_llm.streamed import LayerState, StreamedModel
@@ -590,9 +452,8 @@ def _quantize_streamed(
     report.algorithm = _algorithm_name(config)
     report.times["build"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    writer = StreamedCheckpoint(
-        work / "checkpoint", args.format, DTYPES[args.dtype], streamed.parts
-    )
+    work = target.work
+    writer = StreamedCheckpoint(target.staging, args.format, DTYPES[args.dtype], streamed.parts)
     start = _resume_from(args, folder, work, writer)
     if start is not None:
         report.notes.append(f"resumed at layer {start.index} of {len(streamed.layers)}")
@@ -613,10 +474,11 @@ def _quantize_streamed(
 
 
 def _quantize_whole(
-    args: Any, folder: Path, batches: list, held: torch.Tensor, work: Path, report: Report
-) -> nn.Module:
-    """Load the whole model, calibrate it and export it into ``work/checkpoint`` (the ONNX and
-    TensorRT-LLM layouts)."""
+    args: Any, folder: Path, batches: list, held: torch.Tensor, target: LayoutOutput,
+    report: Report,
+) -> nn.Module:  # fmt: skip
+    """Load the whole model, calibrate it and write it with its layout's writer into
+    ``target.staging`` (the ONNX and TensorRT-LLM layouts)."""
     import quant_core as mtq
     from quant_llm import create_forward_loop
     from quant_llm.streamed import resolve_device
@@ -635,7 +497,7 @@ def _quantize_whole(
         report.ppl["quantized"] = _perplexity(model, held)
     tick = time.perf_counter()
     sample = batches[0]["input_ids"][:1].to(next(model.parameters()).device)
-    LAYOUTS[args.format].export(model, work / "checkpoint", DTYPES[args.dtype], sample, args)
+    target.write(model, DTYPES[args.dtype], sample, args)
     report.times["export"] = time.perf_counter() - tick
     return model
 
@@ -646,26 +508,23 @@ def run_quantize(args: Any) -> Report:
     Every input is checked before the model is calibrated (choices, counts, the output folder,
     the calibration data, group sizes); the checkpoint is written into a temporary folder beside
     ``--output``, validated, given the model's tokenizer files, and swapped in with one rename
-    (:mod:`quant_export.output_folder`). The checkpoint layouts are written layer by layer
+    (:class:`quant_export.export_driver.LayoutOutput`). The checkpoint layouts are written layer by layer
     (:func:`_quantize_streamed`), the ONNX layout from the whole model.
     """
     from quant_export import __version__
-    from quant_export.checkpoint_check import validate
-    from quant_export.output_folder import OutputFolder, check_output, copy_serving_files
+    from quant_export.output_folder import copy_serving_files
 
     check_choices(args.qformat, args.kv_cache, args.format)
     check_numbers(args)
     source = calib_source(args)
     folder, name = check_model_dir(args.model)
-    layout = LAYOUTS[args.format]
-    kind = layout.kind or args.format
-    output = check_output(args.output, folder, getattr(args, "overwrite", False), kind=kind)
+    overwrite = getattr(args, "overwrite", False)
+    target = LayoutOutput(
+        args.format, args.output, model_dir=folder, overwrite=overwrite, resume=args.resume
+    )
+    layout = target.layout
     report = Report(name, args.qformat, args.kv_cache, args.format)
-    if args.resume and not layout.streamed:
-        raise SystemExit(
-            f"--resume applies to the layouts written layer by layer, not {args.format}"
-        )
-    with OutputFolder(output, resumable=layout.streamed, resume=args.resume) as target:
+    with target:
         start = time.perf_counter()
         tokenizer = load_tokenizer(folder, args.trust_remote_code)
         text = read_calib(source, tokenizer)
@@ -679,13 +538,13 @@ def run_quantize(args: Any) -> Report:
             for ids in calib.split(args.batch_size)
         ]
         quantize = _quantize_streamed if layout.streamed else _quantize_whole
-        model = quantize(args, folder, batches, held, target.work, report)
+        model = quantize(args, folder, batches, held, target, report)
         report.quantized, report.excluded = _summary(model)
         tick = time.perf_counter()
         copied = copy_serving_files(folder, target.staging)
         if not any(name.startswith(("tokenizer", "vocab")) for name in copied):
             tokenizer.save_pretrained(target.staging)  # e.g. a tokenizer without its files
-        validate(target.staging)
+        target.validate()
         report.size_after = model_files_size(target.staging) + sum(
             p.stat().st_size for p in target.staging.glob("*.onnx*")
         )
@@ -697,7 +556,6 @@ def run_quantize(args: Any) -> Report:
             "qformat": args.qformat,
             "kv_cache": args.kv_cache,
             "format": args.format,
-            "kind": kind,
         }
         report.output = target.publish(record)
         report.times["validate"] = time.perf_counter() - tick

@@ -5,8 +5,9 @@ hands it here, and frees it. :class:`StreamedCheckpoint` writes that layer's ten
 of their own (``model-0000i-of-0000N.safetensors``, N = the number of parts, known from the
 start), keeping only the few fields ``config.json`` needs; :meth:`StreamedCheckpoint.finish`
 writes ``config.json`` (and the layout's other texts) and ``model.safetensors.index.json``. The
-tensors and configs are those the whole-model exporters write (:func:`collect_ct` /
-:func:`collect_hf` on a part of the model), so a streamed checkpoint holds the same bytes per
+tensors and configs are those the whole-model exporters write (the layout's
+:class:`~quant_export.checkpoint_files.PartWriter`, its registry row's ``streamed``, on a part of
+the model), so a streamed checkpoint holds the same bytes per
 tensor as a whole-model export of the same quantized model. The folder is a staging folder
 (:class:`quant_export.output_folder.OutputFolder`): without ``config.json`` no loader accepts it
 until :meth:`finish` has run.
@@ -14,8 +15,6 @@ until :meth:`finish` has run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,97 +22,23 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from quant_export.compressed_tensors_export import CTLayer, CTPart, collect_ct, ct_texts
+from quant_export.checkpoint_files import SAFETENSORS_INDEX, Scope, index_text
 from quant_export.deployable_check import check_deployable
-from quant_export.hf_checkpoint import (
-    SAFETENSORS_INDEX,
-    Scope,
-    _Collected,
-    collect_hf,
-    hf_texts,
-    index_text,
-)
-from quant_export.hf_formats import Kind, LayerExport
+from quant_export.layouts import LAYOUTS
 
-__all__ = ["STREAMED_LAYOUTS", "StreamedCheckpoint"]
-
-
-def _hf_part(model: nn.Module, dtype: torch.dtype, scope: Scope) -> tuple[dict, Any]:
-    collected = collect_hf(model, dtype, scope)
-    tensors, collected.tensors = collected.tensors, {}
-    for layer in collected.layers.values():  # the config reads which tensors a layer has
-        layer.tensors = {k: torch.empty(0) for k in layer.tensors}
-    return tensors, collected
-
-
-def _ct_to_json(part: CTPart) -> dict[str, Any]:
-    layers = {
-        n: {"scheme": x.scheme, "format": x.format, "quantizers": list(x.quantizers)}
-        for n, x in part.layers.items()
-    }
-    return {"layers": layers, "ignore": part.ignore, "kv_fields": part.kv_fields}
-
-
-def _ct_from_json(value: dict[str, Any]) -> CTPart:
-    layers = {
-        n: CTLayer(x["scheme"], x["format"], {}, tuple(x["quantizers"]))
-        for n, x in value["layers"].items()
-    }
-    return CTPart(layers, list(value["ignore"]), value["kv_fields"])
-
-
-def _hf_to_json(part: _Collected) -> dict[str, Any]:
-    layers = {
-        n: {
-            "quant_algo": x.quant_algo, "group_size": x.group_size, "tensors": list(x.tensors),
-            "quantizers": list(x.quantizers), "kinds": [k.value for k in x.kinds],
-        }
-        for n, x in part.layers.items()
-    }  # fmt: skip
-    return {"layers": layers, "excluded": part.excluded, "kv_algos": sorted(part.kv_algos)}
-
-
-def _hf_from_json(value: dict[str, Any]) -> _Collected:
-    part = _Collected()
-    for name, x in value["layers"].items():
-        part.layers[name] = LayerExport(
-            x["quant_algo"], x["group_size"], {k: torch.empty(0) for k in x["tensors"]},
-            tuple(x["quantizers"]), (Kind(x["kinds"][0]), Kind(x["kinds"][1])),
-        )  # fmt: skip
-    part.excluded = list(value["excluded"])
-    part.kv_algos = set(value["kv_algos"])
-    return part
-
-
-@dataclass(frozen=True)
-class _Layout:
-    collect: Callable[[nn.Module, torch.dtype, Scope], tuple[dict[str, torch.Tensor], Any]]
-    texts: Callable[[nn.Module, list[Any], torch.dtype], dict[str, str]]
-    pre_quant_scale: bool  # whether the layout holds pre-quant scales left unfolded
-    to_json: Callable[[Any], dict[str, Any]]  # what a part adds to the config, for --resume
-    from_json: Callable[[dict[str, Any]], Any]
-
-
-STREAMED_LAYOUTS: dict[str, _Layout] = {
-    "compressed-tensors": _Layout(collect_ct, ct_texts, False, _ct_to_json, _ct_from_json),
-    "modelopt": _Layout(_hf_part, hf_texts, True, _hf_to_json, _hf_from_json),
-}
-"""The layouts a streamed checkpoint can be written in."""
+__all__ = ["StreamedCheckpoint"]
 
 
 class StreamedCheckpoint:
     """Writes a checkpoint of ``layout`` into ``folder`` in ``parts`` parts, then :meth:`finish`."""
 
     def __init__(self, folder: Path, layout: str, dtype: torch.dtype, parts: int) -> None:
-        if layout not in STREAMED_LAYOUTS:
-            raise ValueError(
-                f"layout {layout!r} cannot be written layer by layer; one of "
-                f"{', '.join(STREAMED_LAYOUTS)}"
-            )
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+        self._row = LAYOUTS[layout].part_writer()  # ValueError for a whole-model layout
         if parts < 1:
             raise ValueError(f"a checkpoint has at least one part, got {parts}")
         self.folder, self.layout, self.dtype, self.parts = Path(folder), layout, dtype, parts
-        self._row = STREAMED_LAYOUTS[layout]
         self._metas: list[Any] = []
         self._weight_map: dict[str, str] = {}
         self._total = 0

@@ -16,50 +16,39 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BlockLayout", "group_amax", "normalize_block_sizes", "reduce_amax"]
+from quant_kernels.formats import check_block_sizes
 
-# Keys ModelOpt keeps in its block_sizes dict beside the integer axes.
-_META_KEYS = ("type", "scale_bits", "scale_block_sizes", "four_over_six")
+__all__ = [
+    "BlockLayout",
+    "group_amax",
+    "normalize_block_sizes",
+    "reduce_amax",
+]
 
 
 def normalize_block_sizes(
     block_sizes: dict | None, ndim: int
 ) -> tuple[dict[int, int | None] | None, tuple[int, int] | None]:
-    """Split a ModelOpt-style block_sizes dict into ``{non-negative axis: size or None}`` and its scale_bits.
+    """Split a ModelOpt-style block_sizes dict (checked by `check_block_sizes`) into
+    ``{non-negative axis: size or None}`` for a ``ndim``-d tensor and its scale_bits.
 
     ``"type"`` is accepted and ignored (static vs dynamic is decided by whether an amax is given);
     ``"four_over_six"`` is read by `quant_kernels.plan.make_plan`.
     """
     if block_sizes is None:
         return None, None
-    if not isinstance(block_sizes, dict):
-        raise ValueError(f"block_sizes must be a dict {{axis: size}}, got {block_sizes!r}")
+    checked = check_block_sizes(block_sizes)
     axes: dict[int, int | None] = {}
-    scale_bits = None
-    for key, size in block_sizes.items():
-        if isinstance(key, str):
-            if key not in _META_KEYS:
-                raise ValueError(
-                    f"block_sizes has unknown key {key!r}; allowed: integer axes and {_META_KEYS}"
-                )
-            if key == "scale_bits" and size is not None:
-                scale_bits = tuple(size)
-            elif key == "scale_block_sizes" and size:
-                raise ValueError(
-                    "block_sizes['scale_block_sizes'] (double quantization) is not supported"
-                )
+    for key, size in checked.items():
+        if not isinstance(key, int):  # checked: the int keys are the axes
             continue
-        if not isinstance(key, int) or not -ndim <= key < ndim:
+        if not -ndim <= key < ndim:
             raise ValueError(f"block_sizes axis {key!r} is out of range for a {ndim}-d tensor")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-            raise ValueError(f"block_sizes[{key}] must be a positive int or None, got {size!r}")
         axis = key % ndim
         if axis in axes:
             raise ValueError(f"block_sizes names axis {key} twice")
         axes[axis] = size
-    if not axes:
-        raise ValueError(f"block_sizes {block_sizes!r} names no axis")
-    return axes, scale_bits
+    return axes, checked.get("scale_bits")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "FormatSpec",
     "QuantFormat",
     "ScaleMode",
+    "check_block_sizes",
     "nvfp4_global_amax",
 ]
 
@@ -656,33 +658,77 @@ class QuantFormat:
         return self.row.trtllm_quant_algo if self.row is not None else None
 
 
+def _is_axis(key: Any) -> bool:
+    return isinstance(key, int) and not isinstance(key, bool)
+
+
+def check_block_sizes(block_sizes: Any) -> dict[int | str, Any]:
+    """The one validator of ModelOpt's ``block_sizes`` dict: the config schema,
+    `QuantFormat.parse` and the keyword API (`quant_kernels.blocking.normalize_block_sizes`) all
+    call it.
+
+    Integer axes (JSON's digit strings too) with a positive size or None; ``"type"`` ``"static"``
+    or ``"dynamic"``; ``"scale_bits"`` a key of `quant_kernels.formats.SCALE_MODES` (a list becomes
+    a tuple); ``"four_over_six"`` True or False; ``"scale_block_sizes"`` only empty (ModelOpt's
+    double quantization is not supported; an empty one is dropped); at least one axis. Returns the
+    dict so normalized; ValueError names the bad key or value.
+    """
+    if not isinstance(block_sizes, Mapping):
+        raise ValueError(f"block_sizes must be a dict like {{-1: 128}}, got {block_sizes!r}")
+    out: dict[int | str, Any] = {}
+    for key, val in block_sizes.items():
+        if isinstance(key, str) and key.lstrip("-").isdigit():
+            key = int(key)  # JSON turns int keys into strings
+        if _is_axis(key):
+            if val is not None and (not _is_axis(val) or val <= 0):
+                raise ValueError(
+                    f"block_sizes[{key}]: the block size for axis {key} must be a positive int or None, "
+                    f"got {val!r}"
+                )
+        elif key == "type":
+            if val not in ("static", "dynamic"):
+                raise ValueError(f"block_sizes['type'] must be 'static' or 'dynamic', got {val!r}")
+        elif key == "scale_bits":
+            val = tuple(val) if isinstance(val, list) else val
+            if val not in SCALE_MODES:
+                raise ValueError(
+                    f"block_sizes['scale_bits'] must be one of {list(SCALE_MODES)}, got {val!r}"
+                )
+        elif key == "four_over_six":
+            if not isinstance(val, bool):
+                raise ValueError(f"block_sizes['four_over_six'] must be True or False, got {val!r}")
+        elif key == "scale_block_sizes":
+            if val:
+                raise ValueError(
+                    "block_sizes['scale_block_sizes'] (double quantization) is not supported"
+                )
+            continue
+        else:
+            raise ValueError(
+                f"unknown block_sizes key {key!r}; allowed: int axes, 'type', 'scale_bits', "
+                "'four_over_six'"
+            )
+        out[key] = val
+    if not any(_is_axis(k) for k in out):
+        raise ValueError(
+            f"block_sizes {dict(block_sizes)!r} names no axis (scale_bits needs block_sizes with "
+            "an axis, e.g. {-1: 16})"
+        )
+    return out
+
+
 @functools.lru_cache(maxsize=256)
 def _parse_format(num_bits, axis, blocks, type_, unsigned, narrow_range) -> QuantFormat:
     if type_ not in ("static", "dynamic"):
         raise ValueError(f"type must be 'static' or 'dynamic', got {type_!r}")
     element = ElementFormat.parse(num_bits, unsigned=unsigned)
-    axes: list[tuple[int, int | None]] = []
-    scale_bits, dynamic, four_over_six = None, type_ == "dynamic", False
-    for key, value in blocks:
-        if key == "scale_bits":
-            scale_bits = value
-        elif key == "four_over_six":
-            four_over_six = bool(value)
-        elif key == "type":
-            dynamic = dynamic or value == "dynamic"
-        elif isinstance(key, int) and not isinstance(key, bool):
-            axes.append((key, value))
-        elif key != "scale_block_sizes" or value:
-            raise ValueError(
-                f"block_sizes key {key!r} is not supported; allowed: int axes, 'type', 'scale_bits', "
-                "'four_over_six'"
-            )
-    if scale_bits not in SCALE_MODES:
-        raise ValueError(
-            f"scale_bits={scale_bits!r} is not supported; choose one of {list(SCALE_MODES)}"
-        )
-    if scale_bits is not None and not axes:
-        raise ValueError(f"scale_bits={scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
+    # a None scale_bits / type is an unset one (a None block size is a whole-axis block)
+    given = {k: v for k, v in blocks if v is not None or isinstance(k, int)}
+    checked = check_block_sizes(given) if given else {}
+    axes = [(k, v) for k, v in checked.items() if isinstance(k, int)]
+    scale_bits = checked.get("scale_bits")
+    dynamic = type_ == "dynamic" or checked.get("type") == "dynamic"
+    four_over_six = checked.get("four_over_six", False)
     if four_over_six:
         check_four_over_six(element, SCALE_MODES[scale_bits], num_bits, scale_bits)
     return QuantFormat(

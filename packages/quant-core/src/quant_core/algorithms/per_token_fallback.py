@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quant_core.algorithms.shared_inputs import SharedInputs
+from quant_core.input_groups import InputRecorder
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 __all__ = [
@@ -97,7 +97,7 @@ class InputSample:
     rows: dict[str, Tensor] = field(default_factory=dict)
     group: dict[str, str] = field(default_factory=dict)
     """Layer -> the first layer that read the same tensor (q/k/v, gate/up); absent if alone.
-    Filled when the sampling block ends (see :class:`SharedInputs`)."""
+    Filled when the sampling block ends (:meth:`quant_core.input_groups.InputRecorder.sources`)."""
 
 
 @contextmanager
@@ -115,7 +115,7 @@ def sample_inputs(
         raise ValueError(f"fallback_rows must be >= 1, got {max_rows}")
     sample = InputSample()
     samples, keys = sample.rows, {}
-    shared = SharedInputs(layers)
+    shared = InputRecorder()  # which layers read the very tensor the previous one read
     generator = torch.Generator().manual_seed(seed)
 
     def make_hook(name: str) -> Callable:

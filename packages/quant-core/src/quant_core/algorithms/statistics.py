@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from quant_core.algorithms._blocks import to_blocks
 from quant_core.algorithms.registry import ForwardLoop
-from quant_core.algorithms.shared_inputs import SharedInputs
 from quant_core.algorithms.weights import calibrate_weight
 from quant_core.calib.degenerate import load_activation_amax
 from quant_core.distributed import (
@@ -30,6 +29,7 @@ from quant_core.distributed import (
     is_distributed,
     reduce_calibrators,
 )
+from quant_core.input_groups import InputRecorder
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
@@ -170,7 +170,7 @@ def collect_input_stats(
     same tensor (q/k/v projections) share one computation of the per-batch statistics.
     """
     stats = {name: InputStats() for name in modules}
-    shared = SharedInputs(modules)
+    shared = InputRecorder()  # which layers read the very tensor the previous one read
     last: dict[str, Any] = {}
 
     def make_hook(name: str) -> Callable:

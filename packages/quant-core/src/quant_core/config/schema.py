@@ -24,10 +24,9 @@ from pydantic import (
 )
 
 from quant_core.config.mapping_access import MappingAccess
-from quant_kernels.formats import FP_ELEMENT_NAMES, INT_BITS, SCALE_MODES, QuantFormat
+from quant_kernels.formats import FP_ELEMENT_NAMES, INT_BITS, QuantFormat, check_block_sizes
 
 FP_FORMATS = FP_ELEMENT_NAMES  # the supported (exponent, mantissa) pairs, from the format table
-SCALE_FORMATS = {bits: mode.value.upper() for bits, mode in SCALE_MODES.items() if bits is not None}
 
 
 CALIBRATOR_NAMES = ("max", "histogram", "percentile", "mse", "entropy")
@@ -163,46 +162,8 @@ class QuantizerAttributeConfig(BaseModel):
     def _block_sizes(cls, v: Any) -> Any:
         if v is None:
             return None
-        if not isinstance(v, Mapping):
-            raise ValueError(f"block_sizes must be a dict like {{-1: 128}}, got {v!r}")
-        out: dict[int | str, Any] = {}
-        for key, val in v.items():
-            if isinstance(key, str) and key.lstrip("-").isdigit():
-                key = int(key)  # JSON turns int keys into strings
-            if isinstance(key, int):
-                if val is not None and (
-                    isinstance(val, bool) or not isinstance(val, int) or val <= 0
-                ):
-                    raise ValueError(
-                        f"block size for axis {key} must be a positive int or None, got {val!r}"
-                    )
-                out[key] = val
-            elif key == "type":
-                if val not in ("static", "dynamic"):
-                    raise ValueError(
-                        f"block_sizes['type'] must be 'static' or 'dynamic', got {val!r}"
-                    )
-                out[key] = val
-            elif key == "scale_bits":
-                val = tuple(val) if isinstance(val, list) else val
-                if val not in SCALE_FORMATS:
-                    raise ValueError(
-                        f"block_sizes['scale_bits'] must be one of {sorted(SCALE_FORMATS)}, got {val!r}"
-                    )
-                out[key] = val
-            elif key == "four_over_six":
-                if not isinstance(val, bool):
-                    raise ValueError(
-                        f"block_sizes['four_over_six'] must be True or False, got {val!r}"
-                    )
-                out[key] = val
-            else:
-                raise ValueError(
-                    f"unknown block_sizes key {key!r}; allowed: int axes, 'type', 'scale_bits', "
-                    "'four_over_six'"
-                )
-        if not any(isinstance(k, int) for k in out):
-            raise ValueError(f"block_sizes {v!r} names no axis")
+        out = check_block_sizes(v)  # the one validator of the dict's keys and values
+        # what a config may not combine (the kernels take either)
         if out.get("four_over_six") and out.get("type") == "dynamic":
             raise ValueError(
                 "block_sizes['four_over_six'] needs a static (calibrated) NVFP4 quantizer, got "

@@ -12,9 +12,11 @@ from quant_export.onnx_genai.export import (
     KIND,
     LM_HEAD_CHOICES,
     MODEL_TYPES,
+    check_layout,
     check_onnx_genai,
     export_layout,
     export_onnx_genai,
+    is_onnx_genai,
     write_onnx_genai,
 )
 
@@ -24,8 +26,10 @@ __all__ = [
     "KIND",
     "LM_HEAD_CHOICES",
     "MODEL_TYPES",
+    "check_layout",
     "check_onnx_genai",
     "export_layout",
     "export_onnx_genai",
+    "is_onnx_genai",
     "write_onnx_genai",
 ]

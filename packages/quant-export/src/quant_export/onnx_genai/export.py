@@ -277,7 +277,7 @@ def export_onnx_genai(
     :func:`quant_export.output_folder.check_output`).
     """
     from quant_export import __version__
-    from quant_export.output_folder import OutputFolder, check_output
+    from quant_export.export_driver import LayoutOutput
 
     model_dir = (
         Path(tokenizer_or_model_dir)
@@ -285,10 +285,10 @@ def export_onnx_genai(
         else None
     )
     try:
-        output = check_output(out_dir, model_dir, overwrite, kind=KIND)
+        target = LayoutOutput(KIND, out_dir, model_dir=model_dir, overwrite=overwrite)
     except SystemExit as err:
         raise ValueError(str(err).replace("--output ", "out_dir ")) from None
-    with OutputFolder(output) as target:
+    with target:
         write_onnx_genai(
             model,
             target.staging,
@@ -299,9 +299,7 @@ def export_onnx_genai(
             embeddings=embeddings,
         )
         _write_tokenizer(tokenizer_or_model_dir, target.staging)
-        check_onnx_genai(target.staging)
-        record = {"producer": "quant-export", "version": __version__, "kind": KIND}
-        return target.publish(record)
+        return target.publish({"producer": "quant-export", "version": __version__})
 
 
 def export_layout(model: nn.Module, out: Path, _dtype: Any, _sample: Any, _args: Any) -> Path:
@@ -309,3 +307,14 @@ def export_layout(model: nn.Module, out: Path, _dtype: Any, _sample: Any, _args:
     into ``out`` (activations stay fp32 whatever ``--dtype``; the command copies the tokenizer)."""
     write_onnx_genai(model, out)
     return out
+
+
+def is_onnx_genai(folder: Path) -> bool:
+    """Whether ``folder`` holds the ``onnx-genai`` layout (the registry's recogniser)."""
+    return (Path(folder) / "genai_config.json").is_file()
+
+
+def check_layout(folder: Path) -> dict[str, Any]:
+    """The ``onnx-genai`` row's validator: :func:`check_onnx_genai`."""
+    check_onnx_genai(folder)
+    return {"layers": []}

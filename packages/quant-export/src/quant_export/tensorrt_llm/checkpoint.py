@@ -23,8 +23,8 @@ from torch import nn
 from tqdm import tqdm
 
 from quant_core.nn import SequentialQuantizer, TensorQuantizer
+from quant_export.checkpoint_files import DTYPES, check_export_dir, write_atomically
 from quant_export.deployable_check import check_deployable
-from quant_export.hf_checkpoint import DTYPES, check_export_dir, write_atomically
 from quant_export.hf_formats import KV_QUANTIZERS, export_kv_scales
 from quant_export.quantizers import UnsupportedFormatError
 from quant_export.tensorrt_llm import smoothquant_plugin as smoothquant_plugin_layout
@@ -307,3 +307,21 @@ def export_tensorrt_llm_checkpoint(
         return [*texts, *names]
 
     return write_atomically(export_dir, write, stale=("rank*.safetensors", "quant_cfg.json"))
+
+
+def export_layout(model: nn.Module, out: Path, dtype: torch.dtype, _sample: Any, args: Any) -> Path:
+    """The ``trtllm`` row's writer (:mod:`quant_export.layouts`): the decoder type from the model's
+    ``model_type``, ``args.tp`` x ``args.pp`` ranks."""
+    from quant_export.tensorrt_llm.families import DECODER_TYPES
+
+    model_type = model.config.model_type
+    decoder = next((d for d, types in DECODER_TYPES.items() if model_type in types), None)
+    if decoder is None:
+        raise SystemExit(
+            f"--format trtllm: no TensorRT-LLM decoder type covers {model_type!r} (covered: "
+            f"{', '.join(sorted({t for types in DECODER_TYPES.values() for t in types}))})"
+        )
+    return export_tensorrt_llm_checkpoint(
+        model, decoder, dtype, out, inference_tensor_parallel=args.tp,
+        inference_pipeline_parallel=args.pp,
+    )  # fmt: skip

@@ -248,3 +248,14 @@ def normalized_rotary_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] 
     if kind in (None, "default"):
         return None
     return {**scaling, "type": kind}
+
+
+def check_layout(folder: Path) -> dict[str, Any]:
+    """The ``trtllm`` row's validator (:mod:`quant_export.layouts`): what ``validate`` reports."""
+    quant = validate_tensorrt_llm_checkpoint(folder)["quantization"]
+    return {
+        "layers": [],
+        "formats": [quant.get("quant_algo")],
+        "kv_cache": quant.get("kv_cache_quant_algo"),
+        "ignored": quant.get("exclude_modules") or [],
+    }
