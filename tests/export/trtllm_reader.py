@@ -248,11 +248,11 @@ def rebuild(folder: str | Path, fresh: torch.nn.Module) -> torch.nn.Module:
     expert_algo = {}
     if moe:
         for i in range(n):
-            for trt, which in (("fc", "quant_up_proj"), ("proj", "quant_down_proj")):
+            for trt, which in (("fc", "gate_up_proj"), ("proj", "down_proj")):
                 algo = layer_algo(f"transformer.layers.{i}.mlp.{trt}", cfg, layers)
                 expert_algo[(i, trt)] = algo
-                if algo in INPUTS:
-                    quant_cfg[f"model.layers.{i}.mlp.experts.{which}.*.input_quantizer"] = INPUTS[
+                if algo in INPUTS:  # ModelOpt's name: every expert's input quantizer
+                    quant_cfg[f"model.layers.{i}.mlp.experts.{which}_input_quantizer"] = INPUTS[
                         algo
                     ][0]
     with warnings.catch_warnings():  # weight-only formats enable no quantizer here

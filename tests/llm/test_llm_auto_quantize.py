@@ -129,7 +129,7 @@ def test_fused_moe_experts_are_one_unit():
     on = {
         q.is_enabled
         for n, q, _p in mtq.conversion.iter_quantizers(experts)
-        if n.endswith("weight_quantizer")
+        if "weight_quantizer" in n  # ...experts.gate_up_proj_weight_quantizers.3
     }
     assert len(on) == 1  # every expert got the same choice
 

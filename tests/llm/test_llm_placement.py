@@ -57,16 +57,17 @@ FP8_WITH_KV = with_kv_cache(mtq.FP8_DEFAULT_CFG, mtq.FP8_KV_CFG)
 def _expected(family: str, layers: int) -> tuple[set[str], set[str]]:
     prefix, attention, linears, extra = LAYOUT[family]
     modules = [f"{prefix}.{i}.{name}" for i in range(layers) for name in linears] + extra
-    if family == "mixtral":
-        modules += [
-            f"{prefix}.{i}.mlp.experts.quant_{proj}.{e}"
-            for i in range(layers)
-            for proj in ("up_proj", "down_proj")
-            for e in range(NUM_EXPERTS)
-        ]
     linear_quantizers = {
         f"{m}.{q}" for m in modules for q in ("input_quantizer", "weight_quantizer")
     }
+    if family == "mixtral":  # per expert, under ModelOpt's names
+        linear_quantizers |= {
+            f"{prefix}.{i}.mlp.experts.{proj}_{q}_quantizers.{e}"
+            for i in range(layers)
+            for proj in ("gate_up_proj", "down_proj")
+            for q in ("input", "weight")
+            for e in range(NUM_EXPERTS)
+        }
     kv = {
         f"{prefix}.{i}.{attention}.{q}"
         for i in range(layers)

@@ -13,6 +13,7 @@ from quant_core.config.schema import (
     QuantCfgEntry,
     QuantizerAttributeConfig,
     normalize_quant_cfg,
+    normalized_quantizer_name,
     parse_attributes,
 )
 from quant_core.config.unmatched import check_parent_classes, warn_unmatched
@@ -111,7 +112,11 @@ def set_quantizer_by_cfg(model: nn.Module, quant_cfg: Any) -> None:
         keys = _parent_keys(parent)
         cfg: Any = None
         enable: bool | None = None
-        for i in heapq.merge(patterns, by_name.get(name, ())):  # in config order
+        exact = by_name.get(name, ())
+        normalized = normalized_quantizer_name(name)
+        if normalized != name and normalized in by_name:  # ModelOpt's per-expert names
+            exact = sorted({*exact, *by_name[normalized]})
+        for i in heapq.merge(patterns, exact):  # in config order
             entry = entries[i]
             if not entry.matches(name, keys):
                 continue

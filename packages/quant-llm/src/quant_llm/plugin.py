@@ -21,7 +21,7 @@ from types import ModuleType
 
 from torch import nn
 
-from quant_core.nn import QuantModuleRegistry
+from quant_core.nn import QuantModule, QuantModuleRegistry
 
 # Families whose modeling modules are imported (about 10 ms each) so their classes are always mapped.
 KNOWN_FAMILIES: tuple[str, ...] = (
@@ -102,7 +102,48 @@ def register_model(model: nn.Module) -> list[str]:
         for m in model.modules()
         if type(m).__module__.startswith("transformers.models.")
     }
-    return register_transformers_classes(sys.modules[n] for n in sorted(names))
+    added = register_transformers_classes(sys.modules[n] for n in sorted(names))
+    return added + register_special_classes(model) + register_fused_experts(model)
+
+
+# transformers classes with their own quantized class (quant_llm.hf_special): (module, class name)
+_SPECIAL: set[tuple[str, str]] = {
+    ("transformers.models.dbrx.modeling_dbrx", "DbrxExpertGLU"),
+    ("transformers.integrations.finegrained_fp8", "FP8Linear"),
+}
+
+
+def register_special_classes(model: nn.Module) -> list[str]:
+    """Map DBRX's expert GLU and transformers' fine-grained ``FP8Linear`` when ``model`` holds them
+    (see :mod:`quant_llm.hf_special`); returns the names added."""
+    from quant_llm import hf_special
+
+    added = []
+    for cls in {type(m) for m in model.modules()}:
+        special = (cls.__module__, cls.__name__) in _SPECIAL
+        if special and QuantModuleRegistry.get(cls) is None:
+            QuantModuleRegistry.register({cls: cls.__name__})(hf_special.quantized_class(cls))
+            added.append(cls.__name__)
+    return added
+
+
+def register_fused_experts(model: nn.Module) -> list[str]:
+    """Map the class of every module of ``model`` holding fused experts in 3-D parameters (any
+    class, as ModelOpt's ``register_fused_experts_on_the_fly``: see
+    :func:`quant_llm.hf_moe.fused_experts_layout`) that has no mapping yet; returns the names added."""
+    from quant_llm.hf_moe import fused_experts_layout, quant_experts_class
+
+    added = []
+    seen: set[type] = set()
+    for module in model.modules():
+        cls = type(module)
+        if cls in seen or isinstance(module, QuantModule):
+            continue
+        seen.add(cls)
+        if QuantModuleRegistry.get(cls) is None and fused_experts_layout(module) is not None:
+            QuantModuleRegistry.register({cls: cls.__name__})(quant_experts_class(cls))
+            added.append(cls.__name__)
+    return added
 
 
 def _imported_modeling_modules() -> list[ModuleType]:

@@ -9,6 +9,7 @@ to a list of :class:`QuantCfgEntry`; later entries win.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -290,6 +291,17 @@ def parse_attributes(attrs: Any, where: str = "") -> QuantizerAttributeConfig:
         raise ValueError(f"invalid quantizer attributes{where}: " + "; ".join(problems)) from None
 
 
+_PER_EXPERT_QUANTIZER = re.compile(r"(weight_quantizer|input_quantizer)s?\.\d+(?=$|\.)")
+
+
+def normalized_quantizer_name(name: str) -> str:
+    """``name`` with per-expert list indices dropped, as ModelOpt 0.47 matches them:
+    ``...gate_up_proj_weight_quantizers.3`` -> ``...gate_up_proj_weight_quantizer`` (also for
+    ``input_quantizer[s].N``), so ``*weight_quantizer`` and ``*gate_up_proj_weight_quantizer``
+    select every expert's quantizer, as they do on ModelOpt."""
+    return _PER_EXPERT_QUANTIZER.sub(r"\1", name)
+
+
 @dataclass(frozen=True)
 class QuantCfgEntry:
     """One normalized ``quant_cfg`` instruction: which quantizers, and what to set on them."""
@@ -307,7 +319,10 @@ class QuantCfgEntry:
             return False
         if callable(self.quantizer_name):
             return bool(self.quantizer_name(name))
-        return fnmatchcase(name, self.quantizer_name)
+        if fnmatchcase(name, self.quantizer_name):
+            return True
+        normalized = normalized_quantizer_name(name)
+        return normalized != name and fnmatchcase(normalized, self.quantizer_name)
 
 
 _ENTRY_KEYS = {"quantizer_name", "parent_class", "cfg", "enable"}

@@ -127,10 +127,10 @@ def _handle_layer(i: int, layer: nn.Module, layer_name: str, family: Family, dty
         out.experts[prefix + "mlp"] = export_experts(
             f"{layer_name}.{family.moe}", sub[family.moe], dtype
         )
-        out.handled.update(
-            f"{layer_name}.{family.moe}.quant_{w}.{e}.{q}"
+        out.handled.update(  # each expert's quantizers, under ModelOpt's names
+            f"{layer_name}.{family.moe}.{p.param_name}_{q}s.{p.index}"
             for w in ("up_proj", "down_proj")
-            for e in range(len(getattr(sub[family.moe], f"quant_{w}", [])))
+            for p in getattr(sub[family.moe], f"quant_{w}", [])
             for q in _LINEAR_QUANTIZERS
         )
         router = sub[family.router].weight.detach().float()  # TensorRT-LLM's router is float32
