@@ -72,13 +72,13 @@ def test_weights_quantized_once_gives_the_same_outputs_with_one_quantization_per
     with torch.no_grad():
         ref = [model(b) for b in batches]
     calls = []
-    original = quant_kernels.fake_quantize
+    original = quant_kernels.fake_quantize_format
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(quant_kernels, "fake_quantize", counting)
+    monkeypatch.setattr(quant_kernels, "fake_quantize_format", counting)
     with torch.no_grad(), weights_quantized_once(model):
         got = [model(b) for b in batches]
     assert len(calls) == 2  # two weight layers, four batches

@@ -64,6 +64,20 @@ def test_four_over_six_codes_store_e4m3_scales_up_to_384_and_dequantize_exactly(
     assert torch.equal(qt.dequantize(), qk.fake_quantize(w, amax=amax, **kwargs))
 
 
+def test_four_over_six_typed_entry_and_codes_match_the_float64_definition() -> None:
+    """The typed kernel entry and the one quantizer-to-codes path keep four over six (the codes
+    path used to drop the flag and code every block as 6)."""
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2)) * 0.1
+    fmt = qk.QuantFormat.parse(**ATTRS)
+    amax = w.abs().reshape(16, 4, 16).amax(-1)
+    expected, pick_four = _reference(w)
+    assert bool(pick_four.any())
+    y = qk.fake_quantize_format(w, fmt, amax=amax)
+    assert torch.allclose(y.double(), expected, rtol=2e-7, atol=0)
+    codes = qk.format_codes(w, fmt, amax)
+    assert torch.allclose(codes.dequantize().double(), expected, rtol=2e-7, atol=0)
+
+
 def test_four_over_six_config_calibrates_and_restores(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32))

@@ -96,9 +96,8 @@ def test_the_one_nvfp4_global_amax_rule():
     assert dynamic.global_amax(None, x) == x.abs().max()
     assert QuantFormat.parse((4, 3)).global_amax(block_amax, x) is None
     # the kernels apply the same rule when no global amax is passed
-    kwargs = static.fake_quantize_kwargs()
-    implicit = qk.fake_quantize(x, amax=block_amax, **kwargs)
-    explicit = qk.fake_quantize(x, amax=block_amax, global_amax=x.abs().max(), **kwargs)
+    implicit = qk.fake_quantize_format(x, static, block_amax)
+    explicit = qk.fake_quantize_format(x, static, block_amax, global_amax=x.abs().max())
     assert torch.equal(implicit, explicit)
 
 

@@ -40,7 +40,6 @@ from quant_core.input_groups import InputGroup, input_groups
 from quant_core.model_tools import quantizers_disabled
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
-from quant_kernels import ElementFormat
 
 __all__ = ["ROW_PRODUCERS", "DeployReport", "deployment_mismatches", "make_deployable"]
 
@@ -328,8 +327,8 @@ def _fitted_w4a8(int4: TensorQuantizer, fp8: TensorQuantizer) -> tuple[torch.Ten
     times ``weights_scaling_factor_2``. The FP8 stage's scale is rounded up to a power of two and
     each INT4 group scale to ``fp16(ratio) x`` that scale: then every product is exact on both
     sides."""
-    int4_max = ElementFormat.parse(int4.num_bits).max_value
-    fp8_max = ElementFormat.parse(fp8.num_bits).max_value
+    int4_max = int4.format.element.max_value
+    fp8_max = fp8.format.element.max_value
     fp8_scale = torch.exp2(torch.ceil(torch.log2(fp8.amax.detach().float() / fp8_max)))
     ratio = int4.amax.detach().float() / int4_max / fp8_scale
     fitted = ratio.half().float() * fp8_scale * int4_max

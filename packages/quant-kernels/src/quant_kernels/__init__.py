@@ -6,7 +6,12 @@ See the package README's "Public API" section for the contract the upper layers 
 from quant_kernels._version import __version__
 from quant_kernels.blocking import reduce_amax
 from quant_kernels.codes import QuantizedTensor, dequantize_codes, format_codes, quantize_to_codes
-from quant_kernels.dispatch import available_backends, fake_quantize, select_backend
+from quant_kernels.dispatch import (
+    available_backends,
+    fake_quantize,
+    fake_quantize_format,
+    select_backend,
+)
 from quant_kernels.formats import (
     E2M1_MAX,
     E4M3_MAX,
@@ -42,6 +47,7 @@ __all__ = [
     "e8m0_to_float",
     "exponent_to_e8m0",
     "fake_quantize",
+    "fake_quantize_format",
     "fake_quantize_grid",
     "fake_quantize_with_scale",
     "format_codes",

@@ -20,35 +20,27 @@ from quant_kernels.formats import check_block_sizes
 
 __all__ = [
     "BlockLayout",
+    "block_axes",
     "group_amax",
-    "normalize_block_sizes",
     "reduce_amax",
 ]
 
 
-def normalize_block_sizes(
-    block_sizes: dict | None, ndim: int
-) -> tuple[dict[int, int | None] | None, tuple[int, int] | None]:
-    """Split a ModelOpt-style block_sizes dict (checked by `check_block_sizes`) into
-    ``{non-negative axis: size or None}`` for a ``ndim``-d tensor and its scale_bits.
-
-    ``"type"`` is accepted and ignored (static vs dynamic is decided by whether an amax is given);
-    ``"four_over_six"`` is read by `quant_kernels.plan.make_plan`.
-    """
-    if block_sizes is None:
-        return None, None
-    checked = check_block_sizes(block_sizes)
+def block_axes(
+    blocks: tuple[tuple[int, int | None], ...], ndim: int
+) -> dict[int, int | None] | None:
+    """A format's ``((axis, size or None), ...)`` blocks as ``{non-negative axis: size or None}``
+    for a ``ndim``-d tensor (ValueError for an axis out of range or named twice); None for none."""
+    if not blocks:
+        return None
     axes: dict[int, int | None] = {}
-    for key, size in checked.items():
-        if not isinstance(key, int):  # checked: the int keys are the axes
-            continue
+    for key, size in blocks:
         if not -ndim <= key < ndim:
             raise ValueError(f"block_sizes axis {key!r} is out of range for a {ndim}-d tensor")
-        axis = key % ndim
-        if axis in axes:
+        if key % ndim in axes:
             raise ValueError(f"block_sizes names axis {key} twice")
-        axes[axis] = size
-    return axes, checked.get("scale_bits")
+        axes[key % ndim] = size
+    return axes
 
 
 @dataclass(frozen=True)
@@ -226,7 +218,8 @@ def reduce_amax(
     in/128)`` for ``{-1: 128}``); `fake_quantize` accepts it back as a static amax. The result is
     float32; NaN in a group gives NaN for that group.
     """
-    axes, _ = normalize_block_sizes(block_sizes, x.dim())
+    checked = check_block_sizes(block_sizes) if block_sizes else {}
+    axes = block_axes(tuple((k, v) for k, v in checked.items() if isinstance(k, int)), x.dim())
     layout = layout_for(tuple(x.shape), axes, axis)
     if axis is None and axes is None:
         _check_not_empty(x, list(range(x.dim())))

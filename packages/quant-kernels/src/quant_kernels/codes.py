@@ -6,6 +6,7 @@ exported checkpoint reproduces what calibration and QAT simulated.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from quant_kernels.blocking import group_amax
 from quant_kernels.formats import ElementFormat, QuantFormat, ScaleMode
 from quant_kernels.packing import e8m0_to_float, exponent_to_e8m0, pack_fp4, pack_int4
-from quant_kernels.plan import QuantPlan, make_plan
+from quant_kernels.plan import QuantPlan, make_plan, plan_for_format
 from quant_kernels.reference import grid_values, view_scales
 
 __all__ = ["QuantizedTensor", "dequantize_codes", "format_codes", "quantize_to_codes"]
@@ -84,16 +85,9 @@ def format_codes(
     ``amax`` is the calibrated amax (ignored by dynamic formats), ``global_amax`` NVFP4's per-tensor
     amax, ``block_sizes`` the blocks with axes made non-negative for ``x`` (default: the format's).
     """
-    return quantize_to_codes(
-        x,
-        num_bits=fmt.num_bits,
-        amax=None if fmt.dynamic else amax,
-        block_sizes=(fmt.block_axes if block_sizes is None else block_sizes) or None,
-        scale_bits=fmt.scale_bits,
-        global_amax=global_amax,
-        unsigned=fmt.unsigned,
-        narrow_range=fmt.narrow_range,
-    )
+    if block_sizes is not None:
+        fmt = dataclasses.replace(fmt, blocks=tuple(block_sizes.items()))
+    return plan_codes(x, plan_for_format(x, fmt, None if fmt.dynamic else amax, global_amax))
 
 
 def quantize_to_codes(
@@ -114,6 +108,11 @@ def quantize_to_codes(
     plan = make_plan(
         x, num_bits, amax, block_sizes, scale_bits, global_amax, unsigned, narrow_range
     )
+    return plan_codes(x, plan)
+
+
+def plan_codes(x: torch.Tensor, plan: QuantPlan) -> QuantizedTensor:
+    """Codes and scales of ``x`` quantized by ``plan`` (see `quantize_to_codes`)."""
     layout = plan.layout
     xv = layout.to_view(x.detach().reshape(layout.shape))
     amax_v = plan.amax if plan.amax is not None else group_amax(xv, layout.reduce_dims)

@@ -12,10 +12,17 @@ from collections.abc import Callable
 
 import torch
 
-from quant_kernels.plan import QuantPlan, make_plan
+from quant_kernels.formats import QuantFormat
+from quant_kernels.plan import QuantPlan, check_input, keyword_format, plan_for_format
 from quant_kernels.reference import fake_quantize_reference
 
-__all__ = ["available_backends", "fake_quantize", "select_backend", "ste_mask"]
+__all__ = [
+    "available_backends",
+    "fake_quantize",
+    "fake_quantize_format",
+    "select_backend",
+    "ste_mask",
+]
 
 Backend = Callable[[torch.Tensor, QuantPlan], tuple[torch.Tensor, torch.Tensor]]
 
@@ -109,26 +116,37 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize then dequantize ``x`` (same dtype and shape); static when ``amax`` is given, dynamic when not.
 
-    See the package README for the arguments. ``validate_amax=False`` skips checking that ``amax``
-    and ``global_amax`` are finite and non-negative, a check that waits for the device on CUDA: for
-    callers that validated them already (``TensorQuantizer`` does when its amax is set); a bad value
-    then gives NaN or wrong outputs instead of a ValueError. Nothing else in a call reads tensor
-    values on the host. Gradients are straight-through where saturation did
+    The ModelOpt-style keyword form of `fake_quantize_format`: the format attributes are parsed by
+    `QuantFormat.parse` (see the package README for them). ``validate_amax=False`` skips checking
+    that ``amax`` and ``global_amax`` are finite and non-negative, a check that waits for the device
+    on CUDA: for callers that validated them already (``TensorQuantizer`` does when its amax is
+    set); a bad value then gives NaN or wrong outputs instead of a ValueError. Nothing else in a
+    call reads tensor values on the host. Gradients are straight-through where saturation did
     not change the value (see `ste_mask`) and zero where it did; ``amax`` gets no gradient.
     ``pass_through_bwd=True`` passes the gradient unchanged everywhere, saturated values included
     (ModelOpt's ``pass_through_bwd``; nothing is saved for backward).
     """
-    plan = make_plan(
-        x,
-        num_bits,
-        amax,
-        block_sizes,
-        scale_bits,
-        global_amax,
-        unsigned,
-        narrow_range,
-        validate_amax,
-    )
+    check_input(x)
+    fmt = keyword_format(num_bits, block_sizes, scale_bits, unsigned, narrow_range)
+    return fake_quantize_format(
+        x, fmt, amax, global_amax, backend=backend, validate_amax=validate_amax,
+        pass_through_bwd=pass_through_bwd,
+    )  # fmt: skip
+
+
+def fake_quantize_format(
+    x: torch.Tensor,
+    fmt: QuantFormat,
+    amax: torch.Tensor | float | None = None,
+    global_amax: torch.Tensor | float | None = None,
+    *,
+    backend: str | None = None,
+    validate_amax: bool = True,
+    pass_through_bwd: bool = False,
+) -> torch.Tensor:
+    """`fake_quantize` in the typed format ``fmt``: static when ``amax`` is given, dynamic when not
+    (a dynamic quantizer passes none); the other arguments as `fake_quantize`'s."""
+    plan = plan_for_format(x, fmt, amax, global_amax, validate_amax)
     if x.numel() == 0:
         return x.clone()
     _, fn = select_backend(x, plan, backend)

@@ -504,6 +504,8 @@ class QuantFormat:
     ) -> QuantFormat:
         """The format of a quantizer with these attributes (ModelOpt's names; ``block_sizes`` may
         carry ``"type"``, ``"scale_bits"`` and ``"four_over_six"``). ValueError names a bad value."""
+        if block_sizes is not None and not isinstance(block_sizes, Mapping):
+            raise ValueError(f"block_sizes must be a dict like {{-1: 128}}, got {block_sizes!r}")
         items = tuple((block_sizes or {}).items())
         key = (
             tuple(num_bits) if isinstance(num_bits, list) else num_bits,
@@ -564,16 +566,6 @@ class QuantFormat:
         """`block_axes` plus ``"four_over_six": True`` when set: ``fake_quantize``'s ``block_sizes``."""
         axes = self.block_axes
         return {**axes, "four_over_six": True} if axes and self.four_over_six else axes
-
-    def fake_quantize_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``quant_kernels.fake_quantize`` (add ``amax`` / ``global_amax``)."""
-        return {
-            "num_bits": self.num_bits,
-            "block_sizes": self.kernel_block_sizes,
-            "scale_bits": self.scale_bits,
-            "unsigned": self.unsigned,
-            "narrow_range": self.narrow_range,
-        }
 
     def global_amax(
         self, amax: torch.Tensor | None, x: torch.Tensor | None = None

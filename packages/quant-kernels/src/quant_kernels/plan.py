@@ -7,17 +7,24 @@ from dataclasses import dataclass
 
 import torch
 
-from quant_kernels.blocking import BlockLayout, layout_for, normalize_block_sizes
+from quant_kernels.blocking import BlockLayout, block_axes, layout_for
 from quant_kernels.formats import (
     E4M3_MAX,
-    SCALE_MODES,
     ElementFormat,
+    QuantFormat,
     ScaleMode,
-    check_four_over_six,
     nvfp4_global_amax,
 )
 
-__all__ = ["QuantPlan", "check_amax", "global_amax_of", "make_plan"]
+__all__ = [
+    "QuantPlan",
+    "check_amax",
+    "check_input",
+    "global_amax_of",
+    "keyword_format",
+    "make_plan",
+    "plan_for_format",
+]
 
 FOUR_OVER_SIX_E4M3_MAX = 256.0
 """NVFP4 "four over six": the E4M3 value a block scale of the global amax maps to (448 without it),
@@ -76,6 +83,22 @@ def check_amax(amax: torch.Tensor, name: str = "amax", values: bool = True) -> t
     )
 
 
+def keyword_format(
+    num_bits: int | tuple[int, int],
+    block_sizes: dict | None,
+    scale_bits: tuple[int, int] | None,
+    unsigned: bool,
+    narrow_range: bool,
+) -> QuantFormat:
+    """The `QuantFormat` of `fake_quantize`'s ModelOpt-style keywords (``scale_bits`` overrides
+    ``block_sizes["scale_bits"]``; ``block_sizes["type"]`` is ignored: an amax makes a call static)."""
+    if scale_bits is not None:
+        block_sizes = {**(block_sizes or {}), "scale_bits": tuple(scale_bits)}
+    return QuantFormat.parse(
+        num_bits, block_sizes=block_sizes, unsigned=unsigned, narrow_range=narrow_range
+    )
+
+
 def make_plan(
     x: torch.Tensor,
     num_bits: int | tuple[int, int],
@@ -87,10 +110,14 @@ def make_plan(
     narrow_range: bool,
     validate_amax: bool = True,
 ) -> QuantPlan:
-    """Check every argument of `fake_quantize` and return the plan (ValueError names the bad one).
+    """`plan_for_format` of `fake_quantize`'s keyword arguments (ValueError names a bad one)."""
+    check_input(x)
+    fmt = keyword_format(num_bits, block_sizes, scale_bits, unsigned, narrow_range)
+    return plan_for_format(x, fmt, amax, global_amax, validate_amax)
 
-    ``validate_amax=False`` skips the value check of ``amax`` and ``global_amax`` (see `check_amax`),
-    so that no call waits for the device."""
+
+def check_input(x: torch.Tensor) -> None:
+    """ValueError unless ``x`` is a float32, float16 or bfloat16 tensor."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (
         torch.float32,
         torch.float16,
@@ -98,26 +125,28 @@ def make_plan(
     ):
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a float32, float16 or bfloat16 tensor, got {got}")
-    element = ElementFormat.parse(num_bits, unsigned=unsigned)
-    axes, dict_scale_bits = normalize_block_sizes(block_sizes, max(x.dim(), 1))
-    if scale_bits is None:
-        scale_bits = dict_scale_bits
-    scale_bits = tuple(scale_bits) if scale_bits is not None else None
-    if scale_bits not in SCALE_MODES:
-        raise ValueError(
-            f"scale_bits={scale_bits!r} is not supported; choose one of {list(SCALE_MODES)}"
-        )
-    scale_mode = SCALE_MODES[scale_bits]
-    if scale_mode is not ScaleMode.FLOAT32 and axes is None:
-        raise ValueError(f"scale_bits={scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
-    four_over_six = bool((block_sizes or {}).get("four_over_six", False))
-    if four_over_six:
-        check_four_over_six(element, scale_mode, num_bits, scale_bits)
-    if global_amax is not None and scale_mode is not ScaleMode.E4M3:
+
+
+def plan_for_format(
+    x: torch.Tensor,
+    fmt: QuantFormat,
+    amax: torch.Tensor | float | None = None,
+    global_amax: torch.Tensor | float | None = None,
+    validate_amax: bool = True,
+) -> QuantPlan:
+    """The plan that quantizes ``x`` in ``fmt``: static with ``amax``, dynamic without (whatever
+    ``fmt.dynamic`` says; a caller passes no amax for a dynamic quantizer).
+
+    ``validate_amax=False`` skips the value check of ``amax`` and ``global_amax`` (see `check_amax`),
+    so that no call waits for the device."""
+    check_input(x)
+    axes = block_axes(fmt.blocks, max(x.dim(), 1))
+    if fmt.scale_mode is not ScaleMode.FLOAT32 and axes is None:
+        raise ValueError(f"scale_bits={fmt.scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")
+    if global_amax is not None and fmt.scale_mode is not ScaleMode.E4M3:
         raise ValueError(
             "global_amax is only used with scale_bits=(4, 3) (NVFP4-style two-level scales)"
         )
-
     shape = tuple(x.shape) if x.dim() else (1,)
     amax_t = check_amax(amax, "amax", validate_amax).to(x.device) if amax is not None else None
     layout = layout_for(shape, axes, None, amax_t)
@@ -128,10 +157,12 @@ def make_plan(
         if gamax.numel() != 1:
             raise ValueError(f"global_amax must have one value, got shape {tuple(gamax.shape)}")
         gamax = gamax.reshape(())
-    elif scale_mode is ScaleMode.E4M3:
+    elif fmt.scale_mode is ScaleMode.E4M3:
         gamax = nvfp4_global_amax(block_amax=amax_view)  # None when dynamic: see global_amax_of
-    lo, hi = element.bounds(narrow_range)
-    return QuantPlan(element, layout, scale_mode, lo, hi, amax_view, gamax, four_over_six)
+    lo, hi = fmt.bounds
+    return QuantPlan(
+        fmt.element, layout, fmt.scale_mode, lo, hi, amax_view, gamax, fmt.four_over_six
+    )
 
 
 def global_amax_of(plan: QuantPlan, amax: torch.Tensor) -> torch.Tensor | None:

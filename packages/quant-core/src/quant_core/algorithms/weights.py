@@ -14,6 +14,7 @@ the algorithms run unchanged for INT4/INT8 block-wise, FP8, NVFP4 or MX weights.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -103,11 +104,13 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
         block, per_tensor = None, True
     else:
         return None
-    kwargs = qfmt.fake_quantize_kwargs()
-    del kwargs["block_sizes"]
-    if global_amax is not None and qfmt.has_global_amax:
-        kwargs["global_amax"] = global_amax
+    if global_amax is None or not qfmt.has_global_amax:
+        global_amax = None
     grid = qfmt if qfmt.scale_mode is qk.ScaleMode.FLOAT32 else None
+
+    def along_last(size: int) -> qk.QuantFormat:
+        # the searches score plain blocks: four over six's per-block choice is not searched
+        return dataclasses.replace(qfmt, blocks=((-1, size),), four_over_six=False)
 
     def quant(x: Tensor, amax: Tensor) -> Tensor:
         if grid is not None:
@@ -116,11 +119,9 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
         x = x.expand(*lead, x.shape[-1])
         if amax.shape[-1] == 1 and x.shape[-1] > 1:
             amax = amax.expand(*lead, 1)
-            return qk.fake_quantize(x, amax=amax, block_sizes={-1: x.shape[-1]}, **kwargs)
+            return qk.fake_quantize_format(x, along_last(x.shape[-1]), amax, global_amax)
         amax = amax.expand_as(x)  # one amax per element: blocks of one along the last axis
-        y = qk.fake_quantize(
-            x.unsqueeze(-1), amax=amax.unsqueeze(-1), block_sizes={-1: 1}, **kwargs
-        )
+        y = qk.fake_quantize_format(x.unsqueeze(-1), along_last(1), amax.unsqueeze(-1), global_amax)
         return y.squeeze(-1)
 
     return BlockFormat(quant, block, per_tensor, grid)
@@ -178,17 +179,11 @@ def input_format(module: nn.Module) -> QuantFn | None:
     if not q.is_enabled:
         return None
     fmt = q.format
-    kwargs = {"num_bits": fmt.num_bits, "unsigned": fmt.unsigned, "narrow_range": fmt.narrow_range}
     if fmt.dynamic or fmt.blocks or fmt.axis is not None:
-        blocks, scale_bits = fmt.block_axes, fmt.scale_bits
-
-        def dynamic(x: Tensor, _amax: Tensor) -> Tensor:
-            return qk.fake_quantize(
-                x, block_sizes=blocks or {-1: None}, scale_bits=scale_bits, **kwargs
-            )
-
-        return dynamic
-    return lambda x, amax: qk.fake_quantize(x, amax=amax, **kwargs)
+        # dynamic: the kernels take the amax per token (a whole-last-axis block) or per block
+        dynamic = fmt if fmt.blocks else dataclasses.replace(fmt, blocks=((-1, None),))
+        return lambda x, _amax: qk.fake_quantize_format(x, dynamic)
+    return lambda x, amax: qk.fake_quantize_format(x, fmt, amax)
 
 
 def apply_input_scale(

@@ -30,11 +30,10 @@ class WeightFormat:
 
 def weight_format(quantizer: object) -> WeightFormat:
     """Read ``quantizer``'s element format, last-axis block size, axis and block-scale format."""
-    blocks = quantizer.block_sizes or {}
-    block = blocks.get(-1)
+    fmt = quantizer.format
     return WeightFormat(
-        element=qk.ElementFormat.parse(quantizer.num_bits, unsigned=quantizer.unsigned),
-        block=block,
-        axis=None if blocks else quantizer.axis,
-        scale_bits=quantizer.scale_bits,
+        element=fmt.element,
+        block=fmt.block_size,
+        axis=None if fmt.blocks else fmt.axis,
+        scale_bits=fmt.scale_bits,
     )

@@ -411,19 +411,14 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
                 validate_amax=False,
             )
             return unit * bound
-        y = qk.fake_quantize(
+        return qk.fake_quantize_format(
             x_in,
-            num_bits=attrs.num_bits,
+            fmt,
             amax=amax_arg.detach() if amax_arg is not None else None,
-            block_sizes=fmt.kernel_block_sizes,
-            scale_bits=fmt.scale_bits,
             global_amax=global_amax.detach().to(x.device) if global_amax is not None else None,
-            unsigned=attrs.unsigned,
-            narrow_range=attrs.narrow_range,
             validate_amax=False,  # checked when set (amax setter, state dict), or taken from x
             pass_through_bwd=attrs.pass_through_bwd,
         )
-        return y
 
     def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
         cfg = self._attrs.bias
