@@ -10,8 +10,8 @@ shared_embeddings=false``), and torch fp32 with its KV cache.
 * decode tokens/s: 128 greedy tokens after a 32-token prompt, batch 1 (the prefill excluded);
 * prefill tokens/s: one 512-token prompt;
   both at 1 and 2 threads, every model loaded once and warmed up, then measured in turn within
-  each repeat (interleaved, each repeat starting one model later); the median of ``--reps``, in tokens per wall second and (1 thread)
-  tokens per CPU second;
+  each repeat (interleaved, each repeat starting one model later); the median of ``--reps``, in
+  tokens per wall second and (1 thread) tokens per CPU second;
 * perplexity of each onnx model computed through onnxruntime (plain InferenceSession, empty KV
   cache) on the held-apart windows, against the fake-quant torch model's
   (``quant_llm.evaluation.windows_perplexity``) and fp32's.
