@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from quant_kernels.formats import QuantFormat
-from quant_kernels.plan import QuantPlan, check_input, keyword_format, plan_for_format
+from quant_kernels.plan import QuantPlan, keyword_format, plan_for_format
 from quant_kernels.reference import fake_quantize_reference
 
 __all__ = [
@@ -126,7 +126,6 @@ def fake_quantize(
     ``pass_through_bwd=True`` passes the gradient unchanged everywhere, saturated values included
     (ModelOpt's ``pass_through_bwd``; nothing is saved for backward).
     """
-    check_input(x)
     fmt = keyword_format(num_bits, block_sizes, scale_bits, unsigned, narrow_range)
     return fake_quantize_format(
         x, fmt, amax, global_amax, backend=backend, validate_amax=validate_amax,

@@ -19,7 +19,6 @@ from quant_kernels.formats import (
 __all__ = [
     "QuantPlan",
     "check_amax",
-    "check_input",
     "global_amax_of",
     "keyword_format",
     "make_plan",
@@ -111,12 +110,11 @@ def make_plan(
     validate_amax: bool = True,
 ) -> QuantPlan:
     """`plan_for_format` of `fake_quantize`'s keyword arguments (ValueError names a bad one)."""
-    check_input(x)
     fmt = keyword_format(num_bits, block_sizes, scale_bits, unsigned, narrow_range)
     return plan_for_format(x, fmt, amax, global_amax, validate_amax)
 
 
-def check_input(x: torch.Tensor) -> None:
+def _check_input(x: torch.Tensor) -> None:
     """ValueError unless ``x`` is a float32, float16 or bfloat16 tensor."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (
         torch.float32,
@@ -139,7 +137,7 @@ def plan_for_format(
 
     ``validate_amax=False`` skips the value check of ``amax`` and ``global_amax`` (see `check_amax`),
     so that no call waits for the device."""
-    check_input(x)
+    _check_input(x)
     axes = block_axes(fmt.blocks, max(x.dim(), 1))
     if fmt.scale_mode is not ScaleMode.FLOAT32 and axes is None:
         raise ValueError(f"scale_bits={fmt.scale_bits!r} needs block_sizes (e.g. {{-1: 16}})")

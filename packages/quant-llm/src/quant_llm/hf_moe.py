@@ -51,6 +51,22 @@ _F_LINEAR = F.linear  # the real one: the generic experts' forward replaces F.li
 _OWN = object()  # ExpertProjection.forward: no bias given, use the expert's own
 
 
+def slice_index(view: torch.Tensor, param: torch.Tensor, step: int) -> int | None:
+    """``i`` when ``view`` starts ``i * step`` elements into ``param``'s storage (the ``i``-th expert's
+    slice, recognised by its storage as ModelOpt recognises it), else None (a copy, another tensor)."""
+    try:
+        same = view.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+    except (
+        RuntimeError,
+        NotImplementedError,
+    ):  # tensor subclasses without a storage (e.g. DTensor)
+        return None
+    if not same or step <= 0:
+        return None
+    index, rest = divmod(view.storage_offset() - param.storage_offset(), step)
+    return index if rest == 0 and index >= 0 else None
+
+
 class ExpertProjection(FoldableWeight, nn.Linear):
     """One expert's projection as a linear layer; ``weight`` is its (out, in) slice of the fused parameter.
 
@@ -179,7 +195,7 @@ class QuantFusedExperts(QuantModule):
             if getattr(self, "has_gate", True) and _is_3d(self, "gate_up_proj")
             else "up_proj"
         )
-        self._quant_up_name = up
+        self._first_proj_attr = up  # ModelOpt's attribute name (its exporters read it)
         n = self.num_experts
         for param in (up, "down_proj"):
             self.add_module(
@@ -195,16 +211,11 @@ class QuantFusedExperts(QuantModule):
             ExpertProjection(self, "down_proj", e) for e in range(n)
         )
 
-    @property
-    def _first_proj_attr(self) -> str:
-        """ModelOpt's name for the first projection's parameter (``gate_up_proj`` or ``up_proj``)."""
-        return self._quant_up_name
-
     def _input_view(self, param: str) -> ExpertsQuantizerView:
-        if param != "down_proj" and param != self._quant_up_name:
+        if param != "down_proj" and param != self._first_proj_attr:
             raise AttributeError(
                 f"{type(self).__name__} has no {param}_input_quantizer (its first projection is "
-                f"{self._quant_up_name})"
+                f"{self._first_proj_attr})"
             )
         return ExpertsQuantizerView(
             f"{param}_input_quantizer", getattr(self, f"{param}_input_quantizers")
@@ -271,18 +282,16 @@ class QuantGenericFusedExperts(QuantFusedExperts):
 
     def _projection_of(self, weight: torch.Tensor) -> ExpertProjection | None:
         for projections, name in (
-            (self.quant_up_proj, self._quant_up_name),
+            (self.quant_up_proj, self._first_proj_attr),
             (self.quant_down_proj, "down_proj"),
         ):
             param = getattr(self, name)
-            try:
-                same = weight.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
-            except (RuntimeError, NotImplementedError):
-                same = False
-            if not same or param.stride(0) == 0:
-                continue
-            index, rest = divmod(weight.storage_offset() - param.storage_offset(), param.stride(0))
-            if rest == 0 and 0 <= index < len(projections) and weight.numel() == param[0].numel():
+            index = slice_index(weight, param, param.stride(0))
+            if (
+                index is not None
+                and index < len(projections)
+                and weight.numel() == param[0].numel()
+            ):
                 return projections[index]
         return None
 
@@ -310,7 +319,7 @@ class QuantGenericFusedExperts(QuantFusedExperts):
         if not hits and any(q.is_enabled for q in self._expert_quantizers()):
             raise RuntimeError(
                 f"{type(self).__name__}: its forward ran no F.linear on an expert's slice of "
-                f"{self._quant_up_name} / down_proj (torch.bmm, matmul or a fused kernel?), so its "
+                f"{self._first_proj_attr} / down_proj (torch.bmm, matmul or a fused kernel?), so its "
                 "enabled expert quantizers would never apply; disable them (e.g. "
                 "{'quantizer_name': '*experts*', 'enable': False}) or register a quantized class "
                 "for it with mtq.register"
@@ -318,7 +327,7 @@ class QuantGenericFusedExperts(QuantFusedExperts):
         return out
 
     def _expert_quantizers(self) -> Iterator[nn.Module]:
-        for param in (self._quant_up_name, "down_proj"):
+        for param in (self._first_proj_attr, "down_proj"):
             for kind in ("input", "weight"):
                 yield from getattr(self, f"{param}_{kind}_quantizers")
 

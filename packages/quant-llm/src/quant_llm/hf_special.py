@@ -30,6 +30,7 @@ from torch import nn
 from quant_core.nn import QuantModule, TensorQuantizer
 from quant_core.nn.quant_module import INPUT_DEFAULT, WEIGHT_DEFAULT, FoldableWeight
 from quant_llm.derived_classes import quantized_subclass
+from quant_llm.hf_moe import slice_index
 
 
 class DbrxExpertLinear(FoldableWeight, nn.Linear):
@@ -79,15 +80,13 @@ class QuantDbrxExpertGLU(QuantModule):
 
     def _expert_index(self, expert_w1: torch.Tensor) -> int:
         """The expert whose slice of ``w1`` DbrxExperts passed (from its storage offset)."""
-        per_expert = self.ffn_hidden_size * self.hidden_size
-        offset = expert_w1.storage_offset() - self.w1.storage_offset()
-        same = expert_w1.untyped_storage().data_ptr() == self.w1.untyped_storage().data_ptr()
-        if not same or offset % per_expert or not 0 <= offset // per_expert < self.moe_num_experts:
+        index = slice_index(expert_w1, self.w1, self.ffn_hidden_size * self.hidden_size)
+        if index is None or index >= self.moe_num_experts:
             raise ValueError(
                 f"{type(self).__name__}: expert_w1 is not a slice of this GLU's w1 (a copy, or "
                 "a redistributed tensor); the quantized DBRX experts need DbrxExperts' own slices"
             )
-        return offset // per_expert
+        return index
 
     def forward(
         self,

@@ -15,6 +15,7 @@ the algorithms run unchanged for INT4/INT8 block-wise, FP8, NVFP4 or MX weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,6 +109,7 @@ def kernel_format(quantizer: nn.Module, global_amax: Tensor | None = None) -> Bl
         global_amax = None
     grid = qfmt if qfmt.scale_mode is qk.ScaleMode.FLOAT32 else None
 
+    @functools.cache  # one format per block length, not one per call
     def along_last(size: int) -> qk.QuantFormat:
         # the searches score plain blocks: four over six's per-block choice is not searched
         return dataclasses.replace(qfmt, blocks=((-1, size),), four_over_six=False)

@@ -9,6 +9,7 @@ to a list of :class:`QuantCfgEntry`; later entries win.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -294,6 +295,7 @@ def parse_attributes(attrs: Any, where: str = "") -> QuantizerAttributeConfig:
 _PER_EXPERT_QUANTIZER = re.compile(r"(weight_quantizer|input_quantizer)s?\.\d+(?=$|\.)")
 
 
+@functools.lru_cache(maxsize=65536)  # matched against every config entry of every quantizer
 def normalized_quantizer_name(name: str) -> str:
     """``name`` with per-expert list indices dropped, as ModelOpt 0.47 matches them:
     ``...gate_up_proj_weight_quantizers.3`` -> ``...gate_up_proj_weight_quantizer`` (also for
