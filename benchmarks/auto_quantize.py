@@ -84,8 +84,9 @@ def random_mix(state: dict, budget_bits: float, seed: int) -> tuple[dict[str, st
 
 def modelopt_search(
     task: Task, budget: float, steps: int, state: dict
-) -> tuple[object, dict[str, str], str]:
-    """ModelOpt's auto_quantize on a copy of the task's model: (its model, its choice in our names, cost)."""
+) -> tuple[object, dict[str, str], float, str]:
+    """ModelOpt's auto_quantize on a copy of the task's model: (its model, its choice in our names,
+    its whole-model bits under quant's table, cost)."""
     import modelopt.torch.quantization as mq
 
     fresh = copy.deepcopy(task.fp)
@@ -108,7 +109,12 @@ def modelopt_search(
     for names in state["groups"].values():
         picked = next(recipe[n] for n in names if n in recipe)
         choice.update(dict.fromkeys(names, picked if picked in FORMATS else "None"))
-    return model, choice, str(cost)
+    bits_per_format = dict(zip(state["candidates"], next(iter(state["candidate_bits"].values()))))
+    extra = {  # layers ModelOpt searched that quant leaves out (lm_head), at their picked format
+        name: bits_per_format.get(recipe.get(name, "None"), 16.0)
+        for name in state["whole_model"]["excluded"]
+    }
+    return model, choice, whole_bits(state, choice, extra), str(cost)
 
 
 class Cost:
@@ -136,6 +142,24 @@ def bits_of(state: dict, choice: dict[str, str]) -> float:
         for n, c in choice.items()
     )
     return used / sum(params.values())
+
+
+def with_lm_head(fmt: str | dict | None) -> dict | None:
+    """The candidate config without its ``*lm_head*`` exclusion (None stays None)."""
+    if fmt is None:
+        return None
+    cfg = getattr(mtq, fmt) if isinstance(fmt, str) else fmt
+    entries = [e for e in cfg["quant_cfg"] if "lm_head" not in str(e.get("quantizer_name", ""))]
+    return {**cfg, "quant_cfg": entries}
+
+
+def whole_bits(state: dict, choice: dict[str, str], excluded_bits: dict[str, float]) -> float:
+    """Effective bits over every Linear: the searched layers' choice plus the excluded ones."""
+    params = {n: v["params"] for n, v in state["layers"].items()}
+    excluded = state["whole_model"]["excluded"]
+    used = bits_of(state, choice) * sum(params.values())
+    used += sum(excluded[n] * excluded_bits[n] for n in excluded)
+    return used / (sum(params.values()) + sum(excluded.values()))
 
 
 @dataclass
@@ -211,6 +235,33 @@ def main() -> None:
         default=4,
         help="calibration and score batches (SmolLM2 2x512 tokens, MiniLM 32 sentences)",
     )
+    parser.add_argument(
+        "--methods",
+        default="gradient_approx,gradient",
+        help="quant score methods to run, comma-separated (gradient_approx, gradient, kl)",
+    )
+    parser.add_argument(
+        "--int4-algorithm",
+        choices=["max", "preset"],
+        default="max",
+        help="quant's INT4 candidate calibration: max (ModelOpt's preset, the same work for both "
+        "tools) or quant's preset algorithm (local_hessian)",
+    )
+    parser.add_argument(
+        "--search-lm-head",
+        action="store_true",
+        help="quant's candidates also quantize lm_head (their '*lm_head*' exclusion dropped), as "
+        "ModelOpt's search does",
+    )
+    parser.add_argument(
+        "--count-excluded",
+        action="store_true",
+        help="quant's budget counts every Linear (count_excluded=True): lm_head at 16 bits when "
+        "it is not searched",
+    )
+    parser.add_argument(
+        "--no-random", action="store_true", help="skip the uniform and random-mix rows"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -224,51 +275,77 @@ def main() -> None:
     def quality_of(choice: dict[str, str]) -> float:
         return task.evaluate(mtq.quantize(copy.deepcopy(fp), mix_config(choice)))
 
-    rows = [("fp32", 16.0, task.evaluate(fp), "", "")]
-    uniform: dict[str, tuple[float, float]] = {}
+    ours = list(FORMATS)
+    if args.int4_algorithm == "max":
+        ours[0] = {**getattr(mtq, FORMATS[0]), "algorithm": "max"}
+    if args.search_lm_head:
+        ours = [with_lm_head(f) for f in ours]
+    rows = [("fp32", 16.0, 16.0, task.evaluate(fp), "", "")]
+    uniform: dict[str, tuple[float, float, float]] = {}
     for b in args.budgets.split(","):
         budget = float(b)
-        fresh = copy.deepcopy(fp)
-        with Cost() as cost:
-            model, state = mtq.auto_quantize(
-                fresh,
-                {"effective_bits": budget},
-                FORMATS,
-                task.loader,
-                task.forward_step,
-                task.loss_func,
-                num_calib_steps=args.steps,
-                num_score_steps=args.steps,
-                verbose=False,
+        for method in args.methods.split(","):
+            fresh = copy.deepcopy(fp)
+            with Cost() as cost:
+                model, state = mtq.auto_quantize(
+                    fresh,
+                    {"effective_bits": budget},
+                    ours,
+                    task.loader,
+                    task.forward_step,
+                    task.loss_func,
+                    num_calib_steps=args.steps,
+                    num_score_steps=args.steps,
+                    method=method,
+                    count_excluded=args.count_excluded,
+                    verbose=False,
+                )
+            state["candidates"] = [str(f) for f in FORMATS]  # custom_0 -> the preset's name
+            rows.append(
+                (
+                    f"searched @{budget:g} {method}",
+                    state["effective_bits"],
+                    state["whole_model"]["effective_bits"],
+                    task.evaluate(model),
+                    str(cost),
+                    "",
+                )
             )
-        rows.append(
-            (f"searched @{budget:g}", state["effective_bits"], task.evaluate(model), str(cost), "")
-        )
-        del model
-        for fmt in FORMATS[:-1]:
-            bits = state["candidate_bits"][next(iter(state["layers"]))][FORMATS.index(fmt)]
-            if bits <= budget:
-                if fmt not in uniform:
-                    uniform[fmt] = (bits, quality_of(dict.fromkeys(state["layers"], fmt)))
-                rows.append((f"  uniform {fmt.removesuffix('_CFG')}", *uniform[fmt], "", ""))
+            print(rows[-1], flush=True)
+            del model
         if importlib.util.find_spec("modelopt") is not None:
-            mo_model, mo_choice, mo_cost = modelopt_search(task, budget, args.steps, state)
+            mo_model, mo_choice, mo_whole, mo_cost = modelopt_search(
+                task, budget, args.steps, state
+            )
             rows.append(
                 (
                     f"  ModelOpt 0.47 @{budget:g}",
                     bits_of(state, mo_choice),
+                    mo_whole,
                     task.evaluate(mo_model),
                     mo_cost,
                     "",
                 )
             )
+            print(rows[-1], flush=True)
             del mo_model
+        if args.no_random:
+            continue
+        lm16 = dict.fromkeys(state["whole_model"]["excluded"], 16.0)
+        for fmt in FORMATS[:-1]:
+            bits = state["candidate_bits"][next(iter(state["layers"]))][FORMATS.index(fmt)]
+            if bits <= budget:
+                if fmt not in uniform:
+                    choice = dict.fromkeys(state["layers"], fmt)
+                    uniform[fmt] = (bits, whole_bits(state, choice, lm16), quality_of(choice))
+                rows.append((f"  uniform {fmt.removesuffix('_CFG')}", *uniform[fmt], "", ""))
         mixes = [random_mix(state, budget, seed) for seed in range(5)]
         scores = [quality_of(choice) for choice, _bits in mixes]
         rows.append(
             (
                 f"  random mixes (5) @{budget:g}",
                 float(np.mean([b for _c, b in mixes])),
+                float(np.mean([whole_bits(state, c, lm16) for c, _b in mixes])),
                 float(np.mean(scores)),
                 "",
                 f"{min(scores):.4f}..{max(scores):.4f}",
@@ -277,11 +354,11 @@ def main() -> None:
         print(rows[-1], flush=True)
     print(f"\n{task.title}")
     print(
-        f"| {'mix':<32} | {'eff. bits':>9} | {task.metric:>11} | {'search wall s / cpu s / peak MiB':>32} | {'random range':>16} |"
+        f"| {'mix':<34} | {'eff. bits':>9} | {'all Linear':>10} | {task.metric:>11} | {'search wall s / cpu s / peak MiB':>32} | {'random range':>16} |"
     )
-    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 13}|{'-' * 34}|{'-' * 18}|")
-    for name, bits, q, c, rng in rows:
-        print(f"| {name:<32} | {bits:>9.3f} | {q:>11.4f} | {c:>32} | {rng:>16} |")
+    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 12}|{'-' * 13}|{'-' * 34}|{'-' * 18}|")
+    for name, bits, whole, q, c, rng in rows:
+        print(f"| {name:<34} | {bits:>9.3f} | {whole:>10.3f} | {q:>11.4f} | {c:>32} | {rng:>16} |")
 
 
 if __name__ == "__main__":

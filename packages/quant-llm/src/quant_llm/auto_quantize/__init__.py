@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 import quant_core as mtq
+from quant_llm.auto_quantize.approx_scoring import approx_gradient_scores
 from quant_llm.auto_quantize.candidates import (
+    UNQUANTIZED_BITS,
     calibrate_candidates,
     loop_for,
     resolve_formats,
@@ -42,16 +44,31 @@ from quant_llm.auto_quantize.state import (
 __all__ = ["auto_quantize", "get_auto_quantize_config", "plot_sensitivity", "summary_table"]
 
 
-def _budget(constraints: dict[str, float], params: int) -> float:
-    """The budget in weight bits over the searched layers."""
-    unknown = set(constraints) - {"effective_bits", "weight_bytes"}
-    if unknown or len(constraints) != 1:
-        raise ValueError(
-            f"constraints must be exactly one of {{'effective_bits': b}} or {{'weight_bytes': n}}, got {constraints}"
-        )
+def _budget(constraints: dict[str, float], params: int, excluded: int) -> float:
+    """The budget in weight bits over the searched layers, less ``excluded`` weights kept at 16 bits."""
     if "effective_bits" in constraints:
-        return float(constraints["effective_bits"]) * params
-    return float(constraints["weight_bytes"]) * 8
+        total = float(constraints["effective_bits"]) * (params + excluded)
+    else:
+        total = float(constraints["weight_bytes"]) * 8
+    budget = total - UNQUANTIZED_BITS * excluded
+    if budget <= 0:
+        raise ValueError(
+            f"auto_quantize: constraints={constraints} with count_excluded=True leave no bits for "
+            f"the searched layers: the {excluded} weights outside the search cost "
+            f"{UNQUANTIZED_BITS * excluded / 8:.0f} bytes at 16 bits"
+        )
+    return budget
+
+
+def excluded_linears(model: nn.Module, searched: Iterable[str]) -> dict[str, int]:
+    """Every ``nn.Linear`` of ``model`` outside the searched units -> its weight count (``lm_head``, ...)."""
+    prefixes = tuple(f"{n}." for n in searched)
+    searched = set(searched)
+    return {
+        name: weight_params(module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name not in searched and not name.startswith(prefixes)
+    }
 
 
 def auto_quantize(
@@ -66,14 +83,25 @@ def auto_quantize(
     method: str = "gradient",
     verbose: bool = True,
     checkpoint: str | os.PathLike[str] | None = None,
+    count_excluded: bool = False,
+    num_gradient_steps: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize ``model`` in place with the searched mix; returns ``(model, search_state)``.
 
     ``constraints``: ``{"effective_bits": b}`` (mean bits per weight of the searched layers, 16 for
     unquantized ones) or ``{"weight_bytes": n}``. Layers a candidate config leaves off (its
     ``*lm_head*`` exclusion, ...) are not searched; list them in a config dict to search them.
-    ``method``: ``"gradient"`` (needs ``loss_func``) or ``"kl"`` / ``"kl_div"`` (ModelOpt's
-    name; logits KL). ``search_state["best"]`` is ModelOpt's summary of the pick: ``recipe``
+    ``count_excluded=True`` counts the budget over the whole model: every ``nn.Linear`` outside
+    the search (``lm_head``, ...) at 16 bits, as ModelOpt, which searches ``lm_head``, counts it;
+    ``search_state["whole_model"]`` gives that figure either way.
+    ``method``: ``"gradient"`` (needs ``loss_func``; ModelOpt's score: per score batch a forward, a
+    backward and each candidate of each layer run on its input), ``"gradient_approx"`` (the same
+    Fisher score with the squared gradient averaged per output channel over the first
+    ``num_gradient_steps`` batches (default a quarter of ``num_score_steps``, at least one) and
+    weight-only candidates scored from each layer input's Gram matrix: one backward in four, no
+    candidate forwards; it assumes every token reaches the loss, so padded batches are better
+    scored exactly; see :mod:`quant_llm.auto_quantize.approx_scoring`) or ``"kl"`` /
+    ``"kl_div"`` (ModelOpt's name; logits KL). ``search_state["best"]`` is ModelOpt's summary of the pick: ``recipe``
     (layer -> candidate name), ``constraints`` (``effective_bits`` achieved), ``score`` (the
     chosen candidates' summed scores) and ``is_satisfied``.
     ``checkpoint`` (ModelOpt's option): a JSON file of the search's scores. When it exists and was
@@ -83,14 +111,27 @@ def auto_quantize(
     """
     if method not in SCORE_METHODS:
         raise ValueError(f"method={method!r}; choose one of {SCORE_METHODS}")
-    if method == "gradient" and loss_func is None:
-        raise ValueError("method='gradient' needs loss_func(output, batch) -> scalar loss")
+    if method.startswith("gradient") and loss_func is None:
+        raise ValueError(f"method={method!r} needs loss_func(output, batch) -> scalar loss")
     check_arguments(constraints, num_calib_steps, num_score_steps)
+    if num_gradient_steps is None:
+        num_gradient_steps = max(1, num_score_steps // 4)
+    elif (
+        isinstance(num_gradient_steps, bool)
+        or not isinstance(num_gradient_steps, int)
+        or num_gradient_steps < 1
+    ):
+        raise ValueError(
+            f"auto_quantize: num_gradient_steps must be a positive number of batches, got {num_gradient_steps!r}"
+        )
     candidates = resolve_formats(quantization_formats)
     calib = list(itertools.islice(data_loader, num_calib_steps))
     score = list(itertools.islice(data_loader, num_score_steps))
     check_batches(calib, score, data_loader, num_calib_steps)
-    probe_step(model, score[0], forward_step, loss_func, method)
+    if method.startswith("kl") or any(cfg and mtq.need_calibration(cfg) for _n, cfg in candidates):
+        # refuse a bad forward_step/loss_func before calibrating on data; without calibration the
+        # first score batch checks the loss as early, and a probe forward would cost one batch
+        probe_step(model, score[0], forward_step, loss_func, method)
 
     def forward_loop(m: nn.Module) -> None:
         with torch.no_grad():
@@ -114,6 +155,10 @@ def auto_quantize(
     else:
         if method == "gradient":
             per_layer = gradient_scores(model, layers, score, forward_step, loss_func, verbose)
+        elif method == "gradient_approx":
+            per_layer = approx_gradient_scores(
+                model, layers, score, forward_step, loss_func, num_gradient_steps, verbose
+            )
         else:
             per_layer = kl_scores(model, layers, score, forward_step, verbose)
         scores = np.array(
@@ -132,12 +177,18 @@ def auto_quantize(
         ]
     )
     total = sum(params.values())
-    budget = _budget(constraints, total)
+    excluded = excluded_linears(model, layers)
+    excluded_params = sum(excluded.values())
+    counted = total + excluded_params if count_excluded else total
+    budget = _budget(constraints, total, excluded_params if count_excluded else 0)
     try:
         picks = solve(scores, costs, budget)
     except ValueError as err:
+        floor = costs.min(axis=1).sum() + (
+            UNQUANTIZED_BITS * excluded_params if count_excluded else 0
+        )
         raise ValueError(
-            f"auto_quantize: {err} (in weight bits; cheapest effective bits {costs.min(axis=1).sum() / total:.4f})"
+            f"auto_quantize: {err} (in weight bits; cheapest effective bits {floor / counted:.4f})"
         ) from None
     choice = {n: picks[gi] for gi, k in enumerate(keys) for n in groups[k]}
     config = replay_config(
@@ -145,6 +196,7 @@ def auto_quantize(
         [candidates[i][1]["algorithm"] for i in sorted(set(picks)) if candidates[i][1] is not None],
     )
     used = float(sum(costs[gi, i] for gi, i in enumerate(picks)))
+    whole = UNQUANTIZED_BITS * excluded_params
     state = {
         "candidates": [name for name, _ in candidates],
         "candidate_bits": bits,
@@ -159,10 +211,16 @@ def auto_quantize(
         "choice": {n: candidates[i][0] for n, i in choice.items()},
         "effective_bits": used / total,
         "weight_bytes": used / 8,
+        "count_excluded": count_excluded,
+        "whole_model": {
+            "effective_bits": (used + whole) / (total + excluded_params),
+            "weight_bytes": (used + whole) / 8,
+            "excluded": excluded,
+        },
         "config": config,
         "best": {
             "recipe": {n: candidates[i][0] for n, i in choice.items()},
-            "constraints": {"effective_bits": used / total},
+            "constraints": {"effective_bits": (used + (whole if count_excluded else 0)) / counted},
             "score": float(sum(scores[gi, i] for gi, i in enumerate(picks))),
             "is_satisfied": bool(used <= budget * (1 + 1e-9)),
         },

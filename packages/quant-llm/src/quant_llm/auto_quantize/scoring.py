@@ -7,7 +7,8 @@ of the loss increase), with ``Y_quant`` the candidate's calibrated layer on the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,7 +18,12 @@ from tqdm.auto import tqdm
 
 from quant_llm.auto_quantize.checks import check_loss
 
-SCORE_METHODS = ("gradient", "kl", "kl_div")  # "kl_div": ModelOpt 0.47's name for "kl"
+SCORE_METHODS = (
+    "gradient",
+    "gradient_approx",
+    "kl",
+    "kl_div",
+)  # "kl_div": ModelOpt 0.47 name for "kl"
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -67,29 +73,40 @@ def gradient_scores(
 
     for name in layers:
         module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(_inputs_need_grad, with_kwargs=True))
+        handles.append(module.register_forward_pre_hook(inputs_need_grad, with_kwargs=True))
         handles.append(module.register_forward_hook(hook_for(name), with_kwargs=True))
-    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
-        for p in trainable:  # only dL/dY is needed: skip every weight gradient
-            p.requires_grad_(False)
-        for index, batch in enumerate(
-            tqdm(batches, desc="auto_quantize: gradient scores", disable=not verbose)
-        ):
-            check_loss(loss_func(forward_step(model, batch), batch), index).backward()
+        with frozen_weights(model):
+            for index, batch in enumerate(
+                tqdm(batches, desc="auto_quantize: gradient scores", disable=not verbose)
+            ):
+                check_loss(loss_func(forward_step(model, batch), batch), index).backward()
     finally:
-        for p in trainable:
-            p.requires_grad_(True)
         for h in handles:
             h.remove()
     return scores
 
 
-def _inputs_need_grad(
+@contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block no parameter needs grad (only dL/dY is wanted: no weight gradient)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def inputs_need_grad(
     _mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     """With frozen weights, make a searched layer's float inputs leaves that need grad, so dL/dY flows."""
-    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    if not torch.is_grad_enabled() or any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args
+    ):
         return None
     return tuple(
         a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
