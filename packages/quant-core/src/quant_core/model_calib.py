@@ -8,9 +8,11 @@ provided (``{"method": ..., "layerwise": True}`` is).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from quant_core.algorithms.statistics import reduce_quantizer_statistics
@@ -61,6 +63,45 @@ def awq(
     if algorithm not in ("awq_lite", "awq_clip", "awq_full"):
         raise ValueError(f"awq algorithm must be awq_lite, awq_clip or awq_full, got {algorithm!r}")
     _run(algorithm, model, forward_loop, options)
+
+
+def awq_lite(
+    model: nn.Module,
+    forward_loop: ForwardLoop = None,
+    alpha_step: float = 0.1,
+    debug: bool = False,
+    **options: Any,
+) -> None:
+    """AWQ-lite: per-channel input scales searched over ``alpha`` in steps of ``alpha_step``."""
+    _run("awq_lite", model, forward_loop, {"alpha_step": alpha_step, "debug": debug, **options})
+
+
+def awq_clip(
+    model: nn.Module, forward_loop: ForwardLoop = None, debug: bool = False, **options: Any
+) -> None:
+    """AWQ-clip: per-block weight clipping ratios searched for the least output error."""
+    _run("awq_clip", model, forward_loop, {"debug": debug, **options})
+
+
+def svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` factors ``(us, vt)`` of ``weight`` (``us @ vt`` approximates it).
+
+    Computed in float64 and returned in ``weight``'s dtype and device: ``us`` is
+    ``(rows, rank)``, the left singular vectors times the singular values, ``vt`` is
+    ``(rank, cols)``. A ``rank`` above ``min(rows, cols)`` warns and pads both with zeros.
+    """
+    u, s, vt = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+    us, vt = u[:, :rank] * s[:rank], vt[:rank]
+    kept = s.shape[0]
+    if kept < rank:
+        warnings.warn(
+            f"svd: rank {rank} exceeds the weight's {tuple(weight.shape)} dimensions; the factors "
+            f"have rank {kept} and are padded with zeros",
+            stacklevel=2,
+        )
+        us = torch.nn.functional.pad(us, (0, rank - kept))
+        vt = torch.nn.functional.pad(vt, (0, 0, 0, rank - kept))
+    return us.to(weight.dtype), vt.to(weight.dtype)
 
 
 def svdquant(
@@ -158,6 +199,8 @@ def finish_stats_collection(model: nn.Module, method: str | None = None, **kwarg
 
 __all__ = [
     "awq",
+    "awq_clip",
+    "awq_lite",
     "enable_stats_collection",
     "finish_stats_collection",
     "gptq",
@@ -167,5 +210,6 @@ __all__ = [
     "mse_calibrate",
     "nvfp4_act_headroom_calibrate",
     "smoothquant",
+    "svd",
     "svdquant",
 ]
