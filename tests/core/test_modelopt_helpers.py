@@ -91,3 +91,30 @@ def test_empty_list_entry_is_refused() -> None:
 def test_format_of_nvfp4_is_dynamic_e2m1_under_e4m3_scales() -> None:
     fmt = TensorQuantizer(QuantizerAttributeConfig(**NVFP4)).format
     assert fmt.dynamic and fmt.scale_mode is qk.ScaleMode.E4M3
+
+
+# ----- GroupedQuantizer ------------------------------------------------------------------------
+def test_grouped_quantizer_keeps_one_quantizer_per_weight() -> None:
+    from quant_core.nn import GroupedQuantizer, SequentialQuantizer
+
+    a = TensorQuantizer(QuantizerAttributeConfig(num_bits=8), amax=1.0)
+    b = TensorQuantizer(QuantizerAttributeConfig(num_bits=8), amax=4.0)
+    grouped = GroupedQuantizer(a, b)
+    x = torch.tensor([0.1234, -0.5678, 3.0])
+    assert torch.equal(grouped(x), a(x)) and torch.equal(grouped[1](x), b(x))
+    assert not torch.equal(a(x), b(x))  # the members keep their own amax
+    assert torch.equal(grouped.amax, torch.tensor(1.0))
+    assert list(grouped.state_dict()) == ["0._amax", "1._amax"]
+    grouped.amax = 2.0
+    assert all(torch.equal(q.amax, torch.tensor(2.0)) for q in grouped)
+    grouped.disable()
+    assert not a.is_enabled and not b.is_enabled
+    grouped.enable()
+    grouped.set_from_attribute_config([{"num_bits": 4}, {"enable": False}])
+    assert (a.num_bits, a.is_enabled, b.is_enabled) == (4, True, False)
+    grouped.reset_amax()  # a quantizer method: called on every member
+    assert a.amax is None and b.amax is None
+    nested = GroupedQuantizer(SequentialQuantizer(TensorQuantizer(), TensorQuantizer()), a)
+    assert len(nested) == 2
+    with pytest.raises(ValueError, match="TensorQuantizer or SequentialQuantizer"):
+        GroupedQuantizer(torch.nn.Identity())

@@ -142,7 +142,7 @@ class QuantizerAttributeConfig(MappingAccess, BaseModel):
         import math
 
         if v is not None and not (math.isfinite(v) and v > 0):
-            raise ValueError(f"constant_amax must be a positive finite value, got {v!r}")
+            raise ValueError(f"constant_amax must be a positive value (and finite), got {v!r}")
         return v
 
     @field_validator("effective_bits")

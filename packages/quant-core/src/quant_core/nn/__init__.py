@@ -13,6 +13,7 @@ from quant_core.nn.builtin_modules import (
     QuantConvTranspose3d,
     QuantLinear,
 )
+from quant_core.nn.grouped import GroupedQuantizer
 from quant_core.nn.modules import *  # noqa: F403
 from quant_core.nn.quant_module import QuantInputBase, QuantLinearConvBase, QuantModule
 from quant_core.nn.registry import QuantModuleRegistry
@@ -23,6 +24,7 @@ __all__ = [
     *modules.__all__,
     "modules",
     "BMM",
+    "GroupedQuantizer",
     "MatMul",
     "QuantBMM",
     "QuantConv1d",

@@ -1,6 +1,7 @@
 """ModelOpt path ``nn.modules.tensor_quantizer``: TensorQuantizer, SequentialQuantizer,
-NVFP4StaticQuantizer and the custom-backend registry."""
+GroupedQuantizer, NVFP4StaticQuantizer and the custom-backend registry."""
 
+from quant_core.nn.grouped import GroupedQuantizer
 from quant_core.nn.nvfp4_static import NVFP4StaticQuantizer
 from quant_core.nn.quant_backends import (
     is_registered_quant_backend,
@@ -11,6 +12,7 @@ from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 __all__ = [
+    "GroupedQuantizer",
     "NVFP4StaticQuantizer",
     "SequentialQuantizer",
     "TensorQuantizer",
