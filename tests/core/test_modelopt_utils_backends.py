@@ -147,3 +147,71 @@ def test_without_a_matching_gemm_the_layer_warns_and_fake_quantizes() -> None:
     with pytest.warns(UserWarning, match="no registered real-quant GEMM"):
         out = model(x)
     torch.testing.assert_close(out, fake)
+
+
+# ----- utils.layerwise_calib.LayerActivationCollector and model_calib.layerwise_calibrate ------
+class _Scale(nn.Module):
+    def __init__(self, s: float) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(s), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Scale(2.0), _Scale(0.5), _Scale(3.0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_collector_gives_each_layer_the_inputs_of_a_plain_forward(monkeypatch) -> None:
+    from quant_core.utils.layerwise_calib import LayerActivationCollector
+
+    monkeypatch.setattr(LayerActivationCollector, "_decoder_layer_support", [])
+    LayerActivationCollector.register_decoder_layer_support(
+        lambda m: hasattr(m, "layers"), lambda m: m.layers
+    )
+    model = _Stack()
+    assert LayerActivationCollector.get_decoder_layers(model) is model.layers
+    assert not LayerActivationCollector.is_supported(nn.Linear(2, 2))
+    batches = [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 4.0])]
+    collector = LayerActivationCollector(model)
+    collector._patch_all_layers()
+    try:
+        got = [
+            collector.get_input_activations(layer, lambda m: [m(b) for b in batches])
+            for layer in model.layers
+        ]
+    finally:
+        collector._unpatch_all_layers()
+    scale = [1.0, 2.0, 1.0]  # the product of the scales before each layer
+    for i, per_batch in enumerate(got):
+        for (args, kwargs), b in zip(per_batch, batches):
+            assert torch.equal(args[0], b * scale[i]) and kwargs == {}
+    assert "forward" not in vars(model.layers[0])  # unpatched
+
+
+def test_layerwise_calibrate_runs_the_calib_func_per_layer_on_its_inputs() -> None:
+    model = _Stack()
+    seen: list[tuple[nn.Module, list[torch.Tensor]]] = []
+
+    def calib_func(layer: nn.Module, loop, **kwargs) -> None:
+        assert kwargs == {"option": 1}
+        inputs: list[torch.Tensor] = []
+        handle = layer.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+        loop(layer)
+        handle.remove()
+        seen.append((layer, inputs))
+
+    x = torch.tensor([1.0, 2.0])
+    model_calib.layerwise_calibrate(model, lambda m: m(x), calib_func, option=1)
+    assert [layer for layer, _ in seen] == list(model.layers)
+    assert [inputs[0].tolist() for _, inputs in seen] == [[1.0, 2.0], [2.0, 4.0], [1.0, 2.0]]
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        model_calib.layerwise_calibrate(model, lambda m: m(x), calib_func, checkpoint_dir="/x")

@@ -1,8 +1,8 @@
 """ModelOpt's ``model_calib`` functions: each runs one calibration algorithm on a quantized model.
 
 Each is ``mtq.calibrate(model, {"method": name, **options}, forward_loop)``; options the
-algorithm here does not take are refused by name. ModelOpt's ``layerwise_calibrate`` is not
-provided (``{"method": ..., "layerwise": True}`` is).
+algorithm here does not take are refused by name. ``layerwise_calibrate`` runs any calibration
+function one decoder layer at a time (what ``{"method": ..., "layerwise": True}`` does).
 `enable_stats_collection` / `finish_stats_collection` are ModelOpt's manual calibration switches.
 """
 
@@ -162,6 +162,37 @@ def lsq(
     )
 
 
+def layerwise_calibrate(
+    model: nn.Module,
+    forward_loop: ForwardLoop,
+    calib_func: Callable[..., Any],
+    **calib_kwargs: Any,
+) -> None:
+    """Run ``calib_func(layer, layer_forward_loop, **calib_kwargs)`` on each decoder layer in turn.
+
+    ``layer_forward_loop`` replays the inputs ``forward_loop`` gives that layer (see
+    :mod:`quant_core.layerwise`); the model's quantizers outside the decoder layers are calibrated
+    last. ``get_qdq_activations_from_prev_layer`` (default False) feeds each layer the outputs of
+    the previous one after its calibration, fully quantized, instead of as one whole-model
+    calibration pass computes them. ``calib_mutates_weights`` is accepted (both values run the
+    same way here). ``checkpoint_dir`` / ``save_every`` (per-layer checkpoints) are refused by
+    name.
+    """
+    from quant_core.layerwise import layerwise_calibrate as _layerwise
+
+    for key in ("checkpoint_dir", "save_every"):
+        if calib_kwargs.get(key) is not None:
+            raise ValueError(
+                f"layerwise_calibrate: {key} (per-layer checkpoints) is not supported by quant-core"
+            )
+        calib_kwargs.pop(key, None)
+    calib_kwargs.pop("calib_mutates_weights", None)
+    qdq_from_prev = bool(calib_kwargs.pop("get_qdq_activations_from_prev_layer", False))
+    if forward_loop is None:
+        raise ValueError("layerwise_calibrate needs a forward_loop to capture the layer inputs")
+    _layerwise(model, calib_func, forward_loop, calib_kwargs, qdq_from_prev)
+
+
 def _enabled_quantizers(model: nn.Module) -> list[TensorQuantizer]:
     return [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
 
@@ -204,6 +235,7 @@ __all__ = [
     "enable_stats_collection",
     "finish_stats_collection",
     "gptq",
+    "layerwise_calibrate",
     "local_hessian_calibrate",
     "lsq",
     "max_calibrate",
