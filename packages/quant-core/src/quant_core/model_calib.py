@@ -15,12 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from quant_core.algorithms.nvfp4_act_headroom import (
+    is_nvfp4_dynamic_input_quantizer,
+    swap_in_headroom_calibrators,
+)
 from quant_core.algorithms.statistics import reduce_quantizer_statistics
 from quant_core.calib import HistogramCalibrator, MaxCalibrator
 from quant_core.model_quant import calibrate
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 ForwardLoop = Callable[[nn.Module], Any] | None
+
+# ModelOpt's private names for the selection and calibrator swap of ``nvfp4_act_headroom``.
+_is_nvfp4_dynamic_input_quantizer = is_nvfp4_dynamic_input_quantizer
+_swap_in_nvfp4_act_headroom_calibrators = swap_in_headroom_calibrators
 
 
 def _run(method: str, model: nn.Module, forward_loop: ForwardLoop, options: dict[str, Any]) -> None:

@@ -40,9 +40,12 @@ class QuantLinear(QuantLinearConvBase, nn.Linear):
         return self.__dict__["_real_quant_gemm_impl"]
 
     def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        calibrating = self.input_quantizer.is_enabled and self.input_quantizer._if_calib
-        if getattr(self, "_use_real_quant_gemm", False) and not calibrating and input.numel() > 1:
-            gemm = self._real_quant_gemm(input, *args, **kwargs)
+        if getattr(self, "_use_real_quant_gemm", False) and input.numel() > 1:
+            iq = self.input_quantizer
+            calibrating = iq.is_enabled and any(
+                getattr(q, "_if_calib", False) for q in iq.modules()
+            )
+            gemm = None if calibrating else self._real_quant_gemm(input, *args, **kwargs)
             if gemm is not None:
                 out = gemm(self, input, self.weight, self.bias, *args, **kwargs)
                 return self.output_quantizer(out)
