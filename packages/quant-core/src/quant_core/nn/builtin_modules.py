@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant_core.backends.gemm_registry import gemm_registry
 from quant_core.nn.quant_module import INPUT_DEFAULT, QuantInputBase, QuantLinearConvBase
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.tensor_quantizer import TensorQuantizer
@@ -25,31 +23,6 @@ class QuantLinear(QuantLinearConvBase, nn.Linear):
 
     def _forward_with_weight(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(input, weight, self.bias)
-
-    def _real_quant_gemm(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """The registered GEMM for this layer (looked up once), None when none applies."""
-        if "_real_quant_gemm_impl" not in self.__dict__:
-            impl = gemm_registry.find_match(self, input, *args, **kwargs)
-            if impl is None:
-                warnings.warn(
-                    f"{type(self).__name__}: no registered real-quant GEMM matches this layer "
-                    "(backends.gemm_registry); it runs fake quantization",
-                    stacklevel=3,
-                )
-            self.__dict__["_real_quant_gemm_impl"] = impl
-        return self.__dict__["_real_quant_gemm_impl"]
-
-    def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if getattr(self, "_use_real_quant_gemm", False) and input.numel() > 1:
-            iq = self.input_quantizer
-            calibrating = iq.is_enabled and any(
-                getattr(q, "_if_calib", False) for q in iq.modules()
-            )
-            gemm = None if calibrating else self._real_quant_gemm(input, *args, **kwargs)
-            if gemm is not None:
-                out = gemm(self, input, self.weight, self.bias, *args, **kwargs)
-                return self.output_quantizer(out)
-        return super().forward(input, *args, **kwargs)
 
 
 class _QuantConvNd(QuantLinearConvBase):
