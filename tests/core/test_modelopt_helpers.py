@@ -118,3 +118,30 @@ def test_grouped_quantizer_keeps_one_quantizer_per_weight() -> None:
     assert len(nested) == 2
     with pytest.raises(ValueError, match="TensorQuantizer or SequentialQuantizer"):
         GroupedQuantizer(torch.nn.Identity())
+
+
+# ----- TensorQuantizerCache: a custom backend's scratch slot, never saved ----------------------
+def test_custom_backend_keeps_its_cache_on_the_quantizer_unsaved() -> None:
+    from quant_core.nn import TensorQuantizerCache, register_quant_backend, unregister_quant_backend
+
+    class Table(TensorQuantizerCache):
+        def __init__(self) -> None:
+            self.offset = 0.5
+
+    def backend(x: torch.Tensor, q: TensorQuantizer) -> torch.Tensor:
+        if q._quantizer_cache is None:
+            q._quantizer_cache = Table()
+        return x + q._quantizer_cache.offset
+
+    register_quant_backend("offset_cache_test", backend)
+    try:
+        q = TensorQuantizer(QuantizerAttributeConfig(backend="offset_cache_test"), amax=1.0)
+        assert q._quantizer_cache is None
+        x = torch.zeros(3)
+        assert torch.equal(q(x), x + 0.5) and isinstance(q._quantizer_cache, Table)
+        assert not any("cache" in k for k in q.state_dict())
+        fresh = TensorQuantizer(QuantizerAttributeConfig(backend="offset_cache_test"), amax=2.0)
+        fresh.load_state_dict(q.state_dict())
+        assert fresh._quantizer_cache is None
+    finally:
+        unregister_quant_backend("offset_cache_test")

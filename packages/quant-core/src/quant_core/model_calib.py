@@ -182,9 +182,8 @@ def layerwise_calibrate(
     :mod:`quant_core.layerwise`); the model's quantizers outside the decoder layers are calibrated
     last. ``get_qdq_activations_from_prev_layer`` (default False) feeds each layer the outputs of
     the previous one after its calibration, fully quantized, instead of as one whole-model
-    calibration pass computes them. ``calib_mutates_weights`` is accepted (both values run the
-    same way here). ``checkpoint_dir`` / ``save_every`` (per-layer checkpoints) are refused by
-    name.
+    calibration pass computes them. ``checkpoint_dir`` / ``save_every`` (per-layer checkpoints)
+    and ``calib_mutates_weights=False`` are refused by name.
     """
     from quant_core.layerwise import layerwise_calibrate as _layerwise
 
@@ -194,7 +193,11 @@ def layerwise_calibrate(
                 f"layerwise_calibrate: {key} (per-layer checkpoints) is not supported by quant-core"
             )
         calib_kwargs.pop(key, None)
-    calib_kwargs.pop("calib_mutates_weights", None)
+    if calib_kwargs.pop("calib_mutates_weights", True) is not True:
+        raise ValueError(
+            "layerwise_calibrate: calib_mutates_weights=False is not supported by quant-core's "
+            "layer-by-layer calibration; leave it at True"
+        )
     qdq_from_prev = bool(calib_kwargs.pop("get_qdq_activations_from_prev_layer", False))
     if forward_loop is None:
         raise ValueError("layerwise_calibrate needs a forward_loop to capture the layer inputs")

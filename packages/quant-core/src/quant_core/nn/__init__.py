@@ -15,6 +15,7 @@ from quant_core.nn.builtin_modules import (
 )
 from quant_core.nn.grouped import GroupedQuantizer
 from quant_core.nn.modules import *  # noqa: F403
+from quant_core.nn.quant_backends import TensorQuantizerCache
 from quant_core.nn.quant_module import QuantInputBase, QuantLinearConvBase, QuantModule
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.sequential import SequentialQuantizer
@@ -40,4 +41,5 @@ __all__ = [
     "QuantModuleRegistry",
     "SequentialQuantizer",
     "TensorQuantizer",
+    "TensorQuantizerCache",
 ]

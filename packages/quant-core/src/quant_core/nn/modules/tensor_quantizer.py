@@ -4,6 +4,7 @@ GroupedQuantizer, NVFP4StaticQuantizer and the custom-backend registry."""
 from quant_core.nn.grouped import GroupedQuantizer
 from quant_core.nn.nvfp4_static import NVFP4StaticQuantizer
 from quant_core.nn.quant_backends import (
+    TensorQuantizerCache,
     is_registered_quant_backend,
     register_quant_backend,
     unregister_quant_backend,
@@ -16,6 +17,7 @@ __all__ = [
     "NVFP4StaticQuantizer",
     "SequentialQuantizer",
     "TensorQuantizer",
+    "TensorQuantizerCache",
     "is_registered_quant_backend",
     "register_quant_backend",
     "unregister_quant_backend",
