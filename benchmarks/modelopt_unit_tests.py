@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,25 +28,44 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_pytest(tests: Path, subset: str, junit: Path, alias: bool, extra: list[str]) -> None:
-    """One pytest run of ``tests/subset`` writing ``junit``; with ``alias`` on quant-core."""
+def run_pytest(
+    tests: Path,
+    paths: list[Path],
+    junit: Path,
+    alias: bool,
+    extra: list[str],
+    timeout: float | None = None,
+) -> None:
+    """One pytest run of ``paths`` (under ``tests``) writing ``junit``; with ``alias`` on quant-core.
+
+    A run that outlives ``timeout`` seconds is killed and leaves no junit (its tests count as not
+    passing)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(HERE), str(tests), *filter(None, [env.get("PYTHONPATH")])]
     )
     env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "pytest", str(tests / subset), "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", *map(str, paths), "-q", "-p", "no:cacheprovider"]
     cmd += ["--continue-on-collection-errors", "-W", "ignore", f"--junitxml={junit}", *extra]
     if alias:
         cmd[3:3] = ["-p", "_modelopt_alias"]
     print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, env=env, cwd=tests.parent, check=False)
+    # its own process group, so a timeout also ends the processes a test spawned
+    proc = subprocess.Popen(cmd, env=env, cwd=tests.parent, start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        junit.unlink(missing_ok=True)
+        print(f"!! timed out after {timeout:.0f} s: {' '.join(map(str, paths))}", flush=True)
 
 
-def outcomes(junit: Path) -> dict[str, tuple[str, str]]:
-    """test id -> (outcome, first line of the failure message) from a junit file."""
+def outcomes(*junits: Path) -> dict[str, tuple[str, str]]:
+    """test id -> (outcome, first line of the failure message) from junit files (missing ones skipped)."""
     result: dict[str, tuple[str, str]] = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
+    cases = [c for j in junits if j.exists() for c in ET.parse(j).getroot().iter("testcase")]
+    for case in cases:
         test_id = f"{case.get('classname')}::{case.get('name')}"
         outcome, message = "passed", ""
         for tag in ("failure", "error", "skipped"):
@@ -75,6 +95,23 @@ def main() -> None:
     parser.add_argument("--subset", default="unit/torch/quantization")
     parser.add_argument("--work", type=Path, default=None, help="keep the junit files here")
     parser.add_argument("--top", type=int, default=25, help="failure messages listed")
+    parser.add_argument(
+        "--separate",
+        nargs="*",
+        default=["plugins", "test_dist.py"],
+        help="files or folders of the subset whose quant-core tests run in a pytest process of "
+        "their own, so that one that never ends loses only its own tests (default: plugins and "
+        "test_dist.py, whose two spawned gloo ranks at times never finish on a busy machine)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds each quant-core pytest run may take"
+    )
+    parser.add_argument(
+        "--rerun-quant",
+        action="store_true",
+        help="run quant-core again even when --work holds its junit (ModelOpt's is always reused "
+        "when present: it does not change)",
+    )
     args, extra = parser.parse_known_args()
     try:
         import modelopt  # noqa: F401
@@ -84,11 +121,24 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     tests = args.tests.resolve()
     runs = {}
-    for name, alias in (("modelopt", False), ("quant", True)):
-        junit = work / f"{name}.xml"
-        if not junit.exists():
-            run_pytest(tests, args.subset, junit, alias, extra)
-        runs[name] = outcomes(junit)
+    junit = work / "modelopt.xml"
+    if not junit.exists():
+        run_pytest(tests, [tests / args.subset], junit, False, extra)
+    runs["modelopt"] = outcomes(junit)
+    subset = tests / args.subset
+    separate = [subset / s for s in args.separate if (subset / s).exists()]
+    rest = [
+        p
+        for p in sorted(subset.iterdir())
+        if p not in separate and ((p.is_dir() and p.name != "__pycache__") or p.match("test_*.py"))
+    ]
+    groups = [("quant", rest)] + [(f"quant_{p.stem}", [p]) for p in separate]
+    junits = [work / f"{name}.xml" for name, _ in groups]
+    if args.rerun_quant or not all(j.exists() for j in junits):
+        for (_name, paths), junit in zip(groups, junits):
+            junit.unlink(missing_ok=True)
+            run_pytest(tests, paths, junit, True, extra, timeout=args.timeout)
+    runs["quant"] = outcomes(*junits)
     reference = {t for t, (o, _) in runs["modelopt"].items() if o == "passed"}
     ours = {t for t in reference if runs["quant"].get(t, ("missing", ""))[0] == "passed"}
     per_file: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])

@@ -70,7 +70,7 @@ def test_calib_mutates_weights_false_only_for_amax_only_algorithms() -> None:
         layerwise={"calib_mutates_weights": False}
     ).layerwise.calib_mutates_weights
     MseCalibConfig(layerwise={"calib_mutates_weights": False})
-    with pytest.raises(ValueError, match="'gptq' changes the weights"):
+    with pytest.raises(ValueError, match="'gptq' mutates layer weights"):
         GPTQCalibConfig(layerwise={"calib_mutates_weights": False})
 
 

@@ -65,3 +65,54 @@ def test_algorithm_sets_nvfp4_input_global_amax_and_max_weights() -> None:
         again, lambda m: [m(x) for x in data], rho=256.0, upper_percentile=100.0
     )
     assert float(again[0].input_quantizer.amax) == got
+
+
+_NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+
+
+def _two_linears(cfg_input) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    config = {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*input_quantizer", "cfg": cfg_input},
+        ],
+        "algorithm": "max",
+    }
+    return mtq.quantize(model, config, lambda m: m(torch.randn(8, 64)))
+
+
+def test_headroom_selection_and_swap_target_nvfp4_input_quantizers_only() -> None:
+    from quant_core.model_calib import (
+        _is_nvfp4_dynamic_input_quantizer,
+        _swap_in_nvfp4_act_headroom_calibrators,
+    )
+
+    model = _two_linears(_NVFP4)
+    q = model[0].input_quantizer
+    assert _is_nvfp4_dynamic_input_quantizer("0.input_quantizer", q)
+    assert not _is_nvfp4_dynamic_input_quantizer("0.weight_quantizer", q)
+    assert not _is_nvfp4_dynamic_input_quantizer("0.input_quantizer", model[0].weight_quantizer)
+    swapped = _swap_in_nvfp4_act_headroom_calibrators(
+        model, anchor_percentile=5.0, upper_percentile=99.0, rho=1024.0
+    )
+    assert [s[0] for s in swapped] == [model[0].input_quantizer, model[1].input_quantizer]
+    assert isinstance(q._global_calibrator, NVFP4ActHeadroomCalibrator)
+
+
+def test_headroom_refuses_chained_nvfp4_input_quantizers_before_changing_anything() -> None:
+    from quant_core.model_calib import _swap_in_nvfp4_act_headroom_calibrators
+
+    model = _two_linears([_NVFP4, _NVFP4])
+    before = [m.input_quantizer[0]._global_calibrator for m in model]
+    with pytest.raises(NotImplementedError, match="SequentialQuantizer"):
+        _swap_in_nvfp4_act_headroom_calibrators(
+            model, anchor_percentile=1.0, upper_percentile=99.99, rho=16384.0
+        )
+    assert [m.input_quantizer[0]._global_calibrator for m in model] == before
+    fp8 = _two_linears([{"num_bits": (4, 3)}, {"num_bits": (4, 3)}])
+    swapped = _swap_in_nvfp4_act_headroom_calibrators(
+        fp8, anchor_percentile=1.0, upper_percentile=99.99, rho=16384.0
+    )
+    assert swapped == []

@@ -139,3 +139,69 @@ def test_quantized_lstm_saves_and_restores(tmp_path) -> None:
     fresh = mtq.restore(nn.Sequential(nn.LSTM(6, 8)), tmp_path / "q.pt")
     assert type(fresh[0]).__name__ == "QuantLSTM"
     assert torch.equal(fresh(x)[0], model(x)[0])
+
+
+# ----- VFRNNForward: torch's _VF call forms, with per-layer input quantizers ---------------------
+@pytest.mark.parametrize(("cls", "kwargs"), CASES)
+def test_vfrnn_forward_with_identity_quantizers_equals_torch(cls: type, kwargs: dict) -> None:
+    from quant_core.nn.modules.quant_rnn import VFRNNForward
+
+    torch.manual_seed(0)
+    rnn = cls(4, 5, **kwargs)
+    dirs = 2 if rnn.bidirectional else 1
+    vf = VFRNNForward(
+        rnn.mode if cls is not nn.RNN else f"RNN_{rnn.nonlinearity.upper()}",
+        rnn.bidirectional,
+        rnn.num_layers,
+        rnn.proj_size > 0,
+        rnn.bias,
+        [lambda x: x] * (rnn.num_layers * dirs),
+        batch_first=rnn.batch_first,
+    )
+    x = torch.randn(3, 6, 4)
+    h_size = rnn.proj_size or 5
+    h0 = torch.randn(rnn.num_layers * dirs, 3 if rnn.batch_first else 6, h_size)
+    hidden = (h0, torch.randn(*h0.shape[:2], 5)) if cls is nn.LSTM else h0
+    ref = rnn(x, hidden)
+    args = (x, hidden, rnn._flat_weights, rnn.bias, rnn.num_layers, 0.0, False)
+    got = vf(*args, rnn.bidirectional, rnn.batch_first)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[1:], _as_tuple(ref[1])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_vfrnn_forward_quantizes_each_step_input_and_hidden_state() -> None:
+    from quant_core.nn.modules.quant_rnn import VFRNNForward
+
+    torch.manual_seed(0)
+    rnn = nn.GRU(4, 5)
+    seen = []
+
+    def quantizer(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape)
+        return torch.round(x * 4) / 4
+
+    vf = VFRNNForward("GRU", False, 1, False, True, [quantizer])
+    x, h0 = torch.randn(3, 2, 4), torch.zeros(1, 2, 5)
+    out, h_n = vf(x, h0, rnn._flat_weights, True, 1, 0.0, False, False, False)
+    assert out.shape == (3, 2, 5)
+    # float64 reference: torch's GRU cell on the rounded step input and rounded hidden state
+    w = [p.double() for p in rnn._flat_weights]
+    h = h0[0].double()
+    for t in range(3):
+        h = torch.gru_cell(torch.round(x[t].double() * 4) / 4, torch.round(h * 4) / 4, *w)
+    torch.testing.assert_close(h_n[0].double(), h, atol=1e-5, rtol=1e-5)
+    assert len(seen) == 6  # input and hidden state of each of the 3 steps
+    with pytest.raises(ValueError, match="one input quantizer per layer"):
+        VFRNNForward("GRU", True, 1, False, True, [quantizer])
+
+
+def test_rnn_quantizer_switch_helpers() -> None:
+    rnn = mtq.nn.QuantModuleRegistry.convert(nn.LSTM(4, 5, num_layers=2, proj_size=3))
+    rnn._disable_input_quantizers()
+    names = [n for n, m in rnn.named_children() if n.endswith("input_quantizer")]
+    assert len(names) == 4 and not any(getattr(rnn, n).is_enabled for n in names)
+    rnn._disable_weight_quantizers()
+    assert not rnn.weight_ih_l0_weight_quantizer.is_enabled
+    rnn._enable_weight_quantizers()
+    assert rnn.weight_hr_l1_weight_quantizer.is_enabled

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from quant_core.nn.tensor_quantizer import TensorQuantizer
 from quant_core.offload import weights_materialized
 
 __all__ = [
+    "LayerActivationCollector",
     "LayerwiseOptions",
     "decoder_layers",
     "find_decoder_layers",
@@ -103,9 +104,11 @@ def split_layerwise(
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder layers: of the ``nn.ModuleList``s whose children all share one
-    class, the one holding the most parameters (``model.layers`` of a Hugging Face decoder)."""
-    best = find_decoder_layers(model)
+    """The model's stack of decoder layers: what a discoverer registered with
+    :meth:`LayerActivationCollector.register_decoder_layer_support` finds, else of the
+    ``nn.ModuleList``s whose children all share one class, the one holding the most parameters
+    (``model.layers`` of a Hugging Face decoder)."""
+    best = LayerActivationCollector.get_decoder_layers(model)
     if best is None:
         raise ValueError(
             f"layerwise calibration needs a stack of decoder layers (an nn.ModuleList of one layer "
@@ -126,6 +129,93 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
         if size > best_size:
             best, best_size = module, size
     return best
+
+
+class LayerActivationCollector:
+    """ModelOpt's layer-input collector for layer-by-layer calibration.
+
+    Finds a model's decoder layers (discoverers registered with
+    :meth:`register_decoder_layer_support` first, then the built-in rule of
+    :func:`find_decoder_layers`) and, between :meth:`_patch_all_layers` and
+    :meth:`_unpatch_all_layers`, returns the inputs of each layer in turn with
+    :meth:`get_input_activations`: each call runs ``forward_loop`` through the model with the
+    layers before the previous one skipped (meta placeholders), the previous one replaying its
+    recorded inputs, and the requested layer recording its ``(args, kwargs)`` and stopping the
+    pass. Layers must be asked for in order, from the first.
+    """
+
+    _decoder_layer_support: ClassVar[list[tuple[Callable[..., bool], Callable[..., Any]]]] = []
+
+    def __init__(
+        self, model: nn.Module, status_callback: Callable[[str], None] | None = None
+    ) -> None:
+        self.model = model
+        self.status_callback = status_callback
+        self._seq: _Sequencer | None = None
+        self._patch_ctx: Any = None
+
+    @staticmethod
+    def get_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+        """The decoder layers of ``model``: the first registered discoverer whose support check
+        passes and that finds them, else the built-in rule; None when there are none."""
+        for is_supported, discoverer in LayerActivationCollector._decoder_layer_support:
+            if is_supported(model):
+                layers = discoverer(model)
+                if layers is not None:
+                    return layers
+        return find_decoder_layers(model)
+
+    @staticmethod
+    def is_supported(model: nn.Module) -> bool:
+        """True when :meth:`get_decoder_layers` finds decoder layers in ``model``."""
+        return LayerActivationCollector.get_decoder_layers(model) is not None
+
+    @classmethod
+    def register_decoder_layer_support(
+        cls, is_supported: Callable[[nn.Module], bool], discoverer: Callable[[nn.Module], Any]
+    ) -> None:
+        """Add a ``(support check, discoverer)`` pair (once: registering it again does nothing)."""
+        entry = (is_supported, discoverer)
+        if entry not in cls._decoder_layer_support:
+            cls._decoder_layer_support.append(entry)
+
+    def _patch_all_layers(self, decoder_layers: nn.ModuleList | None = None) -> None:
+        """Patch the decoder layers (found by :meth:`get_decoder_layers` when not given)."""
+        if self._seq is not None:
+            raise RuntimeError("LayerActivationCollector: the layers are already patched")
+        layers = decoder_layers if decoder_layers is not None else decoder_layers_of(self.model)
+        self._seq = _Sequencer(self.model, layers, None)  # type: ignore[arg-type]
+        self._patch_ctx = self._seq.patched()
+        self._patch_ctx.__enter__()
+
+    def _unpatch_all_layers(self) -> None:
+        """Restore the layers' and the model's own forwards."""
+        if self._patch_ctx is not None:
+            self._patch_ctx.__exit__(None, None, None)
+        self._seq = self._patch_ctx = None
+
+    def get_input_activations(
+        self, layer: nn.Module, forward_loop: ForwardLoop
+    ) -> list[tuple[tuple, dict]]:
+        """The ``(args, kwargs)`` each batch of ``forward_loop`` gives ``layer``, one per batch."""
+        seq = self._seq
+        if seq is None:
+            raise RuntimeError("LayerActivationCollector: call _patch_all_layers() first")
+        index = next((i for i, m in enumerate(seq.layers) if m is layer), None)
+        if index is None:
+            raise ValueError(f"{type(layer).__name__} is not one of the model's decoder layers")
+        for earlier in range(index - 1):
+            if seq.states[earlier].mode != "skip":
+                seq.finish(earlier)
+        seq.forward_loop = forward_loop
+        if self.status_callback is not None:
+            self.status_callback(f"collecting the inputs of decoder layer {index}")
+        return seq.inputs_of(index)
+
+
+def decoder_layers_of(model: nn.Module) -> nn.ModuleList:
+    """:func:`decoder_layers` (named apart for :class:`LayerActivationCollector`)."""
+    return decoder_layers(model)
 
 
 class _StopForward(Exception):

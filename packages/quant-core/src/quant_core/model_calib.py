@@ -1,24 +1,34 @@
 """ModelOpt's ``model_calib`` functions: each runs one calibration algorithm on a quantized model.
 
 Each is ``mtq.calibrate(model, {"method": name, **options}, forward_loop)``; options the
-algorithm here does not take are refused by name. ModelOpt's ``layerwise_calibrate`` is not
-provided (``{"method": ..., "layerwise": True}`` is).
+algorithm here does not take are refused by name. ``layerwise_calibrate`` runs any calibration
+function one decoder layer at a time (what ``{"method": ..., "layerwise": True}`` does).
 `enable_stats_collection` / `finish_stats_collection` are ModelOpt's manual calibration switches.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
+from quant_core.algorithms.nvfp4_act_headroom import (
+    is_nvfp4_dynamic_input_quantizer,
+    swap_in_headroom_calibrators,
+)
 from quant_core.algorithms.statistics import reduce_quantizer_statistics
 from quant_core.calib import HistogramCalibrator, MaxCalibrator
 from quant_core.model_quant import calibrate
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 ForwardLoop = Callable[[nn.Module], Any] | None
+
+# ModelOpt's private names for the selection and calibrator swap of ``nvfp4_act_headroom``.
+_is_nvfp4_dynamic_input_quantizer = is_nvfp4_dynamic_input_quantizer
+_swap_in_nvfp4_act_headroom_calibrators = swap_in_headroom_calibrators
 
 
 def _run(method: str, model: nn.Module, forward_loop: ForwardLoop, options: dict[str, Any]) -> None:
@@ -61,6 +71,45 @@ def awq(
     if algorithm not in ("awq_lite", "awq_clip", "awq_full"):
         raise ValueError(f"awq algorithm must be awq_lite, awq_clip or awq_full, got {algorithm!r}")
     _run(algorithm, model, forward_loop, options)
+
+
+def awq_lite(
+    model: nn.Module,
+    forward_loop: ForwardLoop = None,
+    alpha_step: float = 0.1,
+    debug: bool = False,
+    **options: Any,
+) -> None:
+    """AWQ-lite: per-channel input scales searched over ``alpha`` in steps of ``alpha_step``."""
+    _run("awq_lite", model, forward_loop, {"alpha_step": alpha_step, "debug": debug, **options})
+
+
+def awq_clip(
+    model: nn.Module, forward_loop: ForwardLoop = None, debug: bool = False, **options: Any
+) -> None:
+    """AWQ-clip: per-block weight clipping ratios searched for the least output error."""
+    _run("awq_clip", model, forward_loop, {"debug": debug, **options})
+
+
+def svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` factors ``(us, vt)`` of ``weight`` (``us @ vt`` approximates it).
+
+    Computed in float64 and returned in ``weight``'s dtype and device: ``us`` is
+    ``(rows, rank)``, the left singular vectors times the singular values, ``vt`` is
+    ``(rank, cols)``. A ``rank`` above ``min(rows, cols)`` warns and pads both with zeros.
+    """
+    u, s, vt = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+    us, vt = u[:, :rank] * s[:rank], vt[:rank]
+    kept = s.shape[0]
+    if kept < rank:
+        warnings.warn(
+            f"svd: rank {rank} exceeds the weight's {tuple(weight.shape)} dimensions; the factors "
+            f"have rank {kept} and are padded with zeros",
+            stacklevel=2,
+        )
+        us = torch.nn.functional.pad(us, (0, rank - kept))
+        vt = torch.nn.functional.pad(vt, (0, 0, 0, rank - kept))
+    return us.to(weight.dtype), vt.to(weight.dtype)
 
 
 def svdquant(
@@ -121,6 +170,40 @@ def lsq(
     )
 
 
+def layerwise_calibrate(
+    model: nn.Module,
+    forward_loop: ForwardLoop,
+    calib_func: Callable[..., Any],
+    **calib_kwargs: Any,
+) -> None:
+    """Run ``calib_func(layer, layer_forward_loop, **calib_kwargs)`` on each decoder layer in turn.
+
+    ``layer_forward_loop`` replays the inputs ``forward_loop`` gives that layer (see
+    :mod:`quant_core.layerwise`); the model's quantizers outside the decoder layers are calibrated
+    last. ``get_qdq_activations_from_prev_layer`` (default False) feeds each layer the outputs of
+    the previous one after its calibration, fully quantized, instead of as one whole-model
+    calibration pass computes them. ``checkpoint_dir`` / ``save_every`` (per-layer checkpoints)
+    and ``calib_mutates_weights=False`` are refused by name.
+    """
+    from quant_core.layerwise import layerwise_calibrate as _layerwise
+
+    for key in ("checkpoint_dir", "save_every"):
+        if calib_kwargs.get(key) is not None:
+            raise ValueError(
+                f"layerwise_calibrate: {key} (per-layer checkpoints) is not supported by quant-core"
+            )
+        calib_kwargs.pop(key, None)
+    if calib_kwargs.pop("calib_mutates_weights", True) is not True:
+        raise ValueError(
+            "layerwise_calibrate: calib_mutates_weights=False is not supported by quant-core's "
+            "layer-by-layer calibration; leave it at True"
+        )
+    qdq_from_prev = bool(calib_kwargs.pop("get_qdq_activations_from_prev_layer", False))
+    if forward_loop is None:
+        raise ValueError("layerwise_calibrate needs a forward_loop to capture the layer inputs")
+    _layerwise(model, calib_func, forward_loop, calib_kwargs, qdq_from_prev)
+
+
 def _enabled_quantizers(model: nn.Module) -> list[TensorQuantizer]:
     return [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
 
@@ -158,14 +241,18 @@ def finish_stats_collection(model: nn.Module, method: str | None = None, **kwarg
 
 __all__ = [
     "awq",
+    "awq_clip",
+    "awq_lite",
     "enable_stats_collection",
     "finish_stats_collection",
     "gptq",
+    "layerwise_calibrate",
     "local_hessian_calibrate",
     "lsq",
     "max_calibrate",
     "mse_calibrate",
     "nvfp4_act_headroom_calibrate",
     "smoothquant",
+    "svd",
     "svdquant",
 ]

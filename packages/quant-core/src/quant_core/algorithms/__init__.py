@@ -4,6 +4,10 @@ import importlib
 import pkgutil
 
 from quant_core.algorithms.registry import available_algorithms, get_algorithm, register_algorithm
+from quant_core.config.helpers import match_bare_quantizer_cfg
+
+# ModelOpt's name (in its ``algorithms`` module) for the bare-name config lookup AutoQuantize uses.
+_match_quantizer_cfg = match_bare_quantizer_cfg
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in ("registry",) and not _info.name.startswith("_"):

@@ -7,6 +7,7 @@ from quant_core.config.builtin import *  # noqa: F403
 from quant_core.config.helpers import (
     find_quant_cfg_entry_by_path,
     load_config,
+    match_bare_quantizer_cfg,
     need_calibration,
     normalize_quant_cfg_list,
     update_quant_cfg_with_kv_cache_quant,
@@ -33,6 +34,7 @@ __all__ = [
     "validate_config",
     "find_quant_cfg_entry_by_path",
     "load_config",
+    "match_bare_quantizer_cfg",
     "need_calibration",
     "normalize_quant_cfg_list",
     "update_quant_cfg_with_kv_cache_quant",

@@ -80,8 +80,8 @@ class QuantizeAlgorithmConfig(MappingAccess, BaseModel):
             )
         if not layerwise.calib_mutates_weights and self._mutates_weights:
             raise ValueError(
-                f"layerwise.calib_mutates_weights=False: algorithm {self.method!r} changes the "
-                "weights; only max, mse and local_hessian (amax-only) take this flag"
+                f"layerwise.calib_mutates_weights=False: algorithm {self.method!r} mutates layer "
+                "weights in-place; only max, mse and local_hessian (amax-only) take this flag"
             )
         return self
 

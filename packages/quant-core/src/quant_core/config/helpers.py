@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ def entry_dicts(quant_cfg: Any) -> list[dict[str, Any]]:
             raw = raw.model_dump(exclude_unset=True)
         if not isinstance(raw, Mapping):
             raise ValueError(f"quant_cfg[{i}] must be a dict, got {raw!r}")
+        if not raw:
+            raise ValueError(
+                f"quant_cfg[{i}] is empty: give 'quantizer_name' and 'cfg' or 'enable'"
+            )
         if "quantizer_name" in raw:
             out.append(dict(raw))
         else:
@@ -89,6 +94,31 @@ def find_quant_cfg_entry_by_path(quant_cfg_list: list[Any], quantizer_name: str)
     if not found:
         raise KeyError(f"No quant_cfg entry with quantizer_name={quantizer_name!r}")
     return found[-1]
+
+
+def match_bare_quantizer_cfg(quant_cfg_list: list[Any], quantizer_attr: str) -> tuple[Any, Any]:
+    """``(cfg, enable)`` of the last entry that applies to a quantizer attribute name alone.
+
+    ``quantizer_attr`` is a bare attribute name such as ``"weight_quantizer"`` (no module path),
+    as AutoQuantize looks formats up. An entry applies when its ``quantizer_name`` wildcard
+    matches the bare name (``"*weight_quantizer"``, ``"*"``, ``"*[kv]_bmm_quantizer"``) or ends
+    with it (a path-scoped ``"*mlp*weight_quantizer"``); entries scoped by ``parent_class`` are
+    skipped. Later entries win, as in ``quantize``. ``(None, None)`` when nothing applies; an
+    enable-only entry gives ``cfg`` None. Entries may be dicts or :class:`QuantizerCfgEntry`.
+    """
+    cfg: Any = None
+    enable: Any = None
+    for entry in quant_cfg_list:
+        if entry.get("parent_class") is not None:
+            continue
+        pattern = entry["quantizer_name"]
+        if callable(pattern):
+            applies = bool(pattern(quantizer_attr))
+        else:
+            applies = fnmatchcase(quantizer_attr, pattern) or pattern.endswith(quantizer_attr)
+        if applies:
+            cfg, enable = entry.get("cfg"), entry.get("enable", True)
+    return cfg, enable
 
 
 def update_quant_cfg_with_kv_cache_quant(

@@ -71,8 +71,11 @@ def _constructor(v: Any) -> tuple[Any, tuple, dict]:
     return cls, tuple(args), dict(kwargs)
 
 
-class QuantizerAttributeConfig(BaseModel):
-    """Attributes of one TensorQuantizer (ModelOpt names); unknown keys are rejected by name."""
+class QuantizerAttributeConfig(MappingAccess, BaseModel):
+    """Attributes of one TensorQuantizer (ModelOpt names); unknown keys are rejected by name.
+
+    Reads like a dict too, as ModelOpt's does: ``cfg["num_bits"]``, ``cfg.get("axis")``.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -139,7 +142,7 @@ class QuantizerAttributeConfig(BaseModel):
         import math
 
         if v is not None and not (math.isfinite(v) and v > 0):
-            raise ValueError(f"constant_amax must be a positive finite value, got {v!r}")
+            raise ValueError(f"constant_amax must be a positive value (and finite), got {v!r}")
         return v
 
     @field_validator("effective_bits")
@@ -274,7 +277,8 @@ def parse_attributes(attrs: Any, where: str = "") -> QuantizerAttributeConfig:
         return attrs
     if not isinstance(attrs, Mapping):
         raise ValueError(
-            f"quantizer attributes{where} must be a dict, got {type(attrs).__name__}: {attrs!r}"
+            f"quantizer attributes ('cfg'){where} must be a valid dictionary of attributes (a list "
+            f"of them for a sequential quantizer), got {type(attrs).__name__}: {attrs!r}"
         )
     try:
         return QuantizerAttributeConfig(**attrs)
@@ -352,7 +356,7 @@ def _empty_cfg_rule(raw: Mapping[str, Any], where: str) -> Any:
         return None
     raise ValueError(
         f"{where} ({raw.get('quantizer_name')!r}) has an empty 'cfg' {cfg!r} and enables the "
-        "quantizer: give at least one attribute; to keep the existing attributes drop 'cfg' and "
+        "quantizer: give at least one quantizer attribute; to keep the existing attributes drop 'cfg' and "
         "set 'enable': True, to disable set 'enable': False"
     )
 
@@ -403,7 +407,8 @@ class QuantizerCfgEntry(MappingAccess, BaseModel):
     def _an_instruction(self) -> QuantizerCfgEntry:
         if not {"cfg", "enable"} & self.model_fields_set:
             raise ValueError(
-                f"quant_cfg entry {self.quantizer_name!r} sets neither 'cfg' nor 'enable', so it "
+                f"quant_cfg entry {self.quantizer_name!r} must specify 'cfg', 'enable' or both: it "
+                "sets neither 'cfg' nor 'enable', so it "
                 "would change nothing (write 'enable': True explicitly to re-enable)"
             )
         return self
@@ -470,7 +475,8 @@ def normalize_quant_cfg(quant_cfg: Any) -> list[QuantCfgEntry]:
                 )
             if "cfg" not in raw and "enable" not in raw:
                 raise ValueError(
-                    f"quant_cfg[{i}] ({raw['quantizer_name']!r}) sets neither 'cfg' nor 'enable'"
+                    f"quant_cfg[{i}] ({raw['quantizer_name']!r}) must specify 'cfg', 'enable' or "
+                    "both: it sets neither 'cfg' nor 'enable'"
                 )
             where = f" in quant_cfg[{i}] ({raw['quantizer_name']!r})"
             enable = raw.get("enable")

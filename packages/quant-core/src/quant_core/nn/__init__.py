@@ -13,7 +13,9 @@ from quant_core.nn.builtin_modules import (
     QuantConvTranspose3d,
     QuantLinear,
 )
+from quant_core.nn.grouped import GroupedQuantizer
 from quant_core.nn.modules import *  # noqa: F403
+from quant_core.nn.quant_backends import TensorQuantizerCache
 from quant_core.nn.quant_module import QuantInputBase, QuantLinearConvBase, QuantModule
 from quant_core.nn.registry import QuantModuleRegistry
 from quant_core.nn.sequential import SequentialQuantizer
@@ -23,6 +25,7 @@ __all__ = [
     *modules.__all__,
     "modules",
     "BMM",
+    "GroupedQuantizer",
     "MatMul",
     "QuantBMM",
     "QuantConv1d",
@@ -38,4 +41,5 @@ __all__ = [
     "QuantModuleRegistry",
     "SequentialQuantizer",
     "TensorQuantizer",
+    "TensorQuantizerCache",
 ]

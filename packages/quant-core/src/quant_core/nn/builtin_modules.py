@@ -15,7 +15,11 @@ from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 @QuantModuleRegistry.register({nn.Linear: "nn.Linear"})
 class QuantLinear(QuantLinearConvBase, nn.Linear):
-    """nn.Linear with input, weight and output quantizers."""
+    """nn.Linear with input, weight and output quantizers.
+
+    After ``backends.enable_real_quant_gemm`` it runs the first matching registered real-quant
+    GEMM instead of its fake-quantized matmul (see :mod:`quant_core.backends.gemm_registry`).
+    """
 
     def _forward_with_weight(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(input, weight, self.bias)

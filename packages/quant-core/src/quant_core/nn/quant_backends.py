@@ -10,8 +10,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
+
+
+class TensorQuantizerCache(Protocol):
+    """What a custom backend keeps in ``quantizer._quantizer_cache`` (ModelOpt's protocol).
+
+    The slot starts as None; a backend may store any object there on its first call (precomputed
+    tables, packed weights) and read it back on later calls. It is never saved or restored: a
+    restored quantizer starts with None and its backend fills it again.
+    """
+
 
 QuantBackendEntrypoint = Callable[[torch.Tensor, "object"], torch.Tensor]
 

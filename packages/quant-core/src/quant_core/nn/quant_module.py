@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -146,7 +147,32 @@ class QuantLinearConvBase(FoldableWeight, QuantInputBase):
     ) -> Any:
         raise NotImplementedError
 
+    def _real_quant_gemm(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The registered real-quant GEMM for this layer (looked up once), None when none applies."""
+        from quant_core.backends.gemm_registry import gemm_registry
+
+        if "_real_quant_gemm_impl" not in self.__dict__:
+            impl = gemm_registry.find_match(self, input, *args, **kwargs)
+            if impl is None:
+                warnings.warn(
+                    f"{type(self).__name__}: no registered real-quant GEMM matches this layer "
+                    "(backends.gemm_registry); it runs fake quantization",
+                    stacklevel=3,
+                )
+            self.__dict__["_real_quant_gemm_impl"] = impl
+        return self.__dict__["_real_quant_gemm_impl"]
+
     def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_use_real_quant_gemm", False) and input.numel() > 1:
+            # after backends.enable_real_quant_gemm: a registered GEMM, except while calibrating
+            iq = self.input_quantizer
+            calibrating = iq.is_enabled and any(
+                getattr(q, "_if_calib", False) for q in iq.modules()
+            )
+            gemm = None if calibrating else self._real_quant_gemm(input, *args, **kwargs)
+            if gemm is not None:
+                out = gemm(self, input, self.weight, self.bias, *args, **kwargs)
+                return self.output_quantizer(out)
         x = self.input_quantizer(input)
         w = self.weight_quantizer(self.weight)
         return self.output_quantizer(self._forward_with_weight(x, w, *args, **kwargs))

@@ -48,6 +48,16 @@ class SequentialQuantizer(nn.Sequential):
         for q in self:
             q.disable()
 
+    def reset_amax(self) -> None:
+        """Forget every stage's amax."""
+        for q in self:
+            q.reset_amax()
+
+    def disable_rotate(self) -> None:
+        """Turn every stage's Hadamard rotation off."""
+        for q in self:
+            q.disable_rotate()
+
     @property
     def pre_quant_scale(self) -> torch.Tensor | None:
         """The first stage's pre-quant scale."""
@@ -59,5 +69,10 @@ class SequentialQuantizer(nn.Sequential):
 
     @property
     def amax(self) -> torch.Tensor | None:
-        """The first stage's amax."""
+        """The first stage's amax; assigning sets every stage's."""
         return self[0].amax
+
+    @amax.setter
+    def amax(self, value: Any) -> None:
+        for q in self:
+            q.amax = value

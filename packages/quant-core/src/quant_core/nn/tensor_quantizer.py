@@ -65,6 +65,9 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         self._global_calibrator: MaxCalibrator | None = None
         self._disabled = False
         self._lsq: LSQState | None = None
+        # scratch space a custom backend may keep on the quantizer (``TensorQuantizerCache``);
+        # never saved, so a restored quantizer starts without one
+        self._quantizer_cache: Any = None
         self.set_from_attribute_config(quant_attribute_cfg or QuantizerAttributeConfig())
         if amax is not None:
             self.amax = amax

@@ -56,6 +56,130 @@ def _cell(mode: str) -> Callable[..., Hidden]:
     return step
 
 
+def _run_direction(
+    step: Callable[..., Hidden],
+    data: torch.Tensor,
+    sizes: list[int],
+    h: Hidden,
+    weights: list[torch.Tensor],
+    iq: Callable[[torch.Tensor], torch.Tensor],
+    pq: Callable[[torch.Tensor], torch.Tensor] | None,
+    reverse: bool,
+) -> tuple[torch.Tensor, Hidden]:
+    """One layer and direction of a recurrence over time-major packed ``data``.
+
+    ``sizes`` is the batch of each step (non-increasing); ``iq`` quantizes each step's input and
+    hidden state, ``pq`` (LSTM with projection) the projection input. Returns the outputs, packed
+    like ``data``, and the final hidden state.
+    """
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+    outputs: list[torch.Tensor | None] = [None] * len(sizes)
+    for t in order:
+        n = sizes[t]
+        x = iq(data[starts[t] : starts[t] + n])
+        new = step(x, tuple(iq(s[:n]) for s in h), weights, pq)
+        h = tuple(torch.cat((a, s[n:])) for a, s in zip(new, h))  # ended sequences keep theirs
+        outputs[t] = new[0]
+    return torch.cat(outputs), h
+
+
+class VFRNNForward:
+    """ModelOpt's stand-in for torch's fused ``_VF`` recurrences, with per-layer input quantizers.
+
+    An instance is called like ``torch._VF.rnn_tanh`` / ``rnn_relu`` / ``gru`` / ``lstm``, in
+    either form: ``(input, hidden, flat_weights, has_biases, num_layers, dropout, training,
+    bidirectional, batch_first)`` for padded input or ``(data, batch_sizes, hidden, flat_weights,
+    has_biases, num_layers, dropout, training, bidirectional)`` for packed data. ``hidden`` is
+    ``(h0, c0)`` for LSTM and ``h0`` otherwise; it returns ``(output, h_n)`` or ``(output, h_n,
+    c_n)``. ``input_quantizers[layer * num_directions + direction]`` quantizes the input and the
+    hidden state of each step of that layer and direction (``proj_input_quantizers`` the LSTM
+    projection input); the step runs in Python with torch's own cell functions.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        bidirectional: bool,
+        num_layers: int,
+        has_proj: bool,
+        has_bias: bool,
+        input_quantizers: list[Callable[[torch.Tensor], torch.Tensor]],
+        proj_input_quantizers: list[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        batch_first: bool | None = False,
+    ) -> None:
+        if mode not in ("RNN_TANH", "RNN_RELU", "GRU", "LSTM"):
+            raise ValueError(
+                f"VFRNNForward: mode must be RNN_TANH, RNN_RELU, GRU or LSTM, got {mode!r}"
+            )
+        self.num_directions = 2 if bidirectional else 1
+        if len(input_quantizers) != num_layers * self.num_directions:
+            raise ValueError(
+                f"VFRNNForward: need one input quantizer per layer and direction "
+                f"({num_layers * self.num_directions}), got {len(input_quantizers)}"
+            )
+        if has_proj and mode != "LSTM":
+            raise ValueError(f"VFRNNForward: only LSTM has a projection, got mode {mode!r}")
+        self.mode, self.num_layers, self.has_proj = mode, num_layers, has_proj
+        self.is_lstm = mode == "LSTM"
+        self.num_weights_per_layer = (4 if has_bias else 2) + (1 if has_proj else 0)
+        self.input_quantizers = list(input_quantizers)
+        self.proj_input_quantizers = proj_input_quantizers
+        self.batch_first = bool(batch_first)
+        self._step = _cell(mode)
+
+    def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        """Run the recurrence; the argument forms are those of torch's ``_VF`` functions."""
+        if len(args) != 9:
+            raise TypeError(f"VFRNNForward takes the 9 arguments of a _VF call, got {len(args)}")
+        if isinstance(args[3], bool):  # padded: has_biases sits fourth
+            input, hidden, flat_weights, _, _, dropout, training, _, batch_first = args
+            x = input.transpose(0, 1) if batch_first else input
+            sizes = [x.shape[1]] * x.shape[0]
+            data = x.reshape(-1, x.shape[-1])
+        else:
+            data, batch_sizes, hidden, flat_weights, _, _, dropout, training, _ = args
+            sizes, batch_first, x = batch_sizes.tolist(), False, None
+        hidden = tuple(hidden) if self.is_lstm else (hidden,)
+        finals: list[Hidden] = []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(self.num_directions):
+                k = layer * self.num_directions + d
+                weights = list(
+                    flat_weights[k * self.num_weights_per_layer :][: self.num_weights_per_layer]
+                )
+                pq = self.proj_input_quantizers[k] if self.proj_input_quantizers else None
+                if self.has_proj and pq is None:
+                    pq = _identity
+                out, h = _run_direction(
+                    self._step,
+                    data,
+                    sizes,
+                    tuple(s[k] for s in hidden),
+                    weights,
+                    self.input_quantizers[k],
+                    pq,
+                    d == 1,
+                )
+                outs.append(out)
+                finals.append(h)
+            data = torch.cat(outs, -1)
+            if dropout and layer < self.num_layers - 1:
+                data = F.dropout(data, dropout, training)
+        h_n = tuple(torch.stack(parts) for parts in zip(*finals))
+        if x is not None:
+            data = data.reshape(x.shape[0], x.shape[1], -1)
+            data = data.transpose(0, 1) if batch_first else data
+        return (data, *h_n)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class QuantRNNBase(QuantModule):
     """nn.RNN / nn.LSTM / nn.GRU with weight and per-layer input quantizers (ModelOpt's names)."""
 
@@ -76,6 +200,34 @@ class QuantRNNBase(QuantModule):
                         f"proj_{layer}{suffix}_input_quantizer",
                         TensorQuantizer(INPUT_DEFAULT),
                     )
+
+    def _quantizers(self, kind: str) -> list[TensorQuantizer]:
+        """The quantizers whose attribute name ends with ``kind`` (``weight``/``input``)."""
+        return [
+            m
+            for n, m in self.named_children()
+            if n.endswith(f"_{kind}_quantizer") and isinstance(m, TensorQuantizer)
+        ]
+
+    def _disable_input_quantizers(self) -> None:
+        """Turn off every layer (and projection) input quantizer (ModelOpt's helper)."""
+        for q in self._quantizers("input"):
+            q.disable()
+
+    def _enable_input_quantizers(self) -> None:
+        """Turn on every layer (and projection) input quantizer."""
+        for q in self._quantizers("input"):
+            q.enable()
+
+    def _disable_weight_quantizers(self) -> None:
+        """Turn off every weight quantizer (ModelOpt's helper)."""
+        for q in self._quantizers("weight"):
+            q.disable()
+
+    def _enable_weight_quantizers(self) -> None:
+        """Turn on every weight quantizer."""
+        for q in self._quantizers("weight"):
+            q.enable()
 
     @property
     def _suffixes(self) -> tuple[str, ...]:
@@ -105,22 +257,10 @@ class QuantRNNBase(QuantModule):
     ) -> tuple[torch.Tensor, Hidden]:
         """One layer and direction over time-major packed ``data`` (``sizes``: batch per step,
         non-increasing); returns the outputs (packed like ``data``) and the final hidden state."""
-        step = _cell(self.mode)
         iq = getattr(self, f"layer_{layer}{suffix}_input_quantizer")
         pq = getattr(self, f"proj_{layer}{suffix}_input_quantizer", None)
         weights = self._weights(layer, suffix)
-        starts = [0]
-        for n in sizes[:-1]:
-            starts.append(starts[-1] + n)
-        order = range(len(sizes) - 1, -1, -1) if suffix else range(len(sizes))
-        outputs: list[torch.Tensor | None] = [None] * len(sizes)
-        for t in order:
-            n = sizes[t]
-            x = iq(data[starts[t] : starts[t] + n])
-            new = step(x, tuple(iq(s[:n]) for s in h), weights, pq)
-            h = tuple(torch.cat((a, s[n:])) for a, s in zip(new, h))  # ended sequences keep theirs
-            outputs[t] = new[0]
-        return torch.cat(outputs), h
+        return _run_direction(_cell(self.mode), data, sizes, h, weights, iq, pq, bool(suffix))
 
     def _initial_hidden(self, batch: int, ref: torch.Tensor) -> Hidden:
         count = self.num_layers * len(self._suffixes)
@@ -197,4 +337,4 @@ class QuantGRU(QuantRNNBase, nn.GRU):
     """nn.GRU with weight and per-layer input quantizers."""
 
 
-__all__ = ["QuantGRU", "QuantLSTM", "QuantRNN", "QuantRNNBase"]
+__all__ = ["QuantGRU", "QuantLSTM", "QuantRNN", "QuantRNNBase", "VFRNNForward"]
