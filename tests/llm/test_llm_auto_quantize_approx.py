@@ -82,9 +82,10 @@ class _InputRounded(nn.Module):
 
 def test_approx_scores_equal_a_float64_reference():
     """Score of a candidate = sum_j mean_t(g_tj^2 over the gradient batches) * sum_t dY_tj^2 over
-    every batch, recomputed here in float64 from the layer inputs and gradients; weight-only
-    candidates (through the shared Gram matrix of ``a``/``b``) and an input-rounding one alike.
-    Forward-only batches stop after the last searched layer."""
+    every batch, times (exact score / that estimate) on the gradient batches, recomputed here in
+    float64 from the layer inputs and gradients; weight-only candidates (through the shared Gram
+    matrix of ``a``/``b``) and an input-rounding one alike. Forward-only batches stop after the
+    last searched layer."""
     torch.manual_seed(0)
     model = _TwoHeads()
     batches = [torch.randn(3, 7, 6) for _ in range(4)]
@@ -127,18 +128,20 @@ def test_approx_scores_equal_a_float64_reference():
         h.remove()
     for name, cands in layers.items():
         _x, y_first = seen[name][0]
-        grad_sq = y_first.grad.reshape(-1, y_first.shape[-1]).pow(2).mean(0)
+        grad = y_first.grad.reshape(-1, y_first.shape[-1])
+        grad_sq = grad.pow(2).mean(0)
         for i, cand in enumerate(cands):
             if cand is None:
                 assert scores[name][i] == 0.0
                 continue
             c = copy.deepcopy(cand).double()
             with torch.no_grad():
-                err = sum(
-                    (c(x) - y.detach()).reshape(-1, y.shape[-1]).pow(2).sum(0)
-                    for x, y in seen[name]
-                )
-            expected = float((grad_sq * err).sum())
+                errors = [(c(x) - y.detach()).reshape(-1, y.shape[-1]) for x, y in seen[name]]
+            estimate = float((grad_sq * sum(e.pow(2).sum(0) for e in errors)).sum())
+            exact_first = float((grad * errors[0]).pow(2).sum())
+            estimate_first = float((grad_sq * errors[0].pow(2).sum(0)).sum())
+            expected = estimate * exact_first / estimate_first
+            assert expected != pytest.approx(estimate, rel=1e-3)  # the correction is not 1 here
             assert scores[name][i] == pytest.approx(expected, rel=1e-4), (name, i)
 
 

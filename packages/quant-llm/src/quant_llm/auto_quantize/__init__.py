@@ -98,9 +98,9 @@ def auto_quantize(
     backward and each candidate of each layer run on its input), ``"gradient_approx"`` (the same
     Fisher score with the squared gradient averaged per output channel over the first
     ``num_gradient_steps`` batches (default a quarter of ``num_score_steps``, at least one) and
-    weight-only candidates scored from each layer input's Gram matrix: one backward in four, no
-    candidate forwards; it assumes every token reaches the loss, so padded batches are better
-    scored exactly; see :mod:`quant_llm.auto_quantize.approx_scoring`) or ``"kl"`` /
+    weight-only candidates scored from each layer input's Gram matrix, scaled by the exact score
+    over that estimate on the gradient batches: one backward in four, candidate forwards only there;
+    see :mod:`quant_llm.auto_quantize.approx_scoring`) or ``"kl"`` /
     ``"kl_div"`` (ModelOpt's name; logits KL). ``search_state["best"]`` is ModelOpt's summary of the pick: ``recipe``
     (layer -> candidate name), ``constraints`` (``effective_bits`` achieved), ``score`` (the
     chosen candidates' summed scores) and ``is_satisfied``.

@@ -3,10 +3,13 @@
 The exact score of a candidate is ``sum_t sum_j (g_tj * dY_tj)**2`` over the score tokens ``t`` and
 output channels ``j`` (``g = dL/dY``, ``dY`` the candidate's output error). Here the squared
 gradient is taken as independent of the output error within a channel, so the score becomes
-``sum_j mean_t(g_tj**2) * sum_t dY_tj**2``:
+``sum_j mean_t(g_tj**2) * sum_t dY_tj**2``, corrected by the ratio of the exact score to that
+estimate on the batches that run backward (where both are known): tokens with no gradient
+(padding, positions a loss ignores) and channels whose gradient follows the token (the logits of
+``lm_head``) break the independence, and the ratio measures by how much.
 
-- ``mean_t(g_tj**2)`` comes from the first ``num_gradient_steps`` score batches, the only ones that
-  run a backward pass;
+- ``mean_t(g_tj**2)`` and the ratio come from the first ``num_gradient_steps`` score batches, the
+  only ones that run a backward pass (and every candidate, on their layer inputs);
 - ``sum_t dY_tj**2`` covers every score batch. For a candidate that is exactly a linear map on the
   layer's input (weight-only quantization: ``cand(x) == x @ W_q.T + b``, checked on the first
   batch's input) it is ``diag(dW @ H @ dW.T)`` with ``dW = W_q - W`` and ``H = sum_t x_t x_t.T``,
@@ -14,10 +17,6 @@ gradient is taken as independent of the output error within a channel, so the sc
   unless running it costs fewer multiply-adds (a wide input with few outputs, like ``down_proj``);
   any other candidate (quantized activations, fused experts) is run on each batch's input.
 - Forward-only batches stop after the last searched layer (the LM head and loss are not computed).
-
-Every token of a score batch is taken to reach the loss: padding and positions the loss ignores
-(zero gradient) still count in ``sum_t dY_tj**2``, so batches with much padding or a pooled loss
-are better scored with the exact ``method="gradient"``.
 
 Memory: one float32 ``k x k`` Gram matrix per distinct layer input of width ``k``.
 """
@@ -78,6 +77,8 @@ class _LayerStats:
         self.grad_sq: torch.Tensor | None = None  # per output channel, summed over gradient tokens
         self.grad_tokens = 0
         self.out_err = [None] * len(candidates)  # per channel sum of dY**2 (run candidates)
+        self.err_grad_batches = [None] * len(candidates)  # the same over the gradient batches
+        self.exact_grad_batches = [0.0] * len(candidates)  # exact score on the gradient batches
         self.gram_path: set[int] | None = None  # candidates scored through the Gram matrix
         self.owner: str | None = None  # layer whose Gram matrix this layer's input shares
 
@@ -147,14 +148,15 @@ def approx_gradient_scores(
                 raise TypeError(
                     f"auto_quantize: layer {name} returned {type(out).__name__}, not a tensor"
                 )
-            with torch.no_grad():
-                for i, cand in enumerate(layer.candidates):
-                    if cand is not None and i not in layer.gram_path:
-                        err = _channels(cand(*args, **kwargs) - out)
-                        prev = layer.out_err[i]
-                        layer.out_err[i] = err if prev is None else prev + err
             if phase["gradient"] and out.requires_grad:
-                out.register_hook(lambda grad: _add_grad(layer, grad))
+                inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+                y = out.detach()
+                out.register_hook(lambda grad: _add_grad(layer, grad, inputs, kwargs, y))
+            else:
+                with torch.no_grad():
+                    for i, cand in enumerate(layer.candidates):
+                        if cand is not None and i not in layer.gram_path:
+                            _accumulate(layer.out_err, i, _channels(cand(*args, **kwargs) - out))
             if phase["first"]:
                 calls_per_forward[0] += 1
             else:
@@ -193,14 +195,36 @@ def approx_gradient_scores(
     return {name: _scores(layer, grams) for name, layer in stats.items()}
 
 
-def _add_grad(layer: _LayerStats, grad: torch.Tensor) -> None:
+def _accumulate(sums: list[torch.Tensor | None], i: int, value: torch.Tensor) -> None:
+    sums[i] = value if sums[i] is None else sums[i] + value
+
+
+def _add_grad(
+    layer: _LayerStats,
+    grad: torch.Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    y: torch.Tensor,
+) -> None:
+    """On a gradient batch: the squared gradient per channel, and each candidate's exact score."""
     sq = _channels(grad)
     layer.grad_sq = sq if layer.grad_sq is None else layer.grad_sq + sq
     layer.grad_tokens += grad.numel() // grad.shape[-1]
+    with torch.no_grad():
+        for i, cand in enumerate(layer.candidates):
+            if cand is None:
+                continue
+            delta = cand(*args, **kwargs) - y
+            layer.exact_grad_batches[i] += float((grad * delta).pow(2).sum(dtype=torch.float64))
+            err = _channels(delta)
+            _accumulate(layer.err_grad_batches, i, err)
+            if i not in layer.gram_path:
+                _accumulate(layer.out_err, i, err)
 
 
 def _scores(layer: _LayerStats, grams: dict[str, torch.Tensor]) -> list[float]:
-    """``sum_j mean_t(g_tj**2) * sum_t dY_tj**2`` per candidate of one layer."""
+    """``sum_j mean_t(g_tj**2) * sum_t dY_tj**2`` per candidate of one layer, times the exact score
+    over that estimate on the gradient batches."""
     if layer.grad_sq is None:
         return [0.0] * len(layer.candidates)  # no gradient reached the layer: it does not matter
     mean_grad_sq = layer.grad_sq / layer.grad_tokens
@@ -215,5 +239,9 @@ def _scores(layer: _LayerStats, grams: dict[str, torch.Tensor]) -> list[float]:
                 err = ((delta @ grams[layer.owner]) * delta).sum(1, dtype=torch.float64)
         else:
             err = layer.out_err[i]
-        out.append(float((mean_grad_sq * err).sum()))
+        estimate = float((mean_grad_sq * err).sum())
+        on_gradient_batches = float((mean_grad_sq * layer.err_grad_batches[i]).sum())
+        if on_gradient_batches > 0:
+            estimate *= layer.exact_grad_batches[i] / on_gradient_batches
+        out.append(estimate)
     return out
