@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from quant_core.config.schema import QuantizerAttributeConfig
-from quant_core.nn.sequential import SequentialQuantizer
+from quant_core.nn.sequential import SequentialQuantizer, set_each_from_attribute_config
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 __all__ = ["GroupedQuantizer"]
@@ -47,12 +47,7 @@ class GroupedQuantizer(nn.ModuleList):
         | dict[str, Any],
     ) -> None:
         """One config for every member, or a list with one config per member (lengths must agree)."""
-        if not isinstance(cfgs, (list, tuple)):
-            cfgs = [cfgs] * len(self)
-        if len(cfgs) != len(self):
-            raise ValueError(f"GroupedQuantizer has {len(self)} members, got {len(cfgs)} configs")
-        for quantizer, cfg in zip(self, cfgs):
-            quantizer.set_from_attribute_config(cfg)
+        set_each_from_attribute_config(self, cfgs, "members")
 
     @property
     def is_enabled(self) -> bool:

@@ -11,6 +11,24 @@ from quant_core.config.schema import QuantizerAttributeConfig
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 
+def set_each_from_attribute_config(
+    members: nn.Module,
+    cfgs: list[QuantizerAttributeConfig | dict[str, Any]]
+    | QuantizerAttributeConfig
+    | dict[str, Any],
+    what: str,
+) -> None:
+    """Set each quantizer of a container from its config; one config (not a list) sets them all."""
+    if not isinstance(cfgs, (list, tuple)):
+        cfgs = [cfgs] * len(members)
+    if len(cfgs) != len(members):
+        raise ValueError(
+            f"{type(members).__name__} has {len(members)} {what}, got {len(cfgs)} configs"
+        )
+    for quantizer, cfg in zip(members, cfgs):
+        quantizer.set_from_attribute_config(cfg)
+
+
 class SequentialQuantizer(nn.Sequential):
     """A chain of TensorQuantizers; built when a config gives a list of attribute dicts."""
 
@@ -26,12 +44,7 @@ class SequentialQuantizer(nn.Sequential):
         | dict[str, Any],
     ) -> None:
         """Set each stage from the matching attribute config (the lengths must agree); one config applies to every stage."""
-        if not isinstance(cfgs, (list, tuple)):
-            cfgs = [cfgs] * len(self)
-        if len(cfgs) != len(self):
-            raise ValueError(f"SequentialQuantizer has {len(self)} stages, got {len(cfgs)} configs")
-        for quantizer, cfg in zip(self, cfgs):
-            quantizer.set_from_attribute_config(cfg)
+        set_each_from_attribute_config(self, cfgs, "stages")
 
     @property
     def is_enabled(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 import quant_kernels as qk
+from quant_kernels.plan import FOUR_OVER_SIX_E4M3_MAX
 
 __all__ = [
     "E2M1_MAX",
@@ -33,24 +34,15 @@ E2M1_MAX = qk.E2M1_MAX
 """Largest E2M1 magnitude (6)."""
 E4M3_MAX = qk.E4M3_MAX
 """Largest finite E4M3 value (448)."""
-E4M3_MAX_46 = 256.0
+E4M3_MAX_46 = FOUR_OVER_SIX_E4M3_MAX
 """The E4M3 block-scale ceiling of NVFP4 "four over six" (blocks scaled to 4 or 6 under it)."""
 E4M3_KMAX = 8
 """Largest ``k`` with ``2^k`` exact in E4M3."""
 E4M3_KMIN = -9
 """Smallest ``k`` with ``2^k`` exact in E4M3 (its smallest subnormal)."""
 
-_E2M1_MAGNITUDE = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
-"""E2M1 magnitudes by the low three bits of a code (bit 3 is the sign)."""
-_E2M1_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _e2m1_magnitude_table(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``_E2M1_MAGNITUDE`` as a tensor on ``device``, built once per (device, dtype)."""
-    key = (torch.device(device), dtype)
-    if key not in _E2M1_TABLES:
-        _E2M1_TABLES[key] = torch.tensor(_E2M1_MAGNITUDE, dtype=dtype, device=device)
-    return _E2M1_TABLES[key]
+_E2M1_MAGNITUDES = qk.ElementFormat.parse((2, 1)).values()[:8].float()
+"""E2M1 magnitudes by the low three bits of a code (bit 3 is the sign), from the format table."""
 
 
 def _exponents(e8m0_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +98,7 @@ def mxfp4_to_nvfp4_per_block_amax(blocks: torch.Tensor, e8m0_scales: torch.Tenso
     amax = E2M1_MAX * scale
     if not bool(fits.all()):
         code = torch.maximum(blocks & 0x7, (blocks >> 4) & 0x7).amax(dim=-1).long()
-        largest = _e2m1_magnitude_table(blocks.device)[code] * scale
+        largest = _E2M1_MAGNITUDES.to(blocks.device)[code] * scale
         amax = torch.where(fits, amax, largest)
     return amax.repeat_interleave(2, dim=-1)
 

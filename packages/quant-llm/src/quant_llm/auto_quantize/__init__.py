@@ -113,17 +113,9 @@ def auto_quantize(
         raise ValueError(f"method={method!r}; choose one of {SCORE_METHODS}")
     if method.startswith("gradient") and loss_func is None:
         raise ValueError(f"method={method!r} needs loss_func(output, batch) -> scalar loss")
-    check_arguments(constraints, num_calib_steps, num_score_steps)
+    check_arguments(constraints, num_calib_steps, num_score_steps, num_gradient_steps)
     if num_gradient_steps is None:
         num_gradient_steps = max(1, num_score_steps // 4)
-    elif (
-        isinstance(num_gradient_steps, bool)
-        or not isinstance(num_gradient_steps, int)
-        or num_gradient_steps < 1
-    ):
-        raise ValueError(
-            f"auto_quantize: num_gradient_steps must be a positive number of batches, got {num_gradient_steps!r}"
-        )
     candidates = resolve_formats(quantization_formats)
     calib = list(itertools.islice(data_loader, num_calib_steps))
     score = list(itertools.islice(data_loader, num_score_steps))

@@ -42,8 +42,8 @@ class _StopForward(Exception):
 
 
 def _channels(t: torch.Tensor) -> torch.Tensor:
-    """Per output channel sum of squares (float64) over every other dimension."""
-    return t.detach().double().pow(2).reshape(-1, t.shape[-1]).sum(0)
+    """Per output channel sum of squares (accumulated in float64) over every other dimension."""
+    return t.detach().reshape(-1, t.shape[-1]).pow(2).sum(0, dtype=torch.float64)
 
 
 def _is_weight_only_linear(fp: nn.Module, cand: nn.Module, x: torch.Tensor) -> bool:

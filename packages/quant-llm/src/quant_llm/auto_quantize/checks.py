@@ -19,9 +19,12 @@ from torch import nn
 __all__ = ["check_arguments", "check_batches", "check_loss", "probe_step"]
 
 
-def check_arguments(constraints: Any, num_calib_steps: Any, num_score_steps: Any) -> None:
+def check_arguments(
+    constraints: Any, num_calib_steps: Any, num_score_steps: Any, num_gradient_steps: Any = None
+) -> None:
     """Refuse constraints that are not ``{"effective_bits": b}`` / ``{"weight_bytes": n}`` with a
-    positive finite number, and step counts that are not positive integers."""
+    positive finite number, and step counts that are not positive integers (``num_gradient_steps``
+    may be None: its default)."""
     if not isinstance(constraints, dict) or len(constraints) != 1:
         raise ValueError(
             "auto_quantize: constraints must be exactly one of {'effective_bits': b} or "
@@ -42,7 +45,10 @@ def check_arguments(constraints: Any, num_calib_steps: Any, num_score_steps: Any
             f"auto_quantize: constraints[{key!r}] must be a positive number (e.g. "
             f"{{'{key}': {4.8 if key == 'effective_bits' else 1e9}}}), got {value!r}"
         )
-    for name, steps in (("num_calib_steps", num_calib_steps), ("num_score_steps", num_score_steps)):
+    counts = {"num_calib_steps": num_calib_steps, "num_score_steps": num_score_steps}
+    if num_gradient_steps is not None:
+        counts["num_gradient_steps"] = num_gradient_steps
+    for name, steps in counts.items():
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(
                 f"auto_quantize: {name} must be a positive number of batches, got {steps!r}"
