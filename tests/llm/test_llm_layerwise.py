@@ -195,3 +195,15 @@ def test_a_forward_loop_reading_logits_and_loss_runs_layer_by_layer(calib_batche
     expected = ((*calib_batches[0]["input_ids"].shape, got.config.vocab_size), ())
     assert len(seen) > len(calib_batches) and all(s[:2] == expected for s in seen)
     _assert_same(got, _quantized(W4, method, forward_loop))  # reading changes nothing
+
+
+def test_the_first_pass_computes_only_the_first_layer(forward_loop, calib_batches):
+    """The first pass keeps only output shapes, so later layers echo the first one's output: a
+    middle layer computes once to be calibrated and once to feed the next layer, no more."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    calls = []
+    model.model.layers[1].mlp.register_forward_hook(lambda *_: calls.append(1))
+    mtq.quantize(
+        model, {**copy.deepcopy(INT8), "algorithm": MaxCalibConfig(layerwise=True)}, forward_loop
+    )
+    assert len(calls) == 2 * len(calib_batches)

@@ -11,9 +11,11 @@ calibrated replays its recorded inputs to produce the real hidden states, and th
 records its inputs (positional and keyword, so masks and position embeddings the parent builds
 come along) and stops the forward pass. The parent model's code therefore runs as usual; a parent
 that computes on the hidden states between layers is not supported (the placeholders say so).
-The first pass runs the whole model in float (quantizers off) and keeps the shapes of its
-outputs; a stopped pass returns them as ``meta`` tensors, so a ``forward_loop`` that reads
-``.logits`` or ``.loss`` of what the model returns keeps working (``.item()`` on them cannot).
+The first pass runs through the whole model in float (quantizers off) and keeps the shapes of
+its outputs; a stopped pass returns them as ``meta`` tensors, so a ``forward_loop`` that reads
+``.logits`` or ``.loss`` of what the model returns keeps working (``.item()`` on them cannot). In
+that pass only the first decoder layer computes: when its output is one tensor, the layers after it
+return that tensor (the same shape as theirs), since nothing but shapes is kept.
 
 ``get_qdq_activations_from_prev_layer`` (default False, True for ``gptq`` as in ModelOpt):
 False feeds the next layer the outputs of this layer before it is calibrated, computed as a
@@ -225,7 +227,7 @@ class _StopForward(Exception):
 
 @dataclass
 class _Layer:
-    mode: str = "original"  # original | skip | run | capture
+    mode: str = "original"  # original | skip | run | capture | record | echo
     recorded: list[tuple[tuple, dict]] = field(default_factory=list)
     replay: deque = field(default_factory=deque)
     output_meta: Any = None
@@ -269,6 +271,7 @@ class _Sequencer:
         self._saved: list[tuple[nn.Module, Any]] = []
         self.outputs: list[Any] = []  # per batch: the model's output on meta tensors
         self._batch = 0
+        self._first_output: Any = None  # the first layer's output in the batch of the first pass
 
     @contextmanager
     def patched(self) -> Iterator[None]:
@@ -298,6 +301,8 @@ class _Sequencer:
                 state.recorded.append((args, without_cache(kwargs)))
                 if state.mode == "capture":
                     raise _StopForward
+            if state.mode == "echo" and isinstance(self._first_output, torch.Tensor):
+                return self._first_output
             if state.mode == "run":
                 if not state.replay:
                     raise RuntimeError(
@@ -308,7 +313,10 @@ class _Sequencer:
                 out = inner(*args, **kwargs)
                 state.output_meta = _to_meta(out)
                 return out
-            return inner(*args, **kwargs)
+            out = inner(*args, **kwargs)
+            if state.mode == "record":
+                self._first_output = out
+            return out
 
         return forward
 
@@ -335,12 +343,21 @@ class _Sequencer:
             prev = self.states[index - 1]
             prev.mode, prev.replay = "run", deque(prev.recorded)
         target = self.states[index]
-        # the first pass runs the whole model (recording its outputs' shapes for the later passes,
-        # so a forward_loop may read .logits or .loss); later passes stop at the target layer
+        # the first pass runs through the model (recording its outputs' shapes for the later
+        # passes, so a forward_loop may read .logits or .loss); later passes stop at the target
+        # layer. Only shapes are kept, so in the first pass the layers after the first one return
+        # its output (same shape) instead of computing theirs, when that output is one tensor.
         target.mode, target.recorded = ("record" if index == 0 else "capture"), []
+        if index == 0:
+            for state in self.states[1:]:
+                state.mode = "echo"
         self._batch = 0
         with quantizers_disabled(self.model) if index == 0 else nullcontext():
             self.forward_loop(self.model)
+        if index == 0:
+            self._first_output = None
+            for state in self.states[1:]:
+                state.mode = "original"
         if index > 0:
             self._check_replayed(prev)
         target.mode = "original"
