@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 import quant_kernels as qk
 from quant_core.algorithms._blocks import num_blocks
 from quant_core.algorithms.dead_channels import fill_dead_channels
-from quant_core.algorithms.output_error import mse_amax
+from quant_core.algorithms.output_error import mse_amax, output_error, scaled_hessian
 from quant_core.algorithms.registry import register_algorithm
 from quant_core.algorithms.statistics import (
     calibrate_with_stats,
@@ -26,6 +26,7 @@ from quant_core.algorithms.statistics import (
 )
 from quant_core.algorithms.weights import (
     BlockFormat,
+    apply_input_scale,
     first_stage,
     kernel_format,
     set_weight_amax,
@@ -284,58 +285,131 @@ def gptq_layers(
     block_size: int = 16,
     act_order: bool = True,
     clip_search: bool = True,
+    input_scales: dict[str, Tensor] | None = None,
 ) -> None:
     """GPTQ-round the weights of ``layers`` given their input statistics ``stats`` (with Gram
     matrices, from :func:`calibrate_with_stats`); see :func:`gptq` for the options.
 
     Layers of one unit (same input) must share their pre-quant scale: the unit's Hessian is its
-    first layer's effective one.
+    first layer's effective one. ``input_scales`` maps a unit's first layer to an input scale
+    ``s`` (AWQ's): that unit is rounded both as it is and with its input divided by ``s`` (its
+    weight times ``s``), in the same batched run, and keeps whichever leaves the smaller output
+    error ``tr(Δ H Δᵀ)`` on the calibration inputs; its layers then get the pre-quant scale
+    ``1/s``, or ones (so that every such layer exports alike).
     """
+    input_scales = input_scales or {}
     for units in tqdm(_batches(layers, stats), desc="gptq", leave=False):
         weights = torch.stack(
             [torch.cat([layers[n].weight.detach().float() for n in u]) for u in units]
         )
-        hessian = torch.stack(
-            [effective_input_stats(layers[u[0]], stats[u[0]]).gram for u in units]
-        )
-        hessian = fill_dead_channels(hessian, [", ".join(u) for u in units])
+        gram = torch.stack([effective_input_stats(layers[u[0]], stats[u[0]]).gram for u in units])
+        hessian = fill_dead_channels(gram, [", ".join(u) for u in units])
         quantizer = layers[units[0][0]].weight_quantizer
-        fmt = kernel_format(quantizer)
-        stage_format = first_stage(quantizer).format
-        block_scaled = stage_format.scale_mode is not qk.ScaleMode.FLOAT32
-        amax = None
-        if clip_search:
-            # blocks: channels weighted by diag H (as good as d^T H_bb d on MiniLM, half the
-            # cost); whole rows (per channel / per tensor): the row's full d^T H d
-            ratios = torch.arange(1.0, 0.49, -0.05)
-            if fmt.block is None:
-                amax = mse_amax(weights, fmt, ratios, hessian=hessian)
-            else:
-                diag = hessian.diagonal(dim1=-2, dim2=-1)
-                amax = mse_amax(weights, fmt, ratios, hessian_diag=diag)
-        elif fmt.per_tensor or block_scaled:
-            amax = fmt.amax(weights)
-        global_amax = None
-        if amax is not None and stage_format.has_global_amax:  # (block scaled: NVFP4)
-            global_amax = qk.nvfp4_global_amax(block_amax=amax)  # one unit per batch: its max
-            fmt = kernel_format(quantizer, global_amax=global_amax)
+        scaled = [b for b, u in enumerate(units) if u[0] in input_scales]
+        variants = [(weights, hessian)]
+        if scaled:
+            s = torch.stack([input_scales[units[b][0]].float().to(weights) for b in scaled])
+            variants.append((weights[scaled] * s.unsqueeze(-2), scaled_hessian(hessian[scaled], s)))
+        if not first_stage(quantizer).format.has_global_amax:  # one batched run for both
+            variants = [tuple(torch.cat(parts) for parts in zip(*variants, strict=True))]
         with torch.no_grad():
-            q, amax = gptq_quantize(
-                weights,
-                hessian,
-                fmt,
-                amax=amax,
-                block_size=block_size,
-                percdamp=percdamp,
-                act_order=act_order,
+            rounded = [
+                _round_batch(quantizer, w, h, percdamp, block_size, act_order, clip_search)
+                for w, h in variants
+            ]
+        q = torch.cat([r[0] for r in rounded])
+        amax = torch.cat([r[1] for r in rounded])
+        fmts = [fmt for _q, a, fmt, _g in rounded for _ in range(len(a))]
+        globals_ = [g for _q, a, _f, g in rounded for _ in range(len(a))]
+        for b, unit in enumerate(units):
+            pick, scale = b, None
+            if b in scaled:
+                k = scaled.index(b)
+                j, scale = len(units) + k, s[k]
+                plain_err = output_error(q[b].double() - weights[b].double(), gram[b].double())
+                scaled_q = q[j].double() / scale.double()
+                if output_error(scaled_q - weights[b].double(), gram[b].double()) < plain_err:
+                    pick = j
+                else:
+                    scale = None
+            _write_unit(
+                layers,
+                unit,
+                stats,
+                q[pick],
+                amax[pick],
+                fmts[pick],
+                globals_[pick],
+                scale,
+                pre_quant_ones=b in scaled,
             )
-            for b, unit in enumerate(units):
-                start = 0
-                for name in unit:
-                    module = layers[name]
-                    rows = module.weight.shape[0]
-                    module.weight.copy_(q[b, start : start + rows].to(module.weight.dtype))
-                    set_weight_amax(module, amax[b, start : start + rows], fmt)
-                    if global_amax is not None:  # the rounding above used the unit's global
-                        first_stage(module.weight_quantizer).global_amax = global_amax
-                    start += rows
+
+
+def _round_batch(
+    quantizer: nn.Module,
+    weights: Tensor,
+    hessian: Tensor,
+    percdamp: float,
+    block_size: int,
+    act_order: bool,
+    clip_search: bool,
+) -> tuple[Tensor, Tensor, BlockFormat, Tensor | None]:
+    """One batched GPTQ run: ``(quantized weights, amax, format, global amax or None)``."""
+    fmt = kernel_format(quantizer)
+    stage_format = first_stage(quantizer).format
+    block_scaled = stage_format.scale_mode is not qk.ScaleMode.FLOAT32
+    amax = None
+    if clip_search:
+        # blocks: channels weighted by diag H (as good as d^T H_bb d on MiniLM, half the
+        # cost); whole rows (per channel / per tensor): the row's full d^T H d
+        ratios = torch.arange(1.0, 0.49, -0.05)
+        if fmt.block is None:
+            amax = mse_amax(weights, fmt, ratios, hessian=hessian)
+        else:
+            diag = hessian.diagonal(dim1=-2, dim2=-1)
+            amax = mse_amax(weights, fmt, ratios, hessian_diag=diag)
+    elif fmt.per_tensor or block_scaled:
+        amax = fmt.amax(weights)
+    global_amax = None
+    if amax is not None and stage_format.has_global_amax:  # (block scaled: NVFP4)
+        global_amax = qk.nvfp4_global_amax(block_amax=amax)  # one unit per batch: its max
+        fmt = kernel_format(quantizer, global_amax=global_amax)
+    q, amax = gptq_quantize(
+        weights,
+        hessian,
+        fmt,
+        amax=amax,
+        block_size=block_size,
+        percdamp=percdamp,
+        act_order=act_order,
+    )
+    return q, amax, fmt, global_amax
+
+
+def _write_unit(
+    layers: dict[str, nn.Module],
+    unit: list[str],
+    stats: dict,
+    q: Tensor,
+    amax: Tensor,
+    fmt: BlockFormat,
+    global_amax: Tensor | None,
+    scale: Tensor | None,
+    pre_quant_ones: bool,
+) -> None:
+    """Give the layers of ``unit`` their rows of ``q`` and ``amax``; with ``scale``, first divide
+    their input by it (:func:`apply_input_scale`), else a pre-quant scale of ones if asked."""
+    start = 0
+    with torch.no_grad():
+        for name in unit:
+            module = layers[name]
+            rows = module.weight.shape[0]
+            if scale is not None:
+                apply_input_scale(module, scale, stats[name].amax, recalibrate=False)
+            elif pre_quant_ones and module.input_quantizer.pre_quant_scale is None:
+                module.input_quantizer.pre_quant_scale = torch.ones(module.weight.shape[1])
+            module.weight.copy_(q[start : start + rows].to(module.weight.dtype))
+            set_weight_amax(module, amax[start : start + rows], fmt)
+            if global_amax is not None:  # the rounding above used the unit's global
+                first_stage(module.weight_quantizer).global_amax = global_amax
+            start += rows
