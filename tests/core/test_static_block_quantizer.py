@@ -87,6 +87,11 @@ def test_private_attribute_names_set_the_format() -> None:
     torch.testing.assert_close(q._fake_quantize(x).double(), ref, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="static block"):
         StaticBlockScaleQuantizer.from_tensor_quantizer(mtq.TensorQuantizer({"num_bits": 8}))
+    pinned = mtq.TensorQuantizer({"num_bits": 8, "constant_amax": 2.5})
+    assert pinned._constant_amax == 2.5 and pinned._use_constant_amax is False
+    assert pinned._fake_quant is True and pinned._dynamic is False and not pinned.is_mx_format
+    with pytest.raises(ValueError, match="fake_quant=False"):
+        pinned._fake_quant = False  # the validated setter: quant-core only fake-quantizes
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

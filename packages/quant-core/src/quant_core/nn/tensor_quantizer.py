@@ -140,6 +140,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
     # ModelOpt's own attribute names (its tests and scripts assign them): the same validated setters
     _num_bits, _block_sizes, _axis = num_bits, block_sizes, axis
     _unsigned, _narrow_range, _pass_through_bwd = unsigned, narrow_range, pass_through_bwd
+    _fake_quant = fake_quant
 
     @property
     def is_dynamic(self) -> bool:
@@ -150,6 +151,10 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
     def _dynamic(self) -> bool:
         """True when the attribute ``type`` is ``"dynamic"`` (ModelOpt's name; block types aside)."""
         return self._attrs.type == "dynamic"
+
+    # ModelOpt's names for the pinned-amax attributes
+    _constant_amax = property(lambda self: self._attrs.constant_amax)
+    _use_constant_amax = property(lambda self: self._attrs.use_constant_amax)
 
     @property
     def is_mx_format(self) -> bool:
