@@ -113,8 +113,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     best = LayerActivationCollector.get_decoder_layers(model)
     if best is None:
         raise ValueError(
-            f"layerwise calibration needs a stack of decoder layers (an nn.ModuleList of one layer "
-            f"class); {type(model).__name__} has none"
+            f"Layerwise calibration requires a model with a stack of decoder layers (an "
+            f"nn.ModuleList of one layer class); {type(model).__name__} has none"
         )
     return best
 

@@ -15,12 +15,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from quant_core.algorithms.max import needs_activation_forward
 from quant_core.algorithms.nvfp4_act_headroom import (
     is_nvfp4_dynamic_input_quantizer,
     swap_in_headroom_calibrators,
 )
+from quant_core.algorithms.smoothing_toggle import (
+    apply_pre_quant_scale_and_smooth,
+    disable_pre_quant_scale_and_resmooth,
+)
 from quant_core.algorithms.statistics import reduce_quantizer_statistics
+from quant_core.algorithms.weight_mse import (
+    FP8_SWEEP_CALIBRATORS,
+    make_weight_mse_calibrator,
+    register_fp8_sweep_calibrator,
+)
 from quant_core.calib import HistogramCalibrator, MaxCalibrator
+from quant_core.config.algorithm_configs import QuantizeAlgorithmConfig
 from quant_core.model_quant import calibrate
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
@@ -29,6 +40,10 @@ ForwardLoop = Callable[[nn.Module], Any] | None
 # ModelOpt's private names for the selection and calibrator swap of ``nvfp4_act_headroom``.
 _is_nvfp4_dynamic_input_quantizer = is_nvfp4_dynamic_input_quantizer
 _swap_in_nvfp4_act_headroom_calibrators = swap_in_headroom_calibrators
+_needs_activation_forward_for_max_calib = needs_activation_forward
+_FP8_SWEEP_CALIBRATOR_REGISTRY = FP8_SWEEP_CALIBRATORS
+_register_fp8_sweep_calibrator = register_fp8_sweep_calibrator
+_make_weight_mse_calibrator = make_weight_mse_calibrator
 
 
 def _run(method: str, model: nn.Module, forward_loop: ForwardLoop, options: dict[str, Any]) -> None:
@@ -40,13 +55,19 @@ def max_calibrate(
     forward_loop: ForwardLoop = None,
     distributed_sync: bool = True,
     shared_states: dict[str, dict[str, list[str]]] | None = None,
+    skip_forward_without_activation_calib: bool = False,
 ) -> None:
     """Max calibration: every static quantizer's amax is the maximum |x| it saw.
 
     ``shared_states={"weight_global_amax": {"patterns": [...]}}`` gives the static NVFP4 weights
     of each pattern's groups one global amax (see :func:`quant_core.algorithms.max.max_algorithm`).
+    ``skip_forward_without_activation_calib=True`` skips ``forward_loop`` when no activation
+    quantizer needs data (weights are still calibrated).
     """
-    options: dict[str, Any] = {"distributed_sync": distributed_sync}
+    options: dict[str, Any] = {
+        "distributed_sync": distributed_sync,
+        "skip_forward_without_activation_calib": skip_forward_without_activation_calib,
+    }
     if shared_states is not None:
         options["shared_states"] = shared_states
     _run("max", model, forward_loop, options)
@@ -170,6 +191,35 @@ def lsq(
     )
 
 
+_SCALE_FUNCTIONS = {
+    "max": "max_calibrate",
+    "mse": "mse_calibrate",
+    "local_hessian": "local_hessian_calibrate",
+}
+
+
+def _run_weight_scale_calibration(
+    model: nn.Module, forward_loop: ForwardLoop, scale_algorithm: Any
+) -> None:
+    """``lsq``'s first step (ModelOpt's name): run ``scale_algorithm`` (``"mse"``, a
+    ``{"method": ..., **options}`` dict or its config) with this module's function for it, given
+    only the options that were set."""
+    if isinstance(scale_algorithm, QuantizeAlgorithmConfig):
+        spec = scale_algorithm.to_spec()
+    else:
+        spec = (
+            {"method": scale_algorithm}
+            if isinstance(scale_algorithm, str)
+            else dict(scale_algorithm)
+        )
+    method = spec.pop("method", None)
+    if method not in _SCALE_FUNCTIONS:
+        raise ValueError(
+            f"lsq scale_algorithm must be one of {sorted(_SCALE_FUNCTIONS)}, got {method!r}"
+        )
+    globals()[_SCALE_FUNCTIONS[method]](model, forward_loop=forward_loop, **spec)
+
+
 def layerwise_calibrate(
     model: nn.Module,
     forward_loop: ForwardLoop,
@@ -240,9 +290,11 @@ def finish_stats_collection(model: nn.Module, method: str | None = None, **kwarg
 
 
 __all__ = [
+    "apply_pre_quant_scale_and_smooth",
     "awq",
     "awq_clip",
     "awq_lite",
+    "disable_pre_quant_scale_and_resmooth",
     "enable_stats_collection",
     "finish_stats_collection",
     "gptq",

@@ -10,6 +10,7 @@ import torch
 
 import quant_kernels as qk
 from quant_core.config.schema import QuantizerAttributeConfig
+from quant_core.nn.lsq import cast_ste
 
 E4M3_MAX = qk.E4M3_MAX  # ModelOpt's name, from the format table
 
@@ -22,6 +23,18 @@ QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL = QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_RO
 QUANT_DESC_8BIT_CONVTRANSPOSE1D_WEIGHT_PER_CHANNEL = QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW
 QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL = QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW
 QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL = QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW
+
+
+def int_cast_ste(
+    x: torch.Tensor, num_bits: int, unsigned: bool = False, narrow_range: bool = True
+) -> torch.Tensor:
+    """``x`` rounded to the integers of a ``num_bits`` INT grid and clamped to its range
+    (``[-(2^(b-1)-1), 2^(b-1)-1]`` narrow, ``[-2^(b-1), ...]`` full, ``[0, 2^b-1]`` unsigned),
+    with a straight-through gradient inside the range and zero outside (the LSQ element cast)."""
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int):
+        raise ValueError(f"int_cast_ste takes an integer num_bits, got {num_bits!r}")
+    fmt = qk.QuantFormat.parse(num_bits, unsigned=unsigned, narrow_range=narrow_range)
+    return cast_ste(x, fmt)
 
 
 def _with_bias(x: torch.Tensor, bias: torch.Tensor | None, fn) -> torch.Tensor:
@@ -102,5 +115,6 @@ __all__ = [
     "QUANT_DESC_8BIT_PER_TENSOR",
     "QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR",
     "fake_tensor_quant",
+    "int_cast_ste",
     "scaled_e4m3",
 ]

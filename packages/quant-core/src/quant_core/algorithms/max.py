@@ -18,8 +18,14 @@ from quant_core.algorithms.per_token_fallback import (
 from quant_core.algorithms.registry import ForwardLoop, register_algorithm
 from quant_core.algorithms.statistics import max_calibrate
 from quant_core.algorithms.weights import weight_layers
+from quant_core.nn.tensor_quantizer import TensorQuantizer
 
-__all__ = ["PER_TOKEN_FALLBACK_DB", "max_algorithm", "share_weight_global_amax"]
+__all__ = [
+    "PER_TOKEN_FALLBACK_DB",
+    "max_algorithm",
+    "needs_activation_forward",
+    "share_weight_global_amax",
+]
 
 
 PER_TOKEN_FALLBACK_DB = 9.0
@@ -34,8 +40,12 @@ def max_algorithm(
     per_token_fallback_db: float | None = PER_TOKEN_FALLBACK_DB,
     fallback_rows: int = 512,
     shared_states: dict[str, dict[str, list[str]]] | None = None,
+    skip_forward_without_activation_calib: bool = False,
 ) -> None:
     r"""The ``max`` algorithm: :func:`max_calibrate`, with the per-token fallback.
+
+    ``skip_forward_without_activation_calib=True`` calibrates the weights only, without running
+    ``forward_loop``, when no activation quantizer needs data (see :func:`needs_activation_forward`).
 
     ``shared_states={"weight_global_amax": {"patterns": [regex, ...]}}`` (ModelOpt's option) gives
     the static NVFP4 weights of the layers each pattern groups one global amax, the group's largest
@@ -51,6 +61,8 @@ def max_algorithm(
     ``per_token_fallback_db=None`` turns the fallback off.
     """
     patterns = weight_global_amax_patterns(shared_states)
+    if skip_forward_without_activation_calib and not needs_activation_forward(model):
+        forward_loop = None
     if forward_loop is None or per_token_fallback_db is None:
         max_calibrate(model, forward_loop, distributed_sync)
     else:
@@ -60,6 +72,20 @@ def max_algorithm(
             max_calibrate(model, forward_loop, distributed_sync)
         per_token_fallback(layers, sample, per_token_fallback_db, sync=distributed_sync)
     share_weight_global_amax(model, patterns)
+
+
+def needs_activation_forward(model: nn.Module) -> bool:
+    """Whether max calibration of ``model`` needs its calibration forward: True when an enabled
+    quantizer other than a weight quantizer collects an amax from data (it is neither dynamic,
+    MX nor pinned to a constant amax). Weight quantizers are calibrated from the weights."""
+    for name, module in model.named_modules():
+        if not isinstance(module, TensorQuantizer) or not module.is_enabled:
+            continue
+        if any(part.endswith("weight_quantizer") for part in name.split(".")):
+            continue
+        if not (module.is_dynamic or module.is_mx_format or module.has_constant_amax):
+            return True
+    return False
 
 
 def weight_global_amax_patterns(shared_states: Any) -> list[re.Pattern[str]]:

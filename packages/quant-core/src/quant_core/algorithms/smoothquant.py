@@ -119,3 +119,7 @@ def smoothquant(
             w_amax = module.weight.detach().float().abs().amax(0)
             s = smoothing_scales(stats.amax, w_amax, 0.5 if alpha is None else alpha)
         apply_input_scale(module, s, all_stats[name].amax)
+        # the per-channel input amax, for disable_pre_quant_scale_and_resmooth and back
+        first_stage(module.input_quantizer).register_buffer(
+            "_amax_for_smoothing", all_stats[name].amax.detach().float().clone()
+        )

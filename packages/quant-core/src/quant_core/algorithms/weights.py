@@ -189,13 +189,14 @@ def input_format(module: nn.Module) -> QuantFn | None:
 
 
 def apply_input_scale(
-    module: nn.Module, scales: Tensor, act_amax: Tensor, recalibrate: bool = True
+    module: nn.Module, scales: Tensor, act_amax: Tensor | None, recalibrate: bool = True
 ) -> None:
     """Divide the layer's input by ``scales`` (a pre-quant scale) and multiply its weight by them.
 
     The float output is unchanged. A static per-tensor input quantizer gets the amax the scaled
-    input has on the calibration data (``act_amax``: max |x| per input channel); the weight quantizer is max-calibrated on the new weight
-    unless ``recalibrate`` is False (the caller sets the weight amax itself).
+    input has on the calibration data (``act_amax``: max |x| per input channel; None keeps its
+    amax); the weight quantizer is max-calibrated on the new weight unless ``recalibrate`` is False
+    (the caller sets the weight amax itself).
     """
     with torch.no_grad():
         scales = scales.to(module.weight.device, torch.float32)
@@ -205,7 +206,8 @@ def apply_input_scale(
         iq.pre_quant_scale = (old.float() if old is not None else 1.0) / scales
         stage = first_stage(iq)
         if (
-            stage.is_enabled
+            act_amax is not None
+            and stage.is_enabled
             and not stage.is_dynamic
             and not stage.block_sizes
             and stage.axis is None

@@ -40,6 +40,11 @@ class MseCalibrator:
         self.error_func = error_func or (lambda x, xq: (x - xq) ** 2)
         self._losses: list[torch.Tensor] | None = None
 
+    @property
+    def _initial_amax(self) -> torch.Tensor:
+        """The amax the candidates multiply (ModelOpt's name)."""
+        return self.amax
+
     def _reduce(self, err: torch.Tensor) -> torch.Tensor:
         if self.axis is None:
             return err.sum()

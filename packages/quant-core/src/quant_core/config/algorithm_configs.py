@@ -101,6 +101,8 @@ class MaxCalibConfig(QuantizeAlgorithmConfig):
     distributed_sync: bool | None = True
     shared_states: dict[str, dict[str, list[str]]] | None = None
     """``{"weight_global_amax": {"patterns": [regex, ...]}}``: one NVFP4 weight global amax per group."""
+    skip_forward_without_activation_calib: bool = False
+    """Calibrate the weights only, skipping the forward, when no activation quantizer needs data."""
 
 
 class MseCalibConfig(QuantizeAlgorithmConfig):
@@ -114,6 +116,8 @@ class MseCalibConfig(QuantizeAlgorithmConfig):
     start_multiplier: float | None = Field(None, gt=0)
     stop_multiplier: float | None = Field(None, gt=0)
     distributed_sync: bool | None = True
+    fp8_scale_sweep: bool | None = False
+    """Calibrate only weights whose custom backend registered a sweep calibrator."""
 
 
 class SmoothQuantCalibConfig(QuantizeAlgorithmConfig):

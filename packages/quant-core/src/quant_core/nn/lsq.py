@@ -65,9 +65,13 @@ def lsq_unsupported_reason(quantizer: TensorQuantizer) -> str | None:
 
 
 def enable_lsq(
-    quantizer: TensorQuantizer, state: LSQState, values: dict[str, torch.Tensor] | None = None
+    quantizer: TensorQuantizer,
+    state: LSQState,
+    values: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Put ``quantizer`` in LSQ mode: amaxes from ``values`` (restore) or its calibrated amax."""
+    """Put ``quantizer`` in LSQ mode: amaxes (in ``dtype``) from ``values`` (restore) or its
+    calibrated amax."""
     reason = lsq_unsupported_reason(quantizer) if values is None else None
     if reason:
         raise ValueError(f"quantizer {quantizer._name or '(unnamed)'} cannot use lsq: {reason}")
@@ -77,13 +81,14 @@ def enable_lsq(
         if quantizer.format.has_global_amax:
             values["_lsq_global_amax"] = amax.max().reshape(())
         quantizer.amax = None
-    quantizer._lsq = state
+    quantizer._lsq_state = state
     for key in LSQ_TENSORS:
         quantizer._buffers.pop(key, None)
         quantizer._parameters.pop(key, None)
         if key not in values or (key == "_amax_pre" and state.tied_amax):
             continue
-        value = values[key].detach().float().clone()
+        value = values[key].detach()
+        value = value.to(torch.float32 if key == "_lsq_global_amax" else dtype).clone()
         if key.removeprefix("_amax_") in state.learnable_amax:
             quantizer.register_parameter(key, nn.Parameter(value))
         else:
@@ -92,7 +97,7 @@ def enable_lsq(
 
 def disable_lsq(quantizer: TensorQuantizer) -> None:
     """Leave LSQ mode, dropping its amaxes."""
-    quantizer._lsq = None
+    quantizer._lsq_state = None
     for key in LSQ_TENSORS:
         quantizer._buffers.pop(key, None)
         quantizer._parameters.pop(key, None)
@@ -121,26 +126,42 @@ class _CastSTE(torch.autograd.Function):
         return torch.where((v >= lo) & (v <= hi), grad, 0.0), None
 
 
+def cast_ste(v: torch.Tensor, fmt: qk.QuantFormat) -> torch.Tensor:
+    """``v`` rounded to ``fmt``'s element grid at scale 1 (clamped to its range); the gradient
+    passes unchanged where ``lo <= v <= hi`` and is zero outside."""
+    return _CastSTE.apply(v, fmt)
+
+
 def _block_scale(amax: torch.Tensor, quantizer: TensorQuantizer, rounded: bool) -> torch.Tensor:
     """``amax / M``; with ``rounded`` (NVFP4), E4M3-rounded under the global scale as the kernels do,
     the gradient passing where ``amax`` is at most the global amax."""
     top = quantizer.format.bounds[1]
-    linear = amax / top
+    linear = amax.float() / top  # float32 whatever dtype the amaxes are held in
     if not rounded:
         return linear
     global_amax = quantizer._buffers["_lsq_global_amax"]
     # 0-d divisors keep IEEE division on CUDA, as the kernels' scales do.
     gscale = global_amax / global_amax.new_tensor(top * qk.E4M3_MAX)
-    exact = qk.fake_quantize_with_scale(amax.detach() / amax.new_tensor(top), gscale, _E4M3)
+    exact = qk.fake_quantize_with_scale(
+        amax.detach().float() / amax.new_tensor(top, dtype=torch.float32), gscale, _E4M3
+    )
     return torch.where(amax.detach() <= global_amax, linear - linear.detach() + exact, exact)
 
 
 _E4M3 = qk.QuantFormat.parse((4, 3))  # per-tensor FP8 E4M3: the NVFP4 block-scale grid
 
 
+def _per_block(scale: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """One scale per block of ``blocks`` (..., n, block): a scale tensor with one element per
+    block (a flat amax, as ModelOpt stores it, included) takes their shape, others broadcast."""
+    if scale.numel() == blocks[..., 0].numel():
+        return scale.reshape(*blocks.shape[:-1], 1)
+    return scale.unsqueeze(-1)
+
+
 def lsq_forward(quantizer: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
     """``cast_ste(x / s_pre) * s_post`` per block of the last axis (see the module docstring)."""
-    state = quantizer._lsq
+    state = quantizer._lsq_state
     fmt = quantizer.format
     post = quantizer._amax_post
     pre = post if state.tied_amax else quantizer._amax_pre
@@ -152,7 +173,7 @@ def lsq_forward(quantizer: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
             f"to be a multiple of the block size {block}"
         )
     blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
-    s_pre = _block_scale(pre, quantizer, rounded and state.quantize_pre_scale).unsqueeze(-1)
-    s_post = _block_scale(post, quantizer, rounded).unsqueeze(-1)
-    y = _CastSTE.apply(blocks / torch.where(s_pre == 0, 1.0, s_pre), fmt) * s_post
+    s_pre = _per_block(_block_scale(pre, quantizer, rounded and state.quantize_pre_scale), blocks)
+    s_post = _per_block(_block_scale(post, quantizer, rounded), blocks)
+    y = cast_ste(blocks / torch.where(s_pre == 0, 1.0, s_pre), fmt) * s_post
     return y.reshape(x.shape).to(x.dtype)

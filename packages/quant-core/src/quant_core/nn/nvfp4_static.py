@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 
 import quant_kernels as qk
+from quant_core.nn.block_scale import StaticBlockScaleQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 
-class NVFP4StaticQuantizer(TensorQuantizer):
+class NVFP4StaticQuantizer(StaticBlockScaleQuantizer):
     """A TensorQuantizer in static NVFP4 (E2M1 blocks with E4M3 scales and a calibrated block amax)."""
 
     @classmethod
@@ -35,11 +36,6 @@ class NVFP4StaticQuantizer(TensorQuantizer):
         if global_amax is not None:
             tq.global_amax = global_amax
         return tq
-
-    @property
-    def has_quantized_block_scale(self) -> bool:
-        """True: NVFP4 block scales are E4M3."""
-        return self.format.scale_mode is qk.ScaleMode.E4M3
 
     @property
     def global_amax(self) -> torch.Tensor | None:

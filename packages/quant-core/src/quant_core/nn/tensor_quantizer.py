@@ -64,7 +64,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         self._calibrator: Calibrator = MaxCalibrator()
         self._global_calibrator: MaxCalibrator | None = None
         self._disabled = False
-        self._lsq: LSQState | None = None
+        self._lsq_state: LSQState | None = None
         # scratch space a custom backend may keep on the quantizer (``TensorQuantizerCache``);
         # never saved, so a restored quantizer starts without one
         self._quantizer_cache: Any = None
@@ -133,11 +133,33 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         lambda self: self._attrs.trt_high_precision_dtype,
         lambda self, v: self._set_attr(trt_high_precision_dtype=v),
     )
+    pass_through_bwd = property(
+        lambda self: self._attrs.pass_through_bwd,
+        lambda self, v: self._set_attr(pass_through_bwd=v),
+    )
+    # ModelOpt's own attribute names (its tests and scripts assign them): the same validated setters
+    _num_bits, _block_sizes, _axis = num_bits, block_sizes, axis
+    _unsigned, _narrow_range, _pass_through_bwd = unsigned, narrow_range, pass_through_bwd
+    _fake_quant = fake_quant
 
     @property
     def is_dynamic(self) -> bool:
         """True when amax comes from each input (no calibration needed)."""
         return self._attrs.is_dynamic
+
+    @property
+    def _dynamic(self) -> bool:
+        """True when the attribute ``type`` is ``"dynamic"`` (ModelOpt's name; block types aside)."""
+        return self._attrs.type == "dynamic"
+
+    # ModelOpt's names for the pinned-amax attributes
+    _constant_amax = property(lambda self: self._attrs.constant_amax)
+    _use_constant_amax = property(lambda self: self._attrs.use_constant_amax)
+
+    @property
+    def is_mx_format(self) -> bool:
+        """True for the OCP MX formats (block scales in E8M0, no per-tensor amax)."""
+        return self._format.scale_mode is qk.ScaleMode.E8M0
 
     @property
     def scale_bits(self) -> tuple[int, int] | None:
@@ -264,33 +286,45 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         learnable_amax: list[str] | str = ("post",),
         tied_amax: bool = False,
         quantize_pre_scale: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         """Learn the block amaxes: pre (quantize) and post (dequantize) start from the calibrated
-        amax; ``quantize_scales`` (default: NVFP4) rounds the block scales to E4M3."""
+        amax, held in ``dtype``; ``quantize_scales`` (default: NVFP4) rounds the block scales to
+        E4M3."""
         learn = learnable_set(learnable_amax)
         if tied_amax and learn not in ((), ("post", "pre")):
             raise ValueError(
                 f"tied_amax=True needs learnable_amax [] or ['pre', 'post'], got {learnable_amax!r}"
             )
         rounded = self._format.has_global_amax if quantize_scales is None else quantize_scales
-        enable_lsq(self, LSQState(learn, tied_amax, bool(rounded), quantize_pre_scale))
+        enable_lsq(self, LSQState(learn, tied_amax, bool(rounded), quantize_pre_scale), dtype=dtype)
 
     @property
     def lsq_state(self) -> LSQState | None:
         """The LSQ settings when the quantizer learns its block amaxes, else None."""
-        return self._lsq
+        return self._lsq_state
+
+    # ModelOpt's names for the LSQ settings
+    _lsq = property(lambda self: self._lsq_state is not None, doc="True in LSQ mode.")
+    _tied_amax = property(lambda self: bool(self._lsq_state and self._lsq_state.tied_amax))
+    _quantize_scales = property(
+        lambda self: bool(self._lsq_state and self._lsq_state.quantize_scales)
+    )
+    _quantize_pre_scale = property(
+        lambda self: bool(self._lsq_state and self._lsq_state.quantize_pre_scale)
+    )
 
     @property
     def amax_pre(self) -> torch.Tensor | None:
         """LSQ's quantization amax (the post amax when tied), None outside LSQ mode."""
-        if self._lsq is None:
+        if self._lsq_state is None:
             return None
-        return self._amax_post if self._lsq.tied_amax else self._amax_pre
+        return self._amax_post if self._lsq_state.tied_amax else self._amax_pre
 
     @property
     def amax_post(self) -> torch.Tensor | None:
         """LSQ's dequantization amax, None outside LSQ mode."""
-        return None if self._lsq is None else self._amax_post
+        return None if self._lsq_state is None else self._amax_post
 
     def reset_statistics(self) -> None:
         """Drop the statistics collected so far (amax stays until `load_calib_amax`)."""
@@ -363,6 +397,8 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
         bias or statistics, whatever the enable / calibration switches say."""
         return self._quantize(x)
 
+    _fake_quantize = fake_quantize  # ModelOpt's name
+
     def _warn_uncalibrated(self) -> None:
         if not self._warned_uncalibrated:
             self._warned_uncalibrated = True
@@ -383,7 +419,7 @@ class TensorQuantizer(ModelOptQuantizerAPI, nn.Module):
                 "float32, float16 and bfloat16 tensors only; cast the model and its inputs, e.g. "
                 "model.float()"
             )
-        if self._lsq is not None:
+        if self._lsq_state is not None:
             return lsq_forward(self, x)
         amax = self.amax
         if not self.is_dynamic and amax is not None and onnx_qdq.wants_qdq(self):

@@ -1,15 +1,19 @@
 """ModelOpt's ``quantization.utils.core_utils``: is a model / module quantized, amax and sum
-reductions (also block-wise), and the parameter-name index FSDP2 export resolves modules with."""
+reductions (also block-wise), the parameter-name index FSDP2 export resolves modules with, the
+``enable_fake_quant`` switch and the promotion of static block weight quantizers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from quant_core.config.helpers import update_quant_cfg_with_kv_cache_quant
+from quant_core.nn.block_scale import StaticBlockScaleQuantizer
+from quant_core.nn.nvfp4_static import NVFP4StaticQuantizer
 from quant_core.nn.sequential import SequentialQuantizer
 from quant_core.nn.tensor_quantizer import TensorQuantizer
 
@@ -157,13 +161,66 @@ def create_fsdp_param_mapping(fsdp_param_list: Iterable[Any], model: nn.Module) 
     return mapping
 
 
+@contextmanager
+def enable_fake_quant(module: nn.Module) -> Iterator[None]:
+    """Within the block, every ``weight_quantizer`` under ``module`` fake-quantizes
+    (``fake_quant=True``); each gets its own setting back afterwards. quant-core quantizers always
+    fake-quantize (``fake_quant=False`` is refused), so here this changes nothing."""
+    quantizers = [
+        m.weight_quantizer
+        for m in module.modules()
+        if isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer)
+    ]
+    saved = [q.fake_quant for q in quantizers]
+    for q in quantizers:
+        q.fake_quant = True
+    try:
+        yield
+    finally:
+        for q, value in zip(quantizers, saved):
+            q.fake_quant = value
+
+
+def promote_static_block_weight_quantizers(model: nn.Module) -> int:
+    """Give each enabled, calibrated static block weight quantizer under ``model`` (the first stage
+    of a multi-stage one) its static class in place: NVFP4 ones become `NVFP4StaticQuantizer`
+    (global amax: the largest block amax), or `StaticBlockScaleQuantizer` when they hold a shared
+    global amax; INT ones `StaticBlockScaleQuantizer`. Returns how many NVFP4 ones changed class."""
+    converted = 0
+    for module in list(model.modules()):
+        for name in weight_attr_names(module):
+            quantizer = getattr(module, f"{name}_quantizer")
+            if isinstance(quantizer, SequentialQuantizer):
+                quantizer = quantizer[0] if len(quantizer) else None
+            if not isinstance(quantizer, TensorQuantizer) or not quantizer.is_enabled:
+                continue
+            fmt = quantizer.format
+            if fmt.dynamic or not fmt.sized_blocks or quantizer.amax is None:
+                continue
+            if fmt.has_global_amax:
+                shared = quantizer._buffers.get("_global_amax") is not None
+                target = StaticBlockScaleQuantizer if shared else NVFP4StaticQuantizer
+                if not isinstance(quantizer, target):
+                    target.from_tensor_quantizer(quantizer)
+                    converted += 1
+            elif isinstance(fmt.num_bits, int):
+                StaticBlockScaleQuantizer.from_tensor_quantizer(quantizer)
+    return converted
+
+
+promote_nvfp4_static_quantizers = promote_static_block_weight_quantizers  # ModelOpt's older name
+
+
 __all__ = [
     "build_param_index",
     "convert_quantization_axis_to_reduce_axis",
     "create_fsdp_param_mapping",
+    "enable_fake_quant",
     "get_prefixed_param_names",
     "is_quantized",
     "is_quantized_linear",
+    "promote_nvfp4_static_quantizers",
+    "promote_static_block_weight_quantizers",
     "reduce_amax",
     "reduce_block_amax",
     "reduce_sum",

@@ -9,6 +9,7 @@ those blocks re-encode to the same codes: the cast is lossless for them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -43,6 +44,13 @@ E4M3_KMIN = -9
 
 _E2M1_MAGNITUDES = qk.ElementFormat.parse((2, 1)).values()[:8].float()
 """E2M1 magnitudes by the low three bits of a code (bit 3 is the sign), from the format table."""
+_E2M1_MAGNITUDE = _E2M1_MAGNITUDES.tolist()  # ModelOpt's name for the same values, as a list
+
+
+@functools.cache
+def _e2m1_magnitude_table(device: torch.device) -> torch.Tensor:
+    """The E2M1 magnitudes on ``device``, made once per device (ModelOpt's name)."""
+    return _E2M1_MAGNITUDES.to(device)
 
 
 def _exponents(e8m0_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +106,7 @@ def mxfp4_to_nvfp4_per_block_amax(blocks: torch.Tensor, e8m0_scales: torch.Tenso
     amax = E2M1_MAX * scale
     if not bool(fits.all()):
         code = torch.maximum(blocks & 0x7, (blocks >> 4) & 0x7).amax(dim=-1).long()
-        largest = _E2M1_MAGNITUDES.to(blocks.device)[code] * scale
+        largest = _e2m1_magnitude_table(blocks.device)[code] * scale
         amax = torch.where(fits, amax, largest)
     return amax.repeat_interleave(2, dim=-1)
 
