@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _int4 import with_group
 from torch import nn
 
 import quant_core as mtq
@@ -39,18 +40,6 @@ from quant_llm import create_forward_loop, get_calib_dataloader, perplexity
 from quant_llm.testing.real_models import load_smollm2
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _with_group(config: dict, group: int, algorithm: object = None) -> dict:
-    config = config.copy()
-    weight = config["quant_cfg"]["*weight_quantizer"]
-    config["quant_cfg"]["*weight_quantizer"] = {
-        **weight,
-        "block_sizes": {**weight["block_sizes"], -1: group},
-    }
-    if algorithm is not None:
-        config["algorithm"] = algorithm
-    return config
 
 
 def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -94,13 +83,13 @@ def quant_rows(group: int) -> dict[str, dict]:
     """quant's configs at ``group``: the shipped preset and its algorithm choices."""
     base = mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG
     return {
-        "quant INT4_BLOCKWISE_WEIGHT_ONLY_CFG": _with_group(base, group),
-        "quant algorithm max (ModelOpt's)": _with_group(base, group, "max"),
-        "quant algorithm mse": _with_group(base, group, "mse"),
-        "quant algorithm mse 1.0..0.8": _with_group(
+        "quant INT4_BLOCKWISE_WEIGHT_ONLY_CFG": with_group(base, group),
+        "quant algorithm max (ModelOpt's)": with_group(base, group, "max"),
+        "quant algorithm mse": with_group(base, group, "mse"),
+        "quant algorithm mse 1.0..0.8": with_group(
             base, group, {"method": "mse", "start_multiplier": 0.8, "num_steps": 17}
         ),
-        "quant algorithm local_hessian 0.5..1.0": _with_group(
+        "quant algorithm local_hessian 0.5..1.0": with_group(
             base,
             group,
             {

@@ -42,6 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _int4 import with_group
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CALIB_SAMPLES = 16
 CALIB_SEQ_LEN = 256
@@ -54,50 +56,36 @@ GROUP = 64
 # quant rows: name -> builder of an mtq.quantize config
 
 
-def _int4_group(config: Any, group: int = GROUP, algorithm: Any = None) -> dict:
-    """A copy of an INT4 block-wise ``config`` with weight blocks of ``group`` input columns (and
-    ``algorithm`` when given)."""
-    config = config.copy()
-    weight = config["quant_cfg"]["*weight_quantizer"]
-    config["quant_cfg"]["*weight_quantizer"] = {
-        **weight,
-        "block_sizes": {**weight["block_sizes"], -1: group},
-    }
-    if algorithm is not None:
-        config["algorithm"] = algorithm
-    return config
-
-
 def _quant_rtn() -> dict:
     import quant_core as mtq
 
-    return _int4_group(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    return with_group(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, GROUP)
 
 
 def _quant_rtn_max() -> dict:
     import quant_core as mtq
 
-    return _int4_group(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, algorithm="max")
+    return with_group(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, GROUP, algorithm="max")
 
 
 def _quant_gptq() -> dict:
     import quant_core as mtq
 
-    return _int4_group(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, algorithm="gptq")
+    return with_group(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, GROUP, algorithm="gptq")
 
 
 def _quant_gptq_layerwise() -> dict:
     import quant_core as mtq
 
-    return _int4_group(
-        mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, algorithm={"method": "gptq", "layerwise": True}
+    return with_group(
+        mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, GROUP, {"method": "gptq", "layerwise": True}
     )
 
 
 def _quant_awq() -> dict:
     import quant_core as mtq
 
-    return _int4_group(mtq.INT4_AWQ_CFG)
+    return with_group(mtq.INT4_AWQ_CFG, GROUP)
 
 
 def _quant_fp8() -> dict:
