@@ -149,28 +149,28 @@ def gptq_quantize(
     """
     squeeze = weight.dim() == 2
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.to(dtype, copy=True)
-    h = hessian.to(dtype, copy=True)
+    w = weight.to(dtype)  # read only: the working copy is ``wt`` below
+    # dead input channels: rounded to nearest, never zeroed (a copy: the caller's stays)
+    h = fill_dead_channels(hessian.to(dtype))
     if squeeze:
         w, h = w.unsqueeze(0), h.unsqueeze(0)
         amax = None if amax is None else amax.unsqueeze(0)
     nbatch, rows, cols = w.shape
     group = fmt.block_size(cols)
 
-    h = fill_dead_channels(h)  # dead input channels: rounded to nearest, never zeroed
-    diag = h.diagonal(dim1=-2, dim2=-1)
-
     if act_order and amax is None:
         amax = fmt.amax(w)
     if act_order:
-        perm = torch.argsort(diag, dim=-1, descending=True)
+        perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
     else:
         perm = torch.arange(cols, device=w.device).expand(nbatch, cols)
     # working copy with columns as rows (B, cols, rows), in the order they are quantized
     wt = w.mT.gather(-2, perm.unsqueeze(-1).expand(nbatch, cols, rows))
+    # permuted Hessian, then its factor; each step frees the one before (they are cols^2 each)
     h = h.gather(-1, perm.unsqueeze(1).expand(nbatch, cols, cols))
     h = h.gather(-2, perm.unsqueeze(-1).expand(nbatch, cols, cols))
     hinv = inverse_hessian_factor(h, percdamp)
+    del h
 
     fixed = amax is not None
     amax_blocks = (
@@ -306,23 +306,29 @@ def gptq_layers(
         hessian = fill_dead_channels(gram, [", ".join(u) for u in units])
         quantizer = layers[units[0][0]].weight_quantizer
         scaled = [b for b, u in enumerate(units) if u[0] in input_scales]
+        gram = gram[scaled]  # the raw Gram matrices are needed for the choice only
         variants = [(weights, hessian)]
         if scaled:
             s = torch.stack([input_scales[units[b][0]].float().to(weights) for b in scaled])
             inv = 1.0 / s  # the pre-quant scale the layers get
             # the scaled inputs' Gram matrix in effective_input_stats' float order: GPTQ amplifies
             # one-ulp differences (SmolLM2 INT4 g64 perplexity moved 0.9% with the other order)
-            h = gram[scaled] * inv.unsqueeze(-2) * inv.unsqueeze(-1)
+            h = gram * inv.unsqueeze(-2) * inv.unsqueeze(-1)
             variants.append((weights[scaled] * s.unsqueeze(-2), fill_dead_channels(h)))
+            del h
         if not first_stage(quantizer).format.has_global_amax:  # one batched run for both
             variants = [tuple(torch.cat(parts) for parts in zip(*variants, strict=True))]
+        del hessian
+        rounded = []
         with torch.no_grad():
-            rounded = [
-                _round_batch(quantizer, w, h, percdamp, block_size, act_order, clip_search)
-                for w, h in variants
-            ]
-        q = torch.cat([r[0] for r in rounded])
-        amax = torch.cat([r[1] for r in rounded])
+            while variants:  # popped: a variant's inputs are freed once it is rounded
+                w, h = variants.pop(0)
+                rounded.append(
+                    _round_batch(quantizer, w, h, percdamp, block_size, act_order, clip_search)
+                )
+                del w, h
+        q = torch.cat([r[0] for r in rounded]) if len(rounded) > 1 else rounded[0][0]
+        amax = torch.cat([r[1] for r in rounded]) if len(rounded) > 1 else rounded[0][1]
         fmts = [fmt for _q, a, fmt, _g in rounded for _ in range(len(a))]
         globals_ = [g for _q, a, _f, g in rounded for _ in range(len(a))]
         for b, unit in enumerate(units):
@@ -330,9 +336,9 @@ def gptq_layers(
             if b in scaled:
                 k = scaled.index(b)
                 j, scale = len(units) + k, s[k]
-                plain_err = output_error(q[b].double() - weights[b].double(), gram[b].double())
+                plain_err = output_error(q[b].double() - weights[b].double(), gram[k].double())
                 scaled_q = q[j].double() * inv[k].double()
-                if output_error(scaled_q - weights[b].double(), gram[b].double()) < plain_err:
+                if output_error(scaled_q - weights[b].double(), gram[k].double()) < plain_err:
                     pick = j
                 else:
                     scale = None
