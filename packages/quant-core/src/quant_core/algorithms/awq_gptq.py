@@ -9,10 +9,10 @@ as one fused layer. The result exports as AWQ does: a pre-quant scale and plain 
 GPTQ's error compensation already protects salient channels, and a scale chosen for
 round-to-nearest can leave GPTQ with more error than no scale (SmolLM2-135M: +15.2% perplexity
 with the scale everywhere vs +12.8% for ``gptq`` alone). So each unit is GPTQ-rounded both with
-and without its scale (one batched GPTQ run for both), and keeps whichever has the smaller output error ``tr(Δ H Δᵀ)`` on the
-calibration inputs: per unit, never worse than ``gptq`` by that measure. A unit without its scale
-gets a pre-quant scale of ones (as ``awq_lite`` when no scaling wins), so that every layer exports
-as AWQ.
+and without its scale (one batched GPTQ run for both), and keeps whichever has the smaller output
+error ``tr(Δ H Δᵀ)`` on the calibration inputs: per unit, never worse than ``gptq`` by that
+measure. A unit without its scale gets a pre-quant scale of ones (as ``awq_lite`` when no scaling
+wins), so that every layer exports as AWQ.
 """
 
 from __future__ import annotations
