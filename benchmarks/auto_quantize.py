@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from _minilm import austen_sentences, embed, embedding_metrics, load_minilm, mean_pool
 from _minilm import batches as minilm_batches
-from accuracy import PeakMemory
+from accuracy import PeakMemory, high_water_bytes
 
 import quant_core as mtq
 from quant_llm import get_calib_dataloader, perplexity
@@ -115,6 +115,43 @@ def modelopt_search(
         for name in state["whole_model"]["excluded"]
     }
     return model, choice, whole_bits(state, choice, extra), str(cost)
+
+
+def peak_only(task: Task, method: str, budget: float, ours: list, args: argparse.Namespace) -> None:
+    """One search on the task's model itself (no copy), then the process's peak resident memory."""
+    start = time.process_time()
+    if method == "modelopt":
+        import modelopt.torch.quantization as mq
+
+        mq.auto_quantize(
+            task.fp,
+            constraints={"effective_bits": budget},
+            quantization_formats=FORMATS[:-1],
+            data_loader=task.loader,
+            forward_step=task.forward_step,
+            loss_func=task.loss_func,
+            num_calib_steps=args.steps,
+            num_score_steps=args.steps,
+        )
+    else:
+        mtq.auto_quantize(
+            task.fp,
+            {"effective_bits": budget},
+            ours,
+            task.loader,
+            task.forward_step,
+            task.loss_func,
+            num_calib_steps=args.steps,
+            num_score_steps=args.steps,
+            method=method,
+            count_excluded=args.count_excluded,
+            verbose=False,
+        )
+    cpu = time.process_time() - start
+    print(
+        f"{method} @{budget:g}: process peak resident {high_water_bytes() / 2**20:.0f} MiB, "
+        f"search {cpu:.1f} CPU s"
+    )
 
 
 class Cost:
@@ -262,6 +299,14 @@ def main() -> None:
     parser.add_argument(
         "--no-random", action="store_true", help="skip the uniform and random-mix rows"
     )
+    parser.add_argument(
+        "--peak-only",
+        default=None,
+        metavar="METHOD",
+        help="run only this search (a quant method, or 'modelopt') at the first budget on the "
+        "loaded model and print the process's peak resident memory (VmHWM, model and libraries "
+        "included) and the search's CPU seconds; run each search in a fresh process",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -280,6 +325,9 @@ def main() -> None:
         ours[0] = {**getattr(mtq, FORMATS[0]), "algorithm": "max"}
     if args.search_lm_head:
         ours = [with_lm_head(f) for f in ours]
+    if args.peak_only:
+        peak_only(task, args.peak_only, float(args.budgets.split(",")[0]), ours, args)
+        return
     rows = [("fp32", 16.0, 16.0, task.evaluate(fp), "", "")]
     uniform: dict[str, tuple[float, float, float]] = {}
     for b in args.budgets.split(","):
