@@ -87,20 +87,9 @@ def modelopt_search(
 ) -> tuple[object, dict[str, str], float, str]:
     """ModelOpt's auto_quantize on a copy of the task's model: (its model, its choice in our names,
     its whole-model bits under quant's table, cost)."""
-    import modelopt.torch.quantization as mq
-
     fresh = copy.deepcopy(task.fp)
     with Cost() as cost:
-        model, mo_state = mq.auto_quantize(
-            fresh,
-            constraints={"effective_bits": budget},
-            quantization_formats=FORMATS[:-1],
-            data_loader=task.loader,
-            forward_step=task.forward_step,
-            loss_func=task.loss_func,
-            num_calib_steps=steps,
-            num_score_steps=steps,
-        )
+        model, mo_state = modelopt_auto_quantize(fresh, task, budget, steps)
     recipe = {
         k.removesuffix(".quant_recipe"): str(v).split("(")[0]
         for k, v in mo_state["best"]["recipe"].items()
@@ -117,36 +106,55 @@ def modelopt_search(
     return model, choice, whole_bits(state, choice, extra), str(cost)
 
 
+def quant_auto_quantize(
+    model: torch.nn.Module,
+    task: Task,
+    budget: float,
+    method: str,
+    ours: list,
+    args: argparse.Namespace,
+) -> tuple[torch.nn.Module, dict]:
+    """quant's ``auto_quantize`` of ``model`` with this script's candidates, batches and options."""
+    return mtq.auto_quantize(
+        model,
+        {"effective_bits": budget},
+        ours,
+        task.loader,
+        task.forward_step,
+        task.loss_func,
+        num_calib_steps=args.steps,
+        num_score_steps=args.steps,
+        method=method,
+        count_excluded=args.count_excluded,
+        verbose=False,
+    )
+
+
+def modelopt_auto_quantize(
+    model: torch.nn.Module, task: Task, budget: float, steps: int
+) -> tuple[torch.nn.Module, dict]:
+    """ModelOpt's ``auto_quantize`` of ``model`` on the same candidates and batches."""
+    import modelopt.torch.quantization as mq
+
+    return mq.auto_quantize(
+        model,
+        constraints={"effective_bits": budget},
+        quantization_formats=FORMATS[:-1],
+        data_loader=task.loader,
+        forward_step=task.forward_step,
+        loss_func=task.loss_func,
+        num_calib_steps=steps,
+        num_score_steps=steps,
+    )
+
+
 def peak_only(task: Task, method: str, budget: float, ours: list, args: argparse.Namespace) -> None:
     """One search on the task's model itself (no copy), then the process's peak resident memory."""
     start = time.process_time()
     if method == "modelopt":
-        import modelopt.torch.quantization as mq
-
-        mq.auto_quantize(
-            task.fp,
-            constraints={"effective_bits": budget},
-            quantization_formats=FORMATS[:-1],
-            data_loader=task.loader,
-            forward_step=task.forward_step,
-            loss_func=task.loss_func,
-            num_calib_steps=args.steps,
-            num_score_steps=args.steps,
-        )
+        modelopt_auto_quantize(task.fp, task, budget, args.steps)
     else:
-        mtq.auto_quantize(
-            task.fp,
-            {"effective_bits": budget},
-            ours,
-            task.loader,
-            task.forward_step,
-            task.loss_func,
-            num_calib_steps=args.steps,
-            num_score_steps=args.steps,
-            method=method,
-            count_excluded=args.count_excluded,
-            verbose=False,
-        )
+        quant_auto_quantize(task.fp, task, budget, method, ours, args)
     cpu = time.process_time() - start
     print(
         f"{method} @{budget:g}: process peak resident {high_water_bytes() / 2**20:.0f} MiB, "
@@ -335,19 +343,7 @@ def main() -> None:
         for method in args.methods.split(","):
             fresh = copy.deepcopy(fp)
             with Cost() as cost:
-                model, state = mtq.auto_quantize(
-                    fresh,
-                    {"effective_bits": budget},
-                    ours,
-                    task.loader,
-                    task.forward_step,
-                    task.loss_func,
-                    num_calib_steps=args.steps,
-                    num_score_steps=args.steps,
-                    method=method,
-                    count_excluded=args.count_excluded,
-                    verbose=False,
-                )
+                model, state = quant_auto_quantize(fresh, task, budget, method, ours, args)
             state["candidates"] = [str(f) for f in FORMATS]  # custom_0 -> the preset's name
             rows.append(
                 (

@@ -30,18 +30,22 @@ def amax_to_scale(
 class StaticBlockScaleQuantizer(TensorQuantizer):
     """A TensorQuantizer in a static block format: one calibrated amax per block (INT or FP)."""
 
+    _needs = "a static block TensorQuantizer (block_sizes like {-1: 16, 'type': 'static'})"
+    """What :meth:`from_tensor_quantizer` takes, for its error message."""
+
+    @classmethod
+    def _takes(cls, fmt: qk.QuantFormat) -> bool:
+        """Whether a quantizer in ``fmt`` can become this class."""
+        return not fmt.dynamic and bool(fmt.sized_blocks)
+
     @classmethod
     def from_tensor_quantizer(
         cls, tq: TensorQuantizer, global_amax: torch.Tensor | float | None = None
     ) -> StaticBlockScaleQuantizer:
-        """Turn ``tq`` (a static block quantizer) into this class in place and return it;
-        ``global_amax``, when given, becomes its `global_amax` (NVFP4 only)."""
-        fmt = tq.format if isinstance(tq, TensorQuantizer) else None
-        if fmt is None or fmt.dynamic or not fmt.sized_blocks:
-            raise ValueError(
-                f"{cls.__name__} needs a static block TensorQuantizer (block_sizes like "
-                f"{{-1: 16, 'type': 'static'}}), got {tq!r}"
-            )
+        """Turn ``tq`` into this class in place and return it; ``global_amax``, when given,
+        becomes its `global_amax` (NVFP4 only; the quantizer's setter checks it)."""
+        if not isinstance(tq, TensorQuantizer) or not cls._takes(tq.format):
+            raise ValueError(f"{cls.__name__} needs {cls._needs}, got {tq!r}")
         tq.__class__ = cls
         if global_amax is not None:
             tq.global_amax = global_amax

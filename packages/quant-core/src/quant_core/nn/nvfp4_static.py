@@ -14,28 +14,19 @@ import torch
 
 import quant_kernels as qk
 from quant_core.nn.block_scale import StaticBlockScaleQuantizer
-from quant_core.nn.tensor_quantizer import TensorQuantizer
 
 
 class NVFP4StaticQuantizer(StaticBlockScaleQuantizer):
     """A TensorQuantizer in static NVFP4 (E2M1 blocks with E4M3 scales and a calibrated block amax)."""
 
+    _needs = (
+        "a static NVFP4 TensorQuantizer (num_bits=(2, 1), block_sizes with scale_bits=(4, 3), "
+        "type static)"
+    )
+
     @classmethod
-    def from_tensor_quantizer(
-        cls, tq: TensorQuantizer, global_amax: torch.Tensor | float | None = None
-    ) -> NVFP4StaticQuantizer:
-        """Turn ``tq`` (static NVFP4) into an NVFP4StaticQuantizer in place and return it;
-        ``global_amax``, when given, must equal its largest block amax."""
-        fmt = tq.format
-        if not isinstance(tq, TensorQuantizer) or not fmt.has_global_amax or fmt.dynamic:
-            raise ValueError(
-                f"NVFP4StaticQuantizer needs a static NVFP4 TensorQuantizer (num_bits=(2, 1), "
-                f"block_sizes with scale_bits=(4, 3), type static), got {tq!r}"
-            )
-        tq.__class__ = cls
-        if global_amax is not None:
-            tq.global_amax = global_amax
-        return tq
+    def _takes(cls, fmt: qk.QuantFormat) -> bool:
+        return fmt.has_global_amax and not fmt.dynamic
 
     @property
     def global_amax(self) -> torch.Tensor | None:
